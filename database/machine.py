@@ -1,0 +1,107 @@
+"""What machine are we on?  CPU model, vector ISA, cores and caches, detected, never assumed.
+
+Both the code generator (which vector width, how many registers) and the database
+(records are keyed by machine) need this, so it lives in the bottom layer.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+from dataclasses import dataclass
+
+# Features that change generated code or its speed; everything else in /proc/cpuinfo is noise for us.
+RELEVANT_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq", "neon", "asimd", "sve")
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    arch: str                      # "x86_64", "aarch64", ...
+    model_name: str                # "AMD EPYC 9B14", ...
+    features: tuple[str, ...]      # sorted subset of RELEVANT_FEATURES
+    cores: int                     # logical CPUs this process may run on
+    l1d_bytes: int
+    l2_bytes: int
+    l3_bytes: int
+
+    @property
+    def vector_isa(self) -> str:
+        """The widest vector ISA the code generator targets here: avx512, avx2, neon or portable."""
+        f = set(self.features)
+        if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= f and os.environ.get("LOOPTUNE_NO_AVX512") != "1":
+            return "avx512"
+        if {"avx2", "fma"} <= f:
+            return "avx2"
+        if self.arch in ("aarch64", "arm64") and ({"asimd", "neon"} & f or self.arch == "arm64"):
+            return "neon"
+        return "portable"
+
+    @property
+    def vector_bytes(self) -> int:
+        return {"avx512": 64, "avx2": 32, "neon": 16}.get(self.vector_isa, 16)
+
+    @property
+    def vector_registers(self) -> int:
+        return {"avx512": 32, "avx2": 16, "neon": 32}.get(self.vector_isa, 16)
+
+    @property
+    def fma_units(self) -> int:
+        """FMA pipes per core at the vector width above (2 on every recent x86 and big ARM core)."""
+        return 2
+
+
+def _cache_bytes(level_type: tuple[int, str], default: int) -> int:
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            if not entry.startswith("index"):
+                continue
+            d = os.path.join(base, entry)
+            with open(os.path.join(d, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            if (level, kind) == level_type or (level == level_type[0] and kind == "Unified"):
+                with open(os.path.join(d, "size")) as f:
+                    text = f.read().strip()
+                m = re.match(r"(\d+)([KMG]?)", text)
+                if m:
+                    return int(m.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2)]
+    except OSError:
+        pass
+    return default
+
+
+@functools.lru_cache(maxsize=1)
+def detect_cpu() -> CpuInfo:
+    arch = platform.machine() or "unknown"
+    model = ""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "hardware") and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    if not model:
+        model = platform.processor() or arch
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    features = tuple(sorted(f for f in RELEVANT_FEATURES if f in flags))
+    return CpuInfo(
+        arch=arch,
+        model_name=model,
+        features=features,
+        cores=cores,
+        l1d_bytes=_cache_bytes((1, "Data"), 32 << 10),
+        l2_bytes=_cache_bytes((2, "Unified"), 512 << 10),
+        l3_bytes=_cache_bytes((3, "Unified"), 8 << 20),
+    )
