@@ -170,11 +170,32 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         return out
 
     # ---- the register-tiled micro-kernel ------------------------------------------------------
+    def _row_variants(self) -> list[int]:
+        """Row counts with their own micro-kernel: the full tile, and powers of two below it,
+        so an edge of any height is a few vectorized calls instead of scalar code."""
+        return [self.U] + [r for r in (32, 16, 8, 4, 2, 1) if r < self.U]
+
     def _micro_kernel(self) -> list[str]:
-        """acc[U][V] over kc steps: X supplies vectors along V, Y scalars along U.
+        T, p = self.T, self.prefix
+        L: list[str] = [
+            f"/* a finished tile t (rows x cols, row-major) into C with any strides */",
+            f"static __attribute__((noinline)) void {p}_scatter(const {T} *t, int64_t rows, int64_t cols, {T} *c, int64_t cu, int64_t cv, int overwrite)",
+            "{",
+            "    for (int64_t u = 0; u < rows; u++) for (int64_t v = 0; v < cols; v++) {",
+            "        if (overwrite) c[u * cu + v * cv] = t[u * cols + v]; else c[u * cu + v * cv] += t[u * cols + v];",
+            "    }",
+            "}",
+        ]
+        for rows in self._row_variants():
+            L += self._tile_function(rows)
+        return L + self._edge_function()
+
+    def _tile_function(self, rows: int) -> list[str]:
+        """acc[rows][V] over kc steps: X supplies vectors along V, Y scalars along U.
 
         Operand addressing (relative to the tile's corner): a packed operand is a panel,
-        element (k, t) at [k*R + t]; an unpacked X has unit stride along V (checked at entry).
+        element (k, t) at [k*R + t] (R is the full tile side even for a partial-row variant);
+        an unpacked X has unit stride along V (checked at entry) unless read as scalars.
         """
         T, p, U, V, W = self.T, self.prefix, self.U, self.V, self.W
         nvec = V // W
@@ -183,21 +204,25 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         y_at = (lambda u: f"y[{u}]") if y_packed else (lambda u: f"y[{u} * yu]")
         y_step = f"{U}" if y_packed else "yk"
         unroll = self._kernel_unroll()
+        name = f"{p}_tile" if rows == U else f"{p}_tile{rows}"
         L = [
             "",
-            f"/* {U}x{V} register tile, {nvec} vector(s) of {W} per row; c(u, v) at c[u*cu + v*cv] */",
-            f"static inline __attribute__((always_inline)) void {p}_tile(int64_t kc,",
-            f"    const {T} *restrict x, int64_t xk, const {T} *restrict y, int64_t yu, int64_t yk,",
+            f"/* {rows}x{V} register tile, {nvec} vector(s) of {W} per row; c(u, v) at c[u*cu + v*cv] */",
+            f"static __attribute__((noinline)) void {name}(int64_t kc,",
+            f"    const {T} *restrict x, int64_t xk, int64_t xv, const {T} *restrict y, int64_t yu, int64_t yk,",
             f"    {T} *restrict c, int64_t cu, int64_t cv, int overwrite)",
             "{",
-            "    (void)xk; (void)yu; (void)yk;",
+            "    (void)xk; (void)xv; (void)yu; (void)yk;",
         ]
+        U = rows
         L += [f"    {p}_v " + ", ".join(f"c{u}_{j} = {{0}}" for j in range(nvec)) + ";" for u in range(U)]
-        if unroll > 1:
+        if unroll > 1 and rows == self.U:      # edge variants stay compact: they run rarely
             L.append(f"    #pragma GCC unroll {unroll}")
         L.append("    for (int64_t kk = 0; kk < kc; kk++) {")
         for j in range(nvec):
-            L.append(f"        const {p}_v x{j} = {self._load(f'x + {j * W}')};")
+            # an unpacked X read with scalar "vectors" may have any stride along V; wider vectors need 1
+            at = f"x + {j} * xv" if (W == 1 and not x_packed) else f"x + {j * W}"
+            L.append(f"        const {p}_v x{j} = {self._load(at)};")
         for u in range(U):
             L.append(f"        {{ const {T} yv = {y_at(u)};")
             L += [f"          c{u}_{j} += yv * x{j};" for j in range(nvec)]
@@ -211,24 +236,27 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
                 L.append(f"        if (overwrite) {{ {self._store(ptr, f'c{u}_{j}')} }} "
                          f"else {{ {self._store(ptr, f'{self._load(ptr)} + c{u}_{j}')} }}")
         L.append("    } else {")
-        L.append(f"        {T} t[{U}][{V}];")
+        L.append(f"        {T} t[{U} * {V}] __attribute__((aligned(64)));")
         for u in range(U):
             for j in range(nvec):
-                L.append(f"        {self._store(f't[{u}] + {j * W}', f'c{u}_{j}')}")
-        L.append(f"        for (int u = 0; u < {U}; u++) for (int v = 0; v < {V}; v++) {{")
-        L.append("            if (overwrite) c[u * cu + v * cv] = t[u][v]; else c[u * cu + v * cv] += t[u][v];")
-        L.append("        }")
+                L.append(f"        {self._store(f't + {u * V + j * W}', f'c{u}_{j}')}")
+        L.append(f"        {p}_scatter(t, {U}, {V}, c, cu, cv, overwrite);")
         L.append("    }")
         L.append("}")
+        return L
+
+    def _edge_function(self) -> list[str]:
+        T, p, U, V = self.T, self.prefix, self.U, self.V
+        x_packed, y_packed = self.X in self.packs, self.Y in self.packs
         # Edge tiles: when the unpacked operands cannot be over-read, a plain loop over the valid part.
-        x_at = (lambda k, v: f"x[{k} * {V} + {v}]") if x_packed else (lambda k, v: f"x[{k} * xk + {v}]")
+        x_at = (lambda k, v: f"x[{k} * {V} + {v}]") if x_packed else (lambda k, v: f"x[{k} * xk + {v} * xv]")
         y_e = (lambda k, u: f"y[{k} * {U} + {u}]") if y_packed else (lambda k, u: f"y[{u} * yu + {k} * yk]")
-        L += [
+        return [
             f"static void {p}_edge(int64_t kc, int64_t un, int64_t vn,",
-            f"    const {T} *restrict x, int64_t xk, const {T} *restrict y, int64_t yu, int64_t yk,",
+            f"    const {T} *restrict x, int64_t xk, int64_t xv, const {T} *restrict y, int64_t yu, int64_t yk,",
             f"    {T} *restrict c, int64_t cu, int64_t cv, int overwrite)",
             "{",
-            "    (void)xk; (void)yu; (void)yk;",
+            "    (void)xk; (void)xv; (void)yu; (void)yk;",
             f"    {T} t[{U}][{V}];",
             f"    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < {V}; v++) t[u][v] = 0;",
             "    for (int64_t kk = 0; kk < kc; kk++)",
@@ -377,7 +405,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         (m_lo, m_len), (n_lo, n_len), (k_lo, k_len), (b_lo, _) = rng["m"], rng["n"], rng["k"], rng["b"]
         X, Y = self.X, self.Y
         # strides of the unpacked operands, as the tile sees them: X along k; Y along u and k
-        xk = "sBk" if X == "B" else "sAk"
+        xk, xv = ("sBk", "sBn") if X == "B" else ("sAk", "sAm")
         yu, yk = ("sAm", "sAk") if Y == "A" else ("sBn", "sBk")
         cu, cv = ("sCm", "sCn") if self.vdim == "n" else ("sCn", "sCm")
         u_len, v_len = (m_len, n_len) if self.vdim == "n" else (n_len, m_len)
@@ -386,15 +414,23 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e(f"{self.T} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
         e(f"const int ow = ({k_lo} == 0) && !accumulate;")
         e(f"if ({u_len} == {self.U} && {v_len} == {self.V}) {{")
-        e(f"    {p}_tile({k_len}, tx, {xk}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
-        x_pad = "1" if X in self.packs else f"{v_len} == {self.V}"
+        e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
+        e(f"}} else if ({v_len} == {self.V}) {{")
+        # a partial row block: a few smaller vectorized tiles, largest first
+        e("    int64_t u0 = 0;")
+        y_row = "1" if Y in self.packs else yu
+        for r in self._row_variants()[1:]:
+            e(f"    if (({u_len} - u0) & {r}) {{")
+            e(f"        {p}_tile{r}({k_len}, tx, {xk}, {xv}, ty + u0 * {y_row}, {yu}, {yk}, tc + u0 * {cu}, {cu}, {cv}, ow);")
+            e(f"        u0 += {r};")
+            e("    }")
+        x_pad = "1" if X in self.packs else "0"
         y_pad = "1" if Y in self.packs else f"{u_len} == {self.U}"
         e(f"}} else if (({x_pad}) && ({y_pad})) {{")
         e(f"    {self.T} tt[{self.U} * {self.V}] __attribute__((aligned(64)));")
-        e(f"    {p}_tile({k_len}, tx, {xk}, ty, {yu}, {yk}, tt, {self.V}, 1, 1);")
-        e(f"    for (int64_t u = 0; u < {u_len}; u++) for (int64_t v = 0; v < {v_len}; v++) {{")
-        e(f"        if (ow) tc[u * {cu} + v * {cv}] = tt[u * {self.V} + v]; else tc[u * {cu} + v * {cv}] += tt[u * {self.V} + v];")
-        e("    }")
+        e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tt, {self.V}, 1, 1);")
+        e(f"    for (int64_t u = 0; u < {u_len}; u++)")
+        e(f"        {p}_scatter(tt + u * {self.V}, 1, {v_len}, tc + u * {cu}, {cu}, {cv}, ow);")
         e("} else {")
-        e(f"    {p}_edge({k_len}, {u_len}, {v_len}, tx, {xk}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
+        e(f"    {p}_edge({k_len}, {u_len}, {v_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
         e("}")

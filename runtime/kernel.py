@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from cffi import FFI
 
+from . import trampoline
 from .codegen import ABI_ARGS
 
 _ffi = FFI()
@@ -49,6 +50,9 @@ class Kernel:
 
     def __post_init__(self) -> None:
         addr = ctypes.cast(getattr(_library(self.so_path), self.symbol), ctypes.c_void_p).value
+        object.__setattr__(self, "address", addr)
+        object.__setattr__(self, "_typenum", np.dtype(self.dtype).num)
+        object.__setattr__(self, "_fast", trampoline.load())
         object.__setattr__(self, "_fn", _ffi.cast(_FN_TYPE[self.dtype], addr))
         object.__setattr__(self, "_ptrs", _PTR_TYPE[self.dtype])
         object.__setattr__(self, "_item", np.dtype(self.dtype).itemsize)
@@ -63,7 +67,14 @@ class Kernel:
                         accumulate, nthreads)
 
     def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, *, accumulate: bool = False, nthreads: int = 1) -> np.ndarray:
-        """C (batch, m, n) = A (batch, m, k) @ B (batch, k, n), written into ``c``; 2-D arrays are batch 1."""
+        """C (batch, m, n) = A (batch, m, k) @ B (batch, k, n), written into ``c``; 2-D arrays are batch 1
+        (a 2-D A or B with a 3-D C is broadcast over the batch)."""
+        fast = self._fast  # type: ignore[attr-defined]
+        if fast is not None:
+            rc = fast.call(self.address, self._typenum, a, b, c, int(accumulate), nthreads)  # type: ignore[attr-defined]
+            if rc != 0:
+                raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}")
+            return c
         if a.ndim == 2:
             a, b, c = a[None], b[None], c[None]
         dt = np.dtype(self.dtype)

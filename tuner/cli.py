@@ -1,0 +1,100 @@
+"""The ``looptune`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from looptune.runtime.problem import DTYPES, LAYOUTS, MatmulProblem, ProblemError
+
+
+def problem_options(f):
+    """Shared options that, with M N K arguments, describe one problem."""
+    f = click.option("--threads", type=int, default=1, show_default=True, help="threads the kernel runs on")(f)
+    f = click.option("--layout", type=click.Choice(LAYOUTS), default="nn", show_default=True,
+                     help="t marks a transposed operand view (A first)")(f)
+    f = click.option("--batch", type=int, default=1, show_default=True)(f)
+    f = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)(f)
+    f = click.argument("k", type=int)(f)
+    f = click.argument("n", type=int)(f)
+    f = click.argument("m", type=int)(f)
+    return f
+
+
+def make_problem(m, n, k, dtype, batch, layout, threads) -> MatmulProblem:
+    try:
+        return MatmulProblem(m, n, k, batch=batch, dtype=dtype, layout=layout, threads=threads)
+    except ProblemError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.group()
+@click.version_option(package_name="looptune")
+def main() -> None:
+    """LoopTune: tune, store and run fast CPU matmul kernels."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def info(as_json: bool) -> None:
+    """Show the detected CPU, vector ISA, compiler and cache directory."""
+    from looptune.database.machine import detect_cpu
+    from looptune.runtime.build import BuildSettings, compiler_identity
+    from looptune.runtime.codegen import CODEGEN_VERSION
+
+    cpu = detect_cpu()
+    settings = BuildSettings.from_env()
+    data = {
+        "cpu": cpu.model_name, "arch": cpu.arch, "vector_isa": cpu.vector_isa, "features": list(cpu.features),
+        "cores": cpu.cores, "l1d_bytes": cpu.l1d_bytes, "l2_bytes": cpu.l2_bytes, "l3_bytes": cpu.l3_bytes,
+        "compiler": compiler_identity(settings.compiler), "codegen_version": CODEGEN_VERSION,
+        "kernel_cache": str(settings.resolved_cache_dir()),
+    }
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key:16} {value}")
+
+
+@main.command()
+@problem_options
+@click.option("--trace", "trace_file", type=click.Path(exists=True, dir_okay=False),
+              help="a schedule trace (JSON); default: the analytic default schedule")
+@click.option("--c", "show_c", is_flag=True, help="print the generated C instead of the loop nest")
+@click.option("--json", "as_json", is_flag=True, help="print the trace as JSON")
+def schedule(m, n, k, dtype, batch, layout, threads, trace_file, show_c, as_json) -> None:
+    """Show a schedule for a problem: its loop nest, trace or generated C."""
+    from looptune.runtime.codegen import render
+    from looptune.runtime.defaults import default_schedule
+    from looptune.runtime.ir import ScheduleError
+    from looptune.runtime.schedule import Schedule
+
+    problem = make_problem(m, n, k, dtype, batch, layout, threads)
+    try:
+        sched = Schedule.from_json(open(trace_file).read()) if trace_file else default_schedule(problem)
+    except ScheduleError as e:
+        raise click.ClickException(f"illegal schedule: {e}") from None
+    if show_c:
+        click.echo(render(sched, problem.dtype).text)
+    elif as_json:
+        click.echo(sched.to_json())
+    else:
+        click.echo(f"# {problem}")
+        click.echo(f"# trace: {sched.trace}")
+        click.echo(sched.nest.pretty(dict(b=batch, m=m, n=n, k=k)))
+
+
+def _attach_optional_commands() -> None:
+    try:
+        from looptune.database.cli import db
+    except ImportError:  # database CLI not available in this build
+        return
+    main.add_command(db)
+
+
+_attach_optional_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())
