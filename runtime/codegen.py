@@ -171,9 +171,10 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
 
     # ---- the register-tiled micro-kernel ------------------------------------------------------
     def _row_variants(self) -> list[int]:
-        """Row counts with their own micro-kernel: the full tile, and powers of two below it,
-        so an edge of any height is a few vectorized calls instead of scalar code."""
-        return [self.U] + [r for r in (32, 16, 8, 4, 2, 1) if r < self.U]
+        """Row counts with their own micro-kernel: the full tile and a few smaller ones, so an
+        edge of any height is a few vectorized calls instead of scalar code (more variants would
+        cost compile time for code that runs once per block edge)."""
+        return [self.U] + [r for r in (16, 4, 1) if r < self.U]
 
     def _micro_kernel(self) -> list[str]:
         T, p = self.T, self.prefix
@@ -420,10 +421,8 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e("    int64_t u0 = 0;")
         y_row = "1" if Y in self.packs else yu
         for r in self._row_variants()[1:]:
-            e(f"    if (({u_len} - u0) & {r}) {{")
+            e(f"    for (; {u_len} - u0 >= {r}; u0 += {r})")
             e(f"        {p}_tile{r}({k_len}, tx, {xk}, {xv}, ty + u0 * {y_row}, {yu}, {yk}, tc + u0 * {cu}, {cu}, {cv}, ow);")
-            e(f"        u0 += {r};")
-            e("    }")
         x_pad = "1" if X in self.packs else "0"
         y_pad = "1" if Y in self.packs else f"{u_len} == {self.U}"
         e(f"}} else if (({x_pad}) && ({y_pad})) {{")

@@ -85,14 +85,16 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     nc = min(nc, _round_up(problem.n, nr))
     params = BlockingParams(mr, nr, mc, kc, nc)
     if problem.threads > 1:
-        # Parallelize the larger of M and N with a block count that is a multiple of the thread count.
+        # Prefer splitting N across threads: each thread then packs its own B panel in parallel
+        # (with m.o parallel, B is packed by one thread while the others wait).  Block counts are
+        # multiples of the thread count so no thread gets an extra block.
         t = problem.threads
-        if problem.m >= problem.n:
-            blocks = _round_up(-(-problem.m // mc), t)
-            params = replace(params, parallel="m.o", mc=_round_up(-(-problem.m // blocks), mr))
-        else:
+        if problem.n >= t * nr * 4 or problem.n >= problem.m:
             blocks = _round_up(-(-problem.n // nc), t)
             params = replace(params, parallel="n.o", nc=_round_up(-(-problem.n // blocks), nr))
+        else:
+            blocks = _round_up(-(-problem.m // mc), t)
+            params = replace(params, parallel="m.o", mc=_round_up(-(-problem.m // blocks), mr))
     return params
 
 

@@ -10,7 +10,6 @@ in-process against numpy in the same run with thread counts pinned on both sides
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import random
@@ -30,11 +29,10 @@ def main() -> None:
     ap.add_argument("--json", help="append one JSON line per problem to this file")
     args = ap.parse_args()
 
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    from looptune.runtime.build import build_many
+    from looptune.runtime.codegen import render
     from looptune.runtime.problem import MatmulProblem, read_shapes
-    sys.path.insert(0, os.path.dirname(__file__))
-    from _inprocess import measure_schedules, numpy_seconds
+    from looptune.tuner.runner import Candidate, LocalRunner, MeasureConfig
     from looptune.tuner.spaces import blocking_candidates
 
     if args.shapes:
@@ -45,23 +43,32 @@ def main() -> None:
         m, n, k = args.mnk
         problems = [MatmulProblem(m, n, k, dtype=args.dtype, threads=args.threads)]
     ratios = []
-    for p in problems:
-        t0 = time.perf_counter()
-        cands = blocking_candidates(p, args.candidates, seed=0)
-        results = measure_schedules(p, [c.schedule() for c in cands], min_time=args.min_time)
-        t_np = numpy_seconds(p, min_time=args.min_time)
-        best_i = min(range(len(results)), key=lambda i: results[i].seconds)
-        best = results[best_i]
-        ratio = t_np / best.seconds
-        ratios.append(ratio)
-        line = {"problem": p.key(), "gflops": p.flops / best.seconds / 1e9, "numpy_gflops": p.flops / t_np / 1e9,
-                "ratio": ratio, "params": cands[best_i].__dict__, "trace": best.schedule_json,
-                "default_ratio": t_np / results[0].seconds, "sweep_seconds": time.perf_counter() - t0}
-        print(f"{p}: best {line['gflops']:.1f} GFLOPS, numpy {line['numpy_gflops']:.1f}, ratio {ratio:.3f} "
-              f"(default {line['default_ratio']:.3f}) {cands[best_i]}", flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(line) + "\n")
+    config = MeasureConfig(min_total_seconds=args.min_time, max_repeats=2000, timeout_seconds=60)
+    with LocalRunner(config) as runner:
+        for p in problems:
+            t0 = time.perf_counter()
+            cands = blocking_candidates(p, args.candidates, seed=0)
+            schedules = [c.schedule() for c in cands]
+            builds = build_many([render(s, p.dtype) for s in schedules])
+            results = runner.run([Candidate.from_build(p, b, s.to_json()) for s, b in zip(schedules, builds)])
+            ok = [i for i, r in enumerate(results) if r.ok]
+            if not ok:
+                print(f"{p}: no candidate ran: {results[0].error}")
+                continue
+            best_i = min(ok, key=lambda i: results[i].seconds)
+            best = results[best_i]
+            numpy_gflops = max(r.numpy_gflops for r in results if r.ok and r.numpy_gflops)
+            ratio = best.gflops / numpy_gflops
+            ratios.append(ratio)
+            default_ratio = results[0].gflops / numpy_gflops if results[0].ok else 0.0
+            line = {"problem": p.key(), "gflops": best.gflops, "numpy_gflops": numpy_gflops, "ratio": ratio,
+                    "spread": best.rel_spread, "params": cands[best_i].__dict__, "trace": schedules[best_i].to_json(),
+                    "default_ratio": default_ratio, "sweep_seconds": time.perf_counter() - t0}
+            print(f"{p}: best {best.gflops:.1f} GFLOPS, numpy {numpy_gflops:.1f}, ratio {ratio:.3f} "
+                  f"(default {default_ratio:.3f}) {cands[best_i]}", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(line) + "\n")
     if len(ratios) > 1:
         import math
         print(f"geomean ratio over {len(ratios)} problems: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")

@@ -195,42 +195,6 @@ static __attribute__((noinline)) void golden_blis_6x16_float32_avx2_tile4(int64_
     }
 }
 
-/* 2x16 register tile, 2 vector(s) of 8 per row; c(u, v) at c[u*cu + v*cv] */
-static __attribute__((noinline)) void golden_blis_6x16_float32_avx2_tile2(int64_t kc,
-    const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
-    float *restrict c, int64_t cu, int64_t cv, int overwrite)
-{
-    (void)xk; (void)xv; (void)yu; (void)yk;
-    golden_blis_6x16_float32_avx2_v c0_0 = {0}, c0_1 = {0};
-    golden_blis_6x16_float32_avx2_v c1_0 = {0}, c1_1 = {0};
-    for (int64_t kk = 0; kk < kc; kk++) {
-        const golden_blis_6x16_float32_avx2_v x0 = (*(const golden_blis_6x16_float32_avx2_vu *)(x + 0));
-        const golden_blis_6x16_float32_avx2_v x1 = (*(const golden_blis_6x16_float32_avx2_vu *)(x + 8));
-        { const float yv = y[0];
-          c0_0 += yv * x0;
-          c0_1 += yv * x1;
-        }
-        { const float yv = y[1];
-          c1_0 += yv * x0;
-          c1_1 += yv * x1;
-        }
-        x += 16; y += 6;
-    }
-    if (cv == 1) {
-        if (overwrite) { *(golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 0) = c0_0; } else { *(golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 0) = (*(const golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 0)) + c0_0; }
-        if (overwrite) { *(golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 8) = c0_1; } else { *(golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 8) = (*(const golden_blis_6x16_float32_avx2_vu *)(c + 0 * cu + 8)) + c0_1; }
-        if (overwrite) { *(golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 0) = c1_0; } else { *(golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 0) = (*(const golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 0)) + c1_0; }
-        if (overwrite) { *(golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 8) = c1_1; } else { *(golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 8) = (*(const golden_blis_6x16_float32_avx2_vu *)(c + 1 * cu + 8)) + c1_1; }
-    } else {
-        float t[2 * 16] __attribute__((aligned(64)));
-        *(golden_blis_6x16_float32_avx2_vu *)(t + 0) = c0_0;
-        *(golden_blis_6x16_float32_avx2_vu *)(t + 8) = c0_1;
-        *(golden_blis_6x16_float32_avx2_vu *)(t + 16) = c1_0;
-        *(golden_blis_6x16_float32_avx2_vu *)(t + 24) = c1_1;
-        golden_blis_6x16_float32_avx2_scatter(t, 2, 16, c, cu, cv, overwrite);
-    }
-}
-
 /* 1x16 register tile, 2 vector(s) of 8 per row; c(u, v) at c[u*cu + v*cv] */
 static __attribute__((noinline)) void golden_blis_6x16_float32_avx2_tile1(int64_t kc,
     const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
@@ -337,18 +301,10 @@ int golden_blis_6x16_float32_avx2(int64_t batch, int64_t M, int64_t N, int64_t K
                                 golden_blis_6x16_float32_avx2_tile(len_k_o, tx, sBk, sBn, ty, sAm, sAk, tc, sCm, sCn, ow);
                             } else if (len_n_i_o == 16) {
                                 int64_t u0 = 0;
-                                if ((len_m_i_o - u0) & 4) {
+                                for (; len_m_i_o - u0 >= 4; u0 += 4)
                                     golden_blis_6x16_float32_avx2_tile4(len_k_o, tx, sBk, sBn, ty + u0 * 1, sAm, sAk, tc + u0 * sCm, sCm, sCn, ow);
-                                    u0 += 4;
-                                }
-                                if ((len_m_i_o - u0) & 2) {
-                                    golden_blis_6x16_float32_avx2_tile2(len_k_o, tx, sBk, sBn, ty + u0 * 1, sAm, sAk, tc + u0 * sCm, sCm, sCn, ow);
-                                    u0 += 2;
-                                }
-                                if ((len_m_i_o - u0) & 1) {
+                                for (; len_m_i_o - u0 >= 1; u0 += 1)
                                     golden_blis_6x16_float32_avx2_tile1(len_k_o, tx, sBk, sBn, ty + u0 * 1, sAm, sAk, tc + u0 * sCm, sCm, sCn, ow);
-                                    u0 += 1;
-                                }
                             } else if ((1) && (1)) {
                                 float tt[6 * 16] __attribute__((aligned(64)));
                                 golden_blis_6x16_float32_avx2_tile(len_k_o, tx, sBk, sBn, ty, sAm, sAk, tt, 16, 1, 1);

@@ -137,35 +137,6 @@ static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_ti
     }
 }
 
-/* 2x16 register tile, 1 vector(s) of 16 per row; c(u, v) at c[u*cu + v*cv] */
-static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_tile2(int64_t kc,
-    const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
-    float *restrict c, int64_t cu, int64_t cv, int overwrite)
-{
-    (void)xk; (void)xv; (void)yu; (void)yk;
-    golden_vector_m_parallel_float32_avx512_v c0_0 = {0};
-    golden_vector_m_parallel_float32_avx512_v c1_0 = {0};
-    for (int64_t kk = 0; kk < kc; kk++) {
-        const golden_vector_m_parallel_float32_avx512_v x0 = (*(const golden_vector_m_parallel_float32_avx512_vu *)(x + 0));
-        { const float yv = y[0];
-          c0_0 += yv * x0;
-        }
-        { const float yv = y[1];
-          c1_0 += yv * x0;
-        }
-        x += xk; y += 6;
-    }
-    if (cv == 1) {
-        if (overwrite) { *(golden_vector_m_parallel_float32_avx512_vu *)(c + 0 * cu + 0) = c0_0; } else { *(golden_vector_m_parallel_float32_avx512_vu *)(c + 0 * cu + 0) = (*(const golden_vector_m_parallel_float32_avx512_vu *)(c + 0 * cu + 0)) + c0_0; }
-        if (overwrite) { *(golden_vector_m_parallel_float32_avx512_vu *)(c + 1 * cu + 0) = c1_0; } else { *(golden_vector_m_parallel_float32_avx512_vu *)(c + 1 * cu + 0) = (*(const golden_vector_m_parallel_float32_avx512_vu *)(c + 1 * cu + 0)) + c1_0; }
-    } else {
-        float t[2 * 16] __attribute__((aligned(64)));
-        *(golden_vector_m_parallel_float32_avx512_vu *)(t + 0) = c0_0;
-        *(golden_vector_m_parallel_float32_avx512_vu *)(t + 16) = c1_0;
-        golden_vector_m_parallel_float32_avx512_scatter(t, 2, 16, c, cu, cv, overwrite);
-    }
-}
-
 /* 1x16 register tile, 1 vector(s) of 16 per row; c(u, v) at c[u*cu + v*cv] */
 static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_tile1(int64_t kc,
     const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
@@ -264,18 +235,10 @@ int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N,
                                 golden_vector_m_parallel_float32_avx512_tile(len_k_o, tx, sAk, sAm, ty, sBn, sBk, tc, sCn, sCm, ow);
                             } else if (len_m_i_o == 16) {
                                 int64_t u0 = 0;
-                                if ((len_n_i_o - u0) & 4) {
+                                for (; len_n_i_o - u0 >= 4; u0 += 4)
                                     golden_vector_m_parallel_float32_avx512_tile4(len_k_o, tx, sAk, sAm, ty + u0 * 1, sBn, sBk, tc + u0 * sCn, sCn, sCm, ow);
-                                    u0 += 4;
-                                }
-                                if ((len_n_i_o - u0) & 2) {
-                                    golden_vector_m_parallel_float32_avx512_tile2(len_k_o, tx, sAk, sAm, ty + u0 * 1, sBn, sBk, tc + u0 * sCn, sCn, sCm, ow);
-                                    u0 += 2;
-                                }
-                                if ((len_n_i_o - u0) & 1) {
+                                for (; len_n_i_o - u0 >= 1; u0 += 1)
                                     golden_vector_m_parallel_float32_avx512_tile1(len_k_o, tx, sAk, sAm, ty + u0 * 1, sBn, sBk, tc + u0 * sCn, sCn, sCm, ow);
-                                    u0 += 1;
-                                }
                             } else if ((0) && (1)) {
                                 float tt[6 * 16] __attribute__((aligned(64)));
                                 golden_vector_m_parallel_float32_avx512_tile(len_k_o, tx, sAk, sAm, ty, sBn, sBk, tt, 16, 1, 1);
