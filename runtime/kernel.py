@@ -30,7 +30,8 @@ class KernelError(RuntimeError):
     """A kernel returned a failure code."""
 
 
-ERRORS = {-1: "out of memory for packing buffers", -2: "operand strides do not meet this kernel's layout precondition"}
+ERRORS = {-1: "out of memory for packing buffers", -2: "operand strides do not meet this kernel's layout precondition",
+          -3: "an operand is not aligned to its element size"}
 
 
 def _library(path: str) -> ctypes.CDLL:
@@ -52,7 +53,8 @@ class Kernel:
         addr = ctypes.cast(getattr(_library(self.so_path), self.symbol), ctypes.c_void_p).value
         object.__setattr__(self, "address", addr)
         object.__setattr__(self, "_typenum", np.dtype(self.dtype).num)
-        object.__setattr__(self, "_fast", trampoline.load())
+        module = trampoline.load()
+        object.__setattr__(self, "_fast", module.call if module is not None else None)
         object.__setattr__(self, "_fn", _ffi.cast(_FN_TYPE[self.dtype], addr))
         object.__setattr__(self, "_ptrs", _PTR_TYPE[self.dtype])
         object.__setattr__(self, "_item", np.dtype(self.dtype).itemsize)
@@ -71,7 +73,7 @@ class Kernel:
         (a 2-D A or B with a 3-D C is broadcast over the batch)."""
         fast = self._fast  # type: ignore[attr-defined]
         if fast is not None:
-            rc = fast.call(self.address, self._typenum, a, b, c, int(accumulate), nthreads)  # type: ignore[attr-defined]
+            rc = fast(self.address, self._typenum, a, b, c, int(accumulate), nthreads)  # type: ignore[attr-defined]
             if rc != 0:
                 raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}")
             return c

@@ -51,6 +51,7 @@ static int operand(PyObject *o, int typenum, int writable, int64_t bat, int64_t 
     shape[1] = dims[nd - 2]; st[1] = strides[nd - 2] / item;
     shape[2] = dims[nd - 1]; st[2] = strides[nd - 1] / item;
     *data = PyArray_DATA(a);
+    if (((uintptr_t)*data) % item) return 1;      /* misaligned: the caller copies and retries */
     return 0;
 }
 
@@ -59,8 +60,10 @@ static PyObject *call(PyObject *self, PyObject *args)
     unsigned long long fn; int typenum, accumulate, nthreads; PyObject *A, *B, *C;
     if (!PyArg_ParseTuple(args, "KiOOOii", &fn, &typenum, &A, &B, &C, &accumulate, &nthreads)) return NULL;
     int64_t sc[3], cs[3], sa[3], as[3], sb[3], bs[3]; void *pa, *pb, *pc;
-    if (operand(C, typenum, 1, 1, cs, sc, &pc)) return NULL;
-    if (operand(A, typenum, 0, cs[0], as, sa, &pa) || operand(B, typenum, 0, cs[0], bs, sb, &pb)) return NULL;
+    int ec = operand(C, typenum, 1, 1, cs, sc, &pc), ea, eb;
+    if (ec < 0) return NULL;
+    if ((ea = operand(A, typenum, 0, cs[0], as, sa, &pa)) < 0 || (eb = operand(B, typenum, 0, cs[0], bs, sb, &pb)) < 0) return NULL;
+    if (ec || ea || eb) return PyLong_FromLong(-3);
     if (as[0] != cs[0] || bs[0] != cs[0] || as[1] != cs[1] || bs[2] != cs[2] || as[2] != bs[1]) {
         PyErr_SetString(PyExc_ValueError, "operand shapes do not match"); return NULL;
     }

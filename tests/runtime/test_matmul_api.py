@@ -1,0 +1,195 @@
+"""runtime.matmul against numpy.matmul: values, shapes, dtypes, exception types, views, out=, threads."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from looptune import runtime
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_databases():
+    runtime.configure(user_db=None, embedded_db=None, fallback="nearest")
+    yield
+
+
+def tolerance(dtype, k):
+    eps = np.finfo(dtype).eps if np.dtype(dtype).kind == "f" else np.finfo(np.float64).eps
+    return 16 * eps * max(k, 1)
+
+
+def check_same(got, want, k):
+    assert type(got) is type(want)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if got.size:
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want.dtype, k) * scale * 8)
+
+
+DIM = st.one_of(st.integers(0, 3), st.integers(1, 300))
+DTYPES = st.sampled_from(["float32", "float64", "float32", "int32", "int64", "float16", "complex64", "bool"])
+
+
+def make(rng, shape, dtype, view):
+    if view == "t" and len(shape) >= 2:
+        x = rng.standard_normal(shape[:-2] + (shape[-1], shape[-2])) * 3
+        x = np.swapaxes(x, -1, -2)
+    elif view == "slice" and len(shape) >= 1:
+        x = (rng.standard_normal(shape[:-1] + (shape[-1] * 2,)) * 3)[..., ::2]
+    else:
+        x = rng.standard_normal(shape) * 3
+    return x.astype(dtype)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(m=DIM, n=DIM, k=DIM, batch_a=st.sampled_from([(), (), (1,), (3,), (2, 1), (2, 3)]),
+       batch_b=st.sampled_from([(), (), (3,), (1, 3), (2, 3)]), ndim=st.sampled_from(["22", "22", "12", "21", "11"]),
+       dta=DTYPES, dtb=DTYPES, views=st.tuples(st.sampled_from("cts"), st.sampled_from("cts")),
+       seed=st.integers(0, 1000))
+def test_matches_numpy_matmul(m, n, k, batch_a, batch_b, ndim, dta, dtb, views, seed):
+    m, n, k = m % 120, n % 120, k % 120      # keep single examples cheap; big sizes have their own test
+    rng = np.random.default_rng(seed)
+    sa = (k,) if ndim[0] == "1" else batch_a + (m, k)
+    sb = (k,) if ndim[1] == "1" else batch_b + (k, n)
+    vmap = {"c": "c", "t": "t", "s": "slice"}
+    a, b = make(rng, sa, dta, vmap[views[0]]), make(rng, sb, dtb, vmap[views[1]])
+    a0, b0 = a.copy(), b.copy()
+    try:
+        want = np.matmul(a, b)
+    except Exception as e:
+        with pytest.raises(type(e)):
+            runtime.matmul(a, b)
+        return
+    got = runtime.matmul(a, b)
+    check_same(got, want, k)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+@pytest.mark.parametrize("m,n,k", [(0, 5, 3), (5, 0, 3), (5, 3, 0), (1, 1, 1), (300, 300, 300), (257, 1, 299)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_edges_and_large(m, n, k, dtype):
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    check_same(runtime.matmul(a, b), np.matmul(a, b), k)
+
+
+@pytest.mark.parametrize("a,b", [
+    (np.float32(3.0), np.ones((2, 2), np.float32)),
+    (np.ones((2, 3), np.float32), np.ones((4, 2), np.float32)),
+    (np.ones((2, 2, 3)), np.ones((3, 3, 2))),
+    (np.ones(3), np.ones(4)),
+    ("ab", np.ones(2)),
+])
+def test_errors_are_numpys(a, b):
+    with pytest.raises(Exception) as want:
+        np.matmul(a, b)
+    with pytest.raises(type(want.value)):
+        runtime.matmul(a, b)
+
+
+def test_out_argument():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((4, 30, 20)).astype(np.float32), rng.standard_normal((20, 10)).astype(np.float32)
+    out = np.empty((4, 30, 10), np.float32)
+    r = runtime.matmul(a, b, out=out)
+    assert r is out
+    check_same(out, np.matmul(a, b), 20)
+    # out overlapping an input: numpy gives the product of the old values
+    x = rng.standard_normal((16, 16))
+    want = np.matmul(x, x)
+    runtime.matmul(x, x, out=x)
+    check_same(x, want, 16)
+    # a non-contiguous out
+    big = np.zeros((30, 20), np.float32)
+    view = big[:, ::2]
+    runtime.matmul(a[0], b, out=view)
+    check_same(view, a[0] @ b, 20)
+    with pytest.raises(ValueError):
+        runtime.matmul(a, b, out=np.empty((4, 30, 11), np.float32))
+    ro = np.empty((30, 10), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        runtime.matmul(a[0], b, out=ro)
+
+
+def test_nan_inf_propagate():
+    a = np.ones((8, 8), np.float32)
+    b = np.ones((8, 8), np.float32)
+    a[1, 2], b[3, 4] = np.nan, np.inf
+    got, want = runtime.matmul(a, b), np.matmul(a, b)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+
+
+def test_threads_argument():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((200, 300)), rng.standard_normal((300, 150))
+    check_same(runtime.matmul(a, b, threads=2), a @ b, 300)
+    with pytest.raises(ValueError):
+        runtime.matmul(a, b, threads=0)
+
+
+def test_concurrent_cold_calls_from_16_threads():
+    runtime.configure()      # drop the in-memory caches: every key below is cold
+    rng = np.random.default_rng(3)
+    shapes = [(37 + i, 41 + 2 * i, 29 + 3 * i) for i in range(4)]
+    inputs = [(rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32))
+              for m, n, k in shapes]
+    errors, barrier = [], threading.Barrier(16)
+
+    def worker(i):
+        a, b = inputs[i % len(inputs)]
+        barrier.wait()
+        try:
+            for _ in range(5):
+                check_same(runtime.matmul(a, b), a @ b, a.shape[1])
+        except Exception as e:      # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=300)
+    assert not errors, errors[:3]
+
+
+def test_safe_after_fork():
+    code = """
+import os, numpy as np
+from looptune import runtime
+runtime.configure(user_db=None, embedded_db=None)
+a = np.ones((20, 30), np.float32); b = np.ones((30, 10), np.float32)
+runtime.matmul(a, b)
+pid = os.fork()
+if pid == 0:
+    ok = np.allclose(runtime.matmul(a, b), 30) and np.allclose(runtime.matmul(a[:, :7], b[:7]), 7)
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.WEXITSTATUS(status))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_import_is_light():
+    code = "import sys, looptune.runtime; bad = [m for m in ('torch', 'sklearn', 'h5py') if m in sys.modules]; print(bad); raise SystemExit(bool(bad))"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_misaligned_buffers():
+    """Arrays whose data is not aligned to the element size (numpy allows them) still work."""
+    def misaligned(shape):
+        raw = np.zeros(int(np.prod(shape)) * 4 + 1, np.uint8)[1:]
+        return raw.view(np.float32).reshape(shape)
+    a, b, out = misaligned((9, 7)), misaligned((7, 5)), misaligned((9, 5))
+    a[:] = np.arange(63).reshape(9, 7)
+    b[:] = 1
+    assert not a.flags.aligned
+    check_same(runtime.matmul(a, b), np.matmul(a, b), 7)
+    runtime.matmul(a, b, out=out)
+    check_same(out, np.matmul(a, b), 7)
