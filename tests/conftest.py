@@ -14,7 +14,10 @@ def update_golden(request):
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Kernels built by the suite go to a per-run cache, unless the caller chose one."""
+    """Kernels built by the suite go to a per-run cache, unless the caller chose one; the user
+    database is a fresh file per run."""
     if not os.environ.get("LOOPTUNE_CACHE_DIR"):
         os.environ["LOOPTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    # never read or write the developer's own schedule database from the suite
+    os.environ["LOOPTUNE_DB"] = str(tmp_path_factory.mktemp("user-db") / "schedules.h5")
     yield

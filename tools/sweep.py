@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=48, help="random grid points per problem (plus the default)")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per candidate")
     ap.add_argument("--json", help="append one JSON line per problem to this file")
+    ap.add_argument("--markdown", action="store_true", help="end with a markdown table (with %% of measured peak)")
     args = ap.parse_args()
 
     from looptune.runtime.build import build_many
@@ -42,7 +43,7 @@ def main() -> None:
     else:
         m, n, k = args.mnk
         problems = [MatmulProblem(m, n, k, dtype=args.dtype, threads=args.threads)]
-    ratios = []
+    ratios, rows = [], []
     config = MeasureConfig(min_total_seconds=args.min_time, max_repeats=2000, timeout_seconds=60)
     with LocalRunner(config) as runner:
         for p in problems:
@@ -64,14 +65,30 @@ def main() -> None:
             line = {"problem": p.key(), "gflops": best.gflops, "numpy_gflops": numpy_gflops, "ratio": ratio,
                     "spread": best.rel_spread, "params": cands[best_i].__dict__, "trace": schedules[best_i].to_json(),
                     "default_ratio": default_ratio, "sweep_seconds": time.perf_counter() - t0}
+            rows.append((p, best.gflops, numpy_gflops, ratio, best.rel_spread))
             print(f"{p}: best {best.gflops:.1f} GFLOPS, numpy {numpy_gflops:.1f}, ratio {ratio:.3f} "
                   f"(default {default_ratio:.3f}) {cands[best_i]}", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(line) + "\n")
+    import math
+    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
     if len(ratios) > 1:
-        import math
-        print(f"geomean ratio over {len(ratios)} problems: {math.exp(sum(map(math.log, ratios)) / len(ratios)):.3f}")
+        print(f"geomean ratio over {len(ratios)} problems: {geomean:.3f}")
+    if args.markdown and rows:
+        from looptune.tuner.peak import measure_peak_gflops
+
+        peaks = {}
+        print("\n| problem | threads | best GFLOPS | numpy GFLOPS | ratio | % of peak | spread |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for p, g, ng, r, spread in rows:
+            key = (p.dtype, p.threads)
+            if key not in peaks:
+                peaks[key] = measure_peak_gflops(p.dtype, p.threads)
+            print(f"| {p.m}x{p.n}x{p.k} b{p.batch} {p.dtype} {p.layout} | {p.threads} | {g:.1f} | {ng:.1f} | "
+                  f"{r:.3f} | {100 * g / peaks[key]:.0f}% | {100 * (spread or 0):.1f}% |")
+        if len(rows) > 1:
+            print(f"| **geomean** | | | | **{geomean:.3f}** | | |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
     tiles = tile_options(cpu, problem.dtype)
     out = [base]
     seen = {base.schedule().to_json()}
+    for cand in _templates(problem, base, cpu):
+        key = cand.schedule().to_json()
+        if key not in seen and len(out) < count + 1:
+            seen.add(key)
+            out.append(cand)
     attempts = 0
     while len(out) < count + 1 and attempts < count * 20:
         attempts += 1
@@ -50,3 +55,24 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
             seen.add(key)
             out.append(cand)
     return out
+
+
+def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> list[BlockingParams]:
+    """Structures that won sweeps on x86 (AVX2 and AVX-512) and ARM, expressed in vector widths so
+    they carry over between ISAs: tall-narrow tiles with A read in place for small problems, wide
+    tiles with both operands packed for large ones."""
+    lanes = cpu.vector_bytes // problem.itemsize
+    k = max(16, min(problem.k, 512))
+    small = problem.m * problem.k * problem.itemsize <= cpu.l2_bytes // 2
+    out = [
+        replace(base, mr=8, nr=lanes, mc=256, kc=min(k, 256), nc=32 * lanes, unroll_k=4, pack_a=False, pack_b=True),
+        replace(base, mr=8, nr=lanes, mc=256, kc=min(k, 256), nc=32 * lanes, unroll_k=4, pack_a=False, pack_b=False),
+        replace(base, mr=6, nr=lanes, mc=36, kc=min(k, 256), nc=32 * lanes, unroll_k=8, pack_a=False, pack_b=True),
+        replace(base, mr=5, nr=4 * lanes, mc=80, kc=min(k, 256), nc=256 * lanes, unroll_k=2, pack_a=False, pack_b=True),
+        replace(base, mr=12, nr=2 * lanes, mc=96, kc=min(k, 384), nc=128 * lanes, unroll_k=1, pack_a=True, pack_b=True),
+        replace(base, mr=6, nr=3 * lanes, mc=48, kc=min(k, 512), nc=96 * lanes, unroll_k=1, pack_a=True, pack_b=True),
+    ]
+    if not small:
+        out = out[3:] + out[:3]
+    valid = set(tile_options(cpu, problem.dtype))
+    return [c for c in out if (c.mr, c.nr) in valid or cpu.vector_registers >= 32]
