@@ -1,0 +1,382 @@
+"""What the database stores: one tuned result = problem key + machine key + trace + timings.
+
+A ``Record`` answers "on *this machine*, *this schedule* ran *this problem* at *this speed*,
+and numpy managed *that* in the same run".  Every field is validated when a record is
+built, whether by the tuner, from an HDF5 file or from a JSON line, so a record that
+exists is a record that is safe to hand to the code generator: the trace is in the
+closed schedule grammar, every number is finite and in range, every string is short
+printable ASCII.  Nothing here is ever evaluated, unpickled or pasted into C except the
+trace's grammar tokens.
+
+The database keeps one record per *slot* ``(problem, machine)``: the best one.  "Best" is
+a total order (``rank``, then the canonical JSON as a last tie-break) so that merging
+databases gives the same result whatever the order.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+from .errors import RecordError
+from .machine import CpuInfo, detect_cpu
+from .trace import Trace, TraceFormatError
+
+RECORD_FORMAT_VERSION = 1    # version of the JSON form (``Record.to_dict``), also used by JSON-lines export
+
+# Problem ranges: must agree with looptune.runtime.problem (which we may not import).
+OPS = ("matmul",)
+DTYPES = ("float32", "float64")
+LAYOUTS = ("nn", "tn", "nt", "tt")
+MAX_DIM = 1 << 24
+MAX_THREADS = 1024
+
+_OP_SET, _DTYPE_SET, _LAYOUT_SET = frozenset(OPS), frozenset(DTYPES), frozenset(LAYOUTS)   # str only: hash lookups
+
+MAX_CORES = 1 << 16
+MAX_GFLOPS = 1e7             # 10 PFLOP/s: far beyond any CPU, small enough to catch garbage
+MAX_BUDGET = 1 << 40
+MAX_TIMESTAMP = 32503680000.0  # year 3000, in seconds since the Unix epoch
+
+_TEXT = re.compile(r"[\x20-\x7e]{0,256}")             # free text (CPU model, compiler): printable ASCII
+_TOKEN = re.compile(r"[A-Za-z0-9_.:/@+=-]{0,128}")     # names (policy, search, ISA, versions)
+_FEATURE = re.compile(r"[a-z0-9_]{1,32}")
+
+
+# -- field checks: each returns the normalized value or raises RecordError naming the field --
+
+def _short(value: Any) -> str:
+    """repr for error messages; hostile input can be huge (and ints over 4300 digits refuse repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int:
+        # bool is an int in Python but never a count here; numpy integers are welcome.
+        if isinstance(value, bool) or not hasattr(value, "__index__"):
+            raise RecordError(f"{what} must be an integer, got {_short(value)}")
+        value = value.__index__()
+    if not lo <= value <= hi:
+        raise RecordError(f"{what} must be in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _float(value: Any, what: str, lo: float, hi: float) -> float:
+    if type(value) is not float:
+        if isinstance(value, (bool, str, bytes)):
+            raise RecordError(f"{what} must be a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise RecordError(f"{what} must be a number, got {_short(value)}") from None
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise RecordError(f"{what} must be a finite number in [{lo}, {hi}], got {_short(value)}")
+    return value
+
+
+def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed or type(value) is not str:
+        raise RecordError(f"{what} must be one of {list(allowed)}, got {_short(value)}")
+    return value
+
+
+_seen_valid: dict[re.Pattern[str], set[str]] = {}   # policy names etc. repeat across 100,000s of records
+_seen_tokens = _seen_valid.setdefault(_TOKEN, set())
+
+
+def _text(value: Any, what: str, pattern: re.Pattern[str] = _TEXT) -> str:
+    seen = _seen_valid.setdefault(pattern, set())
+    if type(value) is str and value in seen:
+        return value
+    if type(value) is not str or not pattern.fullmatch(value):
+        raise RecordError(f"{what} must be a string matching {pattern.pattern}, got {_short(value)}")
+    if len(seen) < 4096:
+        seen.add(value)
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if value is True or value is False:
+        return value
+    if type(value) is not str and hasattr(value, "__index__") and value.__index__() in (0, 1):
+        return bool(value.__index__())      # 0/1 from an HDF5 uint8 column
+    raise RecordError(f"{what} must be true or false, got {_short(value)}")
+
+
+def _fields(data: Any, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check a JSON object has exactly the expected keys, so typos and smuggled fields fail loudly."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{what} must be a JSON object, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    extra = sorted(set(data) - set(required) - set(optional), key=str)
+    if missing or extra:
+        raise RecordError(f"{what}: missing fields {missing}, unexpected fields {extra}")
+    return dict(data)
+
+
+@dataclass(frozen=True, order=True)
+class ProblemKey:
+    """The workload a schedule was tuned for: ``C[b] = A[b] @ B[b]`` with these sizes.
+
+    Field order and defaults mirror ``looptune.runtime.problem.MatmulProblem`` and ``key()``
+    produces the same string, so runtime and database agree on keys without importing
+    each other.
+    """
+
+    m: int
+    n: int
+    k: int
+    batch: int = 1
+    dtype: str = "float32"
+    layout: str = "nn"
+    threads: int = 1
+    op: str = "matmul"
+
+    def __post_init__(self) -> None:
+        m, n, k, b, t = self.m, self.n, self.k, self.batch, self.threads
+        if (type(m) is int and type(n) is int and type(k) is int and type(b) is int and type(t) is int
+                and 0 < m <= MAX_DIM and 0 < n <= MAX_DIM and 0 < k <= MAX_DIM and 0 < b <= MAX_DIM
+                and 0 < t <= MAX_THREADS and type(self.dtype) is str and self.dtype in _DTYPE_SET
+                and type(self.layout) is str and self.layout in _LAYOUT_SET
+                and type(self.op) is str and self.op in _OP_SET):
+            return     # the common case, checked in one expression; anything else gets the careful path below
+        for name in ("m", "n", "k", "batch"):
+            v = getattr(self, name)
+            checked = _int(v, f"problem.{name}", 1, MAX_DIM)
+            if checked is not v:
+                object.__setattr__(self, name, checked)
+        object.__setattr__(self, "threads", _int(self.threads, "problem.threads", 1, MAX_THREADS))
+        _choice(self.dtype, "problem.dtype", DTYPES)
+        _choice(self.layout, "problem.layout", LAYOUTS)
+        _choice(self.op, "problem.op", OPS)
+
+    @property
+    def family(self) -> tuple[str, str, str, int]:
+        """Everything but the sizes: a trace replays on any problem of its family."""
+        return (self.op, self.dtype, self.layout, self.threads)
+
+    def features(self) -> tuple[float, float, float, float]:
+        """Where the problem sits for nearest-neighbour lookup: log2 of each size, so
+        "twice as big" is the same step at 64 and at 4096."""
+        return (math.log2(self.m), math.log2(self.n), math.log2(self.k), math.log2(self.batch))
+
+    def key(self) -> str:
+        """``matmul:float32:nn:t1:b1:64x64x64``, identical to ``MatmulProblem.key()``."""
+        return f"{self.op}:{self.dtype}:{self.layout}:t{self.threads}:b{self.batch}:{self.m}x{self.n}x{self.k}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "ProblemKey":
+        try:
+            op, dtype, layout, t, b, sizes = key.split(":")
+            if not (t[:1] == "t" and b[:1] == "b"):
+                raise ValueError
+            m, n, k = (int(x) for x in sizes.split("x"))
+            problem = cls(m, n, k, batch=int(b[1:]), dtype=dtype, layout=layout, threads=int(t[1:]), op=op)
+        except RecordError:
+            raise
+        except (ValueError, AttributeError):
+            raise RecordError(f"not a problem key: {key!r} "
+                              f"(expected e.g. 'matmul:float32:nn:t1:b1:64x64x64')") from None
+        if problem.key() != key:   # int() accepts "+64", " 64", "6_4": one problem, one spelling
+            raise RecordError(f"problem key {key!r} is not in canonical form {problem.key()!r}")
+        return problem
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "dtype": self.dtype, "layout": self.layout, "threads": self.threads,
+                "batch": self.batch, "m": self.m, "n": self.n, "k": self.k}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ProblemKey":
+        d = _fields(data, "problem", ("op", "dtype", "layout", "threads", "batch", "m", "n", "k"))
+        return cls(d["m"], d["n"], d["k"], batch=d["batch"], dtype=d["dtype"], layout=d["layout"],
+                   threads=d["threads"], op=d["op"])
+
+    def __str__(self) -> str:
+        return self.key()
+
+
+@dataclass(frozen=True)
+class MachineKey:
+    """Everything about the machine and toolchain that changes which schedule is fastest.
+
+    ``isa`` is the vector ISA the code generator actually targeted (it can differ from what
+    the CPU supports, e.g. when AVX-512 is switched off), and ``compiler`` holds name and
+    version (``"gcc 12.2.0"``): leaving either out of the key serves stale schedules.
+    """
+
+    arch: str
+    cpu_model: str
+    isa: str
+    features: tuple[str, ...]
+    cores: int
+    compiler: str
+    codegen_version: str
+
+    def __post_init__(self) -> None:
+        _text(self.arch, "machine.arch", _TOKEN)
+        _text(self.cpu_model, "machine.cpu_model")
+        _text(self.isa, "machine.isa", _TOKEN)
+        feats = self.features
+        if isinstance(feats, str) or not isinstance(feats, (tuple, list)) or len(feats) > 64:
+            raise RecordError(f"machine.features must be a list of at most 64 names, got {feats!r}")
+        feats = tuple(sorted(set(_text(f, "machine.features[]", _FEATURE) for f in feats)))
+        object.__setattr__(self, "features", feats)
+        object.__setattr__(self, "cores", _int(self.cores, "machine.cores", 1, MAX_CORES))
+        _text(self.compiler, "machine.compiler")
+        _text(self.codegen_version, "machine.codegen_version", _TOKEN)
+
+    @classmethod
+    def current(cls, compiler: str, codegen_version: str, cpu: CpuInfo | None = None) -> "MachineKey":
+        """This machine, as detected, with the toolchain the caller builds with."""
+        cpu = cpu or detect_cpu()
+        model = "".join(c if " " <= c <= "~" else "?" for c in cpu.model_name)[:256]   # /proc/cpuinfo is free text
+        return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features,
+                   cores=cpu.cores, compiler=compiler, codegen_version=codegen_version)
+
+    def key(self) -> str:
+        """A stable one-line identity, used for ordering and display."""
+        return "|".join((self.arch, self.cpu_model, self.isa, ",".join(self.features), str(self.cores),
+                         self.compiler, self.codegen_version))
+
+    def short(self) -> str:
+        return f"{self.cpu_model} ({self.isa}, {self.cores} cores, {self.compiler}, codegen {self.codegen_version})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch, "cpu_model": self.cpu_model, "isa": self.isa, "features": list(self.features),
+                "cores": self.cores, "compiler": self.compiler, "codegen_version": self.codegen_version}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MachineKey":
+        d = _fields(data, "machine", ("arch", "cpu_model", "isa", "features", "cores", "compiler", "codegen_version"))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tuned result.  ``numpy_gflops`` was measured in the same run, so the ratio is
+    meaningful even when the machine was busy; ``policy``/``search``/``budget`` say how the
+    schedule was found (e.g. ``"dqn-v1"``, ``"beam"``, 200 evaluations)."""
+
+    problem: ProblemKey
+    machine: MachineKey
+    trace: Trace
+    gflops_median: float
+    gflops_spread: float
+    numpy_gflops: float
+    verified: bool
+    policy: str = ""
+    search: str = ""
+    budget: int = 0
+    timestamp: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        g, s, np_g, ts, tokens = self.gflops_median, self.gflops_spread, self.numpy_gflops, self.timestamp, _seen_tokens
+        if (type(g) is float and type(s) is float and type(np_g) is float and type(ts) is float
+                and 0.0 <= g <= MAX_GFLOPS and 0.0 <= s <= MAX_GFLOPS and 0.0 <= np_g <= MAX_GFLOPS
+                and 0.0 <= ts <= MAX_TIMESTAMP and (self.verified is True or self.verified is False)
+                and type(self.budget) is int and 0 <= self.budget <= MAX_BUDGET
+                and type(self.policy) is str and self.policy in tokens and type(self.search) is str
+                and self.search in tokens and isinstance(self.problem, ProblemKey)
+                and isinstance(self.machine, MachineKey) and isinstance(self.trace, Trace)):
+            return     # the common case (NaN fails every comparison); anything else gets the careful path
+        if not isinstance(self.problem, ProblemKey):
+            raise RecordError(f"record.problem must be a ProblemKey, got {type(self.problem).__name__}")
+        if not isinstance(self.machine, MachineKey):
+            raise RecordError(f"record.machine must be a MachineKey, got {type(self.machine).__name__}")
+        if not isinstance(self.trace, Trace):
+            raise RecordError(f"record.trace must be a Trace, got {type(self.trace).__name__}")
+        set_ = object.__setattr__
+        set_(self, "gflops_median", _float(self.gflops_median, "gflops_median", 0.0, MAX_GFLOPS))
+        set_(self, "gflops_spread", _float(self.gflops_spread, "gflops_spread", 0.0, MAX_GFLOPS))
+        set_(self, "numpy_gflops", _float(self.numpy_gflops, "numpy_gflops", 0.0, MAX_GFLOPS))
+        set_(self, "verified", _bool(self.verified, "verified"))
+        _text(self.policy, "policy", _TOKEN)
+        _text(self.search, "search", _TOKEN)
+        set_(self, "budget", _int(self.budget, "budget", 0, MAX_BUDGET))
+        set_(self, "timestamp", _float(self.timestamp, "timestamp", 0.0, MAX_TIMESTAMP))
+
+    @property
+    def slot(self) -> tuple[ProblemKey, MachineKey]:
+        """The database keeps one record per slot: the best."""
+        return (self.problem, self.machine)
+
+    @property
+    def rank(self) -> tuple[bool, float, float, float]:
+        """Bigger is better: verified first, then faster, then steadier, then newer."""
+        return (self.verified, self.gflops_median, -self.gflops_spread, self.timestamp)
+
+    @property
+    def speedup_vs_numpy(self) -> float:
+        return self.gflops_median / self.numpy_gflops if self.numpy_gflops > 0 else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": RECORD_FORMAT_VERSION, "problem": self.problem.to_dict(),
+                "machine": self.machine.to_dict(), "trace": self.trace.to_dict(),
+                "gflops_median": self.gflops_median, "gflops_spread": self.gflops_spread,
+                "numpy_gflops": self.numpy_gflops, "verified": self.verified, "policy": self.policy,
+                "search": self.search, "budget": self.budget, "timestamp": self.timestamp}
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, no spaces): equal records give equal text."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Record":
+        version = data.get("version") if isinstance(data, Mapping) else None
+        if version is not None and version != RECORD_FORMAT_VERSION:   # before the fields: they may differ
+            raise RecordError(f"record format version {version!r} is not supported "
+                              f"(this build reads version {RECORD_FORMAT_VERSION})")
+        d = _fields(data, "record", ("version", "problem", "machine", "trace", "gflops_median", "gflops_spread",
+                                     "numpy_gflops", "verified", "policy", "search", "budget", "timestamp"))
+        del d["version"]
+        try:
+            trace = Trace.from_dict(d.pop("trace"))
+        except TraceFormatError as e:
+            raise RecordError(f"trace: {e}") from None
+        return cls(problem=ProblemKey.from_dict(d.pop("problem")), machine=MachineKey.from_dict(d.pop("machine")),
+                   trace=trace, **d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Record":
+        if len(text) > 1 << 20:
+            raise RecordError("a record's JSON is larger than 1 MiB")
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as e:    # ValueError: also ints too long to parse
+            raise RecordError(f"not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def better(a: Record, b: Record) -> Record:
+    """The better of two records for the same slot.  A total order: ties on ``rank`` fall
+    back to comparing canonical JSON, so ``better(a, b) == better(b, a)`` always."""
+    if a.rank != b.rank:
+        return a if a.rank > b.rank else b
+    return a if a.to_json() >= b.to_json() else b
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building records in bulk.
+
+    Loading or indexing 100,000 records creates about a million objects, which triggers
+    many full collections, each walking every object in the process: seconds, in a
+    process that already holds a database.  Records, keys and traces never form
+    reference cycles, so collection can wait until the bulk work is done.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
