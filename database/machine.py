@@ -20,10 +20,11 @@ class CpuInfo:
     arch: str                      # "x86_64", "aarch64", ...
     model_name: str                # "AMD EPYC 9B14", ...
     features: tuple[str, ...]      # sorted subset of RELEVANT_FEATURES
-    cores: int                     # logical CPUs this process may run on
+    cores: int                     # logical CPUs this process may run on (its affinity mask)
     l1d_bytes: int
     l2_bytes: int
     l3_bytes: int
+    machine_cores: int = 0         # logical CPUs of the machine, whatever this process is pinned to
 
     @property
     def vector_isa(self) -> str:
@@ -104,4 +105,5 @@ def detect_cpu() -> CpuInfo:
         l1d_bytes=_cache_bytes((1, "Data"), 32 << 10),
         l2_bytes=_cache_bytes((2, "Unified"), 512 << 10),
         l3_bytes=_cache_bytes((3, "Unified"), 8 << 20),
+        machine_cores=os.cpu_count() or cores,
     )

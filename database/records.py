@@ -240,7 +240,7 @@ class MachineKey:
         cpu = cpu or detect_cpu()
         model = "".join(c if " " <= c <= "~" else "?" for c in cpu.model_name)[:256]   # /proc/cpuinfo is free text
         return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features,
-                   cores=cpu.cores, compiler=compiler, codegen_version=codegen_version)
+                   cores=cpu.machine_cores or cpu.cores, compiler=compiler, codegen_version=codegen_version)
 
     def key(self) -> str:
         """A stable one-line identity, used for ordering and display."""

@@ -191,13 +191,19 @@ class Resolver:
 
     def _tune(self, key: tuple, problem: MatmulProblem) -> None:
         try:
-            from looptune.tuner.tune import tune_problem   # lazily: only the fallback reaches into the tuner
+            # lazily: only the fallback reaches into the tuner
+            from looptune.tuner.builddb import store_result
+            from looptune.tuner.tune import tune
 
-            outcome = tune_problem(problem, budget_s=self.settings.tune_budget_s, db_path=self.settings.user_db)
-            schedule = outcome.schedule
-            kernel = self.kernel(schedule, problem.dtype)
-            resolution = Resolution(problem, "tuned", schedule, 0.0, problem.key(), str(self.settings.user_db),
-                                    getattr(outcome, "gflops", None), getattr(outcome, "numpy_gflops", None))
+            outcome = tune(problem, budget=self.settings.tune_budget_s)
+            if not outcome.ok:
+                raise RuntimeError(outcome.result.error or "no candidate ran")
+            if self.settings.user_db is not None:
+                Path(self.settings.user_db).parent.mkdir(parents=True, exist_ok=True)
+                store_result(outcome, str(self.settings.user_db))
+            kernel = self.kernel(outcome.schedule, problem.dtype)
+            resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), str(self.settings.user_db),
+                                    outcome.gflops, outcome.numpy_gflops)
             self._dispatch[key] = (kernel, resolution)
             self.databases.invalidate()
         except Exception as e:

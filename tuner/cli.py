@@ -6,27 +6,7 @@ import sys
 
 import click
 
-from looptune.runtime.problem import DTYPES, LAYOUTS, MatmulProblem, ProblemError
-
-
-def problem_options(f):
-    """Shared options that, with M N K arguments, describe one problem."""
-    f = click.option("--threads", type=int, default=1, show_default=True, help="threads the kernel runs on")(f)
-    f = click.option("--layout", type=click.Choice(LAYOUTS), default="nn", show_default=True,
-                     help="t marks a transposed operand view (A first)")(f)
-    f = click.option("--batch", type=int, default=1, show_default=True)(f)
-    f = click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)(f)
-    f = click.argument("k", type=int)(f)
-    f = click.argument("n", type=int)(f)
-    f = click.argument("m", type=int)(f)
-    return f
-
-
-def make_problem(m, n, k, dtype, batch, layout, threads) -> MatmulProblem:
-    try:
-        return MatmulProblem(m, n, k, batch=batch, dtype=dtype, layout=layout, threads=threads)
-    except ProblemError as e:
-        raise click.BadParameter(str(e)) from None
+from .cli_common import make_problem, problem_options
 
 
 @click.group()
@@ -87,6 +67,12 @@ def schedule(m, n, k, dtype, batch, layout, threads, trace_file, show_c, as_json
 
 
 def _attach_optional_commands() -> None:
+    from looptune.tuner.cli_ship import bench, build_db, export
+    from looptune.tuner.cli_tune import tune
+
+    main.add_command(tune)
+    for command in (build_db, export, bench):
+        main.add_command(command)
     try:
         from looptune.database.cli import db
     except ImportError:  # database CLI not available in this build

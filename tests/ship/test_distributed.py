@@ -1,0 +1,147 @@
+"""Scale-out: a pinned local process pool, and Dask workers over loopback (LocalCluster)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from looptune.database import MachineKey, load
+from looptune.runtime.problem import MatmulProblem
+from looptune.tuner.builddb import build_db, target_machine
+from looptune.tuner.distributed import PoolExecutor, claim_cores
+
+HERE = Path(__file__).parent
+FAKE = "ship_fakes:fake_tune"
+TWO_CORES = len(os.sched_getaffinity(0)) >= 2
+
+
+def problems(count, start=16):
+    return [MatmulProblem(start + i, 16, 16) for i in range(count)]
+
+
+def other_machine() -> MachineKey:
+    return MachineKey(**{**target_machine().to_dict(), "cpu_model": "Some Other CPU 9000"})
+
+
+def test_core_claims_are_exclusive_per_host(tmp_path):
+    cores, files = claim_cores(1, lock_dir=str(tmp_path))
+    assert len(cores) == 1
+    child = subprocess.run([sys.executable, "-c", "import os, sys; from looptune.tuner.distributed import claim_cores; "
+                            f"c, _ = claim_cores(1, lock_dir={str(tmp_path)!r}); print(c)"],
+                           capture_output=True, text=True, check=True)
+    others = json.loads(child.stdout)
+    assert cores[0] not in others                          # someone else's claim is respected
+    assert claim_cores(len(os.sched_getaffinity(0)) + 1, lock_dir=str(tmp_path)) == ([], [])
+    for f in files:
+        f.close()
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_process_pool_pins_each_worker_to_its_own_core(tmp_path):
+    db = tmp_path / "s.h5"
+    replies = []
+    os.environ["LOOPTUNE_FAKE_SLEEP"] = "0.05"
+    try:
+        report = build_db(problems(8), db, executor=PoolExecutor(2, budget_s=0.1, machine=target_machine(), tuner=FAKE),
+                          on_reply=lambda p, r: replies.append(r))
+    finally:
+        del os.environ["LOOPTUNE_FAKE_SLEEP"]
+    assert (report.done, report.failed, report.refused) == (8, 0, 0)
+    assert len(load(db)) == 8
+    cores = {r["pid"]: tuple(r["cores"]) for r in replies}
+    assert all(len(c) == 1 for c in cores.values())
+    assert len(set(cores.values())) == len(cores)         # no two workers share a core
+
+
+@pytest.mark.skipif(not TWO_CORES, reason="needs two cores")
+def test_ctrl_c_with_a_pool_keeps_the_problems_that_were_running(tmp_path):
+    db = tmp_path / "s.h5"
+    replies = []
+
+    def on_reply(problem, reply):
+        replies.append(reply)
+        if len(replies) == 1:
+            raise KeyboardInterrupt          # as if Ctrl-C arrived right after the first result
+
+    os.environ["LOOPTUNE_FAKE_SLEEP"] = "0.3"
+    try:
+        report = build_db(problems(12), db, executor=PoolExecutor(2, budget_s=0.1, machine=target_machine(), tuner=FAKE),
+                          on_reply=on_reply, commit_interval_s=3600)
+    finally:
+        del os.environ["LOOPTUNE_FAKE_SLEEP"]
+    assert report.interrupted
+    assert 2 <= report.done < 12 and len(load(db)) == report.done == len(replies)
+
+
+def test_process_pool_refuses_more_workers_than_cores():
+    with pytest.raises(ValueError, match="share cores"):
+        PoolExecutor(len(os.sched_getaffinity(0)) + 1, budget_s=1.0, machine=target_machine())
+
+
+try:
+    import distributed  # noqa: F401
+    HAS_DASK = True
+except ImportError:
+    HAS_DASK = False
+needs_dask = pytest.mark.skipif(not HAS_DASK, reason='Dask is optional: pip install ".[dask]"')
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two single-threaded worker processes behind a scheduler on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    workers = 2 if TWO_CORES else 1
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=40) as c:
+        assert c.scheduler_address.startswith("tcp://127.0.0.1:")
+        yield c
+
+
+@needs_dask
+def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
+    from looptune.tuner.distributed import DaskExecutor
+
+    db = tmp_path / "s.h5"
+    replies = []
+    ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=target_machine(), tuner=FAKE)
+    report = build_db(problems(10) + [MatmulProblem(13, 8, 8)], db, executor=ex, on_reply=lambda p, r: replies.append(r))
+    assert (report.done, report.failed, report.refused) == (10, 1, 0)
+    records = load(db)
+    assert len(records) == 10 and all(r.machine == target_machine() for r in records)
+    workers = {r["worker"] for r in replies}
+    assert workers <= set(cluster.scheduler_info["workers"]) and workers
+    assert len({tuple(r["cores"]) for r in replies if r["status"] == "ok"}) == len(workers)   # one core each
+
+
+@needs_dask
+def test_dask_workers_of_another_machine_are_refused(cluster, tmp_path):
+    from looptune.tuner.distributed import DaskExecutor
+
+    db = tmp_path / "s.h5"
+    ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=other_machine(), tuner=FAKE)
+    report = build_db(problems(4), db, executor=ex, machine=other_machine())
+    assert report.done == 0 and report.refused == 4
+    assert "cpu_model" in report.failures[0][1]
+    assert not db.exists()
+
+
+@needs_dask
+def test_cli_scheduler_runs_real_tuning_on_dask_workers(cluster, tmp_path):
+    """The real tuner (compile, verify, measure) on Dask workers, driven through the console script."""
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("32 32 32\n48 32 16\n")
+    db = tmp_path / "s.h5"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", "from looptune.tuner.cli import main; main()", "build-db",
+                           "--shapes", str(shapes), "--db", str(db), "--budget", "0.3",
+                           "--scheduler", cluster.scheduler_address, "--json"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert (report["done"], report["failed"]) == (2, 0)
+    assert all(r.verified and r.gflops_median > 0 and r.machine == target_machine() for r in load(db))
