@@ -117,8 +117,10 @@ def matmul(a, b, out=None, *, threads: int | None = None):
                         rc = fast(kernel.address, kernel._typenum, a, b, c, 0, t)
                         if rc == 0:
                             return c
+                        if rc == -2:     # a schedule that reads B in place met a strided B: give it a copy
+                            return kernel(np.ascontiguousarray(a), np.ascontiguousarray(b), c, nthreads=t)
                         if rc != -3:
-                            raise KernelError(f"{kernel.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}")
+                            raise KernelError(f"{kernel.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
                     elif a.flags.aligned and b.flags.aligned:
                         return kernel(a, b, c, nthreads=t)
     return _general(a, b, out, threads)
@@ -233,7 +235,12 @@ def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads
         t = 1
     key = (name, m, n, k, batch, la + lb, t)
     kernel = resolver._dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, la + lb, t))
-    kernel[0](a3, b3, c3, nthreads=t)
+    try:
+        kernel[0](a3, b3, c3, nthreads=t)
+    except KernelError as e:
+        if e.code != -2:
+            raise
+        kernel[0](np.ascontiguousarray(a3), np.ascontiguousarray(b3), c3, nthreads=t)
 
 
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:

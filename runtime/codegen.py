@@ -292,8 +292,9 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
             return
         # Unpacked vector operand: unit stride along the vector dimension is required.
         if self.X not in self.packs and self.W > 1:
-            stride = "sBn" if self.X == "B" else "sAm"
-            e(f"if ({stride} != 1) return -2;")
+            # only full tiles use vector loads; narrower problems run the stride-general edge code
+            stride, size = ("sBn", "N") if self.X == "B" else ("sAm", "M")
+            e(f"if ({stride} != 1 && {size} >= {self.V}) return -2;")
         self._workspace()
 
     def _block_extent(self, at_index: int, dim: str, size: str) -> str:

@@ -73,7 +73,8 @@ def default_tile(cpu: CpuInfo, dtype: str) -> tuple[int, int]:
 
 def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams:
     """Cache-derived blocking: KC so an NR-wide B panel and an MR-tall A panel share L1,
-    MC so the A block fills about half of L2, NC so the B block fits in L3."""
+    MC so the A block fills about half of L2, NC so the B block fits in L3; GEMV-like
+    problems (M <= 16) stream B instead."""
     cpu = cpu or detect_cpu()
     mr, nr = default_tile(cpu, problem.dtype)
     size = problem.itemsize
@@ -84,6 +85,14 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     nc = max(nr, (cpu.l3_bytes // 4 // (kc * size)) // nr * nr)
     nc = min(nc, _round_up(problem.n, nr))
     params = BlockingParams(mr, nr, mc, kc, nc)
+    if problem.m <= 16:
+        # GEMV-like: A has nothing to reuse, so stream B in place, a few rows at a time outside
+        # wide n tiles (every B row is read contiguously), and pack nothing.
+        lanes = cpu.vector_bytes // size
+        mr, nr = 2 if problem.m <= 2 else 4, min(64, 4 * lanes)
+        params = BlockingParams(mr, nr, 2 * mr, 8, _round_up(problem.n, nr), unroll_k=8, pack_a=False,
+                                pack_b=problem.layout[1] == "t")    # vector loads need unit stride along n
+        mc, nc = params.mc, params.nc
     if problem.threads > 1:
         # Prefer splitting N across threads: each thread then packs its own B panel in parallel
         # (with m.o parallel, B is packed by one thread while the others wait).  Block counts are

@@ -27,7 +27,11 @@ _libs_lock = threading.Lock()
 
 
 class KernelError(RuntimeError):
-    """A kernel returned a failure code."""
+    """A kernel returned a failure code (``code``: -1 memory, -2 layout precondition, -3 alignment)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 ERRORS = {-1: "out of memory for packing buffers", -2: "operand strides do not meet this kernel's layout precondition",
@@ -75,7 +79,7 @@ class Kernel:
         if fast is not None:
             rc = fast(self.address, self._typenum, a, b, c, int(accumulate), nthreads)  # type: ignore[attr-defined]
             if rc != 0:
-                raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}")
+                raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
             return c
         if a.ndim == 2:
             a, b, c = a[None], b[None], c[None]
@@ -94,5 +98,5 @@ class Kernel:
                       c.ctypes.data, tuple(s // it for s in c.strides),
                       int(accumulate), nthreads)
         if rc != 0:
-            raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}")
+            raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
         return c

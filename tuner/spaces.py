@@ -44,7 +44,7 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
     while len(out) < count + 1 and attempts < count * 20:
         attempts += 1
         mr, nr = rng.choice(tiles) if rng.random() < 0.7 else (base.mr, base.nr)
-        kc = rng.choice([64, 96, 128, 192, 256, 320, 384, 512])
+        kc = rng.choice([4, 8, 16, 32, 64, 96, 128, 192, 256, 320, 384, 512])
         mc = mr * rng.choice([2, 4, 6, 8, 12, 16, 24, 32])
         nc = nr * rng.choice([4, 8, 16, 32, 64, 128])
         cand = replace(base, mr=mr, nr=nr, kc=min(kc, max(16, problem.k)), mc=mc, nc=nc,
@@ -74,5 +74,11 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
     ]
     if not small:
         out = out[3:] + out[:3]
+    if problem.m <= 16:
+        # Skinny M (decode, GEMV-like): nothing to reuse in A, so stream B rows in place: a few k
+        # rows at a time outside wide n tiles keeps every B row contiguous (axpy order), no packing.
+        skinny = [replace(base, mr=mr, nr=nr * lanes, mc=2 * mr, kc=8, nc=1 << 14, unroll_k=8, pack_a=False, pack_b=False)
+                  for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2))]
+        out = skinny + out
     valid = set(tile_options(cpu, problem.dtype))
     return [c for c in out if (c.mr, c.nr) in valid or cpu.vector_registers >= 32]
