@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Regenerate the embedded default schedule database shipped in the package (runtime/data/default.h5).
+
+It holds tuned records for common problem families on this machine class, for one and two
+threads: the quick, transformer, CNN and decode presets, square sizes, and a fixed sample of
+the LoopTune paper grid.  dl-public shapes are deliberately left out, so that set stays a
+held-out test of nearest-record lookup for the shipped database.
+
+    python tools/build_embedded_db.py [--budget 3] [--tuner auto] [--threads 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runtime" / "data" / "default.h5"
+SQUARES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def shapes() -> list[str]:
+    from looptune.tuner.presets import preset_problems
+
+    problems = []
+    for name in ("quick", "transformer", "cnn", "decode"):
+        problems += preset_problems(name)
+    paper = preset_problems("paper")
+    problems += random.Random(0).sample(paper, 40)
+    lines, seen = [], set()
+    for p in problems:
+        line = str(p)
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    for s in SQUARES:
+        for dtype in ("float32", "float64"):
+            line = f"{s} {s} {s}" + ("" if dtype == "float32" else " dtype=float64")
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", type=float, default=3.0)
+    ap.add_argument("--tuner", default="auto")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    lines = shapes()
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(lines) + "\n")
+        shape_file = f.name
+    try:
+        for t in args.threads:
+            cmd = [sys.executable, "-m", "looptune.tuner.cli", "build-db", "--shapes", shape_file, "--db", args.out,
+                   "--threads", str(t), "--budget", str(args.budget), "--tuner", args.tuner, "--no-bench"]
+            print("+", " ".join(cmd), flush=True)
+            env = dict(os.environ, OPENBLAS_NUM_THREADS=str(t))
+            subprocess.run(cmd, check=True, env=env)
+    finally:
+        os.unlink(shape_file)
+    print(f"{len(lines)} problems x threads {args.threads} -> {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
