@@ -189,7 +189,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         ]
         for rows in self._row_variants():
             L += self._tile_function(rows)
-        return L + self._edge_function()
+        return L
 
     def _tile_function(self, rows: int) -> list[str]:
         """acc[rows][V] over kc steps: X supplies vectors along V, Y scalars along U.
@@ -246,33 +246,6 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         L.append("}")
         return L
 
-    def _edge_function(self) -> list[str]:
-        T, p, U, V = self.T, self.prefix, self.U, self.V
-        x_packed, y_packed = self.X in self.packs, self.Y in self.packs
-        # Edge tiles: when the unpacked operands cannot be over-read, a plain loop over the valid part.
-        x_at = (lambda k, v: f"x[{k} * {V} + {v}]") if x_packed else (lambda k, v: f"x[{k} * xk + {v} * xv]")
-        y_e = (lambda k, u: f"y[{k} * {U} + {u}]") if y_packed else (lambda k, u: f"y[{u} * yu + {k} * yk]")
-        return [
-            f"static void {p}_edge(int64_t kc, int64_t un, int64_t vn,",
-            f"    const {T} *restrict x, int64_t xk, int64_t xv, const {T} *restrict y, int64_t yu, int64_t yk,",
-            f"    {T} *restrict c, int64_t cu, int64_t cv, int overwrite)",
-            "{",
-            "    (void)xk; (void)xv; (void)yu; (void)yk;",
-            f"    {T} t[{U}][{V}];",
-            f"    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < {V}; v++) t[u][v] = 0;",
-            "    for (int64_t kk = 0; kk < kc; kk++)",
-            "        for (int64_t u = 0; u < un; u++) {",
-            f"            const {T} yv = {y_e('kk', 'u')};",
-            f"            for (int64_t v = 0; v < vn; v++) t[u][v] += yv * {x_at('kk', 'v')};",
-            "        }",
-            "    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < vn; v++) {",
-            "        if (overwrite) c[u * cu + v * cv] = t[u][v]; else c[u * cu + v * cv] += t[u][v];",
-            "    }",
-            "}",
-            "",
-        ]
-        return L
-
     def _kernel_unroll(self) -> int:
         absorbed = self.nest.loops[self.start:-2]
         return max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
@@ -308,10 +281,17 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         """One thread-local scratch area per kernel, grown on demand and reused across calls:
         malloc/free of multi-megabyte panels on every call would cost page faults."""
         e, T = self.emit, self.T
-        if not self.packs:
+        edge_panel = self.X not in self.packs
+        if not self.packs and not edge_panel:
             return
         par = self.nest.index(self.nest.parallel) if self.nest.parallel else None
         offsets = []
+        if edge_panel:
+            # a zero-padded copy of X's last, narrower-than-a-vector-tile column block (kc x V)
+            ksize = self._block_extent(self.start - 1, "k", "K")
+            e(f"const int64_t wsE = {self.V} * {ksize} + 16;  /* per copy */")
+            e(f"const int64_t wsE_copies = {'nthreads' if par is not None else '1'};")
+            offsets.append("E")
         for operand in sorted(self.packs):
             at = self.nest.index(self.packs[operand])
             tdim = TILE_DIM_FOR_OPERAND[operand]
@@ -417,20 +397,34 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e(f"const int ow = ({k_lo} == 0) && !accumulate;")
         e(f"if ({u_len} == {self.U} && {v_len} == {self.V}) {{")
         e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
-        e(f"}} else if ({v_len} == {self.V}) {{")
-        # a partial row block: a few smaller vectorized tiles, largest first
+        e("} else {")
+        # Edges stay vectorized: rows go through smaller tiles, largest first; a column block
+        # narrower than the tile is computed into a scratch tile (from zero-padded panels; an
+        # unpacked X edge is copied into one first) and only its valid part is stored.
+        T, V = self.T, self.V
+        e(f"    const {T} *ex = tx; int64_t exk = {xk}, exv = {xv};")
+        e(f"    {T} tt[{self.U} * {V}] __attribute__((aligned(64)));")
+        e(f"    const int narrow = {v_len} < {V};")
+        if X not in self.packs:
+            tid = "(int64_t)omp_get_thread_num()" if self.nest.parallel else "0"
+            e("    if (narrow) {")
+            e(f"        {T} *xe = wsE_base + wsE * {tid};")
+            e(f"        for (int64_t kk = 0; kk < {k_len}; kk++) {{")
+            e(f"            for (int64_t v = 0; v < {v_len}; v++) xe[kk * {V} + v] = tx[kk * {xk} + v * {xv}];")
+            e(f"            for (int64_t v = {v_len}; v < {V}; v++) xe[kk * {V} + v] = 0;")
+            e("        }")
+            e(f"        ex = xe; exk = {V}; exv = 1;")
+            e("    }")
+        e(f"    {T} *const dst = narrow ? tt : tc;")
+        e(f"    const int64_t du = narrow ? {V} : {cu}, dv = narrow ? 1 : {cv};")
+        e("    const int dow = narrow ? 1 : ow;")
         e("    int64_t u0 = 0;")
         y_row = "1" if Y in self.packs else yu
-        for r in self._row_variants()[1:]:
+        for r in self._row_variants():
+            name = f"{p}_tile" if r == self.U else f"{p}_tile{r}"
             e(f"    for (; {u_len} - u0 >= {r}; u0 += {r})")
-            e(f"        {p}_tile{r}({k_len}, tx, {xk}, {xv}, ty + u0 * {y_row}, {yu}, {yk}, tc + u0 * {cu}, {cu}, {cv}, ow);")
-        x_pad = "1" if X in self.packs else "0"
-        y_pad = "1" if Y in self.packs else f"{u_len} == {self.U}"
-        e(f"}} else if (({x_pad}) && ({y_pad})) {{")
-        e(f"    {self.T} tt[{self.U} * {self.V}] __attribute__((aligned(64)));")
-        e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tt, {self.V}, 1, 1);")
-        e(f"    for (int64_t u = 0; u < {u_len}; u++)")
-        e(f"        {p}_scatter(tt + u * {self.V}, 1, {v_len}, tc + u * {cu}, {cu}, {cv}, ow);")
-        e("} else {")
-        e(f"    {p}_edge({k_len}, {u_len}, {v_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
+            e(f"        {name}({k_len}, ex, exk, exv, ty + u0 * {y_row}, {yu}, {yk}, dst + u0 * du, du, dv, dow);")
+        e("    if (narrow)")
+        e(f"        for (int64_t u = 0; u < {u_len}; u++)")
+        e(f"            {p}_scatter(tt + u * {V}, 1, {v_len}, tc + u * {cu}, {cu}, {cv}, ow);")
         e("}")

@@ -221,23 +221,6 @@ static __attribute__((noinline)) void golden_blis_6x16_float32_avx2_tile1(int64_
         golden_blis_6x16_float32_avx2_scatter(t, 1, 16, c, cu, cv, overwrite);
     }
 }
-static void golden_blis_6x16_float32_avx2_edge(int64_t kc, int64_t un, int64_t vn,
-    const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
-    float *restrict c, int64_t cu, int64_t cv, int overwrite)
-{
-    (void)xk; (void)xv; (void)yu; (void)yk;
-    float t[6][16];
-    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < 16; v++) t[u][v] = 0;
-    for (int64_t kk = 0; kk < kc; kk++)
-        for (int64_t u = 0; u < un; u++) {
-            const float yv = y[kk * 6 + u];
-            for (int64_t v = 0; v < vn; v++) t[u][v] += yv * x[kk * 16 + v];
-        }
-    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < vn; v++) {
-        if (overwrite) c[u * cu + v * cv] = t[u][v]; else c[u * cu + v * cv] += t[u][v];
-    }
-}
-
 int golden_blis_6x16_float32_avx2(int64_t batch, int64_t M, int64_t N, int64_t K, const float *A, int64_t sAb, int64_t sAm, int64_t sAk, const float *B, int64_t sBb, int64_t sBk, int64_t sBn, float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads)
 {
     if (batch <= 0 || M <= 0 || N <= 0) return 0;
@@ -299,19 +282,23 @@ int golden_blis_6x16_float32_avx2(int64_t batch, int64_t M, int64_t N, int64_t K
                             const int ow = (lo_k_o == 0) && !accumulate;
                             if (len_m_i_o == 6 && len_n_i_o == 16) {
                                 golden_blis_6x16_float32_avx2_tile(len_k_o, tx, sBk, sBn, ty, sAm, sAk, tc, sCm, sCn, ow);
-                            } else if (len_n_i_o == 16) {
-                                int64_t u0 = 0;
-                                for (; len_m_i_o - u0 >= 4; u0 += 4)
-                                    golden_blis_6x16_float32_avx2_tile4(len_k_o, tx, sBk, sBn, ty + u0 * 1, sAm, sAk, tc + u0 * sCm, sCm, sCn, ow);
-                                for (; len_m_i_o - u0 >= 1; u0 += 1)
-                                    golden_blis_6x16_float32_avx2_tile1(len_k_o, tx, sBk, sBn, ty + u0 * 1, sAm, sAk, tc + u0 * sCm, sCm, sCn, ow);
-                            } else if ((1) && (1)) {
-                                float tt[6 * 16] __attribute__((aligned(64)));
-                                golden_blis_6x16_float32_avx2_tile(len_k_o, tx, sBk, sBn, ty, sAm, sAk, tt, 16, 1, 1);
-                                for (int64_t u = 0; u < len_m_i_o; u++)
-                                    golden_blis_6x16_float32_avx2_scatter(tt + u * 16, 1, len_n_i_o, tc + u * sCm, sCm, sCn, ow);
                             } else {
-                                golden_blis_6x16_float32_avx2_edge(len_k_o, len_m_i_o, len_n_i_o, tx, sBk, sBn, ty, sAm, sAk, tc, sCm, sCn, ow);
+                                const float *ex = tx; int64_t exk = sBk, exv = sBn;
+                                float tt[6 * 16] __attribute__((aligned(64)));
+                                const int narrow = len_n_i_o < 16;
+                                float *const dst = narrow ? tt : tc;
+                                const int64_t du = narrow ? 16 : sCm, dv = narrow ? 1 : sCn;
+                                const int dow = narrow ? 1 : ow;
+                                int64_t u0 = 0;
+                                for (; len_m_i_o - u0 >= 6; u0 += 6)
+                                    golden_blis_6x16_float32_avx2_tile(len_k_o, ex, exk, exv, ty + u0 * 1, sAm, sAk, dst + u0 * du, du, dv, dow);
+                                for (; len_m_i_o - u0 >= 4; u0 += 4)
+                                    golden_blis_6x16_float32_avx2_tile4(len_k_o, ex, exk, exv, ty + u0 * 1, sAm, sAk, dst + u0 * du, du, dv, dow);
+                                for (; len_m_i_o - u0 >= 1; u0 += 1)
+                                    golden_blis_6x16_float32_avx2_tile1(len_k_o, ex, exk, exv, ty + u0 * 1, sAm, sAk, dst + u0 * du, du, dv, dow);
+                                if (narrow)
+                                    for (int64_t u = 0; u < len_m_i_o; u++)
+                                        golden_blis_6x16_float32_avx2_scatter(tt + u * 16, 1, len_n_i_o, tc + u * sCm, sCm, sCn, ow);
                             }
                         }
                     }

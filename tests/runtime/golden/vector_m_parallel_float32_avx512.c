@@ -159,23 +159,6 @@ static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_ti
         golden_vector_m_parallel_float32_avx512_scatter(t, 1, 16, c, cu, cv, overwrite);
     }
 }
-static void golden_vector_m_parallel_float32_avx512_edge(int64_t kc, int64_t un, int64_t vn,
-    const float *restrict x, int64_t xk, int64_t xv, const float *restrict y, int64_t yu, int64_t yk,
-    float *restrict c, int64_t cu, int64_t cv, int overwrite)
-{
-    (void)xk; (void)xv; (void)yu; (void)yk;
-    float t[6][16];
-    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < 16; v++) t[u][v] = 0;
-    for (int64_t kk = 0; kk < kc; kk++)
-        for (int64_t u = 0; u < un; u++) {
-            const float yv = y[kk * 6 + u];
-            for (int64_t v = 0; v < vn; v++) t[u][v] += yv * x[kk * xk + v * xv];
-        }
-    for (int64_t u = 0; u < un; u++) for (int64_t v = 0; v < vn; v++) {
-        if (overwrite) c[u * cu + v * cv] = t[u][v]; else c[u * cu + v * cv] += t[u][v];
-    }
-}
-
 int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N, int64_t K, const float *A, int64_t sAb, int64_t sAm, int64_t sAk, const float *B, int64_t sBb, int64_t sBk, int64_t sBn, float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads)
 {
     if (batch <= 0 || M <= 0 || N <= 0) return 0;
@@ -186,19 +169,22 @@ int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N,
                 C[b * sCb + m * sCm + n * sCn] = 0;
         if (K <= 0) return 0;
     }
-    if (sAm != 1) return -2;
+    if (sAm != 1 && M >= 16) return -2;
+    const int64_t wsE = 16 * LT_MIN((int64_t)128, K) + 16;  /* per copy */
+    const int64_t wsE_copies = nthreads;
     const int64_t wsB = ((LT_MIN((int64_t)96, N) + 5) / 6) * 6 * LT_MIN((int64_t)128, K) + 16;  /* per copy */
     const int64_t wsB_copies = nthreads;
     static _Thread_local float *ws_base = 0;
     static _Thread_local int64_t ws_size = 0;
-    const int64_t ws_need = wsB * wsB_copies;
+    const int64_t ws_need = wsE * wsE_copies + wsB * wsB_copies;
     if (ws_need > ws_size) {
         free(ws_base);
         ws_base = (float *)aligned_alloc(64, (size_t)((ws_need * sizeof(float) + 63) / 64 * 64));
         ws_size = ws_base ? ws_need : 0;
         if (!ws_base) return -1;
     }
-    float *const wsB_base = ws_base;
+    float *const wsE_base = ws_base;
+    float *const wsB_base = wsE_base + wsE * wsE_copies;
     for (int64_t i_b = 0; i_b < 0 + batch; i_b += 1) {
         const int64_t lo_b = i_b;
         const int64_t len_b = 1;
@@ -233,19 +219,31 @@ int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N,
                             const int ow = (lo_k_o == 0) && !accumulate;
                             if (len_n_i_o == 6 && len_m_i_o == 16) {
                                 golden_vector_m_parallel_float32_avx512_tile(len_k_o, tx, sAk, sAm, ty, sBn, sBk, tc, sCn, sCm, ow);
-                            } else if (len_m_i_o == 16) {
-                                int64_t u0 = 0;
-                                for (; len_n_i_o - u0 >= 4; u0 += 4)
-                                    golden_vector_m_parallel_float32_avx512_tile4(len_k_o, tx, sAk, sAm, ty + u0 * 1, sBn, sBk, tc + u0 * sCn, sCn, sCm, ow);
-                                for (; len_n_i_o - u0 >= 1; u0 += 1)
-                                    golden_vector_m_parallel_float32_avx512_tile1(len_k_o, tx, sAk, sAm, ty + u0 * 1, sBn, sBk, tc + u0 * sCn, sCn, sCm, ow);
-                            } else if ((0) && (1)) {
-                                float tt[6 * 16] __attribute__((aligned(64)));
-                                golden_vector_m_parallel_float32_avx512_tile(len_k_o, tx, sAk, sAm, ty, sBn, sBk, tt, 16, 1, 1);
-                                for (int64_t u = 0; u < len_n_i_o; u++)
-                                    golden_vector_m_parallel_float32_avx512_scatter(tt + u * 16, 1, len_m_i_o, tc + u * sCn, sCn, sCm, ow);
                             } else {
-                                golden_vector_m_parallel_float32_avx512_edge(len_k_o, len_n_i_o, len_m_i_o, tx, sAk, sAm, ty, sBn, sBk, tc, sCn, sCm, ow);
+                                const float *ex = tx; int64_t exk = sAk, exv = sAm;
+                                float tt[6 * 16] __attribute__((aligned(64)));
+                                const int narrow = len_m_i_o < 16;
+                                if (narrow) {
+                                    float *xe = wsE_base + wsE * (int64_t)omp_get_thread_num();
+                                    for (int64_t kk = 0; kk < len_k_o; kk++) {
+                                        for (int64_t v = 0; v < len_m_i_o; v++) xe[kk * 16 + v] = tx[kk * sAk + v * sAm];
+                                        for (int64_t v = len_m_i_o; v < 16; v++) xe[kk * 16 + v] = 0;
+                                    }
+                                    ex = xe; exk = 16; exv = 1;
+                                }
+                                float *const dst = narrow ? tt : tc;
+                                const int64_t du = narrow ? 16 : sCn, dv = narrow ? 1 : sCm;
+                                const int dow = narrow ? 1 : ow;
+                                int64_t u0 = 0;
+                                for (; len_n_i_o - u0 >= 6; u0 += 6)
+                                    golden_vector_m_parallel_float32_avx512_tile(len_k_o, ex, exk, exv, ty + u0 * 1, sBn, sBk, dst + u0 * du, du, dv, dow);
+                                for (; len_n_i_o - u0 >= 4; u0 += 4)
+                                    golden_vector_m_parallel_float32_avx512_tile4(len_k_o, ex, exk, exv, ty + u0 * 1, sBn, sBk, dst + u0 * du, du, dv, dow);
+                                for (; len_n_i_o - u0 >= 1; u0 += 1)
+                                    golden_vector_m_parallel_float32_avx512_tile1(len_k_o, ex, exk, exv, ty + u0 * 1, sBn, sBk, dst + u0 * du, du, dv, dow);
+                                if (narrow)
+                                    for (int64_t u = 0; u < len_n_i_o; u++)
+                                        golden_vector_m_parallel_float32_avx512_scatter(tt + u * 16, 1, len_m_i_o, tc + u * sCn, sCn, sCm, ow);
                             }
                         }
                     }
