@@ -74,11 +74,11 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
     ]
     if not small:
         out = out[3:] + out[:3]
-    if problem.m <= 16:
-        # Skinny M (decode, GEMV-like): nothing to reuse in A, so stream B rows in place: a few k
+    if problem.m <= 64:
+        # Skinny M (decode, GEMV-like): little to reuse in A, so stream B rows in place: a few k
         # rows at a time outside wide n tiles keeps every B row contiguous (axpy order), no packing.
         skinny = [replace(base, mr=mr, nr=nr * lanes, mc=2 * mr, kc=8, nc=1 << 14, unroll_k=8, pack_a=False, pack_b=False)
-                  for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2))]
-        out = skinny + out
+                  for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2), (16, 1), (8, 4))]
+        out = skinny + out if problem.m <= 16 else out + skinny
     valid = set(tile_options(cpu, problem.dtype))
     return [c for c in out if (c.mr, c.nr) in valid or cpu.vector_registers >= 32]

@@ -34,6 +34,9 @@ from looptune.runtime.schedule import Schedule
 from .actions import AgentState, canonical_key, canonical_schedule
 from .env import TUNE_MEASURE, Evaluator, gflops_of
 from .runner import ResultStore, RunResult, RunStatus
+from .spaces import blocking_candidates
+
+TEMPLATES = 4          # template schedules measured next to the policy's and the default
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,11 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                 add(node.state.schedule, "policy-beam")
         if include_default or policy is None:
             add(_default(problem), "default")
+            # Safety net: structures that won sweeps (GEMV-like streaming for skinny M, in-place A
+            # for small problems, wide packed tiles for large ones).  Kernels are size-free, so
+            # these are often kernel-cache hits across a family.
+            for params in blocking_candidates(problem, TEMPLATES)[1:]:
+                add(params.schedule(), "template")
 
         best: Optional[tuple[float, Schedule, RunResult]] = None
         history: list[tuple[float, float]] = []
@@ -125,8 +133,9 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
             # the first round goes out as one batch (one compiler call); later ones in small batches
             chunk = todo if first else todo[:batch]
             elapsed = time.perf_counter() - t0
-            if not first and per_candidate is not None and elapsed + per_candidate * len(chunk) > budget:
-                chunk = chunk[: max(0, int((budget - elapsed) / per_candidate))]
+            deadline = 0.95 * budget          # keep a margin: batch cost estimates are noisy
+            if not first and per_candidate is not None and elapsed + per_candidate * len(chunk) > deadline:
+                chunk = chunk[: max(0, int((deadline - elapsed) / per_candidate))]
                 if not chunk:
                     break
             t1 = time.perf_counter()
