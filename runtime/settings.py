@@ -48,7 +48,7 @@ class RuntimeSettings:
     threads: int = 1                      # default thread count (threads= overrides per call)
     user_db: Path | None = None           # None: no user database
     embedded_db: Path | None = None       # None: no embedded database
-    small_flops: float = 4e6              # problems below this run single-threaded whatever is asked
+    small_flops: float = 1.5e6            # problems below this run single-threaded whatever is asked
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:

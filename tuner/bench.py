@@ -10,6 +10,11 @@ noisy moment hits all of them) until each has ``min_repeats`` samples and
 ``min_time_s`` of them; the median sample is the time.  Thread counts are pinned on every
 side: ``threads=`` for LoopTune, threadpoolctl for numpy's BLAS, ``torch.set_num_threads``.
 Each LoopTune result is checked against numpy before it is timed.
+
+With more than one thread the libraries are timed in phases instead (``time_phased``): each
+library's thread pool spins for a while after a call, and on a machine with as many cores as
+threads, taking turns sample by sample would time one library's kernel against the other
+library's still-spinning workers rather than the kernels themselves.
 """
 from __future__ import annotations
 
@@ -111,6 +116,21 @@ def time_interleaved(fns: dict[str, Callable[[], object]], *, min_repeats: int =
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def time_phased(fns: dict[str, Callable[[], object]], *, rounds: int = 3, idle_s: float = 0.05,
+                **kwargs) -> dict[str, float]:
+    """Median seconds per call of each function, each timed in blocks of its own (after ``idle_s``
+    of quiet, so the previous library's spinning threads have gone to sleep); ``rounds`` blocks per
+    function in alternating order, the best block's median kept."""
+    best: dict[str, float] = {}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            time.sleep(idle_s)
+            t = time_interleaved({name: fns[name]}, **kwargs)[name]
+            best[name] = min(best.get(name, math.inf), t)
+    return best
+
+
 def _torch():
     try:
         import torch
@@ -145,7 +165,8 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
             if torch is not None:
                 ta, tb = torch.from_numpy(a), torch.from_numpy(b)
                 fns["torch"] = lambda: torch.matmul(ta, tb)
-            seconds = time_interleaved(fns, min_time_s=min_time_s)
+            timer = time_phased if threads > 1 else time_interleaved
+            seconds = timer(fns, min_time_s=min_time_s)
             source = runtime.explain(a, b, threads=threads).source
             gf = {name: p.flops / s / 1e9 for name, s in seconds.items()}
             row = BenchRow(str(p.with_threads(1)), p.with_threads(threads).key(), source, gf["looptune"],
