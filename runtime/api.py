@@ -214,27 +214,34 @@ def _flatten_batch(x: np.ndarray, batch_shape: tuple) -> np.ndarray | None:
     return v
 
 
+def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads):
+    """(kernel, resolution) and the thread count for a problem; the 2-D fast path in ``matmul``
+    inlines the same steps to save a call."""
+    resolver = _resolver or _get_resolver()
+    t = resolver.settings.threads if threads is None else _check_threads(threads)
+    if 2.0 * batch * m * n * k < resolver.settings.small_flops:
+        t = 1
+    key = (name, m, n, k, batch, layout, t)
+    hit = resolver._dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
+    return hit, t
+
+
 def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads) -> None:
     batch_shape = c.shape[:-2]
     a3, b3, c3 = _flatten_batch(a, batch_shape), _flatten_batch(b, batch_shape), _flatten_batch(c, batch_shape)
     if a3 is None or b3 is None or c3 is None:
-        for i in range(batch_shape[0]):     # strides that do not flatten: one call per leading index
-            sub = batch_shape[1:]
-            ai = a[i] if a.ndim - 2 == len(batch_shape) and a.shape[0] != 1 else a[0] if a.ndim - 2 == len(batch_shape) else a
-            bi = b[i] if b.ndim - 2 == len(batch_shape) and b.shape[0] != 1 else b[0] if b.ndim - 2 == len(batch_shape) else b
-            _run_batched(np.broadcast_to(ai, sub + ai.shape[-2:]), np.broadcast_to(bi, sub + bi.shape[-2:]), c[i], name, threads)
+        # strides that do not flatten: one call per leading batch index (broadcasting is a view)
+        a = np.broadcast_to(a, batch_shape + a.shape[-2:])
+        b = np.broadcast_to(b, batch_shape + b.shape[-2:])
+        for i in range(batch_shape[0]):
+            _run_batched(a[i], b[i], c[i], name, threads)
         return
     batch, m, k = a3.shape
     n = b3.shape[2]
     item = a3.itemsize
     la = _layout_char(m, k, a3.strides[1] // item, a3.strides[2] // item)
     lb = _layout_char(k, n, b3.strides[1] // item, b3.strides[2] // item)
-    resolver = _resolver or _get_resolver()
-    t = resolver.settings.threads if threads is None else _check_threads(threads)
-    if 2.0 * batch * m * n * k < resolver.settings.small_flops:
-        t = 1
-    key = (name, m, n, k, batch, la + lb, t)
-    kernel = resolver._dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, la + lb, t))
+    kernel, t = _resolve(name, m, n, k, batch, la + lb, threads)
     try:
         kernel[0](a3, b3, c3, nthreads=t)
     except KernelError as e:
@@ -246,7 +253,6 @@ def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:
     """Where the schedule for ``a @ b`` (arrays) or ``explain((m, n, k), dtype=...)`` comes from:
     exact record, nearest record (with its distance), tuned, or the analytic default."""
-    resolver = _get_resolver()
     if b is None:
         m, n, k = a
         name = np.dtype(dtype or np.float32).name
@@ -266,8 +272,4 @@ def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None
         la = _layout_char(m, k, a2.strides[-2] // item, a2.strides[-1] // item) or "n" if a2.dtype == rdt else "n"
         lb = _layout_char(k, n, b2.strides[-2] // item, b2.strides[-1] // item) or "n" if b2.dtype == rdt else "n"
         layout = la + lb
-    t = resolver.settings.threads if threads is None else _check_threads(threads)
-    if 2.0 * batch * m * n * k < resolver.settings.small_flops:
-        t = 1
-    key = (name, m, n, k, batch, layout, t)
-    return resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))[1]
+    return _resolve(name, m, n, k, batch, layout, threads)[0][1]

@@ -24,7 +24,7 @@ from typing import Optional
 
 from looptune.database.machine import detect_cpu
 
-from .build import BuildSettings, build, compiler_identity
+from .build import BuildError, BuildSettings, build, compiler_identity
 from .codegen import CODEGEN_VERSION, render
 from .defaults import default_schedule
 from .ir import ScheduleError
@@ -130,7 +130,16 @@ class Resolver:
             if hit is None:
                 problem = problem_factory()
                 resolution = self.resolve(problem)
-                hit = (self.kernel(resolution.schedule, problem.dtype), resolution)
+                try:
+                    kernel = self.kernel(resolution.schedule, problem.dtype)
+                except BuildError as e:
+                    if resolution.source == "default":
+                        raise
+                    # never fail the user's call over a stored schedule: use the analytic default
+                    log.warning("looptune: schedule for %s failed to build, using the default: %s", problem, e)
+                    resolution = Resolution(problem, "default", default_schedule(problem))
+                    kernel = self.kernel(resolution.schedule, problem.dtype)
+                hit = (kernel, resolution)
                 self._dispatch[key] = hit
                 if resolution.tuning:
                     self._start_tuning(key, problem)
@@ -174,9 +183,7 @@ class Resolver:
         if k is None:
             result = build(render(schedule, dtype), self.build_settings)
             if not result.ok:
-                # never fail the user's call over a tuned schedule: fall back to the analytic default
-                log.warning("looptune: schedule failed to build, using the default: %s", result.error)
-                raise RuntimeError(f"looptune kernel build failed: {result.error}")
+                raise BuildError(f"looptune kernel build failed: {result.error}")
             k = self._kernels[key] = Kernel(result.so_path, result.symbol, dtype)
         return k
 

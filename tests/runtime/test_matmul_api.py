@@ -193,3 +193,28 @@ def test_misaligned_buffers():
     check_same(runtime.matmul(a, b), np.matmul(a, b), 7)
     runtime.matmul(a, b, out=out)
     check_same(out, np.matmul(a, b), 7)
+
+
+def test_stored_schedule_that_fails_to_build_falls_back_to_the_default(monkeypatch):
+    from looptune.runtime import api
+    from looptune.runtime.build import BuildError
+    from looptune.runtime.resolve import Resolution
+
+    runtime.configure()
+    resolver = api._get_resolver()
+    real_kernel = resolver.kernel
+    real_resolve = resolver.resolve
+
+    def resolve(problem):        # pretend a database record matched exactly
+        return Resolution(problem, "exact", real_resolve(problem).schedule.step("unroll", loop="b", factor=2))
+
+    def kernel(schedule, dtype):
+        if any(step.op == "unroll" and step["loop"] == "b" for step in schedule.trace):
+            raise BuildError("compiler says no")
+        return real_kernel(schedule, dtype)
+
+    monkeypatch.setattr(resolver, "resolve", resolve)
+    monkeypatch.setattr(resolver, "kernel", kernel)
+    a, b = np.ones((23, 17), np.float32), np.ones((17, 9), np.float32)
+    check_same(runtime.matmul(a, b), a @ b, 17)
+    assert runtime.explain(a, b).source == "default"
