@@ -27,7 +27,7 @@ from looptune.database.machine import CpuInfo, detect_cpu
 from .ir import LoopNest, TILE_DIM_FOR_OPERAND
 from .schedule import Schedule
 
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"      # 2: vectorized edges through a zero-padded scratch panel
 C_TYPE = {"float32": "float", "float64": "double"}
 
 ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "

@@ -14,6 +14,8 @@ more noisy numbers.  One JSON line per problem; Markdown summaries at the end.
         --sample 12 --out tools/out/eval-paper.jsonl
     nice -n 10 python tools/evaluate.py --shapes ../shared/shapes/dl-public.txt --pick 1,3,5,11,15,19,21,25 \\
         --out tools/out/eval-dl.jsonl
+    nice -n 10 python tools/evaluate.py --shapes ../shared/shapes/dl-public.txt --reuse tools/out/eval-dl.jsonl \\
+        --policy-beam 0 --out tools/out/eval-dl-newpolicy.jsonl      # rerun policy and tune only
     python tools/evaluate.py --summarize tools/out/eval-paper.jsonl
 """
 from __future__ import annotations
@@ -79,9 +81,15 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
     return best
 
 
+POLICY_FREE = ("random", "greedy", "beam")      # searches that do not depend on the policy
+
+
 def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: int, cold: bool = True,
-                     final_runner=None) -> dict:
+                     final_runner=None, reuse: dict | None = None) -> dict:
+    """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches are
+    taken as they are (their picks are re-timed with everything else at the end)."""
     from looptune.runtime.ir import LoopNest
+    from looptune.runtime.schedule import Schedule
     from looptune.tuner.actions import canonical_schedule
     from looptune.tuner.env import Evaluator, gflops_of
     from looptune.tuner.runner import ResultStore
@@ -113,6 +121,11 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
         finalists[res.schedule.to_json()] = res.schedule
 
     for name, budget in budgets.items():
+        if reuse is not None and name in POLICY_FREE and name in reuse:
+            row[name] = reuse[name]
+            for sched_json in reuse[name].get("at_trace", {}).values():
+                finalists[sched_json] = Schedule.from_json(sched_json)
+            continue
         if budget <= 0:
             continue
         if name == "random":
@@ -222,6 +235,10 @@ def main() -> None:
     ap.add_argument("--warm-cache", action="store_true",
                     help="share the on-disk kernel cache across methods and problems (default: every method "
                          "starts each problem with an empty kernel cache, so every compile is paid)")
+    ap.add_argument("--reuse", default=None, metavar="JSONL",
+                    help="take the policy-free searches (random, greedy, beam) of these problems from an earlier "
+                         "run's rows and rerun only the policy, tune and policy-beam (all picks are re-timed "
+                         "together); for evaluating a new policy or tune() without repeating minutes of search")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "eval.jsonl"))
     ap.add_argument("--summarize", nargs="*", help="only print the summary of these JSONL files")
     args = ap.parse_args()
@@ -245,6 +262,11 @@ def main() -> None:
         problems = [problems[int(i)] for i in args.pick.split(",")]
     if args.sample:
         problems = random.Random(0).sample(problems, min(args.sample, len(problems)))
+    reuse = {}
+    if args.reuse:
+        reuse = {r["problem"]: r for r in (json.loads(l) for l in open(args.reuse) if l.strip())}
+        if not (args.pick or args.sample or args.test_split):
+            problems = [p for p in problems if p.key() in reuse]
     policy = Policy.load(args.policy)
     budgets = {"random": args.random, "greedy": args.greedy, "beam": args.beam, "policy-beam": args.policy_beam}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -253,7 +275,7 @@ def main() -> None:
     with LocalRunner(TUNE_MEASURE) as runner, LocalRunner(final_cfg) as final_runner, open(args.out, "a") as f:
         for p in problems:
             row = evaluate_problem(p, runner, policy, budgets, args.seed, cold=not args.warm_cache,
-                                   final_runner=final_runner)
+                                   final_runner=final_runner, reuse=reuse.get(p.key()) if args.reuse else None)
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -6,7 +6,8 @@ each distinct (problem, schedule) is compiled once and measured once, and a reru
 seed replays from the file.  Weights are written as npz (no pickle); the shipped policy is
 ``tuner/data/policy.npz``.
 
-    nice -n 10 python tools/train.py --algo dqn --out tuner/data/policy.npz          # ~25 min here
+    nice -n 10 python tools/train.py --algo dqn --mix 192 --steps 20000 \\
+        --recordings tools/out/recordings-v2.jsonl --out tuner/data/policy.npz           # ~40 min here
     nice -n 10 python tools/train.py --algo ppo --out tools/out/ppo.npz --steps 8000
     python tools/train.py --replay-only ...     # fail instead of measuring anything new
 
@@ -31,6 +32,11 @@ def main() -> None:
     ap.add_argument("--shapes", default=os.path.join(HERE, "..", "..", "shared", "shapes", "looptune-paper.txt"))
     ap.add_argument("--train-problems", type=int, default=256, help="fixed random subset of the training split")
     ap.add_argument("--eval-problems", type=int, default=16, help="validation problems (from the training split)")
+    ap.add_argument("--mix", type=int, default=0,
+                    help="generated problems added to training (skinny, odd, float64, layouts, batched, 2 threads; "
+                         "see tuner/trainset.py); a quarter as many again (at most 16) join validation")
+    ap.add_argument("--exclude", action="append", default=[os.path.join(HERE, "..", "..", "shared", "shapes", "dl-public.txt")],
+                    help="shape files never trained on (default: dl-public.txt)")
     ap.add_argument("--recordings", default=os.path.join(HERE, "out", "recordings.jsonl"))
     ap.add_argument("--replay-only", action="store_true")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "policy.npz"))
@@ -49,6 +55,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     chosen = rng.sample(train_split, min(len(train_split), args.train_problems + args.eval_problems))
     train_set, eval_set = chosen[: args.train_problems], chosen[args.train_problems:]
+    if args.mix:
+        from looptune.tuner.trainset import generated_mix
+        banned = list(_test) + [p for f in args.exclude if os.path.exists(f) for p in read_shapes(f)]
+        n_eval = max(1, min(16, args.mix // 4))
+        mix = generated_mix(args.mix + n_eval, seed=args.seed, exclude=banned)
+        train_set = train_set + mix[: args.mix]
+        eval_set = eval_set + mix[args.mix:]
+        rng.shuffle(train_set)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.recordings)), exist_ok=True)
     if args.replay_only:

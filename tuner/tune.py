@@ -11,8 +11,15 @@ How the 2 seconds are spent (compiles included):
 2. the distinct end states, plus the analytic default schedule as a safety net, are compiled
    in ONE ``build_many`` batch (parallel gcc; kernels are size-free, so schedules the policy
    likes are usually kernel-cache hits) and timed by the isolated runner;
-3. while budget remains, the beam widens and the new end states are measured, a few at a
-   time, never starting a batch the budget cannot pay for.
+3. while budget remains, the tuner hill-climbs from the best measured schedule: its
+   one-edit neighbours (any cursor position, ``actions.neighbors``) ranked by the policy's
+   Q-value for that edit, the best few measured (``refine``); when a neighbourhood holds
+   nothing better, the policy beam widens instead.  Batches are small, and none is started
+   that the remaining budget cannot pay for.
+
+The measured hill-climb matters most where the policy is least sure (shapes unlike its
+training set): the first batch lands near a good schedule, and the neighbours fix the one
+split factor or tile it got wrong, which neither more Q-values nor more templates do.
 
 The start is the paper's natural nest rather than the analytic default: the register tile
 cannot be changed once chosen, and the policy's best tiles (7-8 x 16 here) differ from the
@@ -31,12 +38,14 @@ from typing import Optional
 from looptune.runtime.problem import MatmulProblem
 from looptune.runtime.schedule import Schedule
 
-from .actions import AgentState, canonical_key, canonical_schedule
+from .actions import AgentState, canonical_key, canonical_schedule, neighbors
 from .env import TUNE_MEASURE, Evaluator, gflops_of
+from .observe import observe
 from .runner import ResultStore, RunResult, RunStatus
 from .spaces import blocking_candidates
 
 TEMPLATES = 4          # template schedules measured next to the policy's and the default
+REFINE = 4             # neighbours of the best schedule measured per hill-climbing round
 
 
 @dataclass(frozen=True)
@@ -46,7 +55,7 @@ class TuneResult:
     problem: MatmulProblem
     schedule: Schedule                      # canonical trace of the best nest
     result: RunResult                       # its measurement (``result.ok`` False if every candidate failed)
-    found_by: str                           # "policy-rollout", "policy-beam", "default" or "none"
+    found_by: str                           # "policy-rollout", "policy-beam", "refine", "default", "template" or "none"
     policy: str                             # name of the policy used ("" without one)
     candidates: int                         # schedules measured
     seconds: float                          # wall time of the whole tune call
@@ -74,8 +83,36 @@ def _default(problem: MatmulProblem) -> Schedule:
     return canonical_schedule(default_schedule(problem).nest)
 
 
+def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
+                      skip: frozenset[str] | set[str] = frozenset()) -> list[Schedule]:
+    """The ``count`` one-edit neighbours of ``schedule`` the policy rates best (Q of the edit
+    at its cursor), skipping canonical keys in ``skip``.  Nothing is measured.
+
+    Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 32]``.
+    After: nests one edit away: ``k`` split by 128, ``m.o`` split by 48, ``n.o`` and ``k``
+    swapped, the unroll or packing changed, ...; the policy's Q-values order them.
+    """
+    state = AgentState.initial(schedule)
+    nbrs = neighbors(state, problem)
+    if not nbrs:
+        return []
+    cursors = sorted({c for c, _, _ in nbrs})
+    row = {c: i for i, c in enumerate(cursors)}
+    q = policy.q_values([observe(AgentState(state.schedule, c), problem, 0.5) for c in cursors])
+    ranked = sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))
+    out, seen = [], set(skip)
+    for _, _, nxt in ranked:
+        k = canonical_key(nxt.nest)
+        if k not in seen:
+            seen.add(k)
+            out.append(canonical_schedule(nxt.nest))
+            if len(out) >= count:
+                break
+    return out
+
+
 def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator: Optional[Evaluator] = None,
-         include_default: bool = True, first_width: int = 4, batch: int = 4) -> TuneResult:
+         include_default: bool = True, first_width: int = 4, batch: int = 4, refine: int = REFINE) -> TuneResult:
     """Tune ``problem`` within ``budget`` seconds (wall clock, compiles and measurements included).
 
     ``policy``: a ``policy.Policy``, or None to load the shipped weights; if none can be loaded
@@ -121,10 +158,18 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
         measured: dict[str, RunResult] = {}
         per_candidate = None
         first = True
+        refined: set[str] = set()           # schedules whose neighbourhood has been queued
         while True:
             todo = [s for s in order if canonical_key(s.nest) not in measured]
             if not todo:
-                if policy is None or width >= 64 or time.perf_counter() - t0 >= budget:
+                if policy is None or time.perf_counter() - t0 >= budget:
+                    break
+                if refine and best is not None and canonical_key(best[1].nest) not in refined:
+                    refined.add(canonical_key(best[1].nest))
+                    for s in refine_candidates(policy, problem, best[1], refine, set(sources)):
+                        add(s, "refine")
+                    continue
+                if width >= 64:
                     break
                 width *= 2
                 for node in policy.beam(problem, width=width):

@@ -18,7 +18,7 @@ def test_tune_api_on_synthetic_measurements():
     pol = Policy.load()
     res = tune(MatmulProblem(96, 128, 80), budget=5.0, policy=pol, evaluator=Evaluator(SyntheticRunner()))
     assert isinstance(res, TuneResult) and res.ok
-    assert res.found_by in ("policy-rollout", "policy-beam", "default", "template") and res.candidates >= 2
+    assert res.found_by in ("policy-rollout", "policy-beam", "refine", "default", "template") and res.candidates >= 2
     assert res.schedule.nest.tile is not None and res.gflops > 0 and res.policy
 
 
@@ -59,3 +59,21 @@ def test_policy_beam_search_respects_a_call_budget():
     assert res.best_gflops > 0 and res.evaluated >= 1
     assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(res.history, res.history[1:]))
     assert res.best_at(0.0) == 0.0 and res.best_at(1e9) == res.best_gflops
+
+
+def test_refine_candidates_are_distinct_legal_neighbours_ranked_by_the_policy():
+    from looptune.runtime.defaults import default_schedule
+    from looptune.tuner.actions import canonical_key, canonical_schedule
+    from looptune.tuner.tune import refine_candidates
+
+    p = MatmulProblem(96, 128, 80)
+    base = canonical_schedule(default_schedule(p).nest)
+    got = refine_candidates(Policy.load(), p, base, 6, skip={canonical_key(base.nest)})
+    keys = [canonical_key(s.nest) for s in got]
+    assert len(got) == 6 and len(set(keys)) == 6 and canonical_key(base.nest) not in keys
+    assert refine_candidates(Policy.load(), p, base, 6, skip=set(keys)) != got     # skipped ones are not offered again
+
+
+def test_tune_hill_climbs_when_budget_remains():
+    res = tune(MatmulProblem(112, 64, 144), budget=30.0, policy=Policy.load(), evaluator=Evaluator(SyntheticRunner()))
+    assert res.ok and res.candidates > 12            # the first batch is at most rollout + 4 beam + default + templates
