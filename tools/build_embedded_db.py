@@ -57,15 +57,24 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(lines) + "\n")
         shape_file = f.name
+    # build a fresh file and swap it in at the end: records from an older code generator or policy
+    # are dropped, and an interrupted run leaves the shipped database untouched
+    staging = args.out + ".new"
+    for stale in (staging, staging + ".lock"):
+        if os.path.exists(stale):
+            os.unlink(stale)
     try:
         for t in args.threads:
-            cmd = [sys.executable, "-m", "looptune.tuner.cli", "build-db", "--shapes", shape_file, "--db", args.out,
+            cmd = [sys.executable, "-m", "looptune.tuner.cli", "build-db", "--shapes", shape_file, "--db", staging,
                    "--threads", str(t), "--budget", str(args.budget), "--tuner", args.tuner, "--no-bench"]
             print("+", " ".join(cmd), flush=True)
             env = dict(os.environ, OPENBLAS_NUM_THREADS=str(t))
             subprocess.run(cmd, check=True, env=env)
+        os.replace(staging, args.out)
     finally:
         os.unlink(shape_file)
+        if os.path.exists(staging + ".lock"):
+            os.unlink(staging + ".lock")
     print(f"{len(lines)} problems x threads {args.threads} -> {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
 
 
