@@ -45,9 +45,10 @@ REWARD_VERSION = "log-gflops-ratio-v1"
 FAIL_REWARD = -1.0
 
 # The timing protocol for tuning and training: short (kernels here take 0.05-5 ms) but with
-# enough repeats that the median is stable to a few percent on a quiet core.
+# enough repeats that the median is stable to a few percent on a quiet core.  A kernel more than
+# 4x slower than numpy on its first timed call is timed once (it cannot win; see MeasureConfig).
 TUNE_MEASURE = MeasureConfig(warmup=1, min_repeats=5, max_repeats=100, min_total_seconds=0.02,
-                             min_sample_seconds=5e-4, timeout_seconds=20.0)
+                             min_sample_seconds=5e-4, timeout_seconds=20.0, slow_cutoff=4.0)
 
 
 @dataclass

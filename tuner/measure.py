@@ -76,6 +76,11 @@ class MeasureConfig:
     for tiny kernels).  Samples are taken until both ``min_repeats`` and
     ``min_total_seconds`` are reached, or ``max_repeats``.  With ``flush_cache`` each call is
     its own sample, preceded (untimed) by a write over a buffer twice the size of L2+L3.
+
+    ``slow_cutoff`` (0 = off): a candidate whose first timed call already takes more than
+    ``slow_cutoff`` times numpy's time on the same problem is reported from that one call.  It
+    cannot win, and on large problems the remaining repeats of a slow kernel cost seconds of a
+    tuning budget (a 1024^3 kernel at 10 GFLOPS takes 0.2 s per call).
     """
 
     warmup: int = 2
@@ -89,6 +94,7 @@ class MeasureConfig:
     rtol: float | None = None           # None: default_tolerance(dtype, K)
     atol: float | None = None
     flush_cache: bool = False
+    slow_cutoff: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.warmup >= 0 and 1 <= self.min_repeats <= self.max_repeats and self.seeds >= 1):
@@ -287,8 +293,10 @@ class _Flusher:
 
 
 def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[], None] | None,
-               threads: int = 1) -> tuple[list[float], int, float]:
+               threads: int = 1, give_up_after: float | None = None) -> tuple[list[float], int, float]:
     """Per-call seconds (one entry per sample), calls per sample, and the CPU share.
+
+    ``give_up_after``: when the first timed call takes longer (seconds), it is the only sample.
 
     The CPU share is process CPU time over wall time x threads while timing: ~1 when the
     kernel had its cores, well below 1 when other processes took them (the samples are then
@@ -303,6 +311,8 @@ def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[
     t0 = perf()
     _check_rc(call(), "during warm-up")
     once = max(perf() - t0, 1e-9)
+    if give_up_after is not None and once > give_up_after:
+        return [once], 1, 1.0
     number = 1 if flush else max(1, min(1 << 20, math.ceil(config.min_sample_seconds / once)))
     samples: list[float] = []
     total = 0.0
@@ -372,8 +382,10 @@ class Worker:
                 ctype = "float" if problem.dtype == "float32" else "double"
                 fn = self.loader.load(req["so_path"], req["symbol"], ctype)
                 ops = verify(fn, problem, config, self.loader.ffi, lambda s: self.reference_data(problem, s))
+                ref = req.get("reference_seconds")
+                give_up = config.slow_cutoff * ref if config.slow_cutoff > 0 and ref else None
                 samples, number, cpu = time_calls(lambda: ops.call(fn, 0), config, self.flusher(config),
-                                                  problem.threads)
+                                                  problem.threads, give_up_after=give_up)
             elif req["op"] == "reference":
                 samples, number, cpu = self.reference(problem, config)
             else:

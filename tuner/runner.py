@@ -284,7 +284,8 @@ class LocalRunner(Runner):
         try:
             numpy_seconds = self._numpy_seconds(cand.problem)
             msg = {"op": "run", "problem": cand.problem.key(), "so_path": os.path.abspath(cand.artifact.so_path),
-                   "symbol": cand.artifact.symbol, "config": self.config.to_json()}
+                   "symbol": cand.artifact.symbol, "config": self.config.to_json(),
+                   "reference_seconds": numpy_seconds}
             reply = self._request(cand.problem.threads, msg)
         except Exception as e:   # e.g. the worker cannot start: our failure, reported as such
             return replace(base, error=f"{type(e).__name__}: {e}")

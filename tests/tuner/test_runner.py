@@ -187,6 +187,17 @@ def test_cache_flush_times_single_calls(libs):
     assert res.status is RunStatus.OK and res.number == 1 and len(res.samples) == 2 and res.numpy_seconds is None
 
 
+def test_a_kernel_far_slower_than_numpy_is_timed_once(libs):
+    """slow_cutoff: the naive kernel on 96^3 is far more than 1.01x numpy's time, so one call is the sample."""
+    p = MatmulProblem(96, 96, 96)
+    with LocalRunner(MeasureConfig(warmup=0, min_repeats=5, min_total_seconds=0, slow_cutoff=1.01)) as r:
+        [res] = r.run([cand(libs, "naive", p)])
+    assert res.status is RunStatus.OK and len(res.samples) == 1 and res.number == 1
+    with LocalRunner(MeasureConfig(warmup=0, min_repeats=5, min_total_seconds=0)) as r:
+        [res] = r.run([cand(libs, "naive", p)])
+    assert len(res.samples) >= 5
+
+
 def test_tolerance_scales_with_k_and_dtype():
     r32, a32 = default_tolerance("float32", 4096)
     r64, a64 = default_tolerance("float64", 4096)
