@@ -100,6 +100,6 @@ def _register_resident(problem: MatmulProblem, base: BlockingParams, cpu: CpuInf
     out = []
     for m_r, nvec in shapes:
         if m_r * nvec + nvec + 1 <= cpu.vector_registers:
-            out.append(replace(base, mr=m_r, nr=nvec * lanes, mc=2 * m_r, kc=kc, nc=2 * nvec * lanes, unroll_k=4,
+            out.append(replace(base, mr=m_r, nr=nvec * lanes, mc=2 * m_r, kc=kc, nc=1 << 14, unroll_k=4,
                                pack_a=True, pack_b=problem.layout[1] == "t", parallel=base.parallel))
     return out
