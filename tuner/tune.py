@@ -83,6 +83,15 @@ def _default(problem: MatmulProblem) -> Schedule:
     return canonical_schedule(default_schedule(problem).nest)
 
 
+def _prior_cost(problem: MatmulProblem) -> float:
+    """A pessimistic guess of one first-batch candidate's cost before anything is measured:
+    its share of a parallel compile (~0.2 s of gcc over the cores) plus about nine calls
+    (verification, warm-up, samples) at 40 GFLOPS per thread.  Only large problems are cut by it."""
+    from looptune.database.machine import detect_cpu
+    cores = max(1, detect_cpu().cores)
+    return 0.2 / min(cores, 4) + 9 * problem.flops / (40e9 * problem.threads)
+
+
 def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
                       skip: frozenset[str] | set[str] = frozenset()) -> list[Schedule]:
     """The ``count`` one-edit neighbours of ``schedule`` the policy rates best (Q of the edit
@@ -140,18 +149,26 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                 sources[k] = how
                 order.append(canonical_schedule(sched.nest))
 
+        # The first batch, in priority order (it is cut short when the problem is so large that
+        # all of it would not fit the budget): the policy's rollout, the analytic default, then
+        # the policy's beam and the template schedules alternately.  Templates are structures that
+        # won sweeps (GEMV-like streaming and register-resident panels for skinny M, in-place A
+        # for small problems, wide packed tiles for large ones); kernels are size-free, so they
+        # are often kernel-cache hits across a family.
         width = first_width
+        beam = [n.state.schedule for n in policy.beam(problem, width=width)] if policy is not None else []
+        templates = [c.schedule() for c in blocking_candidates(problem, TEMPLATES)[1:]] \
+            if include_default or policy is None else []
         if policy is not None:
             add(policy.rollout(problem)[-1].schedule, "policy-rollout")
-            for node in policy.beam(problem, width=width):
-                add(node.state.schedule, "policy-beam")
         if include_default or policy is None:
             add(_default(problem), "default")
-            # Safety net: structures that won sweeps (GEMV-like streaming for skinny M, in-place A
-            # for small problems, wide packed tiles for large ones).  Kernels are size-free, so
-            # these are often kernel-cache hits across a family.
-            for params in blocking_candidates(problem, TEMPLATES)[1:]:
-                add(params.schedule(), "template")
+        for i in range(max(len(beam), len(templates))):
+            if i < len(beam):
+                add(beam[i], "policy-beam")
+            if i < len(templates):
+                add(templates[i], "template")
+        first_cap = max(3, int(0.6 * budget / _prior_cost(problem)))
 
         best: Optional[tuple[float, Schedule, RunResult]] = None
         history: list[tuple[float, float]] = []
@@ -176,17 +193,20 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                     add(node.state.schedule, "policy-beam")
                 continue
             # the first round goes out as one batch (one compiler call); later ones in small batches
-            chunk = todo if first else todo[:batch]
+            chunk = todo[:first_cap] if first else todo[:batch]
             elapsed = time.perf_counter() - t0
-            deadline = 0.95 * budget          # keep a margin: batch cost estimates are noisy
-            if not first and per_candidate is not None and elapsed + per_candidate * len(chunk) > deadline:
-                chunk = chunk[: max(0, int((deadline - elapsed) / per_candidate))]
+            deadline = budget - max(0.05, 0.05 * budget)     # keep a margin: cost estimates are noisy
+            if not first and per_candidate is not None:
+                # a batch of n costs about n candidates, but never less than two (one compile
+                # does not parallelize, so a lone candidate costs what a pair does)
+                while chunk and elapsed + per_candidate * max(2, len(chunk)) > deadline:
+                    chunk = chunk[:-1]
                 if not chunk:
                     break
             t1 = time.perf_counter()
             results = evaluator.evaluate([(problem, s.nest) for s in chunk])
-            per_candidate = (time.perf_counter() - t1) / len(chunk) if first else \
-                0.5 * per_candidate + 0.5 * (time.perf_counter() - t1) / len(chunk)
+            cost = (time.perf_counter() - t1) / len(chunk)
+            per_candidate = cost if first else max(cost, 0.5 * per_candidate + 0.5 * cost)
             first = False
             for s, r in zip(chunk, results):
                 measured[canonical_key(s.nest)] = r
