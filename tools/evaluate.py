@@ -224,7 +224,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=os.path.join(HERE, "..", "..", "shared", "shapes", "looptune-paper.txt"))
     ap.add_argument("--test-split", action="store_true", help="use the fixed held-out 10 %% of the shape file")
-    ap.add_argument("--sample", type=int, default=0, help="fixed random sample (seed 0) of this many problems")
+    ap.add_argument("--sample", type=int, default=0, help="fixed random sample of this many problems")
+    ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (another seed: another sample)")
     ap.add_argument("--pick", default="", help="comma-separated line indices (after comments) of the shape file")
     ap.add_argument("--policy", default=None, help="policy weights (default: shipped)")
     ap.add_argument("--random", type=float, default=60.0, help="budget (s) for random search; 0 skips")
@@ -261,7 +262,7 @@ def main() -> None:
     if args.pick:
         problems = [problems[int(i)] for i in args.pick.split(",")]
     if args.sample:
-        problems = random.Random(0).sample(problems, min(args.sample, len(problems)))
+        problems = random.Random(args.sample_seed).sample(problems, min(args.sample, len(problems)))
     reuse = {}
     if args.reuse:
         reuse = {r["problem"]: r for r in (json.loads(l) for l in open(args.reuse) if l.strip())}
