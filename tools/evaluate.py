@@ -208,6 +208,33 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
     return "\n".join(out)
 
 
+def _label(key: str) -> str:
+    """``matmul:float64:tn:t1:b8:128x128x64`` -> ``128x128x64 b8 float64 tn``."""
+    _, dtype, layout, t, b, sizes = key.split(":")
+    extra = [b if b != "b1" else "", dtype if dtype != "float32" else "", layout if layout != "nn" else "",
+             f"{t[1:]} threads" if t != "t1" else ""]
+    return " ".join([sizes] + [e for e in extra if e])
+
+
+def per_problem(rows: list[dict]) -> str:
+    """One line per problem (GFLOPS, finalists re-measured): what each method's pick reached."""
+    rows = [_use_remeasured(r) for r in rows]
+    searches = [s for s in ("random", "greedy", "beam", "policy-beam") if s in rows[0]]
+    head = ["problem", "numpy", "initial", "default", "policy (1 cand.)", "tune 2 s (s, cands, from)"]
+    head += [f"{s} 2 s" for s in searches] + ["best of beam/random 60 s", "tune / 60 s best"]
+    out = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    f = lambda x: f"{x:.1f}" if x else "-"
+    for r in rows:
+        b60 = max((r[s]["gflops"] or 0) for s in ("beam", "random") if s in r)
+        t = r["tune"]
+        cells = [_label(r["problem"]), f(r["numpy_gflops"]), f(r["initial_gflops"]), f(r["default_gflops"]),
+                 f(r["policy"]["gflops"]), f"{f(t['gflops'])} ({t['seconds']:.2f}, {t['candidates']}, {t['found_by']})"]
+        cells += [f(r[s]["at"].get("2")) for s in searches]
+        cells += [f(b60), f"{(t['gflops'] or 0) / b60:.3f}" if b60 else "-"]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _use_remeasured(r: dict) -> dict:
     r = json.loads(json.dumps(r))
     r["policy"]["gflops"] = r["policy"].get("re")
@@ -250,6 +277,8 @@ def main() -> None:
         print(summarize(rows))
         print("\nAs measured during each method's own run (best of its noisy measurements):\n")
         print(summarize(rows, remeasured=False))
+        print("\nPer problem (GFLOPS, finalists re-measured):\n")
+        print(per_problem(rows))
         return
     from looptune.runtime.problem import read_shapes
     from looptune.tuner.env import TUNE_MEASURE, split_problems

@@ -8,9 +8,11 @@ How the 2 seconds are spent (compiles included):
 
 1. the policy (numpy, ``policy.Policy``) rolls out greedily and in a small beam over its own
    Q-values from the natural loop nest, *without measuring* intermediate states: ~50 ms;
-2. the distinct end states, plus the analytic default schedule as a safety net, are compiled
-   in ONE ``build_many`` batch (parallel gcc; kernels are size-free, so schedules the policy
-   likes are usually kernel-cache hits) and timed by the isolated runner;
+2. the distinct end states, the analytic default and a few template schedules (structures
+   that won sweeps) are compiled in ONE ``build_many`` batch (parallel gcc; kernels are
+   size-free, so schedules the policy likes are often kernel-cache hits) and timed by the
+   isolated runner.  On large problems the batch is cut, in priority order, to what a prior
+   cost estimate says fits 60 % of the budget; the rest waits for step 3;
 3. while budget remains, the tuner hill-climbs from the best measured schedule: its
    one-edit neighbours (any cursor position, ``actions.neighbors``) ranked by the policy's
    Q-value for that edit, the best few measured (``refine``); when a neighbourhood holds
