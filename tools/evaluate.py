@@ -272,7 +272,11 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.summarize:
-        rows = [json.loads(l) for f in args.summarize for l in open(f) if l.strip()]
+        rows, seen = [], set()
+        for r in (json.loads(l) for f in args.summarize for l in open(f) if l.strip()):
+            if r["problem"] not in seen:          # a problem in several files counts once (the first)
+                seen.add(r["problem"])
+                rows.append(r)
         print("Finalists re-measured in one session:\n")
         print(summarize(rows))
         print("\nAs measured during each method's own run (best of its noisy measurements):\n")
