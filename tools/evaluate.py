@@ -199,7 +199,8 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
     tune_vs = [(r["tune"]["gflops"] or 0) / b for r, b in zip(rows, ref60) if b == b]
     out.append("")
     out.append(f"{n} problems. tune (2 s) vs the best of beam/random at full budget: >= 0.95x on "
-               f"{sum(x >= 0.95 for x in tune_vs)}/{len(tune_vs)} problems, min {min(tune_vs, default=float('nan')):.3f}.")
+               f"{sum(x >= 0.95 for x in tune_vs)}/{len(tune_vs)} problems, >= 0.9x on {sum(x >= 0.9 for x in tune_vs)}/"
+               f"{len(tune_vs)}, min {min(tune_vs, default=float('nan')):.3f}, geomean {geomean(tune_vs):.3f}.")
     for s in ("random", "greedy", "beam", "policy-beam"):
         if s in rows[0] and "2" in rows[0][s]["at"]:
             ratios = [(r["tune"]["gflops"] or 0) / max(r[s]["at"].get("2") or 1e-9, 1e-9) for r in rows]
