@@ -85,9 +85,10 @@ POLICY_FREE = ("random", "greedy", "beam")      # searches that do not depend on
 
 
 def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: int, cold: bool = True,
-                     final_runner=None, reuse: dict | None = None) -> dict:
-    """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches are
-    taken as they are (their picks are re-timed with everything else at the end)."""
+                     final_runner=None, reuse: dict | None = None, reuse_policy_beam: bool = False) -> dict:
+    """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches
+    (and its policy-beam search with ``reuse_policy_beam``, when it ran with the same policy)
+    are taken as they are (their picks are re-timed with everything else at the end)."""
     from looptune.runtime.ir import LoopNest
     from looptune.runtime.schedule import Schedule
     from looptune.tuner.actions import canonical_schedule
@@ -121,7 +122,7 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
         finalists[res.schedule.to_json()] = res.schedule
 
     for name, budget in budgets.items():
-        if reuse is not None and name in POLICY_FREE and name in reuse:
+        if reuse is not None and name in reuse and (name in POLICY_FREE or reuse_policy_beam):
             row[name] = reuse[name]
             for sched_json in reuse[name].get("at_trace", {}).values():
                 finalists[sched_json] = Schedule.from_json(sched_json)
@@ -268,6 +269,8 @@ def main() -> None:
                     help="take the policy-free searches (random, greedy, beam) of these problems from an earlier "
                          "run's rows and rerun only the policy, tune and policy-beam (all picks are re-timed "
                          "together); for evaluating a new policy or tune() without repeating minutes of search")
+    ap.add_argument("--reuse-policy-beam", action="store_true",
+                    help="with --reuse, also take the policy-beam search (only when the rows used the same policy)")
     ap.add_argument("--out", default=os.path.join(HERE, "out", "eval.jsonl"))
     ap.add_argument("--summarize", nargs="*", help="only print the summary of these JSONL files")
     args = ap.parse_args()
@@ -310,7 +313,8 @@ def main() -> None:
     with LocalRunner(TUNE_MEASURE) as runner, LocalRunner(final_cfg) as final_runner, open(args.out, "a") as f:
         for p in problems:
             row = evaluate_problem(p, runner, policy, budgets, args.seed, cold=not args.warm_cache,
-                                   final_runner=final_runner, reuse=reuse.get(p.key()) if args.reuse else None)
+                                   final_runner=final_runner, reuse=reuse.get(p.key()) if args.reuse else None,
+                                   reuse_policy_beam=args.reuse_policy_beam)
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()

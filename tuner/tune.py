@@ -12,11 +12,12 @@ How the 2 seconds are spent (compiles included):
    that won sweeps) are compiled in ONE ``build_many`` batch (parallel gcc; kernels are
    size-free, so schedules the policy likes are often kernel-cache hits) and timed by the
    isolated runner.  On large problems the batch is cut, in priority order, to what a prior
-   cost estimate says fits 60 % of the budget; the rest waits for step 3;
+   cost estimate says fits half the budget; the rest waits for step 3;
 3. while budget remains, the tuner hill-climbs from the best measured schedule: its
    one-edit neighbours (any cursor position, ``actions.neighbors``) ranked by the policy's
-   Q-value for that edit, the best few measured (``refine``); when a neighbourhood holds
-   nothing better, the policy beam widens instead.  Batches are small, and none is started
+   Q-value for that edit, alternating with one-factor mutations of its trace (tile size,
+   cache blocks; ``mutate``), the best few measured (``refine``); when a neighbourhood
+   holds nothing better, the policy beam widens instead.  Batches are small, and none is started
    that the remaining budget cannot pay for.
 
 The measured hill-climb matters most where the policy is least sure (shapes unlike its
@@ -42,6 +43,7 @@ from looptune.runtime.schedule import Schedule
 
 from .actions import AgentState, canonical_key, canonical_schedule, neighbors
 from .env import TUNE_MEASURE, Evaluator, gflops_of
+from .mutate import factor_mutations, interleave
 from .observe import observe
 from .runner import ResultStore, RunResult, RunStatus
 from .spaces import blocking_candidates
@@ -94,29 +96,65 @@ def _prior_cost(problem: MatmulProblem) -> float:
     return 0.2 / min(cores, 4) + 9 * problem.flops / (40e9 * problem.threads)
 
 
+class _BatchCost:
+    """What the next batch of n candidates will cost, from what the earlier ones did.
+
+    Compiles run ``cores`` at a time, so a batch costs ``ceil(n / cores)`` compile rounds plus
+    n timings; a lone candidate pays a whole compile round.  Every figure is the worse of
+    the latest observation and the running average: overrunning the budget is the failure,
+    stopping a little early is not.
+    """
+
+    def __init__(self) -> None:
+        from looptune.database.machine import detect_cpu
+        self.cores = max(1, detect_cpu().cores)
+        self.compile_round = 0.25      # s of wall per round of parallel compiles, until measured
+        self.run = 0.0                 # s per candidate timing
+        self.other = 0.0               # s per candidate not explained by the two (IPC, Python)
+
+    def estimate(self, n: int) -> float:
+        return -(-n // self.cores) * self.compile_round + n * (self.run + self.other)
+
+    def observe(self, n: int, wall: float, before, after) -> None:
+        built = after.built - before.built
+        if built:
+            rounds = -(-built // self.cores)
+            seen = (after.build_seconds - before.build_seconds) / rounds
+            self.compile_round = max(seen, 0.5 * (self.compile_round + seen))
+        run = (after.run_seconds - before.run_seconds) / n
+        self.run = max(run, 0.5 * (self.run + run)) if self.run else run
+        other = max(0.0, wall - (after.build_seconds - before.build_seconds) - (after.run_seconds - before.run_seconds)) / n
+        self.other = max(other, 0.5 * (self.other + other)) if self.other else other
+
+
 def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
                       skip: frozenset[str] | set[str] = frozenset()) -> list[Schedule]:
-    """The ``count`` one-edit neighbours of ``schedule`` the policy rates best (Q of the edit
-    at its cursor), skipping canonical keys in ``skip``.  Nothing is measured.
+    """``count`` schedules next to ``schedule``, none with a canonical key in ``skip``; nothing
+    is measured.  Two kinds alternate:
 
-    Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 32]``.
-    After: nests one edit away: ``k`` split by 128, ``m.o`` split by 48, ``n.o`` and ``k``
-    swapped, the unroll or packing changed, ...; the policy's Q-values order them.
+    * one-edit neighbours in the agent's action space, the policy's best-rated first (Q of the
+      edit at its cursor): a loop split or swapped, packing, unrolling changed, ...;
+    * one-factor mutations of the trace (``mutate.factor_mutations``): the register tile one
+      size up or down, a cache block halved or doubled, which no action can do once tiled.
+
+    Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 16]``.
+    After: e.g. ``k`` split by 128, or the tile 8 x 32, or ``m.o`` 48 instead of 96.
     """
     state = AgentState.initial(schedule)
     nbrs = neighbors(state, problem)
-    if not nbrs:
-        return []
-    cursors = sorted({c for c, _, _ in nbrs})
-    row = {c: i for i, c in enumerate(cursors)}
-    q = policy.q_values([observe(AgentState(state.schedule, c), problem, 0.5) for c in cursors])
-    ranked = sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))
+    ranked: list[Schedule] = []
+    if nbrs:
+        cursors = sorted({c for c, _, _ in nbrs})
+        row = {c: i for i, c in enumerate(cursors)}
+        q = policy.q_values([observe(AgentState(state.schedule, c), problem, 0.5) for c in cursors])
+        ranked = [n for _, _, n in sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))]
+        ranked = [canonical_schedule(n.nest) for n in ranked]
     out, seen = [], set(skip)
-    for _, _, nxt in ranked:
-        k = canonical_key(nxt.nest)
+    for cand in interleave([ranked, factor_mutations(schedule, problem)]):
+        k = canonical_key(cand.nest)
         if k not in seen:
             seen.add(k)
-            out.append(canonical_schedule(nxt.nest))
+            out.append(cand)
             if len(out) >= count:
                 break
     return out
@@ -170,12 +208,12 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                 add(beam[i], "policy-beam")
             if i < len(templates):
                 add(templates[i], "template")
-        first_cap = max(3, int(0.6 * budget / _prior_cost(problem)))
+        first_cap = max(2, int(0.5 * budget / _prior_cost(problem)))
 
         best: Optional[tuple[float, Schedule, RunResult]] = None
         history: list[tuple[float, float]] = []
         measured: dict[str, RunResult] = {}
-        per_candidate = None
+        cost = _BatchCost()
         first = True
         refined: set[str] = set()           # schedules whose neighbourhood has been queued
         while True:
@@ -198,17 +236,15 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
             chunk = todo[:first_cap] if first else todo[:batch]
             elapsed = time.perf_counter() - t0
             deadline = budget - max(0.05, 0.05 * budget)     # keep a margin: cost estimates are noisy
-            if not first and per_candidate is not None:
-                # a batch of n costs about n candidates, but never less than two (one compile
-                # does not parallelize, so a lone candidate costs what a pair does)
-                while chunk and elapsed + per_candidate * max(2, len(chunk)) > deadline:
+            if not first:
+                while chunk and elapsed + cost.estimate(len(chunk)) > deadline:
                     chunk = chunk[:-1]
                 if not chunk:
                     break
+            before = replace(evaluator.stats)
             t1 = time.perf_counter()
             results = evaluator.evaluate([(problem, s.nest) for s in chunk])
-            cost = (time.perf_counter() - t1) / len(chunk)
-            per_candidate = cost if first else max(cost, 0.5 * per_candidate + 0.5 * cost)
+            cost.observe(len(chunk), time.perf_counter() - t1, before, evaluator.stats)
             first = False
             for s, r in zip(chunk, results):
                 measured[canonical_key(s.nest)] = r

@@ -1,0 +1,50 @@
+"""One-factor trace mutations (tune's hill-climb): legal, distinct, one split factor away."""
+from looptune.runtime.defaults import default_schedule
+from looptune.runtime.problem import MatmulProblem
+from looptune.runtime.schedule import Schedule
+from looptune.tuner.actions import canonical_key, canonical_schedule
+from looptune.tuner.mutate import factor_mutations, interleave
+from looptune.tuner.spaces import tile_options
+from looptune.database.machine import detect_cpu
+
+TILED = ('{"steps":[{"factor":8,"loop":"m","op":"split"},{"factor":16,"loop":"n","op":"split"},'
+         '{"factor":256,"loop":"k","op":"split"},{"factor":6,"loop":"m.o","op":"split"},'
+         '{"op":"reorder","order":["b","m.o.o","m.o.i","n.o","k.o","k.i","m.i","n.i"]},'
+         '{"m":"m.i","n":"n.i","op":"register_tile"},{"factor":8,"loop":"n.o","op":"unroll"}],"version":1}')
+
+
+def splits(s: Schedule) -> dict[str, int]:
+    return {st["loop"]: st["factor"] for st in s.trace if st.op == "split"}
+
+
+def test_each_mutation_changes_exactly_one_split_factor():
+    base = canonical_schedule(Schedule.from_json(TILED).nest)
+    muts = factor_mutations(base, MatmulProblem(98, 384, 3456))
+    assert muts and len({canonical_key(m.nest) for m in muts}) == len(muts)
+    assert canonical_key(base.nest) not in {canonical_key(m.nest) for m in muts}
+    for m in muts:
+        diff = {k for k in splits(base) if splits(m).get(k) != splits(base)[k]}
+        assert len(diff) == 1, (splits(base), splits(m))
+        assert Schedule.from_json(m.to_json()).nest == m.nest          # save -> load -> replay -> equal
+
+
+def test_tile_moves_come_first_alternate_dimensions_and_fit_the_registers():
+    base = canonical_schedule(Schedule.from_json(TILED).nest)
+    muts = factor_mutations(base, MatmulProblem(98, 384, 3456))
+    first = [(splits(m)["m"], splits(m)["n"]) for m in muts[:4]]
+    assert {d for d in ("m", "n") for (mr, nr) in first if (mr != 8 if d == "m" else nr != 16)} == {"m", "n"}
+    assert (8, 32) in first                                 # the tile that wins on this shape is 2 moves away
+    options = set(tile_options(detect_cpu(), "float32"))
+    assert all(t in options for t in first)
+
+
+def test_untiled_and_default_schedules():
+    assert factor_mutations(Schedule.initial(), MatmulProblem(64, 64, 64)) == []
+    p = MatmulProblem(200, 300, 400)
+    d = canonical_schedule(default_schedule(p).nest)
+    muts = factor_mutations(d, p)
+    assert muts and all(len(m.trace) == len(d.trace) for m in muts)
+
+
+def test_interleave():
+    assert interleave([[1, 2, 3], ["a"], []]) == [1, "a", 2, 3]
