@@ -25,7 +25,7 @@ def main() -> None:
     for path in args.logs:
         recs = [json.loads(l) for l in open(path) if l.strip()]
         cfg = next((r for r in recs if r["kind"] == "config"), {})
-        label = cfg.get("algo", os.path.basename(path))
+        label = f"{cfg.get('algo', '?')} ({os.path.basename(path)})"
         eps = [r for r in recs if r["kind"] == "episode"]
         if eps:
             xs, ys, acc = [], [], []
