@@ -137,6 +137,13 @@ class Evaluator:
             out = [self.store.get(p.key(), k) for p, k in keys]
         return out  # type: ignore[return-value]
 
+    def remeasure(self, pairs: Sequence[tuple[MatmulProblem, LoopNest]]) -> list[RunResult]:
+        """Measure again, ignoring (and not changing) what is stored: a second opinion on
+        finalists.  Replay-only evaluators answer from the store."""
+        if self.runner is None:
+            return self.evaluate(pairs)
+        return self._measure([(p, canonical_key(n)) for p, n in pairs])
+
     def _measure(self, todo: list[tuple[MatmulProblem, str]]) -> list[RunResult]:
         if not getattr(self.runner, "needs_build", True) or isinstance(self.runner, ReplayRunner):
             self.wait()

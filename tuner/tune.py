@@ -128,6 +128,30 @@ class _BatchCost:
         self.other = max(other, 0.5 * (self.other + other)) if self.other else other
 
 
+def _confirm(problem, evaluator: Evaluator, order: list[Schedule], measured: dict[str, RunResult], best, cost,
+             t0: float, budget: float, top: int = 3):
+    """Time the best few once more and pick again, when the budget allows.
+
+    One measurement taken while something else had the core (another process, a compile of
+    the same batch finishing) can put a 100 GFLOPS kernel at 85 and lose it to an 90 GFLOPS
+    one.  Disturbances only ever slow a kernel down, so each finalist keeps the faster of its
+    two timings.  The kernels are built and loaded already: this costs timings only.
+    """
+    ok = sorted(((gflops_of(r), k) for k, r in measured.items() if gflops_of(r)), reverse=True)[:top]
+    if len(ok) < 2 or not hasattr(evaluator, "remeasure"):
+        return best
+    if time.perf_counter() - t0 + len(ok) * (cost.run + cost.other) + 0.05 > budget:
+        return best
+    by_key = {canonical_key(s.nest): s for s in order}
+    again = evaluator.remeasure([(problem, by_key[k].nest) for _, k in ok])
+    for (g, k), r in zip(ok, again):
+        g2 = gflops_of(r)
+        if g2 is not None and g2 > g:
+            measured[k] = r
+    g, k = max((gflops_of(measured[k]), k) for _, k in ok)
+    return g, by_key[k], measured[k]
+
+
 def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
                       skip: frozenset[str] | set[str] = frozenset()) -> list[Schedule]:
     """``count`` schedules next to ``schedule``, none with a canonical key in ``skip``; nothing
@@ -254,6 +278,7 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                     best = (g, s, r)
             history.append((time.perf_counter() - t0, best[0] if best else 0.0))
         name = getattr(policy, "name", "") if policy is not None else ""
+        best = _confirm(problem, evaluator, order, measured, best, cost, t0, budget)
         if best is None:
             s = order[0]
             r = measured.get(canonical_key(s.nest)) or RunResult(RunStatus.RUNNER_ERROR, problem.key(), s.to_json(),
