@@ -6,7 +6,7 @@ threads: the quick, transformer, CNN and decode presets, square sizes, and a fix
 the LoopTune paper grid.  dl-public shapes are deliberately left out, so that set stays a
 held-out test of nearest-record lookup for the shipped database.
 
-    python tools/build_embedded_db.py [--budget 3] [--tuner auto] [--threads 1 2]
+    python tools/build_embedded_db.py [--budget 2.5] [--tuner auto] [--threads 1 2]     # ~11 min on 2 cores
 """
 from __future__ import annotations
 
