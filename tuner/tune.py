@@ -140,7 +140,7 @@ def _confirm(problem, evaluator: Evaluator, order: list[Schedule], measured: dic
     ok = sorted(((gflops_of(r), k) for k, r in measured.items() if gflops_of(r)), reverse=True)[:top]
     if len(ok) < 2 or not hasattr(evaluator, "remeasure"):
         return best
-    if time.perf_counter() - t0 + len(ok) * (cost.run + cost.other) + 0.05 > budget:
+    if time.perf_counter() - t0 + 2 * len(ok) * (cost.run + cost.other) + 0.1 > budget:
         return best
     by_key = {canonical_key(s.nest): s for s in order}
     again = evaluator.remeasure([(problem, by_key[k].nest) for _, k in ok])
@@ -220,8 +220,11 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
         # won sweeps (GEMV-like streaming and register-resident panels for skinny M, in-place A
         # for small problems, wide packed tiles for large ones); kernels are size-free, so they
         # are often kernel-cache hits across a family.
+        deadline = budget - max(0.15, 0.075 * budget)        # keep a margin: cost estimates are noisy
         width = first_width
+        tb = time.perf_counter()
         beam = [n.state.schedule for n in policy.beam(problem, width=width)] if policy is not None else []
+        beam_seconds = time.perf_counter() - tb
         templates = [c.schedule() for c in blocking_candidates(problem, TEMPLATES)[1:]] \
             if include_default or policy is None else []
         if policy is not None:
@@ -244,23 +247,26 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
         while True:
             todo = [s for s in order if canonical_key(s.nest) not in measured]
             if not todo:
-                if policy is None or time.perf_counter() - t0 >= budget:
+                elapsed = time.perf_counter() - t0
+                if policy is None or elapsed + cost.estimate(2) > deadline:
                     break
                 if refine and best is not None and canonical_key(best[1].nest) not in refined:
                     refined.add(canonical_key(best[1].nest))
                     for s in refine_candidates(policy, problem, best[1], refine, set(sources)):
                         add(s, "refine")
                     continue
-                if width >= 64:
+                # a beam twice as wide costs about twice the last one (numpy, no measuring)
+                if width >= 64 or elapsed + 2.2 * beam_seconds + cost.estimate(2) > deadline:
                     break
                 width *= 2
+                tb = time.perf_counter()
                 for node in policy.beam(problem, width=width):
                     add(node.state.schedule, "policy-beam")
+                beam_seconds = time.perf_counter() - tb
                 continue
             # the first round goes out as one batch (one compiler call); later ones in small batches
             chunk = todo[:first_cap] if first else todo[:batch]
             elapsed = time.perf_counter() - t0
-            deadline = budget - max(0.15, 0.075 * budget)    # keep a margin: cost estimates are noisy
             if not first:
                 while chunk and elapsed + cost.estimate(len(chunk)) > deadline:
                     chunk = chunk[:-1]
