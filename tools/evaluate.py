@@ -175,7 +175,7 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
         cands = [r[s]["gflops"] for s in ("beam", "random") if s in r]
         ref60.append(max([c for c in cands if c] or [float("nan")]))
     methods = [("policy (greedy rollout, 1 candidate)", lambda r: r["policy"]["gflops"], lambda r: r["policy"]["seconds"]),
-               ("tune: policy beam + default, 2 s", lambda r: r["tune"]["gflops"], lambda r: r["tune"]["seconds"]),
+               ("tune (policy, default, templates, hill-climb), 2 s", lambda r: r["tune"]["gflops"], lambda r: r["tune"]["seconds"]),
                ("analytic default (1 candidate)", lambda r: r["default_gflops"], lambda r: None)]
     for s in ("random", "greedy", "beam", "policy-beam"):
         if s not in rows[0]:
