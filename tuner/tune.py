@@ -214,14 +214,14 @@ def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator:
                 sources[k] = how
                 order.append(canonical_schedule(sched.nest))
 
+        # keep a margin: cost estimates are noisy, and a VM can stall a process for 0.1-0.2 s
+        deadline = budget - max(0.25, 0.125 * budget)
         # The first batch, in priority order (it is cut short when the problem is so large that
         # all of it would not fit the budget): the policy's rollout, the analytic default, then
         # the policy's beam and the template schedules alternately.  Templates are structures that
         # won sweeps (GEMV-like streaming and register-resident panels for skinny M, in-place A
         # for small problems, wide packed tiles for large ones); kernels are size-free, so they
         # are often kernel-cache hits across a family.
-        # keep a margin: cost estimates are noisy, and this VM can stall a process for 0.1-0.2 s
-        deadline = budget - max(0.25, 0.125 * budget)
         width = first_width
         tb = time.perf_counter()
         beam = [n.state.schedule for n in policy.beam(problem, width=width)] if policy is not None else []
