@@ -24,7 +24,20 @@ from .observe import FLAT_FEATURES, GLOBAL_FEATURES, NODE_FEATURES, OBSERVATION_
 BATCH_KEYS = ("nodes", "adj", "eagg", "node_mask", "glob", "cursor")
 
 
-class GraphQNet(nn.Module):
+class _DuelingQ(nn.Module):
+    """The Q-value head both Q-networks share: ``V(z) + A(z) - mean A(z)`` (or ``A(z)``)."""
+
+    def q_head(self, z: torch.Tensor) -> torch.Tensor:
+        a = self.adv(z)
+        if not self.dueling:
+            return a
+        return self.val(z) + a - a.mean(dim=-1, keepdim=True)
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "hidden": self.hidden, "layers": self.layers, "dueling": self.dueling}
+
+
+class GraphQNet(_DuelingQ):
     arch = "gnn"
 
     def __init__(self, hidden: int = 64, layers: int = 3, n_actions: int = NUM_ACTIONS, dueling: bool = True):
@@ -50,16 +63,10 @@ class GraphQNet(nn.Module):
         mean = h.sum(1) / mask.sum(1)
         mx = h.max(1).values                                        # h >= 0 and padding is 0
         z = torch.relu(self.head(torch.cat([cur, mean, mx, torch.relu(self.glob(glob))], dim=-1)))
-        a = self.adv(z)
-        if not self.dueling:
-            return a
-        return self.val(z) + a - a.mean(dim=-1, keepdim=True)
-
-    def config(self) -> dict:
-        return {"arch": self.arch, "hidden": self.hidden, "layers": self.layers, "dueling": self.dueling}
+        return self.q_head(z)
 
 
-class FlatQNet(nn.Module):
+class FlatQNet(_DuelingQ):
     """MLP baseline on ``Graph.flat()`` (nodes flattened + globals)."""
 
     arch = "mlp"
@@ -73,18 +80,10 @@ class FlatQNet(nn.Module):
         self.val = nn.Linear(hidden, 1)
 
     def forward(self, nodes, adj, eagg, node_mask, glob, cursor):
-        cur = torch.zeros_like(nodes[..., :1])
-        cur[torch.arange(nodes.shape[0]), cursor] = 1.0             # the cursor is in the node features already
         z = torch.cat([nodes.flatten(1), glob], dim=-1)
         for layer in self.body:
             z = torch.relu(layer(z))
-        a = self.adv(z)
-        if not self.dueling:
-            return a
-        return self.val(z) + a - a.mean(dim=-1, keepdim=True)
-
-    def config(self) -> dict:
-        return {"arch": self.arch, "hidden": self.hidden, "layers": self.layers, "dueling": self.dueling}
+        return self.q_head(z)
 
 
 class ActorCritic(nn.Module):
