@@ -44,13 +44,13 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .errors import (CorruptDatabaseError, DatabaseError, LockTimeoutError, MissingDatabaseError, RecordError,
+    from looptune.database.errors import (CorruptDatabaseError, DatabaseError, LockTimeoutError, MissingDatabaseError, RecordError,
                          SchemaVersionError)
-    from .lookup import LookupSettings, Match, ScheduleIndex
-    from .maintenance import PruneRules, Rejection, export_jsonl, import_jsonl, merge, prune, read_jsonl
-    from .records import MachineKey, ProblemKey, Record, better
-    from .store import SCHEMA_VERSION, Database, StoreSettings, VerifyReport, commit, load, save, update, verify
-    from .trace import Step, Trace, TraceFormatError
+    from looptune.database.lookup import LookupSettings, Match, ScheduleIndex
+    from looptune.database.maintenance import PruneRules, Rejection, export_jsonl, import_jsonl, merge, prune, read_jsonl
+    from looptune.database.records import MachineKey, ProblemKey, Record, better
+    from looptune.database.store import SCHEMA_VERSION, Database, StoreSettings, VerifyReport, commit, load, save, update, verify
+    from looptune.runtime.compiler.trace import Step, Trace, TraceFormatError
 
 __all__ = [
     "CorruptDatabaseError", "Database", "DatabaseError", "LockTimeoutError", "LookupSettings", "MachineKey", "Match",

@@ -23,7 +23,7 @@ import stat
 import time
 from typing import Callable, Iterator
 
-from .errors import DatabaseError, LockTimeoutError
+from looptune.database.errors import DatabaseError, LockTimeoutError
 
 
 def lock_path(path: str) -> str:

@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import click
 
-from .errors import DatabaseError
-from .maintenance import PruneRules, Rejection, export_jsonl, import_jsonl, merge, prune
-from .records import Record
-from .store import SCHEMA_VERSION, commit, load, save, update, verify
+from looptune.database.errors import DatabaseError
+from looptune.database.maintenance import PruneRules, Rejection, export_jsonl, import_jsonl, merge, prune
+from looptune.database.records import Record
+from looptune.database.store import SCHEMA_VERSION, commit, load, save, update, verify
 
 _db_path = click.Path(dir_okay=False)
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .records import MachineKey, ProblemKey, Record, better, gc_paused
+from looptune.database.records import MachineKey, ProblemKey, Record, better, gc_paused
 
 
 @dataclass(frozen=True)

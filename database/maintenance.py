@@ -16,9 +16,9 @@ import os
 from dataclasses import dataclass
 from typing import IO, Iterable
 
-from .atomic import replace_atomically
-from .errors import RecordError
-from .records import MachineKey, ProblemKey, Record, better
+from looptune.database.atomic import replace_atomically
+from looptune.database.errors import RecordError
+from looptune.database.records import MachineKey, ProblemKey, Record, better
 
 
 @dataclass(frozen=True)

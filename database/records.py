@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
-from .errors import RecordError
-from .machine import CpuInfo, detect_cpu
-from .trace import Trace, TraceFormatError
+from looptune.database.errors import RecordError
+from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
+from looptune.runtime.compiler.trace import Trace, TraceFormatError
 
 RECORD_FORMAT_VERSION = 1    # version of the JSON form (``Record.to_dict``), also used by JSON-lines export
 
-# Problem ranges: must agree with looptune.runtime.problem (which we may not import).
+# Problem ranges: must agree with looptune.runtime.compiler.workload (which we may not import).
 OPS = ("matmul",)
 DTYPES = ("float32", "float64")
 LAYOUTS = ("nn", "tn", "nt", "tt")
@@ -127,7 +127,7 @@ def _fields(data: Any, what: str, required: tuple[str, ...], optional: tuple[str
 class ProblemKey:
     """The workload a schedule was tuned for: ``C[b] = A[b] @ B[b]`` with these sizes.
 
-    Field order and defaults mirror ``looptune.runtime.problem.MatmulProblem`` and ``key()``
+    Field order and defaults mirror ``looptune.runtime.compiler.workload.MatmulProblem`` and ``key()``
     produces the same string, so runtime and database agree on keys without importing
     each other.
     """

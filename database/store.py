@@ -41,11 +41,11 @@ from typing import Callable, Iterable, Iterator
 import h5py
 import numpy as np
 
-from . import atomic
-from .errors import CorruptDatabaseError, MissingDatabaseError, RecordError, SchemaVersionError
-from .maintenance import Rejection, merge
-from .records import MachineKey, ProblemKey, Record, gc_paused
-from .trace import MAX_STEPS, TRACE_FORMAT_VERSION, Step, Trace
+from looptune.database import atomic
+from looptune.database.errors import CorruptDatabaseError, MissingDatabaseError, RecordError, SchemaVersionError
+from looptune.database.maintenance import Rejection, merge
+from looptune.database.records import MachineKey, ProblemKey, Record, gc_paused
+from looptune.runtime.compiler.trace import MAX_STEPS, TRACE_FORMAT_VERSION, Step, Trace
 
 FORMAT_NAME = "looptune-schedule-db"
 SCHEMA_VERSION = 1

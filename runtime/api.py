@@ -14,10 +14,10 @@ import threading
 
 import numpy as np
 
-from .kernel import ERRORS, KernelError
-from .problem import MatmulProblem
-from .resolve import Resolution, Resolver
-from .settings import RuntimeSettings
+from looptune.runtime.compiler.kernel import ERRORS, KernelError
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.resolve import Resolution, Resolver
+from looptune.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 

@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from looptune.database.machine import detect_cpu
+from looptune.runtime.compiler.machine import detect_cpu
 
-from .build import BuildError, BuildSettings, build, compiler_identity
-from .codegen import CODEGEN_VERSION, render
-from .defaults import default_schedule
-from .ir import ScheduleError
-from .kernel import Kernel
-from .problem import MatmulProblem
-from .schedule import Schedule
-from .settings import RuntimeSettings
+from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
+from looptune.runtime.compiler.codegen import CODEGEN_VERSION, render
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler.kernel import Kernel
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
+from looptune.runtime.hooks import live_tuner
+from looptune.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 
@@ -198,18 +199,17 @@ class Resolver:
 
     def _tune(self, key: tuple, problem: MatmulProblem) -> None:
         try:
-            # lazily: only the fallback reaches into the tuner
-            from looptune.tuner.builddb import store_result
-            from looptune.tuner.tune import tune
-
-            outcome = tune(problem, budget=self.settings.tune_budget_s)
-            if not outcome.ok:
-                raise RuntimeError(outcome.result.error or "no candidate ran")
-            if self.settings.user_db is not None:
-                Path(self.settings.user_db).parent.mkdir(parents=True, exist_ok=True)
-                store_result(outcome, str(self.settings.user_db))
+            tuner = live_tuner()
+            if tuner is None:
+                raise RuntimeError("no live tuner is registered (is the looptune package installed?)")
+            user_db = str(self.settings.user_db) if self.settings.user_db is not None else None
+            if user_db is not None:
+                Path(user_db).parent.mkdir(parents=True, exist_ok=True)
+            outcome = tuner(problem, self.settings.tune_budget_s, user_db)
+            if outcome is None:
+                raise RuntimeError("no candidate ran")
             kernel = self.kernel(outcome.schedule, problem.dtype)
-            resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), str(self.settings.user_db),
+            resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), user_db,
                                     outcome.gflops, outcome.numpy_gflops)
             self._dispatch[key] = (kernel, resolution)
             self.databases.invalidate()

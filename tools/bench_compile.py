@@ -10,10 +10,10 @@ import statistics
 import tempfile
 import time
 
-from looptune.runtime.build import BuildSettings, build, build_many
-from looptune.runtime.codegen import render
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.spaces import blocking_candidates
+from looptune.runtime.compiler.build import BuildSettings, build, build_many
+from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.search.spaces import blocking_candidates
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import time
 
 from looptune.database import (LookupSettings, MachineKey, ProblemKey, Record, ScheduleIndex, StoreSettings, load,
                                save)
-from looptune.database.trace import Step, Trace
+from looptune.runtime.compiler.trace import Step, Trace
 
 MACHINES = [
     MachineKey("x86_64", "Bench CPU A", "avx512", ("avx", "avx2", "avx512f", "fma"), 16, "gcc 12.2.0", "1"),

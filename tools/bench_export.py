@@ -8,7 +8,7 @@ Two views, both single-threaded unless --threads says otherwise:
   build cache with its flags) called through the kernel ABI.  Only compile flags and the
   dispatcher differ.  Each is run 3 times, alternating; the median of the medians counts.
 * python: ``runtime.matmul(a, b)`` against the exported library called through ctypes, in
-  the same process, sampled in turns (``looptune.tuner.bench.time_interleaved``).
+  the same process, sampled in turns (``looptune.tuner.ship.bench.time_interleaved``).
 
     nice -n 10 taskset -c 1 python tools/bench_export.py --db schedules.h5 --out /tmp/lib [--json out.json]
 """
@@ -91,11 +91,11 @@ def main() -> None:
     import numpy as np
 
     from looptune import runtime
-    from looptune.runtime.build import build
-    from looptune.runtime.codegen import render
-    from looptune.runtime.problem import MatmulProblem
-    from looptune.tuner.bench import pinned_threads, time_interleaved
-    from looptune.tuner.export import export_library
+    from looptune.runtime.compiler.build import build
+    from looptune.runtime.compiler.codegen import render
+    from looptune.runtime.compiler.workload import MatmulProblem
+    from looptune.tuner.ship.bench import pinned_threads, time_interleaved
+    from looptune.tuner.ship.export import export_library
 
     out = Path(args.out or tempfile.mkdtemp(prefix="looptune-export-"))
     files = export_library(args.db, out, threads=args.threads)

@@ -14,8 +14,8 @@ import os
 import tempfile
 
 from looptune.database import load, save
-from looptune.runtime.problem import read_shapes
-from looptune.tuner.bench import geomean, run_bench, table
+from looptune.runtime.compiler.workload import read_shapes
+from looptune.tuner.ship.bench import geomean, run_bench, table
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ SQUARES = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
 def shapes() -> list[str]:
-    from looptune.tuner.presets import preset_problems
+    from looptune.tuner.ship.presets import preset_problems
 
     problems = []
     for name in ("quick", "transformer", "cnn", "decode"):

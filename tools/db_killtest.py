@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from looptune.database import MachineKey, ProblemKey, Record, StoreSettings, commit, load, save
-from looptune.database.trace import Step, Trace
+from looptune.runtime.compiler.trace import Step, Trace
 
 MACHINE = MachineKey("x86_64", "Killtest CPU", "avx2", ("avx2", "fma"), 4, "gcc 12.2.0", "1")
 TRACE = Trace((Step.make("split", loop="m", factor=8), Step.make("split", loop="n", factor=16),

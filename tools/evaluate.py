@@ -66,9 +66,9 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
     """Time each distinct finalist again, all in one session, in alternating order, keeping each
     one's best median: the same protocol for every method, so no method profits from having
     taken the maximum of more noisy measurements during its search."""
-    from looptune.runtime.build import build_many
-    from looptune.runtime.codegen import render
-    from looptune.tuner.runner import Candidate
+    from looptune.runtime.compiler.build import build_many
+    from looptune.runtime.compiler.codegen import render
+    from looptune.tuner.measure.runner import Candidate
 
     keys = sorted(schedules)
     builds = dict(zip(keys, build_many([render(schedules[k], problem.dtype) for k in keys])))
@@ -89,13 +89,13 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
     """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches
     (and its policy-beam search with ``reuse_policy_beam``, when it ran with the same policy)
     are taken as they are (their picks are re-timed with everything else at the end)."""
-    from looptune.runtime.ir import LoopNest
-    from looptune.runtime.schedule import Schedule
-    from looptune.tuner.actions import canonical_schedule
-    from looptune.tuner.env import Evaluator, gflops_of
-    from looptune.tuner.runner import ResultStore
-    from looptune.tuner.search import (BeamSearch, GreedySearch, PolicyBeamSearch, RandomWalkSearch, run_search)
-    from looptune.tuner.tune import _default, tune
+    from looptune.runtime.compiler.ir import LoopNest
+    from looptune.runtime.compiler.schedule import Schedule
+    from looptune.runtime.compiler.schedule import canonical_schedule
+    from looptune.tuner.measure.evaluator import Evaluator, gflops_of
+    from looptune.tuner.measure.runner import ResultStore
+    from looptune.tuner.search.strategies import (BeamSearch, GreedySearch, PolicyBeamSearch, RandomWalkSearch, run_search)
+    from looptune.tuner.search.tune import _default, tune
 
     fresh = lambda: Evaluator(runner, ResultStore())
     row: dict = {"problem": problem.key()}
@@ -288,10 +288,11 @@ def main() -> None:
         print("\nPer problem (GFLOPS, finalists re-measured):\n")
         print(per_problem(rows))
         return
-    from looptune.runtime.problem import read_shapes
-    from looptune.tuner.env import TUNE_MEASURE, split_problems
-    from looptune.tuner.policy import Policy
-    from looptune.tuner.runner import LocalRunner
+    from looptune.runtime.compiler.workload import read_shapes
+    from looptune.tuner.agent.env import split_problems
+    from looptune.tuner.measure.evaluator import TUNE_MEASURE
+    from looptune.tuner.agent.policy import Policy
+    from looptune.tuner.measure.runner import LocalRunner
 
     problems = read_shapes(args.shapes)
     if args.test_split:

@@ -9,7 +9,7 @@ then the best per (dtype, threads).  ``--json`` adds one machine-readable line a
 The numbers are upper bounds for a matmul kernel.  A run disturbed by other processes (a
 thread got less than 90 % of its core) can only come out lower; such runs lose to
 undisturbed ones and are flagged DISTURBED when nothing better was had.  Details in
-``looptune.tuner.peak``.
+``looptune.tuner.measure.peak``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from looptune.database.machine import detect_cpu
-from looptune.tuner.peak import peak_table
+from looptune.runtime.compiler.machine import detect_cpu
+from looptune.tuner.measure.peak import peak_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,11 +30,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "out", "recordings.jsonl"))
     args = ap.parse_args()
 
-    from looptune.runtime.ir import LoopNest
-    from looptune.runtime.problem import read_shapes
-    from looptune.tuner.env import Evaluator, split_problems
-    from looptune.tuner.search import RandomWalkSearch
-    from looptune.tuner.tune import _default
+    from looptune.runtime.compiler.ir import LoopNest
+    from looptune.runtime.compiler.workload import read_shapes
+    from looptune.tuner.agent.env import split_problems
+    from looptune.tuner.measure.evaluator import Evaluator
+    from looptune.tuner.search.strategies import RandomWalkSearch
+    from looptune.tuner.search.tune import _default
 
     train, _ = split_problems(read_shapes(args.shapes))
     problems = random.Random(args.seed).sample(train, min(args.problems, len(train)))

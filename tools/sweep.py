@@ -30,11 +30,11 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="end with a markdown table (with %% of measured peak)")
     args = ap.parse_args()
 
-    from looptune.runtime.build import build_many
-    from looptune.runtime.codegen import render
-    from looptune.runtime.problem import MatmulProblem, read_shapes
-    from looptune.tuner.runner import Candidate, LocalRunner, MeasureConfig
-    from looptune.tuner.spaces import blocking_candidates
+    from looptune.runtime.compiler.build import build_many
+    from looptune.runtime.compiler.codegen import render
+    from looptune.runtime.compiler.workload import MatmulProblem, read_shapes
+    from looptune.tuner.measure.runner import Candidate, LocalRunner, MeasureConfig
+    from looptune.tuner.search.spaces import blocking_candidates
 
     if args.shapes:
         problems = read_shapes(args.shapes, threads=args.threads)
@@ -76,7 +76,7 @@ def main() -> None:
     if len(ratios) > 1:
         print(f"geomean ratio over {len(ratios)} problems: {geomean:.3f}")
     if args.markdown and rows:
-        from looptune.tuner.peak import measure_peak_gflops
+        from looptune.tuner.measure.peak import measure_peak_gflops
 
         peaks = {}
         print("\n| problem | threads | best GFLOPS | numpy GFLOPS | ratio | % of peak | spread |")

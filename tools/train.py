@@ -4,10 +4,10 @@
 Every measurement goes through a recording evaluator (tools/out/recordings.jsonl by default):
 each distinct (problem, schedule) is compiled once and measured once, and a rerun with the same
 seed replays from the file.  Weights are written as npz (no pickle); the shipped policy is
-``tuner/data/policy.npz``.
+``tuner/agent/data/policy.npz``.
 
     nice -n 10 python tools/train.py --algo dqn --mix 192 --steps 20000 \\
-        --recordings tools/out/recordings-v2.jsonl --out tuner/data/policy.npz           # ~15 min here
+        --recordings tools/out/recordings-v2.jsonl --out tuner/agent/data/policy.npz           # ~15 min here
     nice -n 10 python tools/train.py --algo ppo --out tools/out/ppo.npz --steps 8000
     python tools/train.py --replay-only ...     # fail instead of measuring anything new
 
@@ -47,8 +47,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override an Args field")
     args = ap.parse_args()
 
-    from looptune.runtime.problem import read_shapes
-    from looptune.tuner.env import Evaluator, split_problems
+    from looptune.runtime.compiler.workload import read_shapes
+    from looptune.tuner.agent.env import split_problems
+    from looptune.tuner.measure.evaluator import Evaluator
 
     problems = read_shapes(args.shapes)
     train_split, _test = split_problems(problems)
@@ -56,7 +57,7 @@ def main() -> None:
     chosen = rng.sample(train_split, min(len(train_split), args.train_problems + args.eval_problems))
     train_set, eval_set = chosen[: args.train_problems], chosen[args.train_problems:]
     if args.mix:
-        from looptune.tuner.trainset import generated_mix
+        from looptune.tuner.agent.trainset import generated_mix
         banned = list(_test) + [p for f in args.exclude if os.path.exists(f) for p in read_shapes(f)]
         n_eval = max(1, min(16, args.mix // 4))
         mix = generated_mix(args.mix + n_eval, seed=args.seed, exclude=banned)
@@ -80,9 +81,9 @@ def main() -> None:
             print(json.dumps(rec), flush=True)
 
     if args.algo == "dqn":
-        from looptune.tuner import dqn as algo
+        from looptune.tuner.agent import dqn as algo
     else:
-        from looptune.tuner import ppo as algo
+        from looptune.tuner.agent import ppo as algo
     a = algo.Args(seed=args.seed, arch=args.arch) if args.algo == "dqn" else algo.Args(seed=args.seed)
     if args.steps:
         a = dataclasses.replace(a, total_steps=args.steps)

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from looptune.database import MachineKey, ProblemKey, Record
-from looptune.database.trace import Step, Trace
+from looptune.runtime.compiler.trace import Step, Trace
 
 LOCAL = MachineKey("x86_64", "Test CPU 9000", "avx2", ("avx", "avx2", "fma"), 8, "gcc 12.2.0", "1")
 FOREIGN = MachineKey("aarch64", "Other CPU", "neon", ("asimd",), 4, "clang 17.0.6", "1")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from looptune.database import MachineKey, ProblemKey, Record, RecordError, better
-from looptune.runtime.problem import MatmulProblem
+from looptune.runtime.compiler.workload import MatmulProblem
 
 from db_testlib import LOCAL, TRACE, make_record
 
@@ -139,7 +139,7 @@ def test_better_is_a_total_order(g1, g2, p1, p2):
 
 
 def test_machine_key_current_sanitizes_free_text():
-    from looptune.database.machine import CpuInfo
+    from looptune.runtime.compiler.machine import CpuInfo
     cpu = CpuInfo("x86_64", "Weird\u2122 CPU\n@ 3GHz", ("avx2", "fma"), 4, 1, 1, 1)
     assert MachineKey.current("gcc 12", "1", cpu=cpu).cpu_model == "Weird? CPU?@ 3GHz"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from looptune.database.trace import Step
-from looptune.runtime.defaults import BlockingParams
-from looptune.runtime.ir import ScheduleError
-from looptune.runtime.schedule import Schedule
+from looptune.runtime.compiler.trace import Step
+from looptune.runtime.compiler.defaults import BlockingParams
+from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler.schedule import Schedule
 
 FACTORS = (2, 3, 4, 5, 6, 7, 8, 12, 16, 32)
 

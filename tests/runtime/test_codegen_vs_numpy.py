@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from looptune.runtime.build import build_many
-from looptune.runtime.codegen import render
-from looptune.runtime.defaults import default_schedule
-from looptune.runtime.kernel import Kernel
-from looptune.runtime.problem import MatmulProblem
+from looptune.runtime.compiler.build import build_many
+from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.kernel import Kernel
+from looptune.runtime.compiler.workload import MatmulProblem
 from schedules import random_schedules
 
 DTYPES = ("float32", "float64")

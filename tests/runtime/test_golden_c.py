@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from looptune.runtime.codegen import Target, render
-from looptune.runtime.defaults import BlockingParams
-from looptune.runtime.schedule import Schedule
+from looptune.runtime.compiler.codegen import Target, render
+from looptune.runtime.compiler.defaults import BlockingParams
+from looptune.runtime.compiler.schedule import Schedule
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -34,8 +34,8 @@ def test_generated_c_matches_golden(name, update_golden):
 
 def test_golden_files_compile(tmp_path):
     """The golden kernels are real C: they build with the system compiler."""
-    from looptune.runtime.build import BuildSettings, build_many
-    from looptune.runtime.codegen import KernelSource
+    from looptune.runtime.compiler.build import BuildSettings, build_many
+    from looptune.runtime.compiler.codegen import KernelSource
 
     sources = [KernelSource(f"golden_{n}", CASES[n][1], (GOLDEN / f"{n}.c").read_text()) for n in sorted(CASES)
                if CASES[n][2].isa in ("portable", "avx2")]

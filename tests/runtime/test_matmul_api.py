@@ -197,7 +197,7 @@ def test_misaligned_buffers():
 
 def test_stored_schedule_that_fails_to_build_falls_back_to_the_default(monkeypatch):
     from looptune.runtime import api
-    from looptune.runtime.build import BuildError
+    from looptune.runtime.compiler.build import BuildError
     from looptune.runtime.resolve import Resolution
 
     runtime.configure()

@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from looptune.database.trace import Step, Trace, TraceFormatError
-from looptune.runtime.defaults import default_schedule
-from looptune.runtime.ir import LoopNest, ScheduleError
-from looptune.runtime.problem import MatmulProblem
-from looptune.runtime.schedule import Schedule
+from looptune.runtime.compiler.trace import Step, Trace, TraceFormatError
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.ir import LoopNest, ScheduleError
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
 from schedules import random_schedules
 
 BLIS = (Schedule.initial()

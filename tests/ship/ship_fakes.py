@@ -9,7 +9,7 @@ import os
 import time
 from types import SimpleNamespace
 
-from looptune.runtime.defaults import default_schedule
+from looptune.runtime.compiler.defaults import default_schedule
 
 
 def fake_tune(problem, budget_s):

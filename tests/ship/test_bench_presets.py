@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from looptune.runtime.problem import read_shapes
-from looptune.tuner.bench import BenchRow, geomean, table, time_interleaved
-from looptune.tuner.presets import PRESETS, preset_problems, preset_text
+from looptune.runtime.compiler.workload import read_shapes
+from looptune.tuner.ship.bench import BenchRow, geomean, table, time_interleaved
+from looptune.tuner.ship.presets import PRESETS, preset_problems, preset_text
 
 LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "shapes"

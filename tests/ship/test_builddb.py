@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from looptune.database import MachineKey, load
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.builddb import build_db, normalize, plan, target_machine
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.ship.builddb import build_db, normalize, plan, target_machine
 from looptune.tuner.cli import main
 
 import ship_fakes
@@ -105,9 +105,9 @@ def test_ctrl_c_keeps_what_finished(tmp_path):
 
 
 def test_normalize_reads_the_agents_tune_result():
-    from looptune.runtime.defaults import default_schedule
-    from looptune.tuner.runner import RunResult, RunStatus
-    from looptune.tuner.tune import TuneResult
+    from looptune.runtime.compiler.defaults import default_schedule
+    from looptune.tuner.measure.runner import RunResult, RunStatus
+    from looptune.tuner.search.tune import TuneResult
 
     p = MatmulProblem(64, 64, 64)
     run = RunResult(RunStatus.OK, seconds=1e-5, q1_seconds=0.9e-5, q3_seconds=1.1e-5, gflops=52.4,
@@ -209,10 +209,10 @@ def test_console_script_quick_preset_end_to_end(tmp_path):
 
 
 def test_without_the_agent_auto_falls_back_to_random_search(monkeypatch):
-    from looptune.tuner.builddb import AgentTuner, SearchTuner, make_tuner
+    from looptune.tuner.ship.builddb import AgentTuner, SearchTuner, make_tuner
 
     assert isinstance(make_tuner("auto"), AgentTuner)
-    monkeypatch.setitem(sys.modules, "looptune.tuner.tune", None)      # as if tune.py did not exist
+    monkeypatch.setitem(sys.modules, "looptune.tuner.search.tune", None)      # as if tune.py did not exist
     assert isinstance(make_tuner("auto"), SearchTuner)
     with pytest.raises(ImportError):
         make_tuner("agent")

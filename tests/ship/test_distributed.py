@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from looptune.database import MachineKey, load
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.builddb import build_db, target_machine
-from looptune.tuner.distributed import PoolExecutor, claim_cores
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.ship.builddb import build_db, target_machine
+from looptune.tuner.ship.distributed import PoolExecutor, claim_cores
 
 HERE = Path(__file__).parent
 FAKE = "ship_fakes:fake_tune"
@@ -30,7 +30,7 @@ def other_machine() -> MachineKey:
 def test_core_claims_are_exclusive_per_host(tmp_path):
     cores, files = claim_cores(1, lock_dir=str(tmp_path))
     assert len(cores) == 1
-    child = subprocess.run([sys.executable, "-c", "import os, sys; from looptune.tuner.distributed import claim_cores; "
+    child = subprocess.run([sys.executable, "-c", "import os, sys; from looptune.tuner.ship.distributed import claim_cores; "
                             f"c, _ = claim_cores(1, lock_dir={str(tmp_path)!r}); print(c)"],
                            capture_output=True, text=True, check=True)
     others = json.loads(child.stdout)
@@ -104,7 +104,7 @@ def cluster():
 
 @needs_dask
 def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
-    from looptune.tuner.distributed import DaskExecutor
+    from looptune.tuner.ship.distributed import DaskExecutor
 
     db = tmp_path / "s.h5"
     replies = []
@@ -120,7 +120,7 @@ def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
 
 @needs_dask
 def test_dask_workers_of_another_machine_are_refused(cluster, tmp_path):
-    from looptune.tuner.distributed import DaskExecutor
+    from looptune.tuner.ship.distributed import DaskExecutor
 
     db = tmp_path / "s.h5"
     ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=other_machine(), tuner=FAKE)

@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from looptune.database import ProblemKey, Record, commit
-from looptune.runtime.defaults import default_schedule
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.builddb import target_machine
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.cli import main
-from looptune.tuner.export import ExportError, export_library, make_plan
-from looptune.tuner.spaces import blocking_candidates
+from looptune.tuner.ship.export import ExportError, export_library, make_plan
+from looptune.tuner.search.spaces import blocking_candidates
 
 CC = os.environ.get("LOOPTUNE_CC") or os.environ.get("CC") or "cc"
 pytestmark = pytest.mark.skipif(shutil.which(CC) is None, reason="needs a C compiler")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from looptune.tuner.runner import Runner, RunResult, RunStatus
+from looptune.tuner.measure.runner import Runner, RunResult, RunStatus
 
 
 def synthetic_gflops(problem_key: str, tag: str) -> float:

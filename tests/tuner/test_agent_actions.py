@@ -6,12 +6,12 @@ import random
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from looptune.runtime.ir import ScheduleError
-from looptune.runtime.problem import MatmulProblem
-from looptune.runtime.schedule import Schedule
-from looptune.tuner.actions import (ACTION_INDEX, ACTION_NAMES, ACTIONS, NUM_ACTIONS, STOP, AgentState, apply,
-                                    canonical_key, canonical_schedule, legal_mask, neighbors)
-from looptune.tuner.observe import N_NODES, observe
+from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
+from looptune.tuner.agent.actions import (ACTION_INDEX, ACTION_NAMES, ACTIONS, NUM_ACTIONS, STOP, AgentState, apply, legal_mask, neighbors)
+from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
+from looptune.tuner.agent.observe import N_NODES, observe
 
 problems = st.builds(MatmulProblem, st.integers(1, 300), st.integers(1, 300), st.integers(1, 300),
                      batch=st.integers(1, 3), dtype=st.sampled_from(["float32", "float64"]),

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from agent_fakes import SyntheticRunner
 
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.actions import ACTION_INDEX, STOP
-from looptune.tuner.env import Evaluator, LoopTuneEnv, VecEnv, split_problems
-from looptune.tuner.runner import RecordingRunner, ReplayMissError, ReplayRunner
-from looptune.tuner.search import BeamSearch, GreedySearch, RandomWalkSearch, run_search
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.agent.actions import ACTION_INDEX, STOP
+from looptune.tuner.agent.env import LoopTuneEnv, VecEnv, split_problems
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.measure.runner import RecordingRunner, ReplayMissError, ReplayRunner
+from looptune.tuner.search.strategies import BeamSearch, GreedySearch, RandomWalkSearch, run_search
 
 PROBLEMS = [MatmulProblem(64, 80, 96), MatmulProblem(128, 64, 64), MatmulProblem(96, 96, 160)]
 

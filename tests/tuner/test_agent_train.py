@@ -11,13 +11,14 @@ from agent_fakes import SyntheticRunner
 
 torch = pytest.importorskip("torch")
 
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner import dqn, ppo
-from looptune.tuner.actions import STOP, AgentState, apply, legal_mask
-from looptune.tuner.env import Evaluator
-from looptune.tuner.nets import export_npz, make_qnet, to_torch
-from looptune.tuner.observe import observe, stack
-from looptune.tuner.policy import Policy, PolicyError
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.agent import dqn
+from looptune.tuner.agent import ppo
+from looptune.tuner.agent.actions import STOP, AgentState, apply, legal_mask
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.agent.nets import export_npz, make_qnet, to_torch
+from looptune.tuner.agent.observe import observe, stack
+from looptune.tuner.agent.policy import Policy, PolicyError
 
 PROBLEMS = [MatmulProblem(m, n, k) for m, n, k in [(64, 64, 64), (128, 96, 80), (96, 160, 112), (256, 64, 128)]]
 
@@ -58,7 +59,7 @@ def test_numpy_inference_equals_torch(tmp_path, arch):
 
 
 def test_policy_module_does_not_import_torch():
-    code = ("import sys; import looptune.tuner.policy, looptune.tuner.tune, looptune.tuner.search; "
+    code = ("import sys; import looptune.tuner.agent.policy, looptune.tuner.search.tune, looptune.tuner.search.strategies; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

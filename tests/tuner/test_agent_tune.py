@@ -8,10 +8,10 @@ import pytest
 from agent_fakes import SyntheticRunner
 from click.testing import CliRunner
 
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.env import Evaluator
-from looptune.tuner.policy import DEFAULT_WEIGHTS, Policy
-from looptune.tuner.tune import TuneResult, tune
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.agent.policy import DEFAULT_WEIGHTS, Policy
+from looptune.tuner.search.tune import TuneResult, tune
 
 
 def test_tune_api_on_synthetic_measurements():
@@ -46,7 +46,7 @@ def test_cli_tune_end_to_end(tmp_path):
 
 
 def test_policy_beam_search_respects_a_call_budget():
-    from looptune.tuner.search import PolicyBeamSearch, run_search
+    from looptune.tuner.search.strategies import PolicyBeamSearch, run_search
 
     t = [0.0]
 
@@ -62,9 +62,9 @@ def test_policy_beam_search_respects_a_call_budget():
 
 
 def test_refine_candidates_are_distinct_legal_neighbours_ranked_by_the_policy():
-    from looptune.runtime.defaults import default_schedule
-    from looptune.tuner.actions import canonical_key, canonical_schedule
-    from looptune.tuner.tune import refine_candidates
+    from looptune.runtime.compiler.defaults import default_schedule
+    from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
+    from looptune.tuner.search.tune import refine_candidates
 
     p = MatmulProblem(96, 128, 80)
     base = canonical_schedule(default_schedule(p).nest)

@@ -1,11 +1,11 @@
 """One-factor trace mutations (tune's hill-climb): legal, distinct, one split factor away."""
-from looptune.runtime.defaults import default_schedule
-from looptune.runtime.problem import MatmulProblem
-from looptune.runtime.schedule import Schedule
-from looptune.tuner.actions import canonical_key, canonical_schedule
-from looptune.tuner.mutate import factor_mutations, interleave
-from looptune.tuner.spaces import tile_options
-from looptune.database.machine import detect_cpu
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
+from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
+from looptune.tuner.search.mutate import factor_mutations, interleave
+from looptune.tuner.search.spaces import tile_options
+from looptune.runtime.compiler.machine import detect_cpu
 
 TILED = ('{"steps":[{"factor":8,"loop":"m","op":"split"},{"factor":16,"loop":"n","op":"split"},'
          '{"factor":256,"loop":"k","op":"split"},{"factor":6,"loop":"m.o","op":"split"},'

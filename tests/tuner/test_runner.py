@@ -13,8 +13,8 @@ import subprocess
 
 import pytest
 
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.runner import (Artifact, Candidate, LocalRunner, MeasureConfig, RecordingRunner, ReplayMissError,
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.measure.runner import (Artifact, Candidate, LocalRunner, MeasureConfig, RecordingRunner, ReplayMissError,
                                    ReplayRunner, ResultStore, RunResult, RunStatus, default_tolerance)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")

@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from looptune.runtime.build import build_many
-from looptune.runtime.codegen import render
-from looptune.runtime.kernel import Kernel
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.spaces import blocking_candidates
+from looptune.runtime.compiler.build import build_many
+from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.kernel import Kernel
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.search.spaces import blocking_candidates
 
 PROBLEMS = [MatmulProblem(5, 300, 77), MatmulProblem(12, 200, 90, threads=2), MatmulProblem(1, 129, 50),
             MatmulProblem(40, 70, 33, dtype="float64")]

@@ -1,6 +1,6 @@
 """The generated training mix: deterministic, distinct, capped, and disjoint from held-out sets."""
-from looptune.runtime.problem import MatmulProblem
-from looptune.tuner.trainset import MAX_TRAIN_FLOPS, generated_mix
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS, generated_mix
 
 
 def test_mix_is_deterministic_distinct_and_capped():

@@ -1,0 +1,115 @@
+"""The analytic default schedule: the five-loop GEMM structure of BLIS, sized for this CPU.
+
+::
+
+    for n.o  step NC:                 B block (KC x NC) lives in L3
+      for k.o  step KC:               pack B panels (NR wide)
+        for m.o  step MC:             A block (MC x KC) lives in L2; pack A panels (MR tall)
+          for n.i.o step NR:
+            for m.i.o step MR:
+              micro-kernel: for k.i: MR x NR accumulators in registers
+
+It is expressed as an ordinary trace, so the tuner can start from it, the database
+can store it, and it replays on any size of its family.  ``BlockingParams`` is
+also the search space of the grid/random searches: every point is one trace.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
+
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
+
+# Register tiles (MR, NR) that keep the accumulators, one row of vectors and a broadcast in registers.
+_TILES = {
+    ("avx512", "float32"): (12, 32), ("avx512", "float64"): (12, 16),
+    ("avx2", "float32"): (6, 16), ("avx2", "float64"): (6, 8),
+    ("neon", "float32"): (8, 12), ("neon", "float64"): (8, 6),
+    ("portable", "float32"): (4, 8), ("portable", "float64"): (4, 4),
+}
+
+
+@dataclass(frozen=True)
+class BlockingParams:
+    mr: int
+    nr: int
+    mc: int
+    kc: int
+    nc: int
+    unroll_k: int = 4
+    pack_a: bool = True
+    pack_b: bool = True
+    parallel: str | None = None      # None, "m.o" or "n.o"
+    vector: str = "n"                # the tile dimension mapped to SIMD lanes
+
+    def schedule(self) -> Schedule:
+        """The trace for these parameters (splits that do not apply are left out)."""
+        s = Schedule.initial()
+        mc = max(self.mr * 2, self.mc // self.mr * self.mr)
+        nc = max(self.nr * 2, self.nc // self.nr * self.nr)
+        s = s.step("split", loop="n", factor=nc).step("split", loop="k", factor=max(2, self.kc))
+        s = s.step("split", loop="m", factor=mc)
+        s = s.step("split", loop="n.i", factor=self.nr).step("split", loop="m.i", factor=self.mr)
+        s = s.step("reorder", order=["b", "n.o", "k.o", "m.o", "n.i.o", "m.i.o", "k.i", "m.i.i", "n.i.i"])
+        s = s.step("register_tile", m="m.i.i", n="n.i.i")
+        if self.vector == "m":
+            s = s.step("vectorize", loop="m.i.i")
+        if self.pack_b:
+            s = s.step("pack", operand="B", at="k.o")
+        if self.pack_a:
+            s = s.step("pack", operand="A", at="m.o")
+        if self.unroll_k > 1:
+            s = s.step("unroll", loop="k.i", factor=self.unroll_k)
+        if self.parallel:
+            s = s.step("parallel", loop=self.parallel)
+        return s
+
+
+def default_tile(cpu: CpuInfo, dtype: str) -> tuple[int, int]:
+    return _TILES[(cpu.vector_isa, dtype)]
+
+
+def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams:
+    """Cache-derived blocking: KC so an NR-wide B panel and an MR-tall A panel share L1,
+    MC so the A block fills about half of L2, NC so the B block fits in L3; GEMV-like
+    problems (M <= 16) stream B instead."""
+    cpu = cpu or detect_cpu()
+    mr, nr = default_tile(cpu, problem.dtype)
+    size = problem.itemsize
+    kc = max(64, min(512, cpu.l1d_bytes // ((mr + nr) * size) // 16 * 16 * 2))
+    kc = min(kc, _round_up(problem.k, 16))
+    mc = max(mr, (cpu.l2_bytes // 2 // (kc * size)) // mr * mr)
+    mc = min(mc, _round_up(problem.m, mr))
+    nc = max(nr, (cpu.l3_bytes // 4 // (kc * size)) // nr * nr)
+    nc = min(nc, _round_up(problem.n, nr))
+    params = BlockingParams(mr, nr, mc, kc, nc)
+    if problem.m <= 16:
+        # GEMV-like: A has nothing to reuse, so stream B in place, a few rows at a time outside
+        # wide n tiles (every B row is read contiguously), and pack nothing.
+        lanes = cpu.vector_bytes // size
+        mr, nr = 2 if problem.m <= 2 else 4, min(64, 4 * lanes)
+        params = BlockingParams(mr, nr, 2 * mr, 8, _round_up(problem.n, nr), unroll_k=8, pack_a=False,
+                                pack_b=problem.layout[1] == "t")    # vector loads need unit stride along n
+        mc, nc = params.mc, params.nc
+    if problem.threads > 1:
+        # Prefer splitting N across threads: each thread then packs its own B panel in parallel
+        # (with m.o parallel, B is packed by one thread while the others wait).  Block counts are
+        # multiples of the thread count so no thread gets an extra block.
+        t = problem.threads
+        if problem.n >= t * nr * 4 or problem.n >= problem.m:
+            blocks = _round_up(-(-problem.n // nc), t)
+            params = replace(params, parallel="n.o", nc=_round_up(-(-problem.n // blocks), nr))
+        else:
+            blocks = _round_up(-(-problem.m // mc), t)
+            params = replace(params, parallel="m.o", mc=_round_up(-(-problem.m // blocks), mr))
+    return params
+
+
+def default_schedule(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Schedule:
+    return default_params(problem, cpu).schedule()
+
+
+def _round_up(x: int, to: int) -> int:
+    return max(to, -(-x // to) * to)

@@ -1,0 +1,207 @@
+"""Torch-free inference of a trained LoopTune policy: numpy weights (npz), numpy forward pass.
+
+    from looptune.tuner.agent.policy import Policy
+    policy = Policy.load()                          # the weights shipped in looptune/tuner/agent/data/policy.npz
+    states = policy.beam(problem, width=4, depth=10)   # best-first final states, by Q-value
+    state = policy.rollout(problem)[-1]             # greedy rollout until `stop`
+
+The forward pass mirrors ``nets.GraphQNet`` / ``nets.FlatQNet`` operation for operation, so
+numpy and torch pick the same actions (tests check it on random graphs).  Importing this
+module does not import torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.schedule import Schedule
+
+from looptune.tuner.agent.actions import (ACTION_NAMES, ACTION_SPACE_VERSION, STOP, AgentState, apply, legal_mask)
+
+from looptune.runtime.compiler.schedule import canonical_key
+from looptune.tuner.agent.observe import OBSERVATION_VERSION, Graph, observe, stack
+
+DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "policy.npz")
+
+
+class PolicyError(RuntimeError):
+    """Weights missing, or trained for another action space or observation encoding."""
+
+
+def _fresh_mask(state: AgentState, problem: MatmulProblem, visited) -> np.ndarray:
+    """Legal actions that do not lead back to a (nest, cursor) this path has already been in.
+
+    Greedy Q-policies can cycle (unroll 8, unroll 2, unroll 8, ...) outside their training
+    distribution; at inference a cycle is never useful, so it is masked out.
+    """
+    mask = legal_mask(state, problem)
+    for a in np.flatnonzero(mask):
+        if a != STOP and _key(apply(state, int(a), problem)) in visited:
+            mask[a] = False
+    return mask
+
+
+def _key(state: AgentState) -> tuple[str, int]:
+    return canonical_key(state.nest), state.cursor
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _lin(p: dict[str, np.ndarray], name: str, x: np.ndarray) -> np.ndarray:
+    y = x @ p[name + ".weight"].T
+    b = p.get(name + ".bias")
+    return y + b if b is not None else y
+
+
+@dataclass
+class Node:
+    """A beam-search node: a state, its action history and the Q-value sum that ranks it."""
+
+    state: AgentState
+    actions: tuple[int, ...]
+    score: float                 # predicted return of the whole path from the start
+    stopped: bool = False
+    acc: float = 0.0             # predicted rewards of the steps before the last one
+    last_q: Optional[float] = None
+    visited: frozenset = frozenset()
+
+
+class Policy:
+    def __init__(self, params: dict[str, np.ndarray], meta: dict):
+        if meta.get("action_space") != ACTION_SPACE_VERSION or tuple(meta.get("actions", ())) != ACTION_NAMES:
+            raise PolicyError(f"policy was trained for action space {meta.get('action_space')!r}, "
+                              f"this build has {ACTION_SPACE_VERSION!r}")
+        if meta.get("observation") != OBSERVATION_VERSION:
+            raise PolicyError(f"policy was trained for observation {meta.get('observation')!r}, "
+                              f"this build has {OBSERVATION_VERSION!r}")
+        self.p = {k: v.astype(np.float32) for k, v in params.items()}
+        self.meta = meta
+        self.config = meta["config"]
+        self.max_steps = int(meta.get("max_steps", 12))
+        self.name = str(meta.get("name", "policy"))
+
+    @classmethod
+    def load(cls, path: Optional[str] = None) -> "Policy":
+        path = path or DEFAULT_WEIGHTS
+        if not os.path.exists(path):
+            raise PolicyError(f"no policy weights at {path}; train with tools/train.py")
+        with np.load(path, allow_pickle=False) as z:
+            params = {k: z[k] for k in z.files if k != "__meta__"}
+            meta = json.loads(z["__meta__"].tobytes().decode())
+        return cls(params, meta)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def q_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Q-values [B, actions] for a stacked batch (``observe.stack``)."""
+        if self.config["arch"] == "mlp":
+            return self._q_mlp(batch)
+        p = self.p
+        nodes, adj, eagg, mask = batch["nodes"], batch["adj"], batch["eagg"], batch["node_mask"][..., None]
+        h = _relu(_lin(p, "inp", nodes)) * mask
+        e = np.swapaxes(eagg, 1, 2)
+        for i in range(self.config["layers"]):
+            msgs = np.concatenate([adj[:, r] @ h for r in range(adj.shape[1])], axis=-1)
+            h = (h + _relu(_lin(p, f"self_w.{i}", h) + _lin(p, f"rel_w.{i}", msgs) + _lin(p, f"edge_w.{i}", e))) * mask
+        cur = h[np.arange(h.shape[0]), batch["cursor"]]
+        mean = h.sum(1) / mask.sum(1)
+        mx = h.max(1)
+        z = _relu(_lin(p, "head", np.concatenate([cur, mean, mx, _relu(_lin(p, "glob", batch["glob"]))], axis=-1)))
+        return self._duel(z)
+
+    def _q_mlp(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        z = np.concatenate([batch["nodes"].reshape(batch["nodes"].shape[0], -1), batch["glob"]], axis=-1)
+        for i in range(self.config["layers"]):
+            z = _relu(_lin(self.p, f"body.{i}", z))
+        return self._duel(z)
+
+    def _duel(self, z: np.ndarray) -> np.ndarray:
+        a = _lin(self.p, "adv", z)
+        if not self.config.get("dueling", True):
+            return a
+        return _lin(self.p, "val", z) + a - a.mean(axis=-1, keepdims=True)
+
+    def q_values(self, graphs: Sequence[Graph]) -> np.ndarray:
+        return self.q_batch(stack(list(graphs)))
+
+    def act(self, graph: Graph, mask: np.ndarray) -> int:
+        q = self.q_values([graph])[0]
+        return int(np.argmax(np.where(mask, q, -np.inf)))
+
+    # ---- rollouts --------------------------------------------------------------------------
+    def rollout(self, problem: MatmulProblem, start: Optional[Schedule] = None,
+                max_steps: Optional[int] = None) -> list[AgentState]:
+        """Greedy rollout without measuring: the states visited, ending where the policy stops."""
+        max_steps = max_steps or self.max_steps
+        state = AgentState.initial(start)
+        out = [state]
+        visited = {_key(state)}
+        for t in range(max_steps):
+            a = self.act(observe(state, problem, t / max_steps), _fresh_mask(state, problem, visited))
+            if a == STOP:
+                break
+            state = apply(state, a, problem)
+            visited.add(_key(state))
+            out.append(state)
+        return out
+
+    def beam(self, problem: MatmulProblem, width: int = 4, depth: Optional[int] = None,
+             start: Optional[Schedule] = None, expand: int = 3) -> list[Node]:
+        """Policy-guided beam search on Q-values alone (nothing measured).
+
+        Each beam node is expanded by its ``expand`` best legal actions.  Nodes are ranked by the
+        predicted return of their whole path, ``sum_t (Q(s_t, a_t) - gamma V(s_t+1)) + Q(s_T, a_T)``
+        (each step's predicted reward, then the last Q-value), so paths of different lengths
+        compare fairly.  Returns the distinct final nests, best first: the candidates the tuner
+        then measures.
+        """
+        depth = depth or self.max_steps
+        gamma = float(self.meta.get("gamma", 0.9))
+        root = AgentState.initial(start)
+        beam = [Node(root, (), 0.0, visited=frozenset([_key(root)]))]
+        finished: dict[str, Node] = {}
+        for t in range(depth):
+            live = [n for n in beam if not n.stopped]
+            if not live:
+                break
+            graphs = [observe(n.state, problem, t / depth) for n in live]
+            q = self.q_values(graphs)
+            cand: list[Node] = []
+            for n, qs in zip(live, q):
+                qs = np.where(_fresh_mask(n.state, problem, n.visited), qs, -np.inf)
+                v = float(qs.max())
+                acc = 0.0 if n.last_q is None else n.acc + n.last_q - gamma * v
+                for a in np.argsort(-qs)[:expand]:
+                    if not np.isfinite(qs[a]):
+                        break
+                    a = int(a)
+                    score = acc + float(qs[a])
+                    nxt = n.state if a == STOP else apply(n.state, a, problem)
+                    cand.append(Node(nxt, n.actions + (a,), score, a == STOP, acc, float(qs[a]),
+                                     n.visited | {_key(nxt)}))
+            cand += [n for n in beam if n.stopped]
+            cand.sort(key=lambda n: -n.score)
+            beam, seen = [], set()
+            for n in cand:
+                key = (canonical_key(n.state.nest), n.state.cursor, n.stopped)
+                if key not in seen:
+                    seen.add(key)
+                    beam.append(n)
+                if len(beam) >= width:
+                    break
+            for n in beam:
+                if n.stopped:
+                    k = canonical_key(n.state.nest)
+                    if k not in finished or finished[k].score < n.score:
+                        finished[k] = n
+        for n in beam:   # depth reached: what is left counts as finished
+            k = canonical_key(n.state.nest)
+            if k not in finished:
+                finished[k] = n
+        return sorted(finished.values(), key=lambda n: -n.score)

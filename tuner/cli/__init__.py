@@ -1,0 +1,86 @@
+"""The ``looptune`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from looptune.tuner.cli.common import make_problem, problem_options
+
+
+@click.group()
+@click.version_option(package_name="looptune")
+def main() -> None:
+    """LoopTune: tune, store and run fast CPU matmul kernels."""
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def info(as_json: bool) -> None:
+    """Show the detected CPU, vector ISA, compiler and cache directory."""
+    from looptune.runtime.compiler.machine import detect_cpu
+    from looptune.runtime.compiler.build import BuildSettings, compiler_identity
+    from looptune.runtime.compiler.codegen import CODEGEN_VERSION
+
+    cpu = detect_cpu()
+    settings = BuildSettings.from_env()
+    data = {
+        "cpu": cpu.model_name, "arch": cpu.arch, "vector_isa": cpu.vector_isa, "features": list(cpu.features),
+        "cores": cpu.cores, "l1d_bytes": cpu.l1d_bytes, "l2_bytes": cpu.l2_bytes, "l3_bytes": cpu.l3_bytes,
+        "compiler": compiler_identity(settings.compiler), "codegen_version": CODEGEN_VERSION,
+        "kernel_cache": str(settings.resolved_cache_dir()),
+    }
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key:16} {value}")
+
+
+@main.command()
+@problem_options
+@click.option("--trace", "trace_file", type=click.Path(exists=True, dir_okay=False),
+              help="a schedule trace (JSON); default: the analytic default schedule")
+@click.option("--c", "show_c", is_flag=True, help="print the generated C instead of the loop nest")
+@click.option("--json", "as_json", is_flag=True, help="print the trace as JSON")
+def schedule(m, n, k, dtype, batch, layout, threads, trace_file, show_c, as_json) -> None:
+    """Show a schedule for a problem: its loop nest, trace or generated C."""
+    from looptune.runtime.compiler.codegen import render
+    from looptune.runtime.compiler.defaults import default_schedule
+    from looptune.runtime.compiler.ir import ScheduleError
+    from looptune.runtime.compiler.schedule import Schedule
+
+    problem = make_problem(m, n, k, dtype, batch, layout, threads)
+    try:
+        sched = Schedule.from_json(open(trace_file).read()) if trace_file else default_schedule(problem)
+    except ScheduleError as e:
+        raise click.ClickException(f"illegal schedule: {e}") from None
+    if show_c:
+        click.echo(render(sched, problem.dtype).text)
+    elif as_json:
+        click.echo(sched.to_json())
+    else:
+        click.echo(f"# {problem}")
+        click.echo(f"# trace: {sched.trace}")
+        click.echo(sched.nest.pretty(dict(b=batch, m=m, n=n, k=k)))
+
+
+def _attach_optional_commands() -> None:
+    from looptune.tuner.cli.ship import bench, build_db, export
+    from looptune.tuner.cli.tune import tune
+
+    main.add_command(tune)
+    for command in (build_db, export, bench):
+        main.add_command(command)
+    try:
+        from looptune.database.cli import db
+    except ImportError:  # database CLI not available in this build
+        return
+    main.add_command(db)
+
+
+_attach_optional_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""``looptune build-db``, ``looptune export`` and ``looptune bench``: prebuild, scale out, ship."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, read_shapes
+
+BENCH_AFTER_BUILD_MAX = 24      # build-db ends with the bench table for families this small
+
+
+def _problems(shapes: str | None, preset: str | None, threads: int, required: bool = True) -> list[MatmulProblem] | None:
+    from looptune.tuner.ship.presets import PresetError, preset_problems
+
+    if shapes and preset:
+        raise click.UsageError("give --shapes or --preset, not both")
+    try:
+        if shapes:
+            return read_shapes(shapes, threads=threads)
+        if preset:
+            return preset_problems(preset, threads=threads)
+    except (ProblemError, OSError) as e:
+        raise click.ClickException(f"{shapes}: {e}") from None
+    except PresetError as e:
+        raise click.BadParameter(str(e), param_hint="--preset") from None
+    if required:
+        raise click.UsageError("give --shapes FILE or --preset NAME")
+    return None
+
+
+def _default_db() -> str:
+    from looptune.runtime.settings import user_db_path
+
+    return str(user_db_path())
+
+
+def _preset_choice():
+    from looptune.tuner.ship.presets import PRESETS
+
+    return click.Choice(list(PRESETS))
+
+
+_db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+                          help="schedule database (HDF5); default: $LOOPTUNE_DB, else the user data directory")
+
+
+@click.command("build-db")
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="shape file: 'M N K [key=value ...]' per line")
+@click.option("--preset", type=_preset_choice(), help="a built-in family instead of a shape file")
+@_db_option
+@click.option("--threads", type=int, default=1, show_default=True, help="threads each problem is tuned for")
+@click.option("--budget", type=float, default=2.0, show_default=True,
+              help="seconds of tuning per problem, compiles and measurements included")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="problems tuned at once on this machine, each pinned to its own cores")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Dask scheduler (tcp://HOST:PORT) whose workers tune, or 'local' for a LocalCluster of --workers")
+@click.option("--tuner", "tuner_spec", default="auto", show_default=True,
+              help="auto, agent (the shipped policy), search (random blocking search) or module:callable")
+@click.option("--limit", type=int, default=None, help="tune at most this many of the remaining problems")
+@click.option("--shuffle", is_flag=True, help="tune in a random (seeded) order: a partial build covers the family evenly")
+@click.option("--bench/--no-bench", "do_bench", default=None,
+              help=f"end with the bench table (default: for families of at most {BENCH_AFTER_BUILD_MAX} problems)")
+@click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner_spec, limit, shuffle, do_bench,
+             as_json, quiet) -> None:
+    """Tune every problem of a family into the schedule database.
+
+    Resumable: problems that already have a record for this machine are skipped, so rerun
+    the same command after Ctrl-C, a kill or a crash.  Workers return records; this
+    process alone commits them, each within about a second of finishing.
+    """
+    from looptune.tuner.ship.builddb import build_db as run_build, target_machine
+
+    problems = _problems(shapes, preset, threads)
+    if budget <= 0:
+        raise click.BadParameter("must be positive", param_hint="--budget")
+    if workers < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--workers")
+    db_path = db_path or _default_db()
+    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    machine = target_machine()
+    cores = max(p.threads for p in problems) if problems else 1
+    if limit is not None:
+        from looptune.tuner.ship.builddb import plan
+
+        todo, done = plan(problems, db_path, machine)
+        if shuffle:
+            import random
+            random.Random(0).shuffle(todo)
+        problems = done + todo[:limit]
+    executor = None
+    try:
+        if scheduler:
+            from looptune.tuner.ship.distributed import DaskExecutor
+
+            executor = DaskExecutor(scheduler, budget_s=budget, machine=machine, workers=workers, tuner=tuner_spec,
+                                    cores_per_worker=cores)
+            where = f"Dask workers of {executor.address} ({executor.slots} now)"
+        elif workers > 1:
+            from looptune.tuner.ship.distributed import PoolExecutor
+
+            executor = PoolExecutor(workers, budget_s=budget, machine=machine, tuner=tuner_spec, cores_per_worker=cores)
+            where = f"{workers} pinned local workers"
+        else:
+            where = "this process"
+    except (ImportError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if not quiet and not as_json:
+        click.echo(f"building {db_path} for {machine.short()}", err=True)
+        click.echo(f"{len(set(problems))} problems, {budget:g} s budget each, tuned in {where}", err=True)
+    report = run_build(problems, db_path, budget_s=budget, executor=executor, tuner=tuner_spec, machine=machine,
+                       progress=not quiet and not as_json, order_seed=0 if shuffle else None)
+    if as_json:
+        click.echo(json.dumps({
+            "db": db_path, "machine": machine.to_dict(), "total": report.total, "skipped": report.skipped,
+            "done": report.done, "failed": report.failed, "refused": report.refused,
+            "interrupted": report.interrupted, "seconds": report.seconds,
+            "seconds_per_problem": (sum(report.tune_seconds) / len(report.tune_seconds)) if report.tune_seconds else None,
+            "geomean_vs_numpy": report.geomean_speedup,
+            "workers": report.workers, "failures": report.failures[:100]}))
+    else:
+        click.echo(report.summary())
+        for key, error in report.failures[:10]:
+            click.echo(f"  failed: {key}: {error.splitlines()[0] if error else ''}")
+        if len(report.failures) > 10:
+            click.echo(f"  ... and {len(report.failures) - 10} more")
+    if report.interrupted:
+        raise SystemExit(130)
+    if do_bench is None:
+        do_bench = report.total <= BENCH_AFTER_BUILD_MAX
+    if do_bench and not as_json and report.problems:
+        click.echo("")
+        _bench_and_print(report.problems, db_path, threads, as_json=False, plot_path=None)
+    if report.failed or report.refused:
+        raise SystemExit(1)
+
+
+@click.command("export")
+@_db_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="directory for looptune.c, looptune.h, Makefile and manifest.json")
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
+              help="export exactly these shapes (own record, else the nearest record's kernel); default: every record")
+@click.option("--threads", type=int, default=1, show_default=True, help="thread count whose records are exported")
+@click.option("--build/--no-build", "do_build", default=True, show_default=True,
+              help="compile the library once to check it (needs the C compiler)")
+def export(db_path, out_dir, shapes, threads, do_build) -> None:
+    """Write the tuned kernels as a standalone C library (no Python at run time).
+
+    looptune_sgemm / looptune_dgemm compute C = A B (row-major) with a kernel chosen by
+    shape, falling back to the nearest tuned kernel or a general one for other shapes.
+    """
+    import subprocess
+
+    from looptune.database import DatabaseError
+
+    from looptune.tuner.ship.export import ExportError, export_library
+
+    db_path = db_path or _default_db()
+    if not os.path.exists(db_path):
+        raise click.ClickException(f"no database at {db_path}: run `looptune build-db` first")
+    problems = _problems(shapes, None, threads, required=False)
+    try:
+        files = export_library(db_path, out_dir, threads=threads, shapes=problems)
+    except (ExportError, DatabaseError) as e:
+        raise click.ClickException(str(e)) from None
+    plan = files.plan
+    kernels = sum(1 for k in plan.kernels if not k.general)
+    click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + 2 general) for "
+               f"{plan.machine.short()} to {files.out_dir}/")
+    click.echo(f"  {files.c_file.name}, {files.h_file.name}, {files.makefile.name}, {files.manifest.name}")
+    compiler = os.environ.get("LOOPTUNE_CC") or os.environ.get("CC") or "cc"
+    click.echo(f"  build: (cd {files.out_dir} && make)   or   {files.build_line(compiler)}")
+    if do_build:
+        cmd = [compiler, *plan.cflags(), "-c", str(files.c_file), "-o", os.devnull]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise click.ClickException(f"the exported library does not compile:\n{done.stderr[-3000:]}")
+        click.echo("  compiled cleanly")
+
+
+@click.command("bench")
+@_db_option
+@click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="shape file; default: the database's shapes")
+@click.option("--preset", type=_preset_choice(), help="a built-in family instead of a shape file")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads on every side")
+@click.option("--limit", type=int, default=None, help="at most this many problems (the first ones)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="also draw speedups over numpy as a bar chart (PNG; needs matplotlib)")
+@click.option("--no-torch", is_flag=True, help="leave torch out even if it is installed")
+def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch) -> None:
+    """runtime.matmul against numpy (and torch), side by side: GFLOPS and ratios."""
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401  (find out before minutes of benchmarking)
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib (LoopTune's [plot] extra)") from None
+    problems = _problems(shapes, preset, threads, required=False)
+    db_path = db_path or _default_db()
+    if problems is None:
+        problems = _database_problems(db_path, threads)
+        if not problems:
+            from looptune.tuner.ship.presets import preset_problems
+
+            problems = preset_problems("quick", threads=threads)
+    if limit is not None:
+        problems = problems[:limit]
+    _bench_and_print(problems, db_path, threads, as_json=as_json, plot_path=plot_path, with_torch=not no_torch)
+
+
+def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
+    """The shapes this machine has records for at this thread count, in size order."""
+    if not os.path.exists(db_path):
+        return []
+    from looptune.database import load
+
+    from looptune.tuner.ship.builddb import target_machine
+
+    machine = target_machine()
+    keys = sorted({r.problem for r in load(db_path) if r.machine == machine and r.problem.threads == threads})
+    return [MatmulProblem(p.m, p.n, p.k, batch=p.batch, dtype=p.dtype, layout=p.layout, threads=p.threads) for p in keys]
+
+
+def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, with_torch: bool = True) -> None:
+    from looptune import runtime
+
+    from looptune.tuner.ship.bench import plot, run_bench, table, to_json
+    from looptune.tuner.ship.builddb import target_machine
+
+    if db_path and os.path.exists(db_path):
+        runtime.configure(user_db=db_path)
+    problems = list(dict.fromkeys(problems))
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(problems), unit="problem", desc="bench", file=sys.stderr, leave=False)
+    try:
+        tick = (lambda _row: bar.update(1)) if bar is not None else None
+        rows = run_bench(problems, threads=threads, with_torch=with_torch, on_row=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+    machine = target_machine()
+    if as_json:
+        click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short())))
+    else:
+        click.echo(f"# GFLOPS of runtime.matmul (looptune) vs numpy{' vs torch' if any(r.torch_gflops for r in rows) else ''}"
+                   f" on {threads} thread{'s' if threads > 1 else ''}, {machine.short()}")
+        click.echo(table(rows))
+    if plot_path:
+        try:
+            plot(rows, plot_path, title=f"{machine.cpu_model}, {threads} thread{'s' if threads > 1 else ''}")
+        except ImportError as e:
+            raise click.ClickException(str(e)) from None
+        if not as_json:
+            click.echo(f"plot written to {plot_path}")
+    if not all(r.correct for r in rows):
+        raise SystemExit(1)

@@ -1,0 +1,67 @@
+"""``looptune tune M N K``: tune one problem with the shipped policy and store the result."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from looptune.tuner.cli.common import make_problem, problem_options
+
+
+def store(res, db_path: str) -> str:
+    """Commit the result to the HDF5 database at ``db_path``; returns the path."""
+    from looptune.tuner.ship.builddb import store_result
+
+    store_result(res, db_path)
+    return db_path
+
+
+@click.command()
+@problem_options
+@click.option("--budget", type=float, default=2.0, show_default=True, help="seconds, compiles and measurements included")
+@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+              help="schedule database (HDF5) to store the result in")
+@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="policy weights (npz); default: the shipped policy")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, as_json) -> None:
+    """Tune one matmul problem: policy rollout plus a few measurements, keeping the best."""
+    from looptune.tuner.agent.policy import Policy, PolicyError
+    from looptune.tuner.search.tune import tune as run_tune
+
+    problem = make_problem(m, n, k, dtype, batch, layout, threads)
+    if budget <= 0:
+        raise click.BadParameter("budget must be positive", param_hint="--budget")
+    try:
+        policy = Policy.load(policy_path)
+    except PolicyError as e:
+        if policy_path:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"warning: {e}; measuring the analytic default only", err=True)
+        policy = False
+    res = run_tune(problem, budget=budget, policy=policy or None)
+    stored = None
+    if db_path and res.ok:
+        stored = store(res, db_path)
+    r = res.result
+    if as_json:
+        click.echo(json.dumps({
+            "problem": problem.key(), "ok": res.ok, "gflops": r.gflops, "numpy_gflops": r.numpy_gflops,
+            "speedup_vs_numpy": r.speedup_vs_numpy, "seconds": res.seconds, "candidates": res.candidates,
+            "found_by": res.found_by, "policy": res.policy, "trace": json.loads(res.schedule.to_json()),
+            "status": r.status.value, "error": r.error, "stored": stored}))
+    else:
+        click.echo(f"# {problem}")
+        click.echo(f"# trace: {res.schedule.trace}")
+        click.echo(res.schedule.nest.pretty(dict(b=batch, m=m, n=n, k=k)))
+        if res.ok:
+            ratio = f" ({r.speedup_vs_numpy:.2f}x numpy)" if r.speedup_vs_numpy else ""
+            click.echo(f"{r.gflops:.1f} GFLOPS, numpy {r.numpy_gflops or float('nan'):.1f} GFLOPS{ratio}; "
+                       f"{res.candidates} candidates in {res.seconds:.2f} s, found by {res.found_by}")
+        else:
+            click.echo(f"no candidate could be measured: {r.status.value}: {r.error}")
+        if stored:
+            click.echo(f"stored in {stored}")
+    if not res.ok:
+        raise SystemExit(1)

@@ -1,0 +1,239 @@
+"""Peak FMA throughput of this machine, measured, so benchmarks can quote "% of peak".
+
+Peak is not computed from a spec sheet (clock, FMA pipes and vector width are all guesses
+on a VM, and Zen 4 runs 512-bit FMAs as two 256-bit halves).  Instead we compile a kernel
+with many independent FMA chains per thread,
+
+    for i in 0..iters:                      # no loads, no stores, no dependences between
+        acc[0] = fma(acc[0], x, y)          # chains: only FMA latency x pipes limits it
+        ...
+        acc[A-1] = fma(acc[A-1], x, y)
+
+for every vector width the ISA offers (512- and 256-bit on AVX-512, 256 on AVX2, 128 on
+NEON and GCC's portable vector extension) and 2-3 accumulator counts (A must cover
+latency x pipes, e.g. 4 x 2 = 8 on Zen, and fit in the register file).  The peak is the
+best of all variants, best of several runs: interference can only make a run slower.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+_LANE_BYTES = {"float32": 4, "float64": 8}
+
+
+@dataclass(frozen=True)
+class PeakVariant:
+    isa: str            # avx512 | avx2 | neon | portable: which C vocabulary renders it
+    bits: int           # vector width
+    dtype: str
+    accumulators: int
+
+    @property
+    def lanes(self) -> int:
+        return self.bits // 8 // _LANE_BYTES[self.dtype]
+
+    @property
+    def name(self) -> str:
+        return f"peak_{self.isa}_v{self.bits}_{self.dtype}_a{self.accumulators}"
+
+    @property
+    def flops_per_iter(self) -> int:
+        return 2 * self.lanes * self.accumulators
+
+
+def variants(isa: str, dtype: str) -> list[PeakVariant]:
+    """The variants worth trying for an ISA (register file: 32 zmm/ymm with AVX-512, 16 ymm
+    with AVX2, 32 q with NEON); two registers stay free for x and y."""
+    shapes = {
+        "avx512": [("avx512", 512, 16), ("avx512", 512, 24), ("avx2", 256, 12), ("avx2", 256, 24)],
+        "avx2": [("avx2", 256, 10), ("avx2", 256, 12)],
+        "neon": [("neon", 128, 16), ("neon", 128, 24)],
+        "portable": [("portable", 128, 8), ("portable", 128, 12)],
+    }[isa]
+    return [PeakVariant(i, bits, dtype, acc) for i, bits, acc in shapes]
+
+
+# (vector type, set1, fma(acc, x, y) = acc * x + y) per (isa, bits, dtype)
+_VOCAB = {
+    ("avx512", 512, "float32"): ("__m512", "_mm512_set1_ps({})", "_mm512_fmadd_ps({a}, {x}, {y})"),
+    ("avx512", 512, "float64"): ("__m512d", "_mm512_set1_pd({})", "_mm512_fmadd_pd({a}, {x}, {y})"),
+    ("avx2", 256, "float32"): ("__m256", "_mm256_set1_ps({})", "_mm256_fmadd_ps({a}, {x}, {y})"),
+    ("avx2", 256, "float64"): ("__m256d", "_mm256_set1_pd({})", "_mm256_fmadd_pd({a}, {x}, {y})"),
+    ("neon", 128, "float32"): ("float32x4_t", "vdupq_n_f32({})", "vfmaq_f32({y}, {a}, {x})"),
+    ("neon", 128, "float64"): ("float64x2_t", "vdupq_n_f64({})", "vfmaq_f64({y}, {a}, {x})"),
+    ("portable", 128, "float32"): ("v4f", "(v4f){{0}} + (float)({})", "{a} * {x} + {y}"),
+    ("portable", 128, "float64"): ("v2d", "(v2d){{0}} + (double)({})", "{a} * {x} + {y}"),
+}
+
+_PRELUDE = """#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#include <omp.h>
+{include}
+static double thread_cpu_seconds(void) {{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}}
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v2d __attribute__((vector_size(16)));
+"""
+
+
+def render_variant(v: PeakVariant) -> str:
+    """C for one variant: a chain function and an OpenMP driver timed between barriers.
+
+    The driver also reports the team size it really got and, as ``cpu_share``, the CPU time
+    the chains got over team size x wall time between the barriers: below ~0.9 another
+    process took a core (while a chain ran, or before it started: a late thread whose chain
+    does not overlap the others' doubles the wall time without slowing its own chain).
+    """
+    vec, set1, fma = _VOCAB[(v.isa, v.bits, v.dtype)]
+    scalar = "float" if v.dtype == "float32" else "double"
+    accs = [f"a{i}" for i in range(v.accumulators)]
+    lines = [f"static double chain_{v.name}(int64_t iters) {{",
+             # volatile: x and y are opaque, so the compiler cannot fold or merge the chains
+             f"    volatile {scalar} xs = ({scalar})0.9999999, ys = ({scalar})1e-7;",
+             f"    {vec} x = {set1.format('xs')}, y = {set1.format('ys')};"]
+    lines += [f"    {vec} {a} = {set1.format(f'({scalar})({i} * 0.001)')};" for i, a in enumerate(accs)]
+    lines += ["    for (int64_t i = 0; i < iters; ++i) {"]
+    lines += [f"        {a} = {fma.format(a=a, x='x', y='y')};" for a in accs]
+    lines += ["    }", f"    {scalar} lanes[{v.lanes}], sum = 0;"]
+    for a in accs:
+        lines += [f"    memcpy(lanes, &{a}, sizeof lanes);",
+                  f"    for (int j = 0; j < {v.lanes}; ++j) sum += lanes[j];"]
+    lines += ["    return (double)sum;", "}", "",
+              f"double {v.name}(int64_t iters, int32_t nthreads, double *seconds, double *cpu_share, int32_t *team) {{",
+              "    double t0 = 0, t1 = 0, sink = 0, cpu = 0;",
+              "    int32_t got = 0;",
+              "    #pragma omp parallel num_threads(nthreads) reduction(+:sink, cpu)",
+              "    {",
+              "        #pragma omp barrier",
+              "        #pragma omp single",
+              "        { t0 = omp_get_wtime(); got = omp_get_num_threads(); }",
+              "        double c0 = thread_cpu_seconds();",
+              f"        sink += chain_{v.name}(iters);",
+              "        cpu += thread_cpu_seconds() - c0;",
+              "        #pragma omp barrier",
+              "        #pragma omp single",
+              "        t1 = omp_get_wtime();",
+              "    }",
+              "    *seconds = t1 - t0;",
+              "    *cpu_share = t1 > t0 && got > 0 ? cpu / (got * (t1 - t0)) : 1.0;",
+              "    *team = got;",
+              "    return sink;",
+              "}", ""]
+    return "\n".join(lines)
+
+
+def render_source(vs: list[PeakVariant]) -> str:
+    isas = {v.isa for v in vs}
+    include = "#include <immintrin.h>" if isas & {"avx512", "avx2"} else ""
+    include += "\n#include <arm_neon.h>" if "neon" in isas else ""
+    return _PRELUDE.format(include=include) + "\n".join(render_variant(v) for v in vs)
+
+
+@functools.lru_cache(maxsize=None)
+def _library(isa: str):
+    """Compile every variant for ``isa`` (both dtypes) once per process; returns (lib, variants)."""
+    import cffi
+
+    vs = variants(isa, "float32") + variants(isa, "float64")
+    gcc = shutil.which(os.environ.get("CC", "gcc")) or "gcc"
+    ffi = cffi.FFI()
+    ffi.cdef("\n".join(f"double {v.name}(int64_t, int32_t, double *, double *, int32_t *);" for v in vs))
+    with tempfile.TemporaryDirectory(prefix="looptune-peak-") as d:
+        src, so = os.path.join(d, "peak.c"), os.path.join(d, "peak.so")
+        with open(src, "w") as f:
+            f.write(render_source(vs))
+        proc = subprocess.run([gcc, "-O2", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", so, src],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"peak benchmark failed to compile:\n{proc.stderr[-2000:]}")
+        lib = ffi.dlopen(so)          # unlinking a loaded library is safe
+    return ffi, lib, vs
+
+
+@dataclass(frozen=True)
+class PeakResult:
+    variant: PeakVariant
+    threads: int
+    gflops: float
+    cpu_share: float      # of the run reported: chains' CPU time / (threads x wall time)
+
+    @property
+    def disturbed(self) -> bool:
+        """Another process took a core during the run, so ``gflops`` is too low."""
+        return self.cpu_share < 0.9
+
+
+def measure_variant(v: PeakVariant, threads: int = 1, *, isa: str | None = None, seconds: float = 0.05,
+                    repeats: int = 5, rounds: int = 3) -> PeakResult:
+    """Best of ``repeats`` runs of about ``seconds`` each, preferring undisturbed runs.
+
+    If every run of a round was disturbed (a busy neighbour on a small machine), wait a
+    moment and try another round, up to ``rounds``; then report the best disturbed run.
+    """
+    from looptune.runtime.compiler.machine import detect_cpu
+
+    ffi, lib, _ = _library(isa or detect_cpu().vector_isa)
+    fn = getattr(lib, v.name)
+    out, share, team = ffi.new("double *"), ffi.new("double *"), ffi.new("int32_t *")
+    iters = 1 << 14
+    while True:                      # calibrate: grow until one run lasts a tenth of the target
+        fn(iters, threads, out, share, team)
+        if out[0] >= seconds / 10 or iters >= 1 << 40:
+            break
+        iters *= 4
+    iters = max(1, int(iters * seconds / max(out[0], 1e-9)))
+    best: PeakResult | None = None
+    for round_ in range(rounds):
+        if round_:
+            time.sleep(0.5)
+        for _ in range(repeats):
+            fn(iters, threads, out, share, team)
+            r = PeakResult(v, team[0], v.flops_per_iter * iters * team[0] / max(out[0], 1e-12) / 1e9, share[0])
+            if best is None or (best.disturbed, -best.gflops) > (r.disturbed, -r.gflops):
+                best = r
+        if not best.disturbed:
+            break
+    assert best is not None
+    return best
+
+
+def peak_table(dtype: str, threads: int, isa: str | None = None, **kwargs) -> dict[str, PeakResult]:
+    """variant name -> result for every variant of ``isa`` (default: the detected one)."""
+    from looptune.runtime.compiler.machine import detect_cpu
+
+    isa = isa or detect_cpu().vector_isa
+    return {v.name: measure_variant(v, threads, isa=isa, **kwargs) for v in variants(isa, dtype)}
+
+
+_PEAK_CACHE: dict[tuple[str, int], float] = {}
+
+
+def measure_peak_gflops(dtype: str = "float32", threads: int = 1) -> float:
+    """Best FMA throughput in GFLOPS over all variants (~1-2 s), cached per process.
+
+    A result disturbed by other processes is returned with a warning but not cached, so
+    the next call measures again instead of making every "% of peak" look too good.
+    """
+    if dtype not in _LANE_BYTES:
+        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+    key = (dtype, threads)
+    if key not in _PEAK_CACHE:
+        best = max(peak_table(dtype, threads).values(), key=lambda r: r.gflops)
+        if best.disturbed or best.threads != threads:
+            warnings.warn(f"peak {dtype} x{threads} threads measured as {best.gflops:.1f} GFLOPS while "
+                          f"disturbed (cpu share {best.cpu_share:.2f}, team {best.threads}); not cached",
+                          RuntimeWarning, stacklevel=2)
+            return best.gflops
+        _PEAK_CACHE[key] = best.gflops
+    return _PEAK_CACHE[key]

@@ -1,0 +1,105 @@
+"""Parametric schedule spaces for grid and random search.
+
+The RL agent walks the full step grammar; search baselines and database builds also
+sample the BLIS-shaped subspace (``BlockingParams``), where every point is a known-good
+structure and only sizes vary.  Candidates are deduplicated by their trace.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
+from looptune.runtime.compiler.defaults import BlockingParams, default_params
+from looptune.runtime.compiler.workload import MatmulProblem
+
+
+def tile_options(cpu: CpuInfo, dtype: str) -> list[tuple[int, int]]:
+    """Register tiles whose accumulators fit the register file with room for operands."""
+    lanes = cpu.vector_bytes // (4 if dtype == "float32" else 8)
+    regs = cpu.vector_registers
+    out = []
+    for nvec in (1, 2, 3, 4):
+        for mr in range(2, 17):
+            if mr * nvec + nvec + 1 <= regs:
+                out.append((mr, nvec * lanes))
+    return out
+
+
+def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
+                        cpu: CpuInfo | None = None) -> list[BlockingParams]:
+    """The default parameters first, then up to ``count`` distinct random points."""
+    cpu = cpu or detect_cpu()
+    rng = random.Random(seed)
+    base = default_params(problem, cpu)
+    tiles = tile_options(cpu, problem.dtype)
+    out = [base]
+    seen = {base.schedule().to_json()}
+    for cand in _templates(problem, base, cpu):
+        key = cand.schedule().to_json()
+        if key not in seen and len(out) < count + 1:
+            seen.add(key)
+            out.append(cand)
+    attempts = 0
+    while len(out) < count + 1 and attempts < count * 20:
+        attempts += 1
+        mr, nr = rng.choice(tiles) if rng.random() < 0.7 else (base.mr, base.nr)
+        kc = rng.choice([4, 8, 16, 32, 64, 96, 128, 192, 256, 320, 384, 512])
+        mc = mr * rng.choice([2, 4, 6, 8, 12, 16, 24, 32])
+        nc = nr * rng.choice([4, 8, 16, 32, 64, 128])
+        cand = replace(base, mr=mr, nr=nr, kc=min(kc, max(16, problem.k)), mc=mc, nc=nc,
+                       unroll_k=rng.choice([1, 2, 4, 8]),
+                       pack_a=rng.random() < 0.7, pack_b=rng.random() < 0.85)
+        key = cand.schedule().to_json()
+        if key not in seen:
+            seen.add(key)
+            out.append(cand)
+    return out
+
+
+def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> list[BlockingParams]:
+    """Structures that won sweeps on x86 (AVX2 and AVX-512) and ARM, expressed in vector widths so
+    they carry over between ISAs: tall-narrow tiles with A read in place for small problems, wide
+    tiles with both operands packed for large ones."""
+    lanes = cpu.vector_bytes // problem.itemsize
+    k = max(16, min(problem.k, 512))
+    small = problem.m * problem.k * problem.itemsize <= cpu.l2_bytes // 2
+    out = [
+        replace(base, mr=8, nr=lanes, mc=256, kc=min(k, 256), nc=32 * lanes, unroll_k=4, pack_a=False, pack_b=True),
+        replace(base, mr=8, nr=lanes, mc=256, kc=min(k, 256), nc=32 * lanes, unroll_k=4, pack_a=False, pack_b=False),
+        replace(base, mr=6, nr=lanes, mc=36, kc=min(k, 256), nc=32 * lanes, unroll_k=8, pack_a=False, pack_b=True),
+        replace(base, mr=5, nr=4 * lanes, mc=80, kc=min(k, 256), nc=256 * lanes, unroll_k=2, pack_a=False, pack_b=True),
+        replace(base, mr=12, nr=2 * lanes, mc=96, kc=min(k, 384), nc=128 * lanes, unroll_k=1, pack_a=True, pack_b=True),
+        replace(base, mr=6, nr=3 * lanes, mc=48, kc=min(k, 512), nc=96 * lanes, unroll_k=1, pack_a=True, pack_b=True),
+    ]
+    if not small:
+        out = out[3:] + out[:3]
+    if problem.m <= 64:
+        # Skinny M (decode, GEMV-like): little to reuse in A, so stream B rows in place: a few k
+        # rows at a time outside wide n tiles keeps every B row contiguous (axpy order), no packing.
+        skinny = [replace(base, mr=mr, nr=nr * lanes, mc=2 * mr, kc=8, nc=1 << 14, unroll_k=8, pack_a=False, pack_b=False)
+                  for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2), (16, 1), (8, 4))]
+        # ... or keep a whole column panel of C in registers across all of K (A packed once, B
+        # read in place, C written once): wins when M nearly fills a tile (8 x 1024 x 1024: 105
+        # GFLOPS against 70 for the streaming form).
+        resident = _register_resident(problem, base, cpu, lanes)
+        if problem.m <= 16:
+            mixed = [c for pair in zip(skinny, resident) for c in pair]
+            out = mixed + skinny[len(resident):] + out
+        else:
+            out = out + resident + skinny
+    valid = set(tile_options(cpu, problem.dtype))
+    return [c for c in out if (c.mr, c.nr) in valid or cpu.vector_registers >= 32]
+
+
+def _register_resident(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo, lanes: int) -> list[BlockingParams]:
+    """Skinny-M tiles that cover M (or 8 rows of it) and accumulate over the whole of K."""
+    mr = min(max(problem.m, 2), 8)
+    kc = max(16, min(-(-problem.k // 16) * 16, 4096))
+    shapes = [(mr, 2), (min(max(problem.m, 2), 16), 1) if problem.m > 8 else (mr, 4)]
+    out = []
+    for m_r, nvec in shapes:
+        if m_r * nvec + nvec + 1 <= cpu.vector_registers:
+            out.append(replace(base, mr=m_r, nr=nvec * lanes, mc=2 * m_r, kc=kc, nc=1 << 14, unroll_k=4,
+                               pack_a=True, pack_b=problem.layout[1] == "t", parallel=base.parallel))
+    return out

@@ -1,0 +1,257 @@
+"""``looptune bench``: runtime.matmul against numpy (and torch when installed), side by side.
+
+    rows = run_bench(problems, threads=1)
+    print(table(rows)); plot(rows, "bench.png")
+
+Timing protocol, the same for every library: operands made once per problem; two warm-up
+calls; each *sample* is the mean of ``number`` back-to-back calls, ``number`` chosen so a
+sample lasts at least ``min_sample_s``; the libraries take turns sample by sample (so a
+noisy moment hits all of them) until each has ``min_repeats`` samples and
+``min_time_s`` of them; the median sample is the time.  Thread counts are pinned on every
+side: ``threads=`` for LoopTune, threadpoolctl for numpy's BLAS, ``torch.set_num_threads``.
+Each LoopTune result is checked against numpy before it is timed.
+
+With more than one thread the libraries are timed in phases instead (``time_phased``): each
+library's thread pool spins for a while after a call, and on a machine with as many cores as
+threads, taking turns sample by sample would time one library's kernel against the other
+library's still-spinning workers rather than the kernels themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from looptune.runtime.compiler.workload import MatmulProblem
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    problem: str                      # "M N K [options]" as in a shape file
+    key: str
+    source: str                       # where runtime.matmul's schedule came from: exact | nearest | default | tuned
+    looptune_gflops: float
+    numpy_gflops: float
+    torch_gflops: Optional[float]
+    correct: bool
+    max_rel_error: float              # max |error| over max |C|
+
+    @property
+    def vs_numpy(self) -> float:
+        return self.looptune_gflops / self.numpy_gflops if self.numpy_gflops else math.nan
+
+    @property
+    def vs_torch(self) -> Optional[float]:
+        return self.looptune_gflops / self.torch_gflops if self.torch_gflops else None
+
+    @property
+    def torch_vs_numpy(self) -> Optional[float]:
+        return self.torch_gflops / self.numpy_gflops if self.torch_gflops and self.numpy_gflops else None
+
+
+def geomean(values: Sequence[float]) -> float:
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else math.nan
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int, with_torch: bool) -> Iterator[None]:
+    """numpy's BLAS (and OpenMP) and torch limited to ``threads`` for the duration."""
+    stack = contextlib.ExitStack()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        stack.enter_context(threadpool_limits(limits=threads))
+    except ImportError:     # without threadpoolctl, OPENBLAS_NUM_THREADS decides numpy's side
+        pass
+    if with_torch:
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        stack.callback(torch.set_num_threads, before)
+    with stack:
+        yield
+
+
+def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample_s or number >= 1 << 20:
+            return number
+        number = max(number * 2, int(number * min_sample_s / max(elapsed, 1e-9) * 1.2))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, min_repeats: int = 7, max_repeats: int = 200,
+                     min_time_s: float = 0.1, min_sample_s: float = 1e-3) -> dict[str, float]:
+    """Median seconds per call of each function, sampled in turns (see the module docstring)."""
+    numbers = {}
+    for name, fn in fns.items():
+        fn()
+        fn()
+        numbers[name] = _calibrate(fn, min_sample_s)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    for _ in range(max_repeats):
+        for name, fn in fns.items():
+            n = numbers[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            dt = time.perf_counter() - t0
+            samples[name].append(dt / n)
+            spent[name] += dt
+        if all(len(s) >= min_repeats for s in samples.values()) and min(spent.values()) >= min_time_s:
+            break
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_phased(fns: dict[str, Callable[[], object]], *, rounds: int = 3, idle_s: float = 0.05,
+                **kwargs) -> dict[str, float]:
+    """Median seconds per call of each function, each timed in blocks of its own (after ``idle_s``
+    of quiet, so the previous library's spinning threads have gone to sleep); ``rounds`` blocks per
+    function in alternating order, the best block's median kept."""
+    best: dict[str, float] = {}
+    names = list(fns)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            time.sleep(idle_s)
+            t = time_interleaved({name: fns[name]}, **kwargs)[name]
+            best[name] = min(best.get(name, math.inf), t)
+    return best
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch: bool = True,
+              min_time_s: float = 0.1, on_row: Optional[Callable[[BenchRow], None]] = None) -> list[BenchRow]:
+    """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``."""
+    from looptune import runtime
+    from looptune.tuner.measure.worker import default_tolerance
+
+    torch = _torch() if with_torch else None
+    rows = []
+    with pinned_threads(threads, torch is not None):
+        for p in problems:
+            a, b, _ = p.make_operands(seed=0)
+            if p.batch == 1:
+                a, b = a[0], b[0]
+            c = runtime.matmul(a, b, threads=threads)
+            ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
+            rtol, atol = default_tolerance(p.dtype, p.k)      # unit-normal operands, as the runner checks
+            diff = np.abs(c - ref)
+            correct = bool(np.all(diff <= atol + rtol * np.abs(ref)))
+            rel = float(np.max(diff) / max(float(np.max(np.abs(ref))), 1e-30)) if c.size else 0.0
+            fns: dict[str, Callable[[], object]] = {
+                "looptune": lambda: runtime.matmul(a, b, threads=threads),
+                "numpy": lambda: np.matmul(a, b),
+            }
+            if torch is not None:
+                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                fns["torch"] = lambda: torch.matmul(ta, tb)
+            timer = time_phased if threads > 1 else time_interleaved
+            seconds = timer(fns, min_time_s=min_time_s)
+            source = runtime.explain(a, b, threads=threads).source
+            gf = {name: p.flops / s / 1e9 for name, s in seconds.items()}
+            row = BenchRow(str(p.with_threads(1)), p.with_threads(threads).key(), source, gf["looptune"],
+                           gf["numpy"], gf.get("torch"), correct, rel)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def table(rows: Sequence[BenchRow]) -> str:
+    """A plain-text table: GFLOPS of each library and LoopTune's ratio to each, geomean last."""
+    has_torch = any(r.torch_gflops for r in rows)
+    head = ["problem", "schedule", "looptune", "numpy", *(["torch"] if has_torch else []), "vs numpy",
+            *(["vs torch"] if has_torch else []), "check"]
+    body = []
+    for r in rows:
+        line = [r.problem, r.source, f"{r.looptune_gflops:.1f}", f"{r.numpy_gflops:.1f}"]
+        if has_torch:
+            line.append(f"{r.torch_gflops:.1f}" if r.torch_gflops else "-")
+        line.append(f"{r.vs_numpy:.2f}x")
+        if has_torch:
+            line.append(f"{r.vs_torch:.2f}x" if r.vs_torch else "-")
+        line.append("ok" if r.correct else "WRONG")
+        body.append(line)
+    foot = ["geomean", "", "", ""] + ([""] if has_torch else []) + [f"{geomean([r.vs_numpy for r in rows]):.2f}x"]
+    if has_torch:
+        foot.append(f"{geomean([r.vs_torch or 0 for r in rows]):.2f}x")
+    foot.append("")
+    widths = [max(len(line[i]) for line in [head, *body, foot]) for i in range(len(head))]
+
+    def fmt(line):
+        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(head), rule, *map(fmt, body), rule, fmt(foot)])
+
+
+def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str) -> dict:
+    return {
+        "machine": machine, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "rows": [{**asdict(r), "vs_numpy": r.vs_numpy, "vs_torch": r.vs_torch} for r in rows],
+        "geomean_vs_numpy": geomean([r.vs_numpy for r in rows]),
+        "geomean_vs_torch": geomean([r.vs_torch or 0 for r in rows]) if any(r.torch_gflops for r in rows) else None,
+        "all_correct": all(r.correct for r in rows),
+    }
+
+
+def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
+    """A grouped bar chart: speedup over numpy per problem (LoopTune, and torch when measured),
+    a line at 1.0, the geomean in the title.  Shapes served by a borrowed schedule are marked *."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (LoopTune's [plot] extra)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_torch = any(r.torch_gflops for r in rows)
+    labels = [r.problem.replace(" dtype=float64", " f64").replace(" ", "\u00d7", 2) + ("" if r.source == "exact" else " *")
+              for r in rows]
+    x = np.arange(len(rows))
+    width = 0.4 if has_torch else 0.6
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(rows) + 2.5), 5.0), layout="constrained")
+    lt = [r.vs_numpy for r in rows]
+    bars = ax.bar(x - (width / 2 if has_torch else 0), lt, width, label="LoopTune", color="#1f77b4")
+    if has_torch:
+        ax.bar(x + width / 2, [r.torch_vs_numpy or 0 for r in rows], width, label="torch", color="#ff7f0e")
+    ax.axhline(1.0, color="black", linewidth=1.2, linestyle="--", label="numpy (1.0)")
+    if len(rows) <= 30:
+        for bar, value in zip(bars, lt):
+            ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8 if len(rows) > 20 else 9)
+    ax.set_ylabel("speedup over numpy (higher is better)")
+    ax.set_xlabel("problem M\u00d7N\u00d7K   (* = no record for this exact shape)")
+    geo = geomean(lt)
+    ax.set_title((title + "\n" if title else "") + f"LoopTune vs numpy: geomean {geo:.2f}x"
+                 + (f", torch {geomean([r.torch_vs_numpy or 0 for r in rows]):.2f}x" if has_torch else ""))
+    ax.set_ylim(0, max(1.2, max(lt + [r.torch_vs_numpy or 0 for r in rows])) * 1.25)   # head room for the legend
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", ncol=3, frameon=False)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rows_json(rows: Sequence[BenchRow], **kwargs) -> str:
+    return json.dumps(to_json(rows, **kwargs), indent=1)
