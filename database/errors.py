@@ -6,8 +6,10 @@ can act on (re-download the file, upgrade LoopTune, remove a bad record ...).
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
 
-class DatabaseError(Exception):
+
+class DatabaseError(LoopTuneError):
     """Base class: the schedule database could not be used as asked."""
 
 

@@ -12,6 +12,8 @@ harmlessly, and a reader never sees half a file.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import functools
 import hashlib
 import json
@@ -32,7 +34,7 @@ from looptune.runtime.compiler.codegen import CODEGEN_VERSION, KernelSource
 BASE_FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
 
 
-class BuildError(RuntimeError):
+class BuildError(LoopTuneError, RuntimeError):
     """The compiler rejected a kernel or could not be run."""
 
 

@@ -18,6 +18,8 @@ relies on and is O(loops), because the agent takes many steps per second.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -29,7 +31,7 @@ MAX_TILE_SIDE = 64
 MAX_LOOPS = 24
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LoopTuneError, ValueError):
     """An illegal schedule step; the message says why."""
 
 

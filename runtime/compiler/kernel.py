@@ -6,6 +6,8 @@ pointer-and-stride arguments without copying.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import ctypes
 import threading
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ _libs: dict[str, ctypes.CDLL] = {}
 _libs_lock = threading.Lock()
 
 
-class KernelError(RuntimeError):
+class KernelError(LoopTuneError, RuntimeError):
     """A kernel returned a failure code (``code``: -1 memory, -2 layout precondition, -3 alignment)."""
 
     def __init__(self, message: str, code: int = 0) -> None:

@@ -19,6 +19,8 @@ JSON form::
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import json
 import re
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ MAX_UNROLL = 64
 _LOOP_NAME = re.compile(r"^[bmnk](\.[oi]){0,%d}$" % MAX_LOOP_DEPTH)
 
 
-class TraceFormatError(ValueError):
+class TraceFormatError(LoopTuneError, ValueError):
     """A trace (or one of its steps) is not in the schedule grammar."""
 
 

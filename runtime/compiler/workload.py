@@ -7,6 +7,8 @@ A problem is what a schedule is tuned *for*; its family is everything but the si
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import math
 import os
 from dataclasses import dataclass, replace
@@ -18,7 +20,7 @@ MAX_DIM = 1 << 24
 MAX_THREADS = 1024
 
 
-class ProblemError(ValueError):
+class ProblemError(LoopTuneError, ValueError):
     """A problem description is out of range or malformed."""
 
 

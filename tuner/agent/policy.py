@@ -11,6 +11,8 @@ module does not import torch.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import json
 import os
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from looptune.tuner.agent.observe import OBSERVATION_VERSION, Graph, observe, st
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "policy.npz")
 
 
-class PolicyError(RuntimeError):
+class PolicyError(LoopTuneError, RuntimeError):
     """Weights missing, or trained for another action space or observation encoding."""
 
 

@@ -13,6 +13,8 @@ runner, they never see an exception from a bad kernel.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import abc
 import json
 import math
@@ -355,7 +357,7 @@ class LocalRunner(Runner):
 
 # ----------------------------------------------------------------------------- replay
 
-class ReplayMissError(LookupError):
+class ReplayMissError(LoopTuneError, LookupError):
     """A ReplayRunner was asked about a candidate it has no record of."""
 
 

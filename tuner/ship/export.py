@@ -22,6 +22,8 @@ every shape; the table only decides which is fastest.
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 import json
 import math
 import os
@@ -51,7 +53,7 @@ VECTOR_BYTES = {"avx512": 64, "avx2": 32, "neon": 16, "portable": 16}
 PREFIX = {"float32": "s", "float64": "d"}
 
 
-class ExportError(ValueError):
+class ExportError(LoopTuneError, ValueError):
     """Nothing to export, or an ambiguous choice of machine."""
 
 

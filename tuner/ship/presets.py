@@ -17,6 +17,8 @@ dl-public      30        the public performance set (odd sizes, skinny, batched,
 """
 from __future__ import annotations
 
+from looptune.runtime.compiler.errors import LoopTuneError
+
 from looptune.runtime.compiler.workload import MatmulProblem, parse_shapes
 
 QUICK = """\
@@ -156,7 +158,7 @@ PRESETS: dict[str, str] = {
 }
 
 
-class PresetError(KeyError):
+class PresetError(LoopTuneError, KeyError):
     """No preset of that name."""
 
     def __str__(self) -> str:
