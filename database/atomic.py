@@ -11,6 +11,10 @@ Writers serialize on ``flock`` of a sidecar ``<db>.lock`` file.  The lock cannot
 the database file itself because that inode is replaced on every commit.  The kernel
 drops the lock when its holder dies, so kill -9 never leaves a database locked.  The
 sidecar is never deleted: deleting a lock file races with processes about to lock it.
+
+Two guards keep a write from destroying the wrong file: ``same_file`` (two names, one
+file: same path, symlink or hard link) and ``is_hdf5_file`` (never replace a database
+with something that is not one).
 """
 from __future__ import annotations
 
@@ -24,6 +28,32 @@ import time
 from typing import Callable, Iterator
 
 from looptune.database.errors import DatabaseError, LockTimeoutError
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HDF5_SIGNATURE_OFFSETS = (0, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)   # 0, then after a user block
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether both paths name one existing file (compared by device and inode, so through
+    symlinks and hard links too)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def is_hdf5_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` exists and is an HDF5 file, a schedule database or any other: the
+    HDF5 superblock signature sits at byte 0 or, after a user block (ours is 512 bytes),
+    at 512, 1024, 2048, ..."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HDF5_SIGNATURE_OFFSETS[-1] + len(_HDF5_SIGNATURE))
+    except FileNotFoundError:
+        return False
+    return any(head.startswith(_HDF5_SIGNATURE, offset) for offset in _HDF5_SIGNATURE_OFFSETS)
 
 
 def lock_path(path: str) -> str:

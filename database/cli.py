@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import click
 
+from looptune.database.atomic import same_file
 from looptune.database.errors import DatabaseError
 from looptune.database.maintenance import PruneRules, Rejection, export_jsonl, import_jsonl, merge, prune
 from looptune.database.records import Record
@@ -45,6 +46,13 @@ def _reject(as_json: bool, payload: dict[str, Any], rejections: list[Rejection],
             click.echo(f"rejected {r}", err=True)
         click.echo(f"{what}: {len(rejections)} rejected", err=True)
     sys.exit(1)
+
+
+def _refuse_same_file(source: str, target: str, what: str) -> None:
+    """``target`` is about to be written from ``source``'s content: refuse when both names
+    reach one file (same path, a symlink or a hard link), whatever its format."""
+    if same_file(source, target):
+        raise DatabaseError(f"{target} is the same file as {source}; {what} needs a different file")
 
 
 def _errors_exit_1(command: Callable[..., None]) -> Callable[..., None]:
@@ -174,7 +182,8 @@ def prune_(path: str, unverified: bool, slower_than_numpy: bool, older_than_days
 @_json_option
 @_errors_exit_1
 def export_(path: str, out: str, as_json: bool) -> None:
-    """Write every record as one JSON object per line."""
+    """Write every record as one JSON object per line (never over an HDF5 database)."""
+    _refuse_same_file(path, out, "the export")
     count = export_jsonl(load(path).records, out)
     _emit(as_json, {"path": path, "out": out, "record_count": count}, f"{out}: {count} records")
 
@@ -187,6 +196,7 @@ def export_(path: str, out: str, as_json: bool) -> None:
 def import_(path: str, jsonl: str, as_json: bool) -> None:
     """Validate a JSON-lines file and merge its good records into PATH (created if missing).
     Exits 1 if any line was rejected; the valid lines are still imported."""
+    _refuse_same_file(jsonl, path, "the import")
     records, rejections = import_jsonl(jsonl)
     total = len(commit(path, records)) if records or not os.path.exists(path) else len(load(path))
     payload = {"path": path, "imported": len(records), "record_count": total}

@@ -27,7 +27,8 @@ from typing import Iterable
 
 import numpy as np
 
-from looptune.database.records import MachineKey, ProblemKey, Record, better, gc_paused
+from looptune.database.records import MachineKey, Record, better, gc_paused, problem_from_key
+from looptune.runtime.compiler.workload import MatmulProblem
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Match:
     exact: bool       # tuned for exactly the asked problem
 
 
-def _features(problems: list[ProblemKey]) -> np.ndarray:
+def _features(problems: list[MatmulProblem]) -> np.ndarray:
     """(4, n) array: one contiguous row per feature, which numpy scans several times faster
     than n rows of 4."""
     sizes = np.array([(p.m, p.n, p.k, p.batch) for p in problems], dtype=np.float64).reshape(-1, 4)
@@ -193,11 +194,11 @@ class ScheduleIndex:
     def __len__(self) -> int:
         return sum(len(p.records) for side in (self._local, self._foreign) for p in side.values())
 
-    def exact(self, problem: ProblemKey | str) -> Record | None:
+    def exact(self, problem: MatmulProblem | str) -> Record | None:
         """This machine's best record for exactly this problem; O(1)."""
         return self._exact.get(problem if isinstance(problem, str) else problem.key())
 
-    def best(self, problem: ProblemKey | str) -> Match | None:
+    def best(self, problem: MatmulProblem | str) -> Match | None:
         """The schedule to use: a local exact hit, else the nearest record (None if the family is empty)."""
         hit = self.exact(problem)
         if hit is not None:
@@ -205,10 +206,10 @@ class ScheduleIndex:
         found = self.nearest(problem, 1)
         return found[0] if found else None
 
-    def nearest(self, problem: ProblemKey | str, k: int = 1) -> list[Match]:
+    def nearest(self, problem: MatmulProblem | str, k: int = 1) -> list[Match]:
         """Up to ``k`` records of the problem's family, nearest first (foreign ones penalized)."""
         if isinstance(problem, str):
-            problem = ProblemKey.from_key(problem)
+            problem = problem_from_key(problem)
         if k < 1:
             return []
         q = problem.features()
@@ -229,6 +230,6 @@ class ScheduleIndex:
         return matches[:k]
 
     @staticmethod
-    def _match(record: Record, distance: float, local: bool, problem: ProblemKey) -> Match:
+    def _match(record: Record, distance: float, local: bool, problem: MatmulProblem) -> Match:
         return Match(record, distance, local, exact=record.problem == problem)
 

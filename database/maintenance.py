@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass
 from typing import IO, Iterable
 
-from looptune.database.atomic import replace_atomically
-from looptune.database.errors import RecordError
-from looptune.database.records import MachineKey, ProblemKey, Record, better
+from looptune.database.atomic import is_hdf5_file, replace_atomically
+from looptune.database.errors import DatabaseError, RecordError
+from looptune.database.records import MachineKey, Record, better
+from looptune.runtime.compiler.workload import MatmulProblem
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def merge(*sources: Iterable[Record]) -> tuple[Record, ...]:
 
     Commutative, associative and idempotent because ``better`` is a total order.
     """
-    best: dict[tuple[ProblemKey, MachineKey], Record] = {}
+    best: dict[tuple[MatmulProblem, MachineKey], Record] = {}
     for source in sources:
         for record in source:
             slot = record.slot
@@ -86,7 +87,13 @@ def write_jsonl(records: Iterable[Record], out: IO[str]) -> int:
 
 
 def export_jsonl(records: Iterable[Record], path: str | os.PathLike) -> int:
-    """Write records to ``path`` as JSON lines, atomically (no half-written export)."""
+    """Write records to ``path`` as JSON lines, atomically (no half-written export).
+
+    Refuses (``DatabaseError``) to replace an HDF5 file: ``--out`` naming a database, often
+    the very one being exported, would otherwise turn it into a JSON-lines file."""
+    if is_hdf5_file(path):
+        raise DatabaseError(f"{os.fspath(path)} is an HDF5 file (a schedule database?); "
+                            f"refusing to overwrite it with a JSON-lines export")
     buffer = io.StringIO()
     count = write_jsonl(records, buffer)
 

@@ -1,4 +1,4 @@
-"""What the database stores: one tuned result = problem key + machine key + trace + timings.
+"""What the database stores: one tuned result = problem + machine key + trace + timings.
 
 A ``Record`` answers "on *this machine*, *this schedule* ran *this problem* at *this speed*,
 and numpy managed *that* in the same run".  Every field is validated when a record is
@@ -26,21 +26,13 @@ from typing import Any, Iterator, Mapping
 from looptune.database.errors import RecordError
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.trace import Trace, TraceFormatError
+from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, short_repr
 
 RECORD_FORMAT_VERSION = 1    # version of the JSON form (``Record.to_dict``), also used by JSON-lines export
 
-# Problem ranges: must agree with looptune.runtime.compiler.workload (which we may not import).
-OPS = ("matmul",)
-DTYPES = ("float32", "float64")
-LAYOUTS = ("nn", "tn", "nt", "tt")
-MAX_DIM = 1 << 24
-MAX_THREADS = 1024
-
-_OP_SET, _DTYPE_SET, _LAYOUT_SET = frozenset(OPS), frozenset(DTYPES), frozenset(LAYOUTS)   # str only: hash lookups
-
 MAX_CORES = 1 << 16
 MAX_GFLOPS = 1e7             # 10 PFLOP/s: far beyond any CPU, small enough to catch garbage
-MAX_BUDGET = 1 << 40
+MAX_CANDIDATES = 1 << 40
 MAX_TIMESTAMP = 32503680000.0  # year 3000, in seconds since the Unix epoch
 
 _TEXT = re.compile(r"[\x20-\x7e]{0,256}")             # free text (CPU model, compiler): printable ASCII
@@ -50,42 +42,27 @@ _FEATURE = re.compile(r"[a-z0-9_]{1,32}")
 
 # -- field checks: each returns the normalized value or raises RecordError naming the field --
 
-def _short(value: Any) -> str:
-    """repr for error messages; hostile input can be huge (and ints over 4300 digits refuse repr)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"<{type(value).__name__} too large to print>"
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if type(value) is not int:
         # bool is an int in Python but never a count here; numpy integers are welcome.
         if isinstance(value, bool) or not hasattr(value, "__index__"):
-            raise RecordError(f"{what} must be an integer, got {_short(value)}")
+            raise RecordError(f"{what} must be an integer, got {short_repr(value)}")
         value = value.__index__()
     if not lo <= value <= hi:
-        raise RecordError(f"{what} must be in [{lo}, {hi}], got {_short(value)}")
+        raise RecordError(f"{what} must be in [{lo}, {hi}], got {short_repr(value)}")
     return value
 
 
 def _float(value: Any, what: str, lo: float, hi: float) -> float:
     if type(value) is not float:
         if isinstance(value, (bool, str, bytes)):
-            raise RecordError(f"{what} must be a number, got {_short(value)}")
+            raise RecordError(f"{what} must be a number, got {short_repr(value)}")
         try:
             value = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise RecordError(f"{what} must be a number, got {_short(value)}") from None
+            raise RecordError(f"{what} must be a number, got {short_repr(value)}") from None
     if not (math.isfinite(value) and lo <= value <= hi):
-        raise RecordError(f"{what} must be a finite number in [{lo}, {hi}], got {_short(value)}")
-    return value
-
-
-def _choice(value: Any, what: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed or type(value) is not str:
-        raise RecordError(f"{what} must be one of {list(allowed)}, got {_short(value)}")
+        raise RecordError(f"{what} must be a finite number in [{lo}, {hi}], got {short_repr(value)}")
     return value
 
 
@@ -98,7 +75,7 @@ def _text(value: Any, what: str, pattern: re.Pattern[str] = _TEXT) -> str:
     if type(value) is str and value in seen:
         return value
     if type(value) is not str or not pattern.fullmatch(value):
-        raise RecordError(f"{what} must be a string matching {pattern.pattern}, got {_short(value)}")
+        raise RecordError(f"{what} must be a string matching {pattern.pattern}, got {short_repr(value)}")
     if len(seen) < 4096:
         seen.add(value)
     return value
@@ -109,7 +86,7 @@ def _bool(value: Any, what: str) -> bool:
         return value
     if type(value) is not str and hasattr(value, "__index__") and value.__index__() in (0, 1):
         return bool(value.__index__())      # 0/1 from an HDF5 uint8 column
-    raise RecordError(f"{what} must be true or false, got {_short(value)}")
+    raise RecordError(f"{what} must be true or false, got {short_repr(value)}")
 
 
 def _fields(data: Any, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -123,85 +100,32 @@ def _fields(data: Any, what: str, required: tuple[str, ...], optional: tuple[str
     return dict(data)
 
 
-@dataclass(frozen=True, order=True)
-class ProblemKey:
-    """The workload a schedule was tuned for: ``C[b] = A[b] @ B[b]`` with these sizes.
+# -- problems: the one workload type, with its errors turned into RecordError at this boundary --
 
-    Field order and defaults mirror ``looptune.runtime.compiler.workload.MatmulProblem`` and ``key()``
-    produces the same string, so runtime and database agree on keys without importing
-    each other.
-    """
+def problem_from_dict(data: Any) -> MatmulProblem:
+    """A record's ``problem`` object; anything malformed is a ``RecordError``."""
+    try:
+        return MatmulProblem.from_dict(data)
+    except ProblemError as e:
+        raise RecordError(f"problem: {e}") from None
 
-    m: int
-    n: int
-    k: int
-    batch: int = 1
-    dtype: str = "float32"
-    layout: str = "nn"
-    threads: int = 1
-    op: str = "matmul"
 
-    def __post_init__(self) -> None:
-        m, n, k, b, t = self.m, self.n, self.k, self.batch, self.threads
-        if (type(m) is int and type(n) is int and type(k) is int and type(b) is int and type(t) is int
-                and 0 < m <= MAX_DIM and 0 < n <= MAX_DIM and 0 < k <= MAX_DIM and 0 < b <= MAX_DIM
-                and 0 < t <= MAX_THREADS and type(self.dtype) is str and self.dtype in _DTYPE_SET
-                and type(self.layout) is str and self.layout in _LAYOUT_SET
-                and type(self.op) is str and self.op in _OP_SET):
-            return     # the common case, checked in one expression; anything else gets the careful path below
-        for name in ("m", "n", "k", "batch"):
-            v = getattr(self, name)
-            checked = _int(v, f"problem.{name}", 1, MAX_DIM)
-            if checked is not v:
-                object.__setattr__(self, name, checked)
-        object.__setattr__(self, "threads", _int(self.threads, "problem.threads", 1, MAX_THREADS))
-        _choice(self.dtype, "problem.dtype", DTYPES)
-        _choice(self.layout, "problem.layout", LAYOUTS)
-        _choice(self.op, "problem.op", OPS)
+def problem_from_key(key: str) -> MatmulProblem:
+    """A problem key (``matmul:float32:nn:t1:b1:64x64x64``, canonical spelling only); anything
+    else is a ``RecordError``."""
+    try:
+        return MatmulProblem.from_key(key)
+    except ProblemError as e:
+        raise RecordError(f"problem: {e}") from None
 
-    @property
-    def family(self) -> tuple[str, str, str, int]:
-        """Everything but the sizes: a trace replays on any problem of its family."""
-        return (self.op, self.dtype, self.layout, self.threads)
 
-    def features(self) -> tuple[float, float, float, float]:
-        """Where the problem sits for nearest-neighbour lookup: log2 of each size, so
-        "twice as big" is the same step at 64 and at 4096."""
-        return (math.log2(self.m), math.log2(self.n), math.log2(self.k), math.log2(self.batch))
-
-    def key(self) -> str:
-        """``matmul:float32:nn:t1:b1:64x64x64``, identical to ``MatmulProblem.key()``."""
-        return f"{self.op}:{self.dtype}:{self.layout}:t{self.threads}:b{self.batch}:{self.m}x{self.n}x{self.k}"
-
-    @classmethod
-    def from_key(cls, key: str) -> "ProblemKey":
-        try:
-            op, dtype, layout, t, b, sizes = key.split(":")
-            if not (t[:1] == "t" and b[:1] == "b"):
-                raise ValueError
-            m, n, k = (int(x) for x in sizes.split("x"))
-            problem = cls(m, n, k, batch=int(b[1:]), dtype=dtype, layout=layout, threads=int(t[1:]), op=op)
-        except RecordError:
-            raise
-        except (ValueError, AttributeError):
-            raise RecordError(f"not a problem key: {key!r} "
-                              f"(expected e.g. 'matmul:float32:nn:t1:b1:64x64x64')") from None
-        if problem.key() != key:   # int() accepts "+64", " 64", "6_4": one problem, one spelling
-            raise RecordError(f"problem key {key!r} is not in canonical form {problem.key()!r}")
-        return problem
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "dtype": self.dtype, "layout": self.layout, "threads": self.threads,
-                "batch": self.batch, "m": self.m, "n": self.n, "k": self.k}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "ProblemKey":
-        d = _fields(data, "problem", ("op", "dtype", "layout", "threads", "batch", "m", "n", "k"))
-        return cls(d["m"], d["n"], d["k"], batch=d["batch"], dtype=d["dtype"], layout=d["layout"],
-                   threads=d["threads"], op=d["op"])
-
-    def __str__(self) -> str:
-        return self.key()
+def problem_from_columns(m: Any, n: Any, k: Any, batch: Any, dtype: Any, layout: Any, threads: Any,
+                         op: Any) -> MatmulProblem:
+    """A problem from the database's columns (the HDF5 store's rows); out of range is a ``RecordError``."""
+    try:
+        return MatmulProblem(m, n, k, batch, dtype, layout, threads, op)
+    except ProblemError as e:
+        raise RecordError(f"problem: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -263,10 +187,13 @@ class MachineKey:
 @dataclass(frozen=True)
 class Record:
     """One tuned result.  ``numpy_gflops`` was measured in the same run, so the ratio is
-    meaningful even when the machine was busy; ``policy``/``search``/``budget`` say how the
-    schedule was found (e.g. ``"dqn-v1"``, ``"beam"``, 200 evaluations)."""
+    meaningful even when the machine was busy; ``policy``/``search``/``candidates`` say how
+    the schedule was found (e.g. ``"dqn-v1"``, ``"beam"``, 200 candidate schedules measured).
 
-    problem: ProblemKey
+    ``candidates`` is a count, not seconds; it is persisted under its old name ``"budget"``
+    (HDF5 column and JSON field) so files written before the rename load unchanged."""
+
+    problem: MatmulProblem
     machine: MachineKey
     trace: Trace
     gflops_median: float
@@ -275,7 +202,7 @@ class Record:
     verified: bool
     policy: str = ""
     search: str = ""
-    budget: int = 0
+    candidates: int = 0
     timestamp: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
@@ -283,13 +210,13 @@ class Record:
         if (type(g) is float and type(s) is float and type(np_g) is float and type(ts) is float
                 and 0.0 <= g <= MAX_GFLOPS and 0.0 <= s <= MAX_GFLOPS and 0.0 <= np_g <= MAX_GFLOPS
                 and 0.0 <= ts <= MAX_TIMESTAMP and (self.verified is True or self.verified is False)
-                and type(self.budget) is int and 0 <= self.budget <= MAX_BUDGET
+                and type(self.candidates) is int and 0 <= self.candidates <= MAX_CANDIDATES
                 and type(self.policy) is str and self.policy in tokens and type(self.search) is str
-                and self.search in tokens and isinstance(self.problem, ProblemKey)
+                and self.search in tokens and isinstance(self.problem, MatmulProblem)
                 and isinstance(self.machine, MachineKey) and isinstance(self.trace, Trace)):
             return     # the common case (NaN fails every comparison); anything else gets the careful path
-        if not isinstance(self.problem, ProblemKey):
-            raise RecordError(f"record.problem must be a ProblemKey, got {type(self.problem).__name__}")
+        if not isinstance(self.problem, MatmulProblem):
+            raise RecordError(f"record.problem must be a MatmulProblem, got {type(self.problem).__name__}")
         if not isinstance(self.machine, MachineKey):
             raise RecordError(f"record.machine must be a MachineKey, got {type(self.machine).__name__}")
         if not isinstance(self.trace, Trace):
@@ -301,11 +228,11 @@ class Record:
         set_(self, "verified", _bool(self.verified, "verified"))
         _text(self.policy, "policy", _TOKEN)
         _text(self.search, "search", _TOKEN)
-        set_(self, "budget", _int(self.budget, "budget", 0, MAX_BUDGET))
+        set_(self, "candidates", _int(self.candidates, "candidates (stored as 'budget')", 0, MAX_CANDIDATES))
         set_(self, "timestamp", _float(self.timestamp, "timestamp", 0.0, MAX_TIMESTAMP))
 
     @property
-    def slot(self) -> tuple[ProblemKey, MachineKey]:
+    def slot(self) -> tuple[MatmulProblem, MachineKey]:
         """The database keeps one record per slot: the best."""
         return (self.problem, self.machine)
 
@@ -323,7 +250,8 @@ class Record:
                 "machine": self.machine.to_dict(), "trace": self.trace.to_dict(),
                 "gflops_median": self.gflops_median, "gflops_spread": self.gflops_spread,
                 "numpy_gflops": self.numpy_gflops, "verified": self.verified, "policy": self.policy,
-                "search": self.search, "budget": self.budget, "timestamp": self.timestamp}
+                "search": self.search, "budget": self.candidates,   # persisted name: see the class docstring
+                "timestamp": self.timestamp}
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces): equal records give equal text."""
@@ -338,11 +266,12 @@ class Record:
         d = _fields(data, "record", ("version", "problem", "machine", "trace", "gflops_median", "gflops_spread",
                                      "numpy_gflops", "verified", "policy", "search", "budget", "timestamp"))
         del d["version"]
+        d["candidates"] = d.pop("budget")    # persisted name: see the class docstring
         try:
             trace = Trace.from_dict(d.pop("trace"))
         except TraceFormatError as e:
             raise RecordError(f"trace: {e}") from None
-        return cls(problem=ProblemKey.from_dict(d.pop("problem")), machine=MachineKey.from_dict(d.pop("machine")),
+        return cls(problem=problem_from_dict(d.pop("problem")), machine=MachineKey.from_dict(d.pop("machine")),
                    trace=trace, **d)
 
     @classmethod

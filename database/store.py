@@ -44,7 +44,7 @@ import numpy as np
 from looptune.database import atomic
 from looptune.database.errors import CorruptDatabaseError, MissingDatabaseError, RecordError, SchemaVersionError
 from looptune.database.maintenance import Rejection, merge
-from looptune.database.records import MachineKey, ProblemKey, Record, gc_paused
+from looptune.database.records import MachineKey, Record, gc_paused, problem_from_columns
 from looptune.runtime.compiler.trace import MAX_STEPS, TRACE_FORMAT_VERSION, Step, Trace
 
 FORMAT_NAME = "looptune-schedule-db"
@@ -166,7 +166,7 @@ def _columns(records: tuple[Record, ...]) -> dict[str, dict[str, np.ndarray]]:
             "numpy_gflops": np.array([r.numpy_gflops for r in records], dtype="<f8"),
             "verified": np.array([r.verified for r in records], dtype="u1"),
             "policy": _ascii([r.policy for r in records]), "search": _ascii([r.search for r in records]),
-            "budget": np.array([r.budget for r in records], dtype="<i8"),
+            "budget": np.array([r.candidates for r in records], dtype="<i8"),   # persisted name of ``candidates``
             "timestamp": np.array([r.timestamp for r in records], dtype="<f8"),
         },
     }
@@ -397,7 +397,7 @@ def _decode_records(path: str, strict: bool) -> tuple[tuple[Record, ...], list[R
     medians, spreads, numpys, stamps = (col[c].tolist() for c in ("gflops_median", "gflops_spread",
                                                                    "numpy_gflops", "timestamp"))
     verified = [v == 1 if v < 2 else v for v in col["verified"].tolist()]   # 2..255 stay ints and are rejected
-    budgets = col["budget"].tolist()
+    candidates = col["budget"].tolist()   # persisted name of ``Record.candidates``
     machine_of, trace_of = col["machine"].tolist(), col["trace"].tolist()
 
     records: list[Record] = []
@@ -407,9 +407,9 @@ def _decode_records(path: str, strict: bool) -> tuple[tuple[Record, ...], list[R
             machine, trace = machines[machine_of[i]], traces[trace_of[i]]
             if isinstance(machine, str) or isinstance(trace, str):
                 raise RecordError(machine if isinstance(machine, str) else trace)
-            problem = ProblemKey(ms[i], ns[i], ks[i], batches[i], dtypes[i], layouts[i], threads[i], ops[i])
+            problem = problem_from_columns(ms[i], ns[i], ks[i], batches[i], dtypes[i], layouts[i], threads[i], ops[i])
             records.append(Record(problem, machine, trace, medians[i], spreads[i], numpys[i], verified[i],
-                                  policies[i], searches[i], budgets[i], stamps[i]))
+                                  policies[i], searches[i], candidates[i], stamps[i]))
         except RecordError as e:
             if strict:
                 raise RecordError(f"{path}: record {i} is invalid: {e}") from None

@@ -14,9 +14,9 @@ import threading
 
 import numpy as np
 
-from looptune.runtime.compiler.kernel import ERRORS, KernelError
+from looptune.runtime.compiler.kernel import KernelError, call_threads
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.resolve import Resolution, Resolver
+from looptune.runtime.resolve import Resolution, Resolver, serial_after_fork
 from looptune.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
@@ -44,6 +44,11 @@ def _get_resolver() -> Resolver:
     return r
 
 
+def current_resolver() -> Resolver:
+    """The resolver serving this process's calls (its databases, kernel caches, live-tuning queue)."""
+    return _resolver or _get_resolver()
+
+
 def configure(**changes) -> RuntimeSettings:
     """Change runtime settings (fallback=, max_distance=, tune_budget_s=, threads=, user_db=, embedded_db=).
     Cached kernel choices are dropped; compiled kernels stay cached on disk."""
@@ -51,6 +56,8 @@ def configure(**changes) -> RuntimeSettings:
     with _state_lock:
         base = _settings or RuntimeSettings.from_env()
         _settings = base.updated(**changes) if changes else base
+        if _resolver is not None:
+            _resolver.close()          # its database watcher; kernels stay cached on disk
         _resolver = None
         return _settings
 
@@ -61,8 +68,12 @@ def settings() -> RuntimeSettings:
 
 
 def _after_fork_in_child() -> None:
-    global _state_lock
+    """A forked child starts with fresh locks, and on one thread if the parent ran kernels on
+    several (``looptune.runtime.resolve.serial_after_fork``; later ``configure`` calls keep that)."""
+    global _state_lock, _settings
     _state_lock = threading.Lock()
+    if _settings is not None:
+        _settings = serial_after_fork(_settings)
     if _resolver is not None:
         _resolver.reset_after_fork()
 
@@ -104,25 +115,21 @@ def matmul(a, b, out=None, *, threads: int | None = None):
                 if la and lb:
                     resolver = _resolver or _get_resolver()
                     t = resolver.settings.threads if threads is None else _check_threads(threads)
-                    if 2.0 * m * n * k < resolver.settings.small_flops:
+                    if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
                         t = 1
                     key = (name, m, n, k, 1, la + lb, t)
-                    hit = resolver._dispatch.get(key)
+                    hit = resolver.dispatch.get(key)
                     if hit is None:
                         hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, 1, name, la + lb, t))
                     kernel = hit[0]
-                    fast = kernel._fast
                     c = _empty((m, n), dt)
-                    if fast is not None:
-                        rc = fast(kernel.address, kernel._typenum, a, b, c, 0, t)
-                        if rc == 0:
-                            return c
-                        if rc == -2:     # a schedule that reads B in place met a strided B: give it a copy
-                            return kernel(np.ascontiguousarray(a), np.ascontiguousarray(b), c, nthreads=t)
-                        if rc != -3:
-                            raise KernelError(f"{kernel.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
-                    elif a.flags.aligned and b.flags.aligned:
-                        return kernel(a, b, c, nthreads=t)
+                    rc = kernel.invoke(a, b, c, 0, t)
+                    if rc == 0:
+                        return c
+                    if rc == -2:     # a schedule that reads B in place met a strided B: give it a copy
+                        return kernel(np.ascontiguousarray(a), np.ascontiguousarray(b), c, nthreads=t)
+                    if rc != -3:     # -3: a misaligned operand, which the general path copies
+                        raise kernel.error(rc)
     return _general(a, b, out, threads)
 
 
@@ -218,11 +225,10 @@ def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads
     """(kernel, resolution) and the thread count for a problem; the 2-D fast path in ``matmul``
     inlines the same steps to save a call."""
     resolver = _resolver or _get_resolver()
-    t = resolver.settings.threads if threads is None else _check_threads(threads)
-    if 2.0 * batch * m * n * k < resolver.settings.small_flops:
-        t = 1
+    t = call_threads(2.0 * batch * m * n * k, resolver.settings.threads if threads is None else _check_threads(threads),
+                     resolver.settings.small_flops)
     key = (name, m, n, k, batch, layout, t)
-    hit = resolver._dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
+    hit = resolver.dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
     return hit, t
 
 

@@ -30,6 +30,7 @@ class LiveTuneResult:
     gflops: float
     numpy_gflops: Optional[float]
     stored: bool              # the record reached the user database
+    store_error: Optional[str] = None   # why it did not, when a user database was given
 
 
 LiveTuner = Callable[[MatmulProblem, float, Optional[str]], Optional[LiveTuneResult]]

@@ -12,10 +12,17 @@ Records are traces: they are replayed and checked against the schedule grammar, 
 compiled here (kernels are never loaded from a database).  A record whose trace does
 not replay is skipped.  Kernels are cached by schedule (every shape of a family shares
 one), in memory and on disk.
+
+Fork: a child of a process that ran kernels on several threads cannot use OpenMP (libgomp's
+pool threads did not survive the fork and a parallel region there would wait for them
+forever).  Such a child, and its own children, therefore run every kernel on one thread,
+whatever ``threads`` asks (``serial_after_fork``): a kernel called with one thread never
+enters OpenMP.  A child forked before any multi-threaded call keeps its threads.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -31,10 +38,25 @@ from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
-from looptune.runtime.hooks import live_tuner
+from looptune.runtime.databases import Databases
+from looptune.runtime.hooks import LiveTuneResult
+from looptune.runtime.live import LiveTuningQueue
 from looptune.runtime.settings import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
+
+# True once this process resolved a kernel for more than one thread: from then on libgomp's thread
+# pool may exist, and a forked child must stay out of OpenMP.  Inherited by children (and theirs).
+_parallel_resolved = False
+
+
+def serial_after_fork(settings: RuntimeSettings) -> RuntimeSettings:
+    """The settings a child forked from this process must use: ``settings`` itself, or, once a
+    multi-threaded kernel was resolved here, settings under which every call runs on one thread
+    (``small_flops`` infinite: every problem counts as too small for threads)."""
+    if not _parallel_resolved:
+        return settings
+    return settings.updated(threads=1, small_flops=math.inf)
 
 
 @dataclass(frozen=True)
@@ -72,64 +94,34 @@ def current_machine():
     return MachineKey.current(compiler_identity(BuildSettings.from_env().compiler), CODEGEN_VERSION)
 
 
-class _Databases:
-    """The user's and the embedded database, loaded on first use; a broken file is logged and skipped."""
-
-    def __init__(self, settings: RuntimeSettings) -> None:
-        self.paths = [p for p in (settings.user_db, settings.embedded_db) if p is not None]
-        self._indexes: Optional[list] = None
-        self._lock = threading.Lock()
-
-    def indexes(self) -> list:
-        if self._indexes is None:
-            with self._lock:
-                if self._indexes is None:
-                    self._indexes = self._load()
-        return self._indexes
-
-    def _load(self) -> list:
-        out = []
-        if not self.paths:
-            return out
-        from looptune.database import DatabaseError, ScheduleIndex, load
-
-        machine = current_machine()
-        for path in self.paths:
-            if not Path(path).exists():
-                continue
-            try:
-                out.append((str(path), ScheduleIndex(load(path), machine)))
-            except (DatabaseError, OSError) as e:
-                log.warning("looptune: ignoring schedule database %s: %s", path, e)
-        return out
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._indexes = None
-
-
 class Resolver:
     def __init__(self, settings: RuntimeSettings) -> None:
         self.settings = settings
-        self.databases = _Databases(settings)
+        self.databases = Databases([p for p in (settings.user_db, settings.embedded_db) if p is not None],
+                                   current_machine, recheck_s=settings.db_recheck_s, on_change=self._forget_choices)
+        self.live = LiveTuningQueue(settings.tune_budget_s, str(settings.user_db) if settings.user_db else None,
+                                    self._tuned)
         self.build_settings = BuildSettings.from_env()
         self._lock = threading.Lock()
-        self._dispatch: dict[tuple, tuple[Kernel, Resolution]] = {}
+        self.dispatch: dict[tuple, tuple[Kernel, Resolution]] = {}   # key -> hit; read directly by matmul's fast path
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._kernels: dict[tuple[str, str], Kernel] = {}
-        self._tuning: set[tuple] = set()
 
     # ---- the per-call entry: must stay cheap on a hit -------------------------------------
     def lookup(self, key: tuple, problem_factory) -> tuple[Kernel, Resolution]:
-        hit = self._dispatch.get(key)
+        global _parallel_resolved
+        hit = self.dispatch.get(key)
         if hit is not None:
             return hit
         with self._lock:
             lock = self._key_locks.setdefault(key, threading.Lock())
         with lock:                      # one compile per cold key; other keys proceed in parallel
-            hit = self._dispatch.get(key)
+            hit = self.dispatch.get(key)
             if hit is None:
+                generation = self.databases.generation
                 problem = problem_factory()
+                if problem.threads > 1:
+                    _parallel_resolved = True
                 resolution = self.resolve(problem)
                 try:
                     kernel = self.kernel(resolution.schedule, problem.dtype)
@@ -141,7 +133,8 @@ class Resolver:
                     resolution = Resolution(problem, "default", default_schedule(problem))
                     kernel = self.kernel(resolution.schedule, problem.dtype)
                 hit = (kernel, resolution)
-                self._dispatch[key] = hit
+                if self.databases.generation == generation:   # else a database changed meanwhile: resolve again next call
+                    self.dispatch[key] = hit
                 if resolution.tuning:
                     self._start_tuning(key, problem)
         return hit
@@ -163,7 +156,8 @@ class Resolver:
                 except ScheduleError as e:
                     log.warning("looptune: record for %s in %s does not replay: %s", match.record.problem, path, e)
                     continue
-                cand = (0.0 if match.exact else match.distance, rank, path, match, sched)
+                # another machine's record of this very problem still carries the foreign penalty
+                cand = (0.0 if match.exact and match.local else match.distance, rank, path, match, sched)
                 if best is None or cand[:2] < best[:2]:
                     best = cand
                 break
@@ -171,10 +165,11 @@ class Resolver:
         if best is not None:
             distance, _, path, match, sched = best
             rec = match.record
-            close = match.exact or distance <= self.settings.max_distance
+            exact = match.exact and match.local
+            close = exact or distance <= self.settings.max_distance
             if close or mode == "nearest" or mode == "tune":
-                return Resolution(problem, "exact" if match.exact else "nearest", sched, distance, rec.problem.key(),
-                                  path, rec.gflops_median if match.exact else None, rec.numpy_gflops if match.exact else None,
+                return Resolution(problem, "exact" if exact else "nearest", sched, distance, rec.problem.key(),
+                                  path, rec.gflops_median if exact else None, rec.numpy_gflops if exact else None,
                                   tuning=(not close and mode == "tune"))
         return Resolution(problem, "default", default_schedule(problem), tuning=(mode == "tune"))
 
@@ -190,39 +185,29 @@ class Resolver:
 
     # ---- live tuning ----------------------------------------------------------------------------
     def _start_tuning(self, key: tuple, problem: MatmulProblem) -> None:
-        with self._lock:
-            if key in self._tuning:
-                return
-            self._tuning.add(key)
-        threading.Thread(target=self._tune, args=(key, problem), name=f"looptune-tune-{problem.key()}",
-                         daemon=True).start()
+        self.live.submit(key, problem)
 
-    def _tune(self, key: tuple, problem: MatmulProblem) -> None:
-        try:
-            tuner = live_tuner()
-            if tuner is None:
-                raise RuntimeError("no live tuner is registered (is the looptune package installed?)")
-            user_db = str(self.settings.user_db) if self.settings.user_db is not None else None
-            if user_db is not None:
-                Path(user_db).parent.mkdir(parents=True, exist_ok=True)
-            outcome = tuner(problem, self.settings.tune_budget_s, user_db)
-            if outcome is None:
-                raise RuntimeError("no candidate ran")
-            kernel = self.kernel(outcome.schedule, problem.dtype)
-            resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), user_db,
-                                    outcome.gflops, outcome.numpy_gflops)
-            self._dispatch[key] = (kernel, resolution)
-            self.databases.invalidate()
-        except Exception as e:
-            log.warning("looptune: live tuning of %s failed: %s", problem, e)
-        finally:
-            with self._lock:
-                self._tuning.discard(key)
+    def _tuned(self, key: tuple, problem: MatmulProblem, outcome: LiveTuneResult) -> None:
+        """The live tuner's result: serve it from now on (the database watcher reloads the record too)."""
+        kernel = self.kernel(outcome.schedule, problem.dtype)
+        resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), self.live.user_db,
+                                outcome.gflops, outcome.numpy_gflops)
+        self.dispatch[key] = (kernel, resolution)
+
+    def _forget_choices(self) -> None:
+        """A database changed: every shape resolves again on its next call (kernels stay compiled)."""
+        self.dispatch.clear()
+
+    def close(self) -> None:
+        """Stop the database watcher (``configure`` replaces the resolver)."""
+        self.databases.close()
 
     def reset_after_fork(self) -> None:
-        """Locks held by threads that do not exist in the child would deadlock it: start afresh
-        (compiled kernels stay valid, they are plain code)."""
+        """In a forked child: locks held by threads that do not exist in the child would deadlock
+        it, so start them afresh (compiled kernels stay valid, they are plain code); and run on one
+        thread if the parent started OpenMP's threads (``serial_after_fork``)."""
+        self.settings = serial_after_fork(self.settings)
         self._lock = threading.Lock()
         self._key_locks = {}
-        self._tuning = set()
-        self.databases._lock = threading.Lock()
+        self.databases.reset_after_fork()
+        self.live.reset_after_fork()

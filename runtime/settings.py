@@ -1,39 +1,60 @@
-"""Runtime settings: a typed value, read from ``LOOPTUNE_*`` variables once, changed with ``configure``."""
+"""Runtime settings: a typed value, taken from the environment once, changed with ``configure``.
+
+The variables themselves are read and checked in ``looptune.runtime.compiler.environment``
+(the one place LoopTune reads its environment); this module turns them into
+``RuntimeSettings`` and decides which database paths are usable.
+"""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Mapping, Optional
+
+from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.machine import detect_cpu
+from looptune.runtime.compiler.workload import MAX_THREADS
 
 FALLBACKS = ("nearest", "tune", "off")
-DEFAULT_DB_NAME = "schedules.h5"
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def _cpu_count() -> int:
+def default_threads(env: Optional[Mapping[str, str]] = None) -> int:
+    """As numpy's OpenBLAS would: the thread variables (``environment.num_threads``), else
+    every core this process may run on, as detected."""
+    return environment.num_threads(env) or detect_cpu().cores
+
+
+def not_a_database_file(path: str | os.PathLike) -> Optional[str]:
+    """Why ``path`` cannot be a database file (it exists and is a FIFO, device, directory ...),
+    or None when it is a regular file or does not exist.  Looks with ``stat``, never opens it:
+    opening a FIFO blocks until someone writes to it."""
     try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        return f"{path}: cannot be examined: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return f"{path} is {kind}, not a schedule database file"
 
 
-def default_threads(env: dict[str, str] | None = None) -> int:
-    """As numpy's OpenBLAS would: LOOPTUNE_NUM_THREADS, else OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS,
-    else every core this process may run on."""
-    env = os.environ if env is None else env
-    for name in ("LOOPTUNE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = env.get(name, "").split(",")[0].strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return _cpu_count()
-
-
-def user_db_path(env: dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    if env.get("LOOPTUNE_DB"):
-        return Path(env["LOOPTUNE_DB"]).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("looptune")) / DEFAULT_DB_NAME
+def usable_user_db(path: str | os.PathLike | None, source: str = "user_db") -> Optional[Path]:
+    """``path`` as the user database; None (no user database) when it is None, or, with a
+    warning naming ``source``, when it exists but is not a regular file."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    reason = not_a_database_file(path)
+    if reason is not None:
+        environment.warn_once(f"{source}: {reason}; serving without a user database")
+        return None
+    return path
 
 
 def embedded_db_path() -> Path:
@@ -49,27 +70,27 @@ class RuntimeSettings:
     user_db: Path | None = None           # None: no user database
     embedded_db: Path | None = None       # None: no embedded database
     small_flops: float = 1.5e6            # problems below this run single-threaded whatever is asked
+    db_recheck_s: float = 1.0             # how often a running process looks for changed databases (0: never)
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
-        if not (isinstance(self.threads, int) and self.threads >= 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
-        if not self.tune_budget_s > 0:
-            raise ValueError("tune_budget_s must be positive")
+        if isinstance(self.threads, bool) or not (isinstance(self.threads, int) and 1 <= self.threads <= MAX_THREADS):
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {self.threads!r}")
+        if not 0 < self.tune_budget_s < float("inf"):
+            raise ValueError(f"tune_budget_s must be a positive number of seconds, got {self.tune_budget_s!r}")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "RuntimeSettings":
-        env = os.environ if env is None else env
-        fallback = env.get("LOOPTUNE_FALLBACK", "nearest").strip().lower() or "nearest"
-        budget = env.get("LOOPTUNE_TUNE_BUDGET", "")
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "RuntimeSettings":
+        """The settings the environment asks for (``looptune.runtime.compiler.environment``);
+        an unusable value is named in a warning and its default applies."""
         embedded = embedded_db_path()
         return cls(
-            fallback=fallback,
-            tune_budget_s=float(budget) if budget else cls.tune_budget_s,
+            fallback=environment.choice("LOOPTUNE_FALLBACK", FALLBACKS, cls.fallback, env),
+            tune_budget_s=environment.positive_seconds("LOOPTUNE_TUNE_BUDGET", cls.tune_budget_s, env),
             threads=default_threads(env),
-            user_db=None if env.get("LOOPTUNE_DB", None) == "" else user_db_path(env),
-            embedded_db=embedded if embedded.exists() and env.get("LOOPTUNE_NO_EMBEDDED_DB") != "1" else None,
+            user_db=usable_user_db(environment.user_db_path(env), "LOOPTUNE_DB"),
+            embedded_db=embedded if embedded.exists() and not environment.flag("LOOPTUNE_NO_EMBEDDED_DB", env) else None,
         )
 
     def updated(self, **changes) -> "RuntimeSettings":
@@ -77,6 +98,6 @@ class RuntimeSettings:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise TypeError(f"unknown runtime settings {unknown}; known: {sorted(known)}")
-        if "user_db" in changes and changes["user_db"] is not None:
-            changes["user_db"] = Path(changes["user_db"]).expanduser()
+        if "user_db" in changes:
+            changes["user_db"] = usable_user_db(changes["user_db"])
         return replace(self, **changes)

@@ -1,10 +1,44 @@
+"""Suite-wide set-up: an isolated kernel cache and user database, hypothesis profiles, the
+``target`` marker, and a check that no test leaves a thread running."""
 import os
+import threading
+import time
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# CI is derandomized (a failure reproduces from the printed example) and never has deadlines
+# (a loaded 2-core machine stalls processes for 0.1-0.2 s).  Locally: random, still no deadlines.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+
+# Test modules whose outcome depends on the code generator's target (vector ISA): CI runs them
+# again with LOOPTUNE_ISA=avx2 and LOOPTUNE_ISA=portable (``pytest -m target``).
+TARGET_MODULES = {
+    "test_codegen_vs_numpy.py", "test_agent_schedules_replay.py", "test_matmul_api.py", "test_mutate.py",
+    "test_templates.py", "test_kernel_cache.py", "test_fork_threads.py", "test_runner.py",
+}
+
+# Threads a test may leave behind: interpreter-wide pools started once per process.
+LONG_LIVED_THREADS = ("looptune-db-watch", "ThreadPoolExecutor", "asyncio", "Dask", "IO loop", "Profile", "TCP-Executor", "Nanny",
+                      "AsyncProcess", "looptune-pool")
+THREAD_GRACE_S = 10.0
 
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite golden files instead of comparing")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "target: depends on the code generator's target ISA (rerun per ISA in CI)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in TARGET_MODULES:
+            item.add_marker(pytest.mark.target)
 
 
 @pytest.fixture
@@ -21,3 +55,19 @@ def _isolated_cache(tmp_path_factory):
     # never read or write the developer's own schedule database from the suite
     os.environ["LOOPTUNE_DB"] = str(tmp_path_factory.mktemp("user-db") / "schedules.h5")
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_left_behind(request):
+    """A test that starts threads must end them: after the test, new threads get
+    ``THREAD_GRACE_S`` to finish, then the test fails naming them."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE_S
+    for t in set(threading.enumerate()) - before:
+        if t.name.startswith(LONG_LIVED_THREADS):
+            continue
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = sorted(t.name for t in set(threading.enumerate()) - before
+                   if t.is_alive() and not t.name.startswith(LONG_LIVED_THREADS))
+    assert not alive, f"{request.node.nodeid} left threads running: {alive}"

@@ -20,8 +20,8 @@ import statistics
 import tempfile
 import time
 
-from looptune.database import (LookupSettings, MachineKey, ProblemKey, Record, ScheduleIndex, StoreSettings, load,
-                               save)
+from looptune.database import (LookupSettings, MachineKey, MatmulProblem, Record, ScheduleIndex, StoreSettings,
+                               load, save)
 from looptune.runtime.compiler.trace import Step, Trace
 
 MACHINES = [
@@ -56,11 +56,11 @@ def random_trace(rng: random.Random) -> Trace:
     return Trace(tuple(steps))
 
 
-def random_problem(rng: random.Random, family: tuple[str, str, int]) -> ProblemKey:
+def random_problem(rng: random.Random, family: tuple[str, str, int]) -> MatmulProblem:
     dtype, layout, threads = family
     size = lambda: max(1, int(2 ** rng.uniform(0, 13)))   # noqa: E731  (1 .. 8192, log-uniform)
-    return ProblemKey(size(), size(), size(), batch=rng.choice([1, 1, 1, 1, 2, 4, 8, 32]), dtype=dtype,
-                      layout=layout, threads=threads)
+    return MatmulProblem(size(), size(), size(), batch=rng.choice([1, 1, 1, 1, 2, 4, 8, 32]), dtype=dtype,
+                         layout=layout, threads=threads)
 
 
 FAMILIES = [(d, l, t) for d in ("float32", "float64") for l in ("nn", "tn", "nt", "tt") for t in (1, 8)]
@@ -127,7 +127,7 @@ def main() -> None:
         local = [r.problem for r in db if r.machine == MACHINES[0] and r.verified]
         hits = [rng.choice(local) for _ in range(args.queries)]
         index.nearest(misses[0])   # warm-up
-        print(f"lookup, exact hit, index.best(ProblemKey): median {median_us(index.best, hits):.1f} us")
+        print(f"lookup, exact hit, index.best(MatmulProblem): median {median_us(index.best, hits):.1f} us")
         print(f"lookup, exact hit, index.best(key string): median "
               f"{median_us(index.best, [p.key() for p in hits]):.1f} us")
         print(f"lookup, nearest (random new problems), index.best: median {median_us(index.best, misses):.1f} us  "

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from looptune.database import MachineKey, ProblemKey, Record, StoreSettings, commit, load, save
+from looptune.database import MachineKey, MatmulProblem, Record, StoreSettings, commit, load, save
 from looptune.runtime.compiler.trace import Step, Trace
 
 MACHINE = MachineKey("x86_64", "Killtest CPU", "avx2", ("avx2", "fma"), 4, "gcc 12.2.0", "1")
@@ -30,8 +30,9 @@ TRACE = Trace((Step.make("split", loop="m", factor=8), Step.make("split", loop="
 
 
 def record(i: int, batch: int = 1) -> Record:
-    """The i-th commit's record: a distinct problem, fields derived from i so content is checkable."""
-    return Record(ProblemKey(i + 1, 64, 32, batch=batch), MACHINE, TRACE, 100.0 + i, 1.0, 50.0, True,
+    """The i-th commit's record: a distinct problem, fields derived from i so content is checkable
+    (``candidates`` carries i)."""
+    return Record(MatmulProblem(i + 1, 64, 32, batch=batch), MACHINE, TRACE, 100.0 + i, 1.0, 50.0, True,
                   "killtest", "none", i, 1.7e9 + i)
 
 
@@ -78,11 +79,11 @@ def run(iterations: int, directory: str, seed: int = 0, max_delay: float = 0.3, 
         leftovers = [n for n in os.listdir(directory) if n.startswith(".killtest.h5.tmp.")]
         stats["killed_mid_write"] += bool(leftovers)
         db = load(path)                                    # must open: raises on any damage
-        ids = {r.budget for r in db if r.problem.batch == 1}
+        ids = {r.candidates for r in db if r.problem.batch == 1}
         lost = committed - ids
         assert not lost, f"iteration {iteration}: completed commits missing after kill: {sorted(lost)[:10]}"
         for r in db:
-            expected = record(r.budget, batch=r.problem.batch)
+            expected = record(r.candidates, batch=r.problem.batch)
             assert r == expected, f"iteration {iteration}: record differs from what was written: {r}"
         assert len(db) == background + len(ids), f"iteration {iteration}: unexpected records"
         next_id = max(ids, default=-1) + 1

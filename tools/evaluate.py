@@ -26,8 +26,24 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
+
+from looptune.runtime.compiler.build import build_many
+from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.ir import LoopNest
+from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
+from looptune.runtime.compiler.workload import read_shapes
+from looptune.tuner.agent.env import split_problems
+from looptune.tuner.agent.policy import Policy
+from looptune.tuner.measure.evaluator import TUNE_MEASURE, Evaluator, gflops_of
+from looptune.tuner.measure.protocol import Candidate
+from looptune.tuner.measure.runner import LocalRunner
+from looptune.tuner.search.loop import run
+from looptune.tuner.search.strategies import STRATEGIES, PolicyBeamSearch
+from looptune.tuner.search.tune import analytic_default, tune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (1.0, 2.0, 10.0, 30.0, 60.0)
@@ -46,7 +62,6 @@ class _KernelCache:
 
     def __enter__(self):
         if self.cold:
-            import tempfile
             self.old = os.environ.get("LOOPTUNE_CACHE_DIR")
             self.dir = tempfile.mkdtemp(prefix="lt-eval-kernels-")
             os.environ["LOOPTUNE_CACHE_DIR"] = self.dir
@@ -54,7 +69,6 @@ class _KernelCache:
 
     def __exit__(self, *exc):
         if self.cold:
-            import shutil
             if self.old is None:
                 os.environ.pop("LOOPTUNE_CACHE_DIR", None)
             else:
@@ -66,10 +80,6 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
     """Time each distinct finalist again, all in one session, in alternating order, keeping each
     one's best median: the same protocol for every method, so no method profits from having
     taken the maximum of more noisy measurements during its search."""
-    from looptune.runtime.compiler.build import build_many
-    from looptune.runtime.compiler.codegen import render
-    from looptune.tuner.measure.runner import Candidate
-
     keys = sorted(schedules)
     builds = dict(zip(keys, build_many([render(schedules[k], problem.dtype) for k in keys])))
     best: dict[str, float] = {}
@@ -89,21 +99,13 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
     """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches
     (and its policy-beam search with ``reuse_policy_beam``, when it ran with the same policy)
     are taken as they are (their picks are re-timed with everything else at the end)."""
-    from looptune.runtime.compiler.ir import LoopNest
-    from looptune.runtime.compiler.schedule import Schedule
-    from looptune.runtime.compiler.schedule import canonical_schedule
-    from looptune.tuner.measure.evaluator import Evaluator, gflops_of
-    from looptune.tuner.measure.runner import ResultStore
-    from looptune.tuner.search.strategies import (BeamSearch, GreedySearch, PolicyBeamSearch, RandomWalkSearch, run_search)
-    from looptune.tuner.search.tune import _default, tune
-
-    fresh = lambda: Evaluator(runner, ResultStore())
+    fresh = lambda: Evaluator(runner)        # a fresh memo: every method measures for itself
     row: dict = {"problem": problem.key()}
     [init] = fresh().evaluate([(problem, LoopNest.initial())])
     row["initial_gflops"] = gflops_of(init)
     row["initial_status"] = init.status.value
     row["numpy_gflops"] = init.numpy_gflops
-    [dflt] = fresh().evaluate([(problem, _default(problem).nest)])
+    [dflt] = fresh().evaluate([(problem, analytic_default(problem).nest)])
     row["default_gflops"] = gflops_of(dflt)
 
     with _KernelCache(cold):
@@ -115,7 +117,7 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
     finalists = {row["policy"]["trace"]: canonical_schedule(final.nest)}
 
     with _KernelCache(cold):
-        res = tune(problem, budget=2.0, policy=policy, evaluator=fresh())
+        res = tune(problem, budget_s=2.0, policy=policy, evaluator=fresh())
     row["tune"] = {"gflops": res.gflops if res.ok else None, "seconds": res.seconds, "candidates": res.candidates,
                    "found_by": res.found_by, "trace": res.schedule.to_json()}
     if res.ok:
@@ -129,30 +131,22 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
             continue
         if budget <= 0:
             continue
-        if name == "random":
-            strat = RandomWalkSearch(problem, seed=seed)
-        elif name == "greedy":
-            strat = GreedySearch(problem, seed=seed)
-        elif name == "beam":
-            strat = BeamSearch(problem, seed=seed)
-        else:
-            strat = PolicyBeamSearch(problem, policy, seed=seed)
+        strategy = STRATEGIES[name]
+        strat = strategy(problem, policy, seed=seed) if strategy is PolicyBeamSearch else strategy(problem, seed=seed)
         with _KernelCache(cold):
-            sr = run_search(strat, fresh(), budget)
+            sr = run(strat, fresh(), budget)
         at_trace = {}
         for c in CHECKPOINTS:
-            st = sr.best_state_at(c) if c <= budget + 1e-9 else None
-            if st is not None:
-                sched = canonical_schedule(st.nest)
+            sched = sr.schedule_at(c) if c <= budget + 1e-9 else None
+            if sched is not None:
                 at_trace[str(int(c))] = sched.to_json()
                 finalists[sched.to_json()] = sched
         row[name] = {"at": {str(int(c)): sr.best_at(c) for c in CHECKPOINTS if c <= budget + 1e-9},
                      "at_trace": at_trace,
-                     "gflops": sr.best_gflops, "seconds": sr.seconds, "evaluated": sr.evaluated,
-                     "finished_early": sr.seconds < budget,
-                     "trace": canonical_schedule(sr.best_state.nest).to_json() if sr.best_state else None}
+                     "gflops": sr.gflops, "seconds": sr.seconds, "evaluated": sr.candidates,
+                     "trace": sr.schedule.to_json() if sr.ok else None}
     if final_runner is not None:
-        dflt_sched = _default(problem)
+        dflt_sched = analytic_default(problem)
         finalists[dflt_sched.to_json()] = dflt_sched
         re = remeasure(problem, final_runner, finalists)
         row["default_re"] = re.get(dflt_sched.to_json())
@@ -288,12 +282,6 @@ def main() -> None:
         print("\nPer problem (GFLOPS, finalists re-measured):\n")
         print(per_problem(rows))
         return
-    from looptune.runtime.compiler.workload import read_shapes
-    from looptune.tuner.agent.env import split_problems
-    from looptune.tuner.measure.evaluator import TUNE_MEASURE
-    from looptune.tuner.agent.policy import Policy
-    from looptune.tuner.measure.runner import LocalRunner
-
     problems = read_shapes(args.shapes)
     if args.test_split:
         _, problems = split_problems(problems)

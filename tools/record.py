@@ -18,6 +18,13 @@ import random
 import sys
 import time
 
+from looptune.runtime.compiler.ir import LoopNest
+from looptune.runtime.compiler.workload import read_shapes
+from looptune.tuner.agent.env import split_problems
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.search.strategies import RandomWalkSearch
+from looptune.tuner.search.tune import analytic_default
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -30,13 +37,6 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(HERE, "out", "recordings.jsonl"))
     args = ap.parse_args()
 
-    from looptune.runtime.compiler.ir import LoopNest
-    from looptune.runtime.compiler.workload import read_shapes
-    from looptune.tuner.agent.env import split_problems
-    from looptune.tuner.measure.evaluator import Evaluator
-    from looptune.tuner.search.strategies import RandomWalkSearch
-    from looptune.tuner.search.tune import _default
-
     train, _ = split_problems(read_shapes(args.shapes))
     problems = random.Random(args.seed).sample(train, min(args.problems, len(train)))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -46,7 +46,7 @@ def main() -> None:
         for i, p in enumerate(problems):
             walk = RandomWalkSearch(p, seed=args.seed + i, batch=args.walks)
             states = [s.nest for s in walk.ask()]
-            ev.evaluate([(p, n) for n in [LoopNest.initial(), _default(p).nest] + states])
+            ev.evaluate([(p, n) for n in [LoopNest.initial(), analytic_default(p).nest] + states])
             print(f"[{i + 1}/{len(problems)}] {p}: {len(ev.store)} records, {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         ev.close()

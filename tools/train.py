@@ -23,6 +23,11 @@ import random
 import sys
 import time
 
+from looptune.runtime.compiler.workload import read_shapes
+from looptune.tuner.agent.env import split_problems
+from looptune.tuner.agent.trainset import generated_mix
+from looptune.tuner.measure.evaluator import Evaluator
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -47,17 +52,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override an Args field")
     args = ap.parse_args()
 
-    from looptune.runtime.compiler.workload import read_shapes
-    from looptune.tuner.agent.env import split_problems
-    from looptune.tuner.measure.evaluator import Evaluator
-
     problems = read_shapes(args.shapes)
     train_split, _test = split_problems(problems)
     rng = random.Random(args.seed)
     chosen = rng.sample(train_split, min(len(train_split), args.train_problems + args.eval_problems))
     train_set, eval_set = chosen[: args.train_problems], chosen[args.train_problems:]
     if args.mix:
-        from looptune.tuner.agent.trainset import generated_mix
         banned = list(_test) + [p for f in args.exclude if os.path.exists(f) for p in read_shapes(f)]
         n_eval = max(1, min(16, args.mix // 4))
         mix = generated_mix(args.mix + n_eval, seed=args.seed, exclude=banned)
@@ -80,7 +80,7 @@ def main() -> None:
         if rec["kind"] == "eval":
             print(json.dumps(rec), flush=True)
 
-    if args.algo == "dqn":
+    if args.algo == "dqn":      # torch: imported for the chosen algorithm only, after the arguments are checked
         from looptune.tuner.agent import dqn as algo
     else:
         from looptune.tuner.agent import ppo as algo

@@ -1,14 +1,18 @@
 """Compile rendered kernels with the system C compiler and cache the shared objects.
 
+This is the one place that chooses the compiler and its flags: kernels, the call
+trampoline, the peak microbenchmark and the exported C library all take them from here.
+
 We call the compiler directly: cffi's ``ffi.compile`` spends seconds in setuptools.
 A batch of kernels is split into at most ``jobs`` translation units compiled in
-parallel, one compiler process each, so 16 candidates cost a few compiler starts.
+parallel, one compiler process each, so 16 candidates cost a few compiler starts; a
+unit that fails is compiled again kernel by kernel, so one bad kernel fails alone.
 
 The on-disk cache is keyed by a hash of the source, the flags, the compiler's
 version and the CPU (model and ISA features), so a kernel built for another CPU
-or by another compiler is never picked up.  Writes go to a temporary name and are
-published with ``os.replace``: several processes building the same kernel race
-harmlessly, and a reader never sees half a file.
+or by another compiler is never picked up.  Entries are written durably and
+verified (size and sha256) before they are loaded; a damaged entry is removed and
+rebuilt once (see ``looptune.runtime.compiler.cache``).
 """
 from __future__ import annotations
 
@@ -22,16 +26,31 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from looptune.runtime.compiler import cache as disk
+from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.machine import detect_cpu
 
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, KernelSource
 
 # No -ffast-math: NaN/Inf and rounding follow IEEE except for FMA contraction.
-BASE_FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+CODE_FLAGS = ("-O2", "-std=gnu11", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
+BASE_FLAGS = CODE_FLAGS + ("-shared",)
+# Flags that enable one vector ISA (for code built to run on any CPU that has it, not -march=native).
+ISA_FLAGS = {
+    "avx512": ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"),
+    "avx2": ("-mavx2", "-mfma"),
+    "neon": (),                  # baseline on aarch64
+    "portable": (),
+}
+
+
+def portable_flags(isa: str) -> tuple[str, ...]:
+    """Flags for an object file that runs on every CPU with vector ISA ``isa`` (the exported library)."""
+    return CODE_FLAGS + ISA_FLAGS.get(isa, ())
 
 
 class BuildError(LoopTuneError, RuntimeError):
@@ -46,21 +65,27 @@ class BuildSettings:
     cache_dir: Path | None = None       # None: LOOPTUNE_CACHE_DIR or the platform cache directory
     jobs: int = 0                       # parallel compiler processes; 0: one per core
     timeout_s: float = 120.0
+    cache_max_bytes: int = disk.CACHE_MAX_BYTES   # size cap of the cache directory (<= 0: none)
 
     @classmethod
     def from_env(cls) -> "BuildSettings":
-        env = os.environ
-        return cls(
-            compiler=env.get("LOOPTUNE_CC") or env.get("CC") or "cc",
-            cache_dir=Path(env["LOOPTUNE_CACHE_DIR"]) if env.get("LOOPTUNE_CACHE_DIR") else None,
-        )
+        return cls(compiler=environment.compiler_command(), cache_dir=environment.kernel_cache_dir())
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:
             return Path(self.cache_dir)
-        import platformdirs
+        import platformdirs   # only without LOOPTUNE_CACHE_DIR: keeps it off the runtime's import path
 
         return Path(platformdirs.user_cache_dir("looptune")) / "kernels"
+
+    def open_cache(self) -> Path:
+        """The cache directory, created, and cleaned up on its first use in this process."""
+        return disk.open_cache(self.resolved_cache_dir(), self.cache_max_bytes)
+
+    def shared_library_command(self, sources: Sequence[str | os.PathLike], out: str | os.PathLike,
+                               extra: Sequence[str] = ()) -> list[str]:
+        """The command line that compiles C files into a shared object with our flags."""
+        return [self.compiler, *self.flags, *self.arch_flags, *extra, *map(str, sources), "-o", str(out)]
 
 
 @dataclass(frozen=True)
@@ -102,17 +127,14 @@ def _ref_path(cache: Path, key: str) -> Path:
     return cache / f"{key}.json"
 
 
-def lookup_cached(source: KernelSource, settings: BuildSettings) -> BuildResult | None:
-    cache = settings.resolved_cache_dir()
-    ref = _ref_path(cache, cache_key(source, settings))
-    try:
-        data = json.loads(ref.read_text())
-        so = cache / data["so"]
-        if data["symbol"] == source.symbol and so.is_file():
-            return BuildResult(source.symbol, str(so), cached=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return None
+def lookup_cached(source: KernelSource, settings: BuildSettings) -> tuple[BuildResult | None, str | None]:
+    """(the verified cache entry for ``source`` or None, why the entry was unusable or None).
+    An unusable entry has been removed: the caller rebuilds it."""
+    cache = settings.open_cache()
+    so, data, problem = disk.check_ref(_ref_path(cache, cache_key(source, settings)))
+    if so is not None and data is not None and data.get("symbol") == source.symbol:
+        return BuildResult(source.symbol, str(so), cached=True), None
+    return None, problem
 
 
 def build(source: KernelSource, settings: BuildSettings | None = None) -> BuildResult:
@@ -120,13 +142,18 @@ def build(source: KernelSource, settings: BuildSettings | None = None) -> BuildR
 
 
 def build_many(sources: Sequence[KernelSource], settings: BuildSettings | None = None) -> list[BuildResult]:
-    """Build every source (cache hits cost a file read); results come back in order."""
+    """Build every source (cache hits cost a file read and, once per process, a hash); results
+    come back in order.  A failure is a result with ``error``, never an exception, and does not
+    stop the other sources from building."""
     settings = settings or BuildSettings.from_env()
     results: dict[int, BuildResult] = {}
     todo: list[int] = []
     seen: dict[str, int] = {}
+    damaged: dict[str, str] = {}            # symbol -> why its cache entry was thrown away
     for i, src in enumerate(sources):
-        hit = lookup_cached(src, settings)
+        hit, problem = lookup_cached(src, settings)
+        if problem is not None:
+            damaged[src.symbol] = problem
         if hit is not None:
             results[i] = hit
         elif src.symbol in seen:
@@ -142,6 +169,10 @@ def build_many(sources: Sequence[KernelSource], settings: BuildSettings | None =
                 # one bad kernel fails its whole unit: find out which, one by one
                 outcome = [r[0] for r in _compile_chunks([[sources[i]] for i in chunk], settings)]
             for i, res in zip(chunk, outcome):
+                why = damaged.get(res.symbol)
+                if why is not None and not res.ok:
+                    res = BuildResult(res.symbol, None, f"the cached kernel was damaged ({why}) and rebuilding it "
+                                                        f"failed: {res.error}", res.seconds)
                 results[i] = res
     for i, src in enumerate(sources):       # duplicates of a symbol share the first one's result
         if i not in results:
@@ -150,9 +181,8 @@ def build_many(sources: Sequence[KernelSource], settings: BuildSettings | None =
 
 
 def _compile_chunks(chunks: list[list[KernelSource]], settings: BuildSettings) -> list[list[BuildResult]]:
-    cache = settings.resolved_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
+    cache = settings.open_cache()
+    work = Path(tempfile.mkdtemp(prefix=disk.TEMP_PREFIX, dir=cache))
     try:
         procs = []
         for n, chunk in enumerate(chunks):
@@ -160,16 +190,16 @@ def _compile_chunks(chunks: list[list[KernelSource]], settings: BuildSettings) -
             digest = hashlib.sha256(text.encode()).hexdigest()[:16]
             c_file, so_tmp = work / f"unit{n}.c", work / f"unit{n}-{digest}.so"
             c_file.write_text(text)
-            cmd = [settings.compiler, *settings.flags, *settings.arch_flags, str(c_file), "-o", str(so_tmp)]
+            cmd = settings.shared_library_command([c_file], so_tmp)
             t0 = time.perf_counter()
             try:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             except OSError as e:
-                procs.append((chunk, None, so_tmp, digest, t0, str(e)))
+                procs.append((chunk, None, so_tmp, t0, str(e)))
                 continue
-            procs.append((chunk, proc, so_tmp, digest, t0, None))
+            procs.append((chunk, proc, so_tmp, t0, None))
         outcomes = []
-        for chunk, proc, so_tmp, digest, t0, err in procs:
+        for chunk, proc, so_tmp, t0, err in procs:
             if proc is not None:
                 try:
                     _, stderr = proc.communicate(timeout=settings.timeout_s)
@@ -179,22 +209,41 @@ def _compile_chunks(chunks: list[list[KernelSource]], settings: BuildSettings) -
                     proc.communicate()
                     err = f"compiler timed out after {settings.timeout_s} s"
             seconds = (time.perf_counter() - t0) / len(chunk)
-            if err is not None:
-                outcomes.append([BuildResult(s.symbol, None, _trim(err), seconds) for s in chunk])
-                continue
-            final = cache / f"lib-{digest}.so"
-            os.replace(so_tmp, final)
-            res = []
-            for s in chunk:
-                ref = _ref_path(cache, cache_key(s, settings))
-                tmp = ref.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps({"so": final.name, "symbol": s.symbol}))
-                os.replace(tmp, ref)
-                res.append(BuildResult(s.symbol, str(final), None, seconds))
-            outcomes.append(res)
+            if err is None:
+                try:
+                    outcomes.append(_publish(chunk, so_tmp, cache, settings, seconds))
+                    continue
+                except OSError as e:          # disk full, cache not writable, ...
+                    err = f"cannot write the kernel cache {cache}: {e}"
+            outcomes.append([BuildResult(s.symbol, None, _trim(err), seconds) for s in chunk])
         return outcomes
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        disk.maybe_trim(cache, settings.cache_max_bytes)
+
+
+def _publish(chunk: list[KernelSource], so_tmp: Path, cache: Path, settings: BuildSettings,
+             seconds: float) -> list[BuildResult]:
+    """Move a compiled unit into the cache (named by its content hash) and write one ref per kernel."""
+    size, sha256 = disk.sha256_of(so_tmp)
+    final = disk.publish_file(so_tmp, cache, sha256, ".so")
+    for s in chunk:
+        disk.write_ref(_ref_path(cache, cache_key(s, settings)),
+                       {"so": final.name, "symbol": s.symbol, "size": size, "sha256": sha256}, sync_dir=False)
+    disk.fsync_dir(cache)
+    return [BuildResult(s.symbol, str(final), None, seconds) for s in chunk]
+
+
+def compile_errors(c_file: str | os.PathLike, flags: Sequence[str], settings: BuildSettings | None = None) -> str | None:
+    """Compile ``c_file`` to an object with exactly ``flags`` (output discarded): the compiler's
+    errors, or None when it compiles.  Checks C meant to be built elsewhere (the exported library)."""
+    settings = settings or BuildSettings.from_env()
+    cmd = [settings.compiler, *flags, "-c", str(c_file), "-o", os.devnull]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=settings.timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run the C compiler {settings.compiler!r}: {e}"
+    return None if done.returncode == 0 else _trim(done.stderr.strip() or f"compiler exited {done.returncode}")
 
 
 def _trim(text: str, limit: int = 4000) -> str:

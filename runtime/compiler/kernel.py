@@ -1,104 +1,185 @@
-"""Load a built kernel through cffi and call it on numpy arrays.
+"""Load built kernels and call them on numpy arrays: the one loader and the one call path.
 
-``Kernel`` is the in-process handle the runtime and the measurement worker use; it
-turns (batch, m, k) x (batch, k, n) -> (batch, m, n) numpy views into the ABI's
-pointer-and-stride arguments without copying.
+Everything that runs a kernel goes through ``Kernel``: ``runtime.matmul``, the measurement
+worker (which times ``Kernel.invoke``, the very call matmul makes), the tests.
+
+``Kernel.invoke(a, b, c, accumulate, nthreads) -> rc`` turns (batch, m, k) x (batch, k, n)
+-> (batch, m, n) numpy views (2-D operands are batch 1, or broadcast over C's batch) into
+the ABI's pointer-and-stride arguments without copying.  It is the compiled trampoline
+(``looptune.runtime.compiler.trampoline``) with the kernel's address bound, or, where no
+trampoline can be built, the same checks in Python and a cffi call.  Return codes are the
+ABI's (``looptune.runtime.compiler.abi.ERRORS``): -3 means an operand is misaligned and the
+caller should take another path; bad types or shapes raise TypeError / ValueError.
 """
 from __future__ import annotations
 
-from looptune.runtime.compiler.errors import LoopTuneError
-
 import ctypes
+import functools
+import itertools
+import os
+import shutil
+import tempfile
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 from cffi import FFI
 
 from looptune.runtime.compiler import trampoline
-from looptune.runtime.compiler.codegen import ABI_ARGS
+from looptune.runtime.compiler.abi import C_TYPE, KernelError, function_type
+from looptune.runtime.compiler.build import BuildError
+from looptune.runtime.compiler.cache import TEMP_PREFIX
+
+__all__ = ["Kernel", "KernelError", "KernelLoadError", "call_threads", "load_library"]
 
 _ffi = FFI()
-_ffi.cdef(f"typedef int (*lt_sgemm_fn)({ABI_ARGS.format(T='float')});")
-_ffi.cdef(f"typedef int (*lt_dgemm_fn)({ABI_ARGS.format(T='double')});")
-_FN_TYPE = {"float32": "lt_sgemm_fn", "float64": "lt_dgemm_fn"}
-_PTR_TYPE = {"float32": ("const float *", "float *"), "float64": ("const double *", "double *")}
+_ffi.cdef("\n".join(function_type(f"lt_{t}_fn", t) for t in C_TYPE.values()))
 
-_libs: dict[str, ctypes.CDLL] = {}
+_libs: dict[str, tuple[tuple[int, int, int], ctypes.CDLL]] = {}   # realpath -> (file identity, library)
 _libs_lock = threading.Lock()
+_copies = itertools.count(1)
 
 
-class KernelError(LoopTuneError, RuntimeError):
-    """A kernel returned a failure code (``code``: -1 memory, -2 layout precondition, -3 alignment)."""
-
-    def __init__(self, message: str, code: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
+class KernelLoadError(BuildError):
+    """A shared object or a kernel symbol in it could not be loaded."""
 
 
-ERRORS = {-1: "out of memory for packing buffers", -2: "operand strides do not meet this kernel's layout precondition",
-          -3: "an operand is not aligned to its element size"}
+def call_threads(flops: float, threads: int, small_flops: float) -> int:
+    """The thread count a kernel call gets: one below ``small_flops`` (starting threads would
+    cost more than they save), else ``threads``.  ``runtime.matmul`` inlines this rule on its
+    fast path; the measurement worker applies it so tuned times match what matmul runs."""
+    return 1 if flops < small_flops else threads
 
 
-def _library(path: str) -> ctypes.CDLL:
+def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
+    """dlopen a shared object, once per process (RTLD_LOCAL: each library keeps its symbols).
+
+    Libraries are never closed: unloading code that started OpenMP threads is unsafe.  The
+    dynamic loader hands back an already-loaded library when the *path* matches, so a file
+    rebuilt in place would silently run the old code; such a file is loaded from a fresh copy
+    (deleted once loaded).  Failures raise ``KernelLoadError``.
+    """
+    try:
+        st = os.stat(so_path)
+    except OSError as e:
+        raise KernelLoadError(f"cannot open {so_path}: {e.strerror}") from None
+    real = os.path.realpath(so_path)
+    ident = (st.st_ino, st.st_size, st.st_mtime_ns)
     with _libs_lock:
-        lib = _libs.get(path)
-        if lib is None:
-            # RTLD_LOCAL keeps each kernel library's symbols to itself.
-            lib = _libs[path] = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        entry = _libs.get(real)
+        if entry is not None and entry[0] == ident:
+            return entry[1]
+        path = real if entry is None else _fresh_copy(real)
+        try:
+            lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
+        except OSError as e:
+            raise KernelLoadError(f"dlopen failed: {e}") from None
+        finally:
+            if path != real:
+                os.unlink(path)
+        _libs[real] = (ident, lib)
         return lib
 
 
-@dataclass(frozen=True)
-class Kernel:
-    so_path: str
-    symbol: str
-    dtype: str
+def _fresh_copy(real: str) -> str:
+    """A copy of ``real`` under a name the dynamic loader has not seen (next to it if possible;
+    the name marks it temporary, so the cache cleans it up if we die before deleting it)."""
+    name = f"{TEMP_PREFIX}reload-{os.getpid()}-{next(_copies)}-{os.path.basename(real)}"
+    for directory in (os.path.dirname(real), tempfile.gettempdir()):
+        path = os.path.join(directory, name)
+        try:
+            shutil.copyfile(real, path)
+            return path
+        except OSError as e:
+            error = e
+    raise KernelLoadError(f"cannot copy {real} to reload it: {error}")
 
-    def __post_init__(self) -> None:
-        addr = ctypes.cast(getattr(_library(self.so_path), self.symbol), ctypes.c_void_p).value
-        object.__setattr__(self, "address", addr)
-        object.__setattr__(self, "_typenum", np.dtype(self.dtype).num)
+
+class Kernel:
+    """One kernel symbol of a loaded shared object.
+
+    ``invoke(a, b, c, accumulate, nthreads) -> rc`` is the call path (see the module
+    docstring); calling the object does the same and raises ``KernelError`` for a non-zero
+    code.  ``raw`` calls the ABI directly with addresses and element strides (any strides).
+    """
+
+    __slots__ = ("so_path", "symbol", "dtype", "address", "typenum", "invoke", "_cfn", "_ptr_types", "_np_dtype")
+
+    def __init__(self, so_path: str, symbol: str, dtype: str) -> None:
+        if dtype not in C_TYPE:
+            raise ValueError(f"kernels are float32 or float64, not {dtype!r}")
+        if not symbol.isidentifier():
+            raise KernelLoadError(f"not a C identifier: {symbol!r}")
+        lib = load_library(so_path)
+        try:
+            fn = getattr(lib, symbol)
+        except AttributeError:
+            raise KernelLoadError(f"symbol {symbol!r} not found in {so_path}") from None
+        self.so_path, self.symbol, self.dtype = so_path, symbol, dtype
+        self.address: int = ctypes.cast(fn, ctypes.c_void_p).value  # type: ignore[assignment]
+        self._np_dtype = np.dtype(dtype)
+        self.typenum: int = self._np_dtype.num
+        t = C_TYPE[dtype]
+        self._cfn = _ffi.cast(f"lt_{t}_fn", self.address)
+        self._ptr_types = (f"const {t} *", f"{t} *")
         module = trampoline.load()
-        object.__setattr__(self, "_fast", module.call if module is not None else None)
-        object.__setattr__(self, "_fn", _ffi.cast(_FN_TYPE[self.dtype], addr))
-        object.__setattr__(self, "_ptrs", _PTR_TYPE[self.dtype])
-        object.__setattr__(self, "_item", np.dtype(self.dtype).itemsize)
+        # a partial of a C function: calling it runs no Python bytecode
+        self.invoke = (functools.partial(module.call, self.address, self.typenum) if module is not None
+                       else self._invoke_cffi)
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.so_path!r}, {self.symbol!r}, {self.dtype!r})"
+
+    def error(self, code: int) -> KernelError:
+        """The exception for a non-zero return code of this kernel."""
+        return KernelError.from_code(self.symbol, code)
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, *, accumulate: bool = False,
+                 nthreads: int = 1) -> np.ndarray:
+        """C (batch, m, n) = A (batch, m, k) @ B (batch, k, n), written into ``c``; 2-D arrays are batch 1
+        (a 2-D A or B with a 3-D C is broadcast over the batch)."""
+        rc = self.invoke(a, b, c, int(accumulate), nthreads)
+        if rc != 0:
+            raise self.error(rc)
+        return c
 
     def raw(self, batch, m, n, k, a_ptr, sa, b_ptr, sb, c_ptr, sc, accumulate=0, nthreads=1) -> int:
         """Call with addresses and element strides (each s* a (batch, row, col) triple)."""
-        ca, cb = self._ptrs  # type: ignore[attr-defined]
-        return self._fn(batch, m, n, k,  # type: ignore[attr-defined]
-                        _ffi.cast(ca, a_ptr), sa[0], sa[1], sa[2],
-                        _ffi.cast(ca, b_ptr), sb[0], sb[1], sb[2],
-                        _ffi.cast(cb, c_ptr), sc[0], sc[1], sc[2],
+        ca, cc = self._ptr_types
+        return self._cfn(batch, m, n, k,
+                         _ffi.cast(ca, a_ptr), sa[0], sa[1], sa[2],
+                         _ffi.cast(ca, b_ptr), sb[0], sb[1], sb[2],
+                         _ffi.cast(cc, c_ptr), sc[0], sc[1], sc[2],
+                         accumulate, nthreads)
+
+    def _invoke_cffi(self, a, b, c, accumulate: int, nthreads: int) -> int:
+        """``invoke`` without the trampoline: the trampoline's checks, then a cffi call."""
+        c_shape, sc, c_ok = self._operand(c, True, 1)
+        a_shape, sa, a_ok = self._operand(a, False, c_shape[0])
+        b_shape, sb, b_ok = self._operand(b, False, c_shape[0])
+        if not (a_ok and b_ok and c_ok):
+            return -3
+        batch, m, n = c_shape
+        if a_shape[:2] != (batch, m) or b_shape[0] != batch or b_shape[2] != n or a_shape[2] != b_shape[1]:
+            raise ValueError("operand shapes do not match")
+        return self.raw(batch, m, n, a_shape[2], a.ctypes.data, sa, b.ctypes.data, sb, c.ctypes.data, sc,
                         accumulate, nthreads)
 
-    def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, *, accumulate: bool = False, nthreads: int = 1) -> np.ndarray:
-        """C (batch, m, n) = A (batch, m, k) @ B (batch, k, n), written into ``c``; 2-D arrays are batch 1
-        (a 2-D A or B with a 3-D C is broadcast over the batch)."""
-        fast = self._fast  # type: ignore[attr-defined]
-        if fast is not None:
-            rc = fast(self.address, self._typenum, a, b, c, int(accumulate), nthreads)  # type: ignore[attr-defined]
-            if rc != 0:
-                raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
-            return c
-        if a.ndim == 2:
-            a, b, c = a[None], b[None], c[None]
-        dt = np.dtype(self.dtype)
-        if a.dtype != dt or b.dtype != dt or c.dtype != dt:
-            raise TypeError(f"kernel is {self.dtype}; got {a.dtype}, {b.dtype}, {c.dtype}")
-        batch, m, k = a.shape
-        if b.shape != (batch, k, b.shape[2]) or c.shape != (batch, m, b.shape[2]):
-            raise ValueError(f"shapes do not match: {a.shape} @ {b.shape} -> {c.shape}")
-        if not c.flags.writeable:
+    def _operand(self, x, writable: bool, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
+        """(shape, element strides, aligned) of an operand as (batch, rows, cols); batch stride 0 broadcasts."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError("expected a numpy array")
+        if x.dtype != self._np_dtype:
+            raise TypeError("array dtype does not match the kernel")
+        if writable and not x.flags.writeable:
             raise ValueError("output array is read-only")
-        it = self._item  # type: ignore[attr-defined]
-        rc = self.raw(batch, m, b.shape[2], k,
-                      a.ctypes.data, tuple(s // it for s in a.strides),
-                      b.ctypes.data, tuple(s // it for s in b.strides),
-                      c.ctypes.data, tuple(s // it for s in c.strides),
-                      int(accumulate), nthreads)
-        if rc != 0:
-            raise KernelError(f"{self.symbol} returned {rc}: {ERRORS.get(rc, 'unknown error')}", rc)
-        return c
+        if x.ndim not in (2, 3):
+            raise ValueError("expected a 2-D or 3-D array")
+        item = x.itemsize
+        if any(s % item for s in x.strides):
+            raise ValueError("unaligned strides")
+        st = tuple(s // item for s in x.strides)
+        if x.ndim == 2:
+            shape, st = (batch, *x.shape), (0, *st)
+        else:
+            shape = x.shape
+        return shape, st, x.ctypes.data % item == 0  # type: ignore[return-value]

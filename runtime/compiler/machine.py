@@ -11,6 +11,25 @@ import platform
 import re
 from dataclasses import dataclass
 
+from looptune.runtime.compiler import environment
+
+# Vector ISAs the code generator targets, narrowest first.  ``LOOPTUNE_ISA`` caps the target at one
+# of them (tests force avx2 and portable code on an AVX-512 machine; ``LOOPTUNE_NO_AVX512=1`` is
+# the older spelling of ``LOOPTUNE_ISA=avx2``).  It can only narrow what the CPU supports.
+ISA_LEVELS = ("portable", "neon", "avx2", "avx512")
+VECTOR_BYTES = {"portable": 16, "neon": 16, "avx2": 32, "avx512": 64}   # vector register width per ISA
+
+
+def isa_cap() -> str | None:
+    """The ISA ceiling asked for in the environment, or None."""
+    cap = environment.choice("LOOPTUNE_ISA", ISA_LEVELS, "")
+    if cap:
+        return cap
+    if environment.flag("LOOPTUNE_NO_AVX512"):
+        return "avx2"
+    return None
+
+
 # Features that change generated code or its speed; everything else in /proc/cpuinfo is noise for us.
 RELEVANT_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq", "neon", "asimd", "sve")
 
@@ -30,17 +49,19 @@ class CpuInfo:
     def vector_isa(self) -> str:
         """The widest vector ISA the code generator targets here: avx512, avx2, neon or portable."""
         f = set(self.features)
-        if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= f and os.environ.get("LOOPTUNE_NO_AVX512") != "1":
+        cap = isa_cap()
+        allowed = ISA_LEVELS if cap is None else ISA_LEVELS[: ISA_LEVELS.index(cap) + 1]
+        if "avx512" in allowed and {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= f:
             return "avx512"
-        if {"avx2", "fma"} <= f:
+        if "avx2" in allowed and {"avx2", "fma"} <= f:
             return "avx2"
-        if self.arch in ("aarch64", "arm64") and ({"asimd", "neon"} & f or self.arch == "arm64"):
+        if "neon" in allowed and self.arch in ("aarch64", "arm64") and ({"asimd", "neon"} & f or self.arch == "arm64"):
             return "neon"
         return "portable"
 
     @property
     def vector_bytes(self) -> int:
-        return {"avx512": 64, "avx2": 32, "neon": 16}.get(self.vector_isa, 16)
+        return VECTOR_BYTES[self.vector_isa]
 
     @property
     def vector_registers(self) -> int:

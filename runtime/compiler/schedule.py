@@ -2,29 +2,19 @@
 
 ``Schedule`` pairs the trace (what is stored and shared) with the nest it replays
 to (what the code generator reads).  Both are immutable; ``apply`` returns a new
-schedule, so rollouts, beam search and undo cost nothing.
+schedule, so rollouts, beam search and undo cost nothing.  What each step does is the
+step table's (``looptune.runtime.compiler.steps.STEPS``); this module adds replay and the
+canonical form.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
-from looptune.runtime.compiler.trace import Step, Trace, TraceFormatError
-
-from looptune.runtime.compiler import ir
-from looptune.runtime.compiler.ir import LoopNest, ScheduleError
-
-_APPLY: dict[str, Callable[..., LoopNest]] = {
-    "split": lambda nest, s: ir.split(nest, s["loop"], s["factor"]),
-    "swap": lambda nest, s: ir.swap(nest, s["loop"], s["other"]),
-    "reorder": lambda nest, s: ir.reorder(nest, tuple(s["order"])),
-    "register_tile": lambda nest, s: ir.register_tile(nest, s["m"], s["n"]),
-    "vectorize": lambda nest, s: ir.vectorize(nest, s["loop"]),
-    "unroll": lambda nest, s: ir.unroll(nest, s["loop"], s["factor"]),
-    "pack": lambda nest, s: ir.pack(nest, s["operand"], s["at"]),
-    "parallel": lambda nest, s: ir.parallel(nest, s["loop"]),
-}
+from looptune.runtime.compiler.ir import DIMS, LoopNest, ScheduleError
+from looptune.runtime.compiler.steps import STEPS
+from looptune.runtime.compiler.trace import Step, Trace
 
 
 @dataclass(frozen=True)
@@ -43,31 +33,25 @@ class Schedule:
         for number, step in enumerate(trace, 1):
             try:
                 sched = sched.apply(step)
-            except ScheduleError as e:
-                raise ScheduleError(f"step {number} ({step}): {e}") from None
+            except ScheduleError as e:     # same error type, the message says which step
+                raise type(e)(f"step {number} ({step}): {e}") from None
         return sched
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Schedule":
-        try:
-            trace = Trace.from_json(text)
-        except TraceFormatError as e:
-            raise ScheduleError(str(e)) from None
-        return cls.from_trace(trace)
+        """Parse and replay a stored trace; ScheduleError (TraceFormatError if not in the grammar)."""
+        return cls.from_trace(Trace.from_json(text))
 
     def to_json(self) -> str:
         return self.trace.to_json()
 
     def apply(self, step: Step) -> "Schedule":
-        return Schedule(self.trace.append(step), _APPLY[step.op](self.nest, step))
+        """The schedule after ``step``; ScheduleError (with the reason) if it is illegal here."""
+        return Schedule(self.trace.append(step), STEPS[step.op].apply(self.nest, dict(step.args)))
 
     def step(self, op: str, **args) -> "Schedule":
         """Convenience: ``sched.step("split", loop="m", factor=16)``."""
-        try:
-            step = Step.make(op, **args)
-        except TraceFormatError as e:
-            raise ScheduleError(str(e)) from None
-        return self.apply(step)
+        return self.apply(Step.make(op, **args))
 
     def is_legal(self, step: Step) -> bool:
         try:
@@ -95,7 +79,7 @@ def canonical_schedule(nest: LoopNest) -> Schedule:
         return blocks[name] if name in blocks else blk(name + ".i")
 
     steps: list[Step] = []
-    queue = list(ir.DIMS)
+    queue = list(DIMS)
     while queue:
         x = queue.pop(0)
         if x in names:

@@ -5,7 +5,13 @@ libffi call with 18 arguments another 1.3 us, which is more than a whole 8x8 mat
 This module compiles (once per Python and numpy version, cached like kernels) a
 small CPython extension that reads the array fields directly and calls the kernel
 function pointer with the GIL released.  When no Python headers or compiler are
-available, ``load()`` returns None and callers keep the cffi path.
+available, or the module cannot be built, verified and loaded, ``load()`` returns None and
+callers keep the cffi path.
+
+The module is cached like kernels (``looptune.runtime.compiler.cache``): written durably,
+named by its content hash, and verified (size, sha256) before it is imported, since
+importing a truncated extension module kills the process with SIGBUS.  A damaged entry is
+removed and rebuilt once.
 """
 from __future__ import annotations
 
@@ -13,14 +19,23 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+
+from looptune.runtime.compiler import cache as disk
+from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.abi import function_type
 from looptune.runtime.compiler.build import BuildSettings
+
+log = logging.getLogger("looptune.runtime")
 
 _SOURCE = r"""
 #define PY_SSIZE_T_CLEAN
@@ -29,10 +44,7 @@ _SOURCE = r"""
 #include <numpy/arrayobject.h>
 #include <stdint.h>
 
-typedef int (*gemm_fn)(int64_t, int64_t, int64_t, int64_t,
-                       const void *, int64_t, int64_t, int64_t,
-                       const void *, int64_t, int64_t, int64_t,
-                       void *, int64_t, int64_t, int64_t, int32_t, int32_t);
+GEMM_FN_TYPEDEF
 
 /* view an operand as (batch, rows, cols) with element strides; batch stride 0 broadcasts */
 static int operand(PyObject *o, int typenum, int writable, int64_t bat, int64_t shape[3], int64_t st[3], void **data)
@@ -87,35 +99,48 @@ PyMODINIT_FUNC PyInit_MODNAME(void) { import_array(); return PyModule_Create(&mo
 """
 
 
+# the kernel ABI over untyped pointers (the module serves both dtypes)
+_SOURCE = _SOURCE.replace("GEMM_FN_TYPEDEF", function_type("gemm_fn", "void"))
+
+
 @functools.lru_cache(maxsize=1)
 def load():
     """The compiled trampoline module, or None when it cannot be built here."""
-    if os.environ.get("LOOPTUNE_NO_TRAMPOLINE") == "1":
+    if environment.flag("LOOPTUNE_NO_TRAMPOLINE"):
         return None
     try:
-        import numpy as np
-
         include = sysconfig.get_paths()["include"]
         if not os.path.exists(os.path.join(include, "Python.h")):
             return None
         ident = f"{sys.version}|{np.__version__}|{_SOURCE}"
         name = "_lt_call_" + hashlib.sha256(ident.encode()).hexdigest()[:12]
         settings = BuildSettings.from_env()
-        cache = settings.resolved_cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        path = cache / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[0]}"
-        if not path.exists():
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src = Path(tmp) / f"{name}.c"
-                src.write_text(_SOURCE.replace("MODNAME", name))
-                out = Path(tmp) / path.name
-                cmd = [settings.compiler, "-O2", "-shared", "-fPIC", f"-I{include}", f"-I{np.get_include()}",
-                       str(src), "-o", str(out)]
-                subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-                os.replace(out, path)
+        cache = settings.open_cache()
+        ref = cache / f"{name}.json"
+        path, _, _ = disk.check_ref(ref)    # a damaged entry is removed here
+        if path is None:
+            disk.write_ref(ref, _build(name, settings, cache, [f"-I{include}", f"-I{np.get_include()}"]))
+            path, _, problem = disk.check_ref(ref)
+            if path is None:
+                raise OSError(f"the rebuilt trampoline does not verify: {problem}")
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
         return module
-    except Exception:  # any failure: the cffi path still works
+    except Exception as e:  # any failure: the cffi path still works
+        log.warning("looptune: no compiled call trampoline (%s); calling kernels through cffi", e)
         return None
+
+
+def _build(name: str, settings: BuildSettings, cache: Path, includes: list[str]) -> dict[str, Any]:
+    """Compile the module into the cache (named by its content hash); returns its ref."""
+    with tempfile.TemporaryDirectory(prefix=disk.TEMP_PREFIX, dir=cache) as tmp:
+        src = Path(tmp) / f"{name}.c"
+        src.write_text(_SOURCE.replace("MODNAME", name))
+        out = Path(tmp) / f"{name}.so"
+        tool = BuildSettings(compiler=settings.compiler, flags=("-O2", "-shared", "-fPIC"), arch_flags=())
+        subprocess.run(tool.shared_library_command([src], out, includes), check=True, capture_output=True,
+                       timeout=settings.timeout_s)
+        size, sha256 = disk.sha256_of(out)
+        path = disk.publish_file(out, cache, sha256, importlib.machinery.EXTENSION_SUFFIXES[0], prefix=f"{name}-")
+        return {"so": path.name, "size": size, "sha256": sha256}

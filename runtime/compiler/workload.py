@@ -4,6 +4,8 @@
 
 A problem is what a schedule is tuned *for*; its family is everything but the sizes
 (op, dtype, layout, threads), and a schedule trace replays on any member of its family.
+``MatmulProblem`` is the one workload type: the runtime dispatches on it, the tuner tunes it
+and the database stores it (its key and dict forms are the database's persisted forms).
 """
 from __future__ import annotations
 
@@ -12,20 +14,57 @@ from looptune.runtime.compiler.errors import LoopTuneError
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
+OPS = ("matmul",)
 DTYPES = ("float32", "float64")
 LAYOUTS = ("nn", "tn", "nt", "tt")   # t: that operand (A first, B second) is a transposed view
 MAX_DIM = 1 << 24
 MAX_THREADS = 1024
+PROBLEM_FIELDS = ("op", "dtype", "layout", "threads", "batch", "m", "n", "k")   # the dict form's keys
+
+_OP_SET, _DTYPE_SET, _LAYOUT_SET = frozenset(OPS), frozenset(DTYPES), frozenset(LAYOUTS)   # str only: hash lookups
 
 
 class ProblemError(LoopTuneError, ValueError):
     """A problem description is out of range or malformed."""
 
 
+def short_repr(value: object) -> str:
+    """repr for error messages: hostile input can be huge (and ints over 4300 digits refuse repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _checked_int(value: object, name: str, hi: int) -> int:
+    """``value`` as a plain int in [1, hi]; numpy integers are welcome, bools are not counts."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ProblemError(f"{name} must be an integer in [1, {hi}], got {short_repr(value)}")
+    number = value.__index__()
+    if not 1 <= number <= hi:
+        raise ProblemError(f"{name} must be an integer in [1, {hi}], got {short_repr(value)}")
+    return number
+
+
+def _checked_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
+    """``value`` as the matching entry of ``allowed`` (a plain str, whatever str subclass came in)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ProblemError(f"{name} must be one of {list(allowed)}, got {short_repr(value)}")
+    return allowed[allowed.index(value)]
+
+
 @dataclass(frozen=True, order=True)
 class MatmulProblem:
+    """One workload, everywhere: what the runtime dispatches, the tuner tunes and the
+    database stores.  Constructing one validates it, so a problem that exists is in range.
+
+    ``op`` is always ``"matmul"``; it is a field because the key, the dict form and the
+    database's ``op`` column carry it, and a stored record naming another op must fail.
+    """
+
     m: int
     n: int
     k: int
@@ -33,18 +72,23 @@ class MatmulProblem:
     dtype: str = "float32"
     layout: str = "nn"
     threads: int = 1
+    op: str = "matmul"
 
     def __post_init__(self) -> None:
+        m, n, k, b, t = self.m, self.n, self.k, self.batch, self.threads
+        if (type(m) is int and type(n) is int and type(k) is int and type(b) is int and type(t) is int
+                and 0 < m <= MAX_DIM and 0 < n <= MAX_DIM and 0 < k <= MAX_DIM and 0 < b <= MAX_DIM
+                and 0 < t <= MAX_THREADS and type(self.dtype) is str and self.dtype in _DTYPE_SET
+                and type(self.layout) is str and self.layout in _LAYOUT_SET
+                and type(self.op) is str and self.op in _OP_SET):
+            return     # the common case (loading 100,000 records), checked in one expression
+        set_ = object.__setattr__   # the careful path: normalize numpy integers and str subclasses, or refuse
         for name in ("m", "n", "k", "batch"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM:
-                raise ProblemError(f"{name} must be an integer in [1, {MAX_DIM}], got {v!r}")
-        if self.dtype not in DTYPES:
-            raise ProblemError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.layout not in LAYOUTS:
-            raise ProblemError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or not 1 <= self.threads <= MAX_THREADS:
-            raise ProblemError(f"threads must be an integer in [1, {MAX_THREADS}], got {self.threads!r}")
+            set_(self, name, _checked_int(getattr(self, name), name, MAX_DIM))
+        set_(self, "threads", _checked_int(self.threads, "threads", MAX_THREADS))
+        set_(self, "dtype", _checked_choice(self.dtype, "dtype", DTYPES))
+        set_(self, "layout", _checked_choice(self.layout, "layout", LAYOUTS))
+        set_(self, "op", _checked_choice(self.op, "op", OPS))
 
     @property
     def flops(self) -> int:
@@ -57,29 +101,55 @@ class MatmulProblem:
     @property
     def family(self) -> tuple[str, str, str, int]:
         """What a schedule trace is specific to: everything but the sizes."""
-        return ("matmul", self.dtype, self.layout, self.threads)
+        return (self.op, self.dtype, self.layout, self.threads)
 
     def with_threads(self, threads: int) -> "MatmulProblem":
         return replace(self, threads=threads)
 
-    def features(self) -> tuple[float, ...]:
-        """Continuous features for nearest-neighbour lookup within a family."""
+    def features(self) -> tuple[float, float, float, float]:
+        """Where the problem sits for nearest-neighbour lookup within a family: log2 of each
+        size, so "twice as big" is the same step at 64 and at 4096."""
         return (math.log2(self.m), math.log2(self.n), math.log2(self.k), math.log2(self.batch))
 
     def key(self) -> str:
         """A compact, stable, human-readable key: ``matmul:float32:nn:t1:b1:64x64x64``."""
-        return f"matmul:{self.dtype}:{self.layout}:t{self.threads}:b{self.batch}:{self.m}x{self.n}x{self.k}"
+        return f"{self.op}:{self.dtype}:{self.layout}:t{self.threads}:b{self.batch}:{self.m}x{self.n}x{self.k}"
 
     @classmethod
     def from_key(cls, key: str) -> "MatmulProblem":
+        """Parse a ``key()``.  Only the canonical spelling is accepted (``int()`` would also
+        take "+64", " 64" and "6_4"): one problem, one key."""
         try:
             op, dtype, layout, t, b, sizes = key.split(":")
-            if op != "matmul" or not t.startswith("t") or not b.startswith("b"):
+            if t[:1] != "t" or b[:1] != "b":
                 raise ValueError
             m, n, k = (int(x) for x in sizes.split("x"))
-            return cls(m, n, k, batch=int(b[1:]), dtype=dtype, layout=layout, threads=int(t[1:]))
-        except ValueError:
-            raise ProblemError(f"not a problem key: {key!r}") from None
+            problem = cls(m, n, k, batch=int(b[1:]), dtype=dtype, layout=layout, threads=int(t[1:]), op=op)
+        except ProblemError:
+            raise
+        except (ValueError, AttributeError, TypeError):
+            raise ProblemError(f"not a problem key: {short_repr(key)} "
+                               f"(expected e.g. 'matmul:float32:nn:t1:b1:64x64x64')") from None
+        if problem.key() != key:
+            raise ProblemError(f"problem key {short_repr(key)} is not in canonical form {problem.key()!r}")
+        return problem
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON form (a record's ``problem`` object): exactly ``PROBLEM_FIELDS``."""
+        return {"op": self.op, "dtype": self.dtype, "layout": self.layout, "threads": self.threads,
+                "batch": self.batch, "m": self.m, "n": self.n, "k": self.k}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> "MatmulProblem":
+        """Inverse of ``to_dict``; missing or extra fields are refused, so typos fail loudly."""
+        if not isinstance(data, Mapping):
+            raise ProblemError(f"must be a JSON object, got {type(data).__name__}")
+        missing = [f for f in PROBLEM_FIELDS if f not in data]
+        extra = sorted(set(data) - set(PROBLEM_FIELDS), key=str)
+        if missing or extra:
+            raise ProblemError(f"missing fields {missing}, unexpected fields {short_repr(extra)}")
+        return cls(data["m"], data["n"], data["k"], batch=data["batch"], dtype=data["dtype"],  # type: ignore[arg-type]
+                   layout=data["layout"], threads=data["threads"], op=data["op"])  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         extra = [f"batch={self.batch}"] if self.batch != 1 else []

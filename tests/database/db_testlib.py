@@ -9,7 +9,7 @@ import hashlib
 import h5py
 import numpy as np
 
-from looptune.database import MachineKey, ProblemKey, Record
+from looptune.database import MachineKey, MatmulProblem, Record
 from looptune.runtime.compiler.trace import Step, Trace
 
 LOCAL = MachineKey("x86_64", "Test CPU 9000", "avx2", ("avx", "avx2", "fma"), 8, "gcc 12.2.0", "1")
@@ -21,7 +21,7 @@ TRACE = Trace((Step.make("split", loop="m", factor=8), Step.make("split", loop="
 
 def make_record(m: int = 64, n: int = 64, k: int = 64, *, machine: MachineKey = LOCAL, gflops: float = 100.0,
                 trace: Trace = TRACE, verified: bool = True, **problem) -> Record:
-    return Record(ProblemKey(m, n, k, **problem), machine, trace, gflops, gflops * 0.01, 50.0, verified,
+    return Record(MatmulProblem(m, n, k, **problem), machine, trace, gflops, gflops * 0.01, 50.0, verified,
                   "dqn-v1", "beam", 200, 1.7e9)
 
 
@@ -51,7 +51,7 @@ def record_strategy():
     """Hypothesis strategy for valid records over a small domain, so slots collide often."""
     from hypothesis import strategies as st
 
-    problems = st.builds(ProblemKey, m=st.sampled_from([1, 7, 64, 1000]), n=st.sampled_from([16, 4096]),
+    problems = st.builds(MatmulProblem, m=st.sampled_from([1, 7, 64, 1000]), n=st.sampled_from([16, 4096]),
                          k=st.sampled_from([3, 256]), batch=st.sampled_from([1, 2]),
                          dtype=st.sampled_from(["float32", "float64"]), layout=st.sampled_from(["nn", "tt"]),
                          threads=st.sampled_from([1, 4]))
@@ -60,5 +60,5 @@ def record_strategy():
     return st.builds(Record, problem=problems, machine=st.sampled_from([LOCAL, FOREIGN]), trace=traces,
                      gflops_median=gflops, gflops_spread=st.sampled_from([0.0, 1.5]), numpy_gflops=gflops,
                      verified=st.booleans(), policy=st.sampled_from(["", "dqn-v1"]),
-                     search=st.sampled_from(["beam", "random"]), budget=st.integers(0, 10**6),
+                     search=st.sampled_from(["beam", "random"]), candidates=st.integers(0, 10**6),
                      timestamp=st.sampled_from([0.0, 1.7e9, 1.8e9]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from looptune.database import load, save
+from looptune.database import DatabaseError, export_jsonl, load, save
 from looptune.database.cli import db
 
 from db_testlib import FOREIGN, make_record, replace_dataset
@@ -66,8 +67,9 @@ def test_verify_good_damaged_and_hostile(dbs, tmp_path):
     replace_dataset(a, "/records/m", m)
     report = run_json("verify", a, ok=False)
     assert report["valid_records"] == 3
-    assert report["rejected"] == [{"where": "record 1", "reason": "problem.m must be in [1, 16777216], got 0"}]
-    assert "rejected record 1: problem.m" in run("verify", a, ok=False).stderr
+    assert report["rejected"] == [{"where": "record 1",
+                                   "reason": "problem: m must be an integer in [1, 16777216], got 0"}]
+    assert "rejected record 1: problem: m" in run("verify", a, ok=False).stderr
 
 
 def test_merge_out_and_in_place(dbs, tmp_path):
@@ -97,6 +99,53 @@ def test_export_import_round_trip(dbs, tmp_path):
     fresh = tmp_path / "fresh.h5"
     assert run_json("import", fresh, jsonl)["record_count"] == 4
     assert load(fresh).records == load(a).records
+
+
+@pytest.mark.parametrize("alias", ["same path", "other spelling", "symlink", "hard link"])
+def test_export_refuses_to_overwrite_its_own_database(dbs, tmp_path, alias):
+    a, _ = dbs
+    out = {"same path": a, "other spelling": tmp_path / "." / a.name, "symlink": tmp_path / "link.h5",
+           "hard link": tmp_path / "hard.h5"}[alias]
+    if alias == "symlink":
+        out.symlink_to(a)
+    elif alias == "hard link":
+        os.link(a, out)
+    before = a.read_bytes()
+    result = run("export", a, "--out", out, ok=False)
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1 and "same file" in result.stderr
+    assert run_json("export", a, "--out", out, ok=False)["error_type"] == "DatabaseError"
+    assert a.read_bytes() == before and len(load(a)) == 4 and (out.is_symlink() or alias != "symlink")
+
+
+def test_export_never_replaces_another_database(dbs):
+    a, b = dbs
+    before = b.read_bytes()
+    result = run("export", a, "--out", b, ok=False)
+    assert result.exit_code == 1 and "HDF5" in result.stderr and result.stderr.count("\n") == 1
+    with pytest.raises(DatabaseError):                            # the library refuses too, not only the CLI
+        export_jsonl(load(a).records, b)
+    assert b.read_bytes() == before
+
+
+def test_import_refuses_to_read_the_database_it_writes(dbs, tmp_path):
+    a, _ = dbs
+    before = a.read_bytes()
+    link = tmp_path / "a.jsonl"
+    link.symlink_to(a)
+    for source in (a, link):
+        result = run("import", a, source, ok=False)
+        assert result.exit_code == 1 and "same file" in result.stderr
+    assert a.read_bytes() == before
+
+
+def test_merge_and_import_never_replace_a_file_that_is_not_a_database(dbs, tmp_path):
+    a, b = dbs
+    jsonl = tmp_path / "a.jsonl"
+    run("export", a, "--out", jsonl)
+    before = jsonl.read_bytes()
+    assert run_json("merge", a, b, "--out", jsonl, ok=False)["error_type"] == "CorruptDatabaseError"
+    assert run_json("import", jsonl, jsonl, ok=False)["error_type"] == "DatabaseError"
+    assert jsonl.read_bytes() == before
 
 
 def test_import_rejects_name_line_and_reason_and_exit_1(dbs, tmp_path):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 import time
-from types import SimpleNamespace
 
 from looptune.runtime.compiler.defaults import default_schedule
+from looptune.tuner.measure.protocol import RunResult, RunStatus
+from looptune.tuner.search.loop import TuneResult
 
 
 def fake_tune(problem, budget_s):
@@ -17,10 +18,13 @@ def fake_tune(problem, budget_s):
     problems with m == 13 fail, as a kernel that never verifies would."""
     time.sleep(float(os.environ.get("LOOPTUNE_FAKE_SLEEP", "0")))
     if problem.m == 13:
-        return SimpleNamespace(schedule=default_schedule(problem), gflops=0.0, numpy_gflops=0.0, ok=False,
-                               error="wrong answer (fake)")
-    return SimpleNamespace(schedule=default_schedule(problem), gflops=50.0 + problem.m / 100, numpy_gflops=40.0,
-                           gflops_spread=0.5, found_by="fake", policy="fake-v0", candidates=3, ok=True)
+        run = RunResult(RunStatus.WRONG_ANSWER, problem.key(), error="wrong answer (fake)")
+        return TuneResult(problem, default_schedule(problem), run, "none", "fake-v0", 3, 0.0)
+    gflops = 50.0 + problem.m / 100
+    seconds = problem.flops / gflops / 1e9        # quartiles 0.5 GFLOPS apart around the median
+    run = RunResult(RunStatus.OK, problem.key(), seconds=seconds, q1_seconds=seconds * (1 - 0.25 / gflops),
+                    q3_seconds=seconds * (1 + 0.25 / gflops), gflops=gflops, numpy_gflops=40.0)
+    return TuneResult(problem, default_schedule(problem), run, "fake", "fake-v0", 3, 0.0)
 
 
 class Interrupting:

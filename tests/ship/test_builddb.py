@@ -13,9 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from looptune.database import MachineKey, load
+from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import build_db, normalize, plan, target_machine
+from looptune.tuner.agent.policy import Policy, PolicyError
 from looptune.tuner.cli import main
+from looptune.tuner.measure.protocol import RunResult, RunStatus
+from looptune.tuner.search.loop import TuneResult
+from looptune.tuner.ship.builddb import (AgentTuner, SearchTuner, build_db, close_tuner, make_tuner, plan, run_one,
+                                         target_machine)
 
 import ship_fakes
 
@@ -47,8 +52,8 @@ def test_builds_every_problem_and_commits_records_for_this_machine(tmp_path):
     machine = target_machine()
     for r in records.values():
         assert r.machine == machine and r.verified
-        assert r.policy == "fake-v0" and r.search == "fake" and r.budget == 3
-        assert r.numpy_gflops == 40.0 and r.gflops_spread == 0.5
+        assert r.policy == "fake-v0" and r.search == "fake" and r.candidates == 3
+        assert r.numpy_gflops == 40.0 and r.gflops_spread == pytest.approx(0.5)
 
 
 def test_rerun_skips_what_the_database_has(tmp_path):
@@ -104,20 +109,33 @@ def test_ctrl_c_keeps_what_finished(tmp_path):
     assert "rerun the same command" in report.summary()
 
 
-def test_normalize_reads_the_agents_tune_result():
-    from looptune.runtime.compiler.defaults import default_schedule
-    from looptune.tuner.measure.runner import RunResult, RunStatus
-    from looptune.tuner.search.tune import TuneResult
-
+def test_a_record_carries_the_tune_result():
     p = MatmulProblem(64, 64, 64)
     run = RunResult(RunStatus.OK, seconds=1e-5, q1_seconds=0.9e-5, q3_seconds=1.1e-5, gflops=52.4,
                     numpy_seconds=2e-5, numpy_gflops=26.2)
-    out = normalize(TuneResult(p, default_schedule(p), run, "policy-beam", "dqn-v1", 7, 1.9))
-    assert out.ok and out.gflops == 52.4 and out.numpy_gflops == 26.2
-    assert out.gflops_spread == pytest.approx(0.2 * 52.4)
-    assert (out.found_by, out.policy, out.candidates) == ("policy-beam", "dqn-v1", 7)
-    failed = normalize(TuneResult(p, default_schedule(p), RunResult(RunStatus.CRASH, error="boom"), "none", "", 1, 0.1))
-    assert not failed.ok and failed.error == "boom"
+    reply = run_one(p, 1.0, lambda problem, budget_s: TuneResult(p, default_schedule(p), run, "policy-beam",
+                                                                 "dqn-v1", 7, 1.9), target_machine())
+    assert reply["status"] == "ok" and reply["gflops"] == 52.4
+    record = json.loads(reply["record"])
+    assert record["gflops_spread"] == pytest.approx(0.2 * 52.4) and record["numpy_gflops"] == 26.2
+    assert (record["search"], record["policy"]) == ("policy-beam", "dqn-v1")
+    failed = TuneResult(p, default_schedule(p), RunResult(RunStatus.CRASH, error="boom"), "none", "", 1, 0.1)
+    reply = run_one(p, 1.0, lambda problem, budget_s: failed, target_machine())
+    assert reply["status"] == "failed" and reply["error"] == "boom" and "record" not in reply
+
+
+def test_a_problem_too_large_for_the_budget_fails_fast_once(tmp_path):
+    """8192^3 cannot be timed in 0.5 s: nothing is measured, and the failure is recorded
+    (unverified, never served) so that a rerun skips the problem instead of failing again."""
+    db = tmp_path / "s.h5"
+    big = problems((8192, 8192, 8192))
+    report = build_db(big, db, budget_s=0.5, tuner="agent")
+    assert (report.done, report.failed) == (0, 1) and report.seconds < 30
+    assert "budget" in report.failures[0][1] and "prune --unverified" in report.failures[0][1]
+    (record,) = load(db).records
+    assert record.problem == big[0] and not record.verified and record.search == "over-budget"
+    again = build_db(big, db, budget_s=0.5, tuner="agent")
+    assert (again.skipped, again.failed, again.done) == (1, 0, 0)
 
 
 def test_cli_json_report(tmp_path):
@@ -208,13 +226,22 @@ def test_console_script_quick_preset_end_to_end(tmp_path):
     assert len(load(db)) == 10
 
 
-def test_without_the_agent_auto_falls_back_to_random_search(monkeypatch):
-    from looptune.tuner.ship.builddb import AgentTuner, SearchTuner, make_tuner
+def test_make_tuner_names_the_built_in_strategies(monkeypatch):
+    for spec, kind in (("auto", AgentTuner), ("agent", AgentTuner), ("search", SearchTuner)):
+        tuner = make_tuner(spec)
+        assert isinstance(tuner, kind)
+        close_tuner(tuner)
+    assert make_tuner("ship_fakes:fake_tune") is ship_fakes.fake_tune
+    assert isinstance(make_tuner("ship_fakes:Interrupting"), ship_fakes.Interrupting)
 
-    assert isinstance(make_tuner("auto"), AgentTuner)
-    monkeypatch.setitem(sys.modules, "looptune.tuner.search.tune", None)      # as if tune.py did not exist
-    assert isinstance(make_tuner("auto"), SearchTuner)
-    with pytest.raises(ImportError):
+    def no_policy(*args, **kwargs):
+        raise PolicyError("no weights")
+
+    monkeypatch.setattr(Policy, "load", no_policy)            # as if the weights were missing
+    tuner = make_tuner("auto")
+    assert isinstance(tuner, SearchTuner)
+    close_tuner(tuner)
+    with pytest.raises(PolicyError):
         make_tuner("agent")
     with pytest.raises(ValueError):
         make_tuner("no-colon")
@@ -226,4 +253,4 @@ def test_search_tuner_stores_a_verified_measured_schedule(tmp_path):
     assert (report.done, report.failed) == (1, 0), report.failures
     (record,) = load(db).records
     assert record.verified and record.gflops_median > 0 and record.numpy_gflops > 0
-    assert record.search in ("default", "random-search") and record.budget >= 1
+    assert record.search in ("default", "random-search") and record.candidates >= 1

@@ -12,7 +12,7 @@ import pytest
 from looptune.database import MachineKey, load
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.ship.builddb import build_db, target_machine
-from looptune.tuner.ship.distributed import PoolExecutor, claim_cores
+from looptune.tuner.ship.distributed import DaskExecutor, PoolExecutor, claim_cores
 
 HERE = Path(__file__).parent
 FAKE = "ship_fakes:fake_tune"
@@ -93,7 +93,7 @@ needs_dask = pytest.mark.skipif(not HAS_DASK, reason='Dask is optional: pip inst
 @pytest.fixture(scope="module")
 def cluster():
     """Two single-threaded worker processes behind a scheduler on 127.0.0.1."""
-    from distributed import LocalCluster
+    from distributed import LocalCluster     # optional dependency: only when the Dask tests run
 
     workers = 2 if TWO_CORES else 1
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -104,8 +104,6 @@ def cluster():
 
 @needs_dask
 def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
-    from looptune.tuner.ship.distributed import DaskExecutor
-
     db = tmp_path / "s.h5"
     replies = []
     ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=target_machine(), tuner=FAKE)
@@ -120,8 +118,6 @@ def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
 
 @needs_dask
 def test_dask_workers_of_another_machine_are_refused(cluster, tmp_path):
-    from looptune.tuner.ship.distributed import DaskExecutor
-
     db = tmp_path / "s.h5"
     ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=other_machine(), tuner=FAKE)
     report = build_db(problems(4), db, executor=ex, machine=other_machine())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from looptune.database import ProblemKey, Record, commit
+from looptune.database import Record, commit
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.ship.builddb import target_machine
@@ -63,10 +63,10 @@ def _records():
     for m, n, k, dtype, variant in TUNED:
         p = MatmulProblem(m, n, k, dtype=dtype)
         sched = blocking_candidates(p, 4, seed=1)[variant].schedule() if variant else default_schedule(p)
-        out.append(Record(ProblemKey(m, n, k, dtype=dtype), machine, sched.trace, 50.0, 1.0, 40.0, True, "test", "test", 1))
+        out.append(Record(MatmulProblem(m, n, k, dtype=dtype), machine, sched.trace, 50.0, 1.0, 40.0, True, "test", "test", 1))
     # records the library must leave out: another thread count, a batch, a transposed layout
     p = MatmulProblem(64, 64, 64)
-    for key in (ProblemKey(64, 64, 64, threads=2), ProblemKey(64, 64, 64, batch=4), ProblemKey(64, 64, 64, layout="tn")):
+    for key in (MatmulProblem(64, 64, 64, threads=2), MatmulProblem(64, 64, 64, batch=4), MatmulProblem(64, 64, 64, layout="tn")):
         out.append(Record(key, machine, default_schedule(p).trace, 50.0, 1.0, 40.0, True, "test", "test", 1))
     return out
 

@@ -11,8 +11,10 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent.actions import ACTION_INDEX, STOP
 from looptune.tuner.agent.env import LoopTuneEnv, VecEnv, split_problems
 from looptune.tuner.measure.evaluator import Evaluator
-from looptune.tuner.measure.runner import RecordingRunner, ReplayMissError, ReplayRunner
-from looptune.tuner.search.strategies import BeamSearch, GreedySearch, RandomWalkSearch, run_search
+from looptune.tuner.measure.protocol import RunStatus
+from looptune.tuner.measure.replay import RecordingRunner, ReplayMissError, ReplayRunner, ResultStore
+from looptune.tuner.search.loop import run
+from looptune.tuner.search.strategies import BeamSearch, GreedySearch, RandomWalkSearch
 
 PROBLEMS = [MatmulProblem(64, 80, 96), MatmulProblem(128, 64, 64), MatmulProblem(96, 96, 160)]
 
@@ -45,6 +47,27 @@ def test_replay_runner_reproduces_recorded_episodes(tmp_path):
     first = play(LoopTuneEnv(Evaluator(SyntheticRunner(), record_path=str(ev_path)), PROBLEMS, max_steps=8), seed=4)
     second = play(LoopTuneEnv(Evaluator.replay(str(ev_path)), PROBLEMS, max_steps=8), seed=4)
     assert first == second
+    # one format: the evaluator's recording replays through a ReplayRunner too
+    assert play(LoopTuneEnv(Evaluator(ReplayRunner.load(ev_path)), PROBLEMS, max_steps=8), seed=4) == first
+    resumed = Evaluator(SyntheticRunner(), record_path=str(ev_path))      # loads the file, measures nothing again
+    assert play(LoopTuneEnv(resumed, PROBLEMS, max_steps=8), seed=4) == first and resumed.runner.calls == 0
+
+
+# A line as recorded before record/replay moved to looptune.tuner.measure.replay: it must still load.
+OLD_LINE = ('{"cpu_share": 0.98, "error": "", "gflops": 61.5, "number": 4, "numpy_gflops": 80.0, '
+            '"numpy_seconds": 1.5e-05, "problem_key": "matmul:float32:nn:t1:b1:64x80x96", "q1_seconds": 1.9e-05, '
+            '"q3_seconds": 2.1e-05, "samples": [1.9e-05, 2e-05, 2.1e-05], "seconds": 2e-05, "status": "ok", '
+            '"tag": "{\\"steps\\": []}", "v": 1}')
+
+
+def test_recordings_written_before_load(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text(OLD_LINE + "\n\n" + OLD_LINE.replace('"gflops": 61.5', '"gflops": 62.0') + "\n")
+    (r,) = list(ResultStore.load(path))          # the last line for a key wins
+    assert r.status is RunStatus.OK and r.gflops == 62.0 and r.samples == (1.9e-05, 2e-05, 2.1e-05)
+    store = ResultStore.open(path)
+    store.add(r)                                 # appended in the same format
+    assert list(ResultStore.load(path)) == [r] and len(path.read_text().splitlines()) == 4
 
 
 def test_each_distinct_schedule_is_measured_once():
@@ -91,9 +114,8 @@ def test_vec_env_batches_and_resets():
 def test_searches_are_deterministic_under_replay(strategy):
     def once():
         ev = Evaluator(SyntheticRunner())
-        res = run_search(strategy(PROBLEMS[2], seed=5), ev, budget_s=1e9 if strategy is not RandomWalkSearch else 1e9,
-                         clock=_counter(stop_after=40))
-        return res.best_gflops, res.evaluated
+        res = run(strategy(PROBLEMS[2], seed=5), ev, budget_s=1e9, clock=_counter(stop_after=40))
+        return res.gflops, res.candidates, res.schedule
     a, b = once(), once()
     assert a == b and a[0] > 0
 

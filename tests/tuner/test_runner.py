@@ -14,8 +14,9 @@ import subprocess
 import pytest
 
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.measure.runner import (Artifact, Candidate, LocalRunner, MeasureConfig, RecordingRunner, ReplayMissError,
-                                   ReplayRunner, ResultStore, RunResult, RunStatus, default_tolerance)
+from looptune.tuner.measure.replay import RecordingRunner, ReplayMissError, ReplayRunner, ResultStore
+from looptune.tuner.measure.runner import (Artifact, Candidate, LocalRunner, MeasureConfig, RunResult, RunStatus,
+                                           default_tolerance)
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
@@ -50,6 +51,8 @@ KERNELS = {
     # Correct values, but scribbles on its const input (a packing bug).
     "clobber": NAIVE_BODY.replace("return 0;", "((T *)A)[0] = 42; return 0;"),
     "noisy": NAIVE_BODY.replace("(void)nthreads;", '(void)nthreads; printf("hello from the kernel\\n");'),
+    # Correct only when called as runtime.matmul would call it: one thread below its small-problem size.
+    "serial_only": NAIVE_BODY.replace("(void)nthreads;", "if (nthreads != 1) return -1;"),
 }
 
 
@@ -196,6 +199,28 @@ def test_a_kernel_far_slower_than_numpy_is_timed_once(libs):
     with LocalRunner(MeasureConfig(warmup=0, min_repeats=5, min_total_seconds=0)) as r:
         [res] = r.run([cand(libs, "naive", p)])
     assert len(res.samples) >= 5
+
+
+def test_a_small_problem_is_timed_with_the_threads_matmul_would_use(libs):
+    """The worker calls kernels as runtime.matmul does: a problem below the runtime's
+    small_flops runs on one thread whatever its thread count."""
+    with LocalRunner(FAST, measure_numpy=False) as r:
+        [res] = r.run([cand(libs, "serial_only", MatmulProblem(16, 16, 16, threads=2))])
+    assert res.status is RunStatus.OK, res.error
+
+
+def test_a_library_rebuilt_in_place_is_measured_afresh(runner, tmp_path):
+    """dlopen would hand back the first library for the same path; the worker loads a fresh copy."""
+    path = tmp_path / "rebuilt.so"
+    results = []
+    for body in (NAIVE_BODY, KERNELS["wrong"]):
+        src = tmp_path / "k.c"
+        src.write_text("#include <stdint.h>\ntypedef float T;\n" + SIGNATURE.format(name="k_rebuilt") + body)
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "new.so"), str(src)], check=True)
+        os.replace(tmp_path / "new.so", path)
+        [res] = runner.run([Candidate(MatmulProblem(24, 20, 16), Artifact(str(path), "k_rebuilt"))])
+        results.append(res.status)
+    assert results == [RunStatus.OK, RunStatus.WRONG_ANSWER]
 
 
 def test_tolerance_scales_with_k_and_dtype():

@@ -67,7 +67,7 @@ def _build_actions() -> tuple[Action, ...]:
     acts += [Action(f"split_{f}", "split", f) for f in SPLIT_FACTORS]
     acts += [Action(f"tile_{m}x{n}", "tile", (m, n)) for m, n in TILES]
     acts += [Action("vec_m", "vec", "m"), Action("vec_n", "vec", "n")]
-    acts += [Action("pack_A", "pack", "A"), Action("pack_B", "pack", "B")]
+    acts += [Action(f"pack_{operand}", "pack", operand) for operand in ir.OPERANDS]
     acts += [Action(f"unroll_{u}", "unroll", u) for u in UNROLLS]
     acts += [Action("parallel", "parallel"), Action("stop", "stop")]
     return tuple(acts)
@@ -112,13 +112,12 @@ def _leaf(nest: LoopNest, dim: str) -> str:
 
 def _follow(nest: LoopNest, name: str) -> int:
     """Where the loop called ``name`` went after an edit (its outer part when it was split)."""
-    while True:
+    while name.count(".") <= ir.MAX_LOOP_DEPTH:
         try:
             return nest.index(name)
         except ScheduleError:
             name = name + ".o"
-            if len(name) > 40:
-                return 1
+    return 1
 
 
 def apply(state: AgentState, action: int, problem: MatmulProblem) -> AgentState:
@@ -131,21 +130,21 @@ def apply(state: AgentState, action: int, problem: MatmulProblem) -> AgentState:
     if a.kind == "stop":
         return state
     if a.kind == "up":
-        ir._require(c > 0, "the cursor is at the outermost loop")
+        ir.require(c > 0, "the cursor is at the outermost loop")
         return replace(state, cursor=c - 1)
     if a.kind == "down":
-        ir._require(c < L - 1, "the cursor is at the innermost loop")
+        ir.require(c < L - 1, "the cursor is at the innermost loop")
         return replace(state, cursor=c + 1)
     if a.kind in ("swap_up", "swap_down"):
         j = c - 1 if a.kind == "swap_up" else c + 1
-        ir._require(0 <= j < L, "no neighbour to swap with")
+        ir.require(0 <= j < L, "no neighbour to swap with")
         return AgentState(s.step("swap", loop=loops[c].name, other=loops[j].name), j)
     if a.kind == "split":
-        ir._require(_trip(nest, c, problem) > a.arg, f"split by {a.arg} leaves one outer iteration")
+        ir.require(_trip(nest, c, problem) > a.arg, f"split by {a.arg} leaves one outer iteration")
         return AgentState(s.step("split", loop=loops[c].name, factor=a.arg), c)
     if a.kind == "tile":
         mr, nr = a.arg
-        ir._require(nest.tile is None, "the register tile is already chosen")
+        ir.require(nest.tile is None, "the register tile is already chosen")
         # A tile larger than the problem is legal (the edge micro-kernels cover it): for M = 1
         # (decode-style problems) a 4 x 16 tile with one live row is still the fastest choice.
         mi, ni = nest.index(_leaf(nest, "m")), nest.index(_leaf(nest, "n"))
@@ -158,19 +157,19 @@ def apply(state: AgentState, action: int, problem: MatmulProblem) -> AgentState:
         s2 = s2.step("register_tile", m=inner[0], n=inner[1])
         return AgentState(s2, min(_follow(s2.nest, loops[c].name), len(s2.nest.loops) - 1))
     if a.kind == "vec":
-        ir._require(nest.tile is not None, "vectorize needs a register tile")
+        ir.require(nest.tile is not None, "vectorize needs a register tile")
         target = nest.tile[0] if a.arg == "m" else nest.tile[1]
-        ir._require(nest.vector != target, f"already vectorized along {a.arg}")
+        ir.require(nest.vector != target, f"already vectorized along {a.arg}")
         return AgentState(s.step("vectorize", loop=target), c)
     if a.kind == "pack":
-        ir._require(nest.packed(a.arg) != loops[c].name, f"{a.arg} is already packed at {loops[c].name}")
+        ir.require(nest.packed(a.arg) != loops[c].name, f"{a.arg} is already packed at {loops[c].name}")
         return AgentState(s.step("pack", operand=a.arg, at=loops[c].name), c)
     if a.kind == "unroll":
-        ir._require(nest.unroll_factor(loops[c].name) != a.arg, f"{loops[c].name} is already unrolled by {a.arg}")
-        ir._require(_trip(nest, c, problem) > 1, "nothing to unroll")
+        ir.require(nest.unroll_factor(loops[c].name) != a.arg, f"{loops[c].name} is already unrolled by {a.arg}")
+        ir.require(_trip(nest, c, problem) > 1, "nothing to unroll")
         return AgentState(s.step("unroll", loop=loops[c].name, factor=a.arg), c)
     if a.kind == "parallel":
-        ir._require(problem.threads > 1, "single-threaded problem")
+        ir.require(problem.threads > 1, "single-threaded problem")
         return AgentState(s.step("parallel", loop=loops[c].name), c)
     raise AssertionError(a)
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from looptune.runtime.compiler.ir import MAX_LOOPS
+from looptune.runtime.compiler.ir import DIMS, MAX_LOOPS, TENSOR_DIMS
 from looptune.runtime.compiler.workload import MatmulProblem
 
-from looptune.tuner.agent.actions import AgentState
+from looptune.tuner.agent.actions import AgentState, sizes_of
 
 OBSERVATION_VERSION = "looptune-graph-v1"
 
@@ -38,8 +38,7 @@ NODE_FEATURES = 26
 GLOBAL_FEATURES = 8
 RELATIONS = 4            # 0: parent -> child, 1: child -> parent, 2: loop -> tensor, 3: tensor -> loop
 FLAT_FEATURES = N_NODES * NODE_FEATURES + GLOBAL_FEATURES
-_DIMS = ("b", "m", "n", "k")
-_TENSOR_DIMS = {"A": ("b", "m", "k"), "B": ("b", "k", "n"), "C": ("b", "m", "n")}
+TENSORS = tuple(TENSOR_DIMS)     # A, B, C: the tensor nodes, in this order after the loop nodes
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
     nest = state.nest
     loops = nest.loops
     L = len(loops)
-    sizes = {"b": problem.batch, "m": problem.m, "n": problem.n, "k": problem.k}
+    sizes = sizes_of(problem)
     trips = nest.trip_counts(sizes)
     start = nest.kernel_start()
     unroll = dict(nest.unroll)
@@ -89,7 +88,7 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
     span = dict(sizes)
     for i, l in enumerate(loops):
         f = x[i]
-        f[_DIMS.index(l.dim)] = 1.0
+        f[DIMS.index(l.dim)] = 1.0
         f[4] = _log2(trips[i][0]) / 8
         f[5] = _log2(l.block) / 8
         f[6] = float(trips[i][1])
@@ -110,12 +109,12 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
         touched = span["b"] * (span["m"] * span["k"] + span["k"] * span["n"] + span["m"] * span["n"]) * item
         f[24] = _log2(touched) / 24
     strides = _element_strides(problem)
-    for t, name in enumerate(("A", "B", "C")):
+    for t, name in enumerate(TENSORS):
         f = x[MAX_LOOPS + t]
         f[19] = 1.0
         f[20 + t] = 1.0
         f[23] = float(problem.dtype == "float64")
-        d = _TENSOR_DIMS[name]
+        d = TENSOR_DIMS[name]
         f[24] = _log2(np.prod([sizes[q] for q in d]) * item) / 24
         f[25] = float(name in packs)
     edges = []
@@ -123,8 +122,8 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
         edges.append((i - 1, i, 0, 0))
         edges.append((i, i - 1, 1, 0))
     for i, l in enumerate(loops):
-        for t, name in enumerate(("A", "B", "C")):
-            if l.dim in _TENSOR_DIMS[name]:
+        for t, name in enumerate(TENSORS):
+            if l.dim in TENSOR_DIMS[name]:
                 stride = l.block * strides[name][l.dim]
                 edges.append((i, MAX_LOOPS + t, 2, stride))
                 edges.append((MAX_LOOPS + t, i, 3, stride))

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from looptune.tuner.cli.common import make_problem, problem_options
+from looptune.tuner.cli.common import make_problem, problem_options, read_text
 
 
 @click.group()
@@ -53,7 +53,7 @@ def schedule(m, n, k, dtype, batch, layout, threads, trace_file, show_c, as_json
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads)
     try:
-        sched = Schedule.from_json(open(trace_file).read()) if trace_file else default_schedule(problem)
+        sched = Schedule.from_json(read_text(trace_file)) if trace_file else default_schedule(problem)
     except ScheduleError as e:
         raise click.ClickException(f"illegal schedule: {e}") from None
     if show_c:

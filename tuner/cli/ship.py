@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, read_shapes
+from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shapes
+from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, THREADS, check_writable, database_path, read_text,
+                                       user_errors)
 
 BENCH_AFTER_BUILD_MAX = 24      # build-db ends with the bench table for families this small
 
@@ -19,10 +21,10 @@ def _problems(shapes: str | None, preset: str | None, threads: int, required: bo
         raise click.UsageError("give --shapes or --preset, not both")
     try:
         if shapes:
-            return read_shapes(shapes, threads=threads)
+            return list(parse_shapes(read_text(shapes).splitlines(), threads=threads))
         if preset:
             return preset_problems(preset, threads=threads)
-    except (ProblemError, OSError) as e:
+    except ProblemError as e:
         raise click.ClickException(f"{shapes}: {e}") from None
     except PresetError as e:
         raise click.BadParameter(str(e), param_hint="--preset") from None
@@ -31,19 +33,13 @@ def _problems(shapes: str | None, preset: str | None, threads: int, required: bo
     return None
 
 
-def _default_db() -> str:
-    from looptune.runtime.settings import user_db_path
-
-    return str(user_db_path())
-
-
 def _preset_choice():
     from looptune.tuner.ship.presets import PRESETS
 
     return click.Choice(list(PRESETS))
 
 
-_db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+_db_option = click.option("--db", "db_path", type=DATABASE, default=None,
                           help="schedule database (HDF5); default: $LOOPTUNE_DB, else the user data directory")
 
 
@@ -51,22 +47,22 @@ _db_option = click.option("--db", "db_path", type=click.Path(dir_okay=False), de
 @click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="shape file: 'M N K [key=value ...]' per line")
 @click.option("--preset", type=_preset_choice(), help="a built-in family instead of a shape file")
 @_db_option
-@click.option("--threads", type=int, default=1, show_default=True, help="threads each problem is tuned for")
-@click.option("--budget", type=float, default=2.0, show_default=True,
+@click.option("--threads", type=THREADS, default=1, show_default=True, help="threads each problem is tuned for")
+@click.option("--budget", "budget_s", type=BUDGET_S, default=2.0, show_default=True,
               help="seconds of tuning per problem, compiles and measurements included")
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="problems tuned at once on this machine, each pinned to its own cores")
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler (tcp://HOST:PORT) whose workers tune, or 'local' for a LocalCluster of --workers")
 @click.option("--tuner", "tuner_spec", default="auto", show_default=True,
               help="auto, agent (the shipped policy), search (random blocking search) or module:callable")
-@click.option("--limit", type=int, default=None, help="tune at most this many of the remaining problems")
+@click.option("--limit", type=COUNT, default=None, help="tune at most this many of the remaining problems")
 @click.option("--shuffle", is_flag=True, help="tune in a random (seeded) order: a partial build covers the family evenly")
 @click.option("--bench/--no-bench", "do_bench", default=None,
               help=f"end with the bench table (default: for families of at most {BENCH_AFTER_BUILD_MAX} problems)")
 @click.option("--json", "as_json", is_flag=True, help="print the final report as JSON")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner_spec, limit, shuffle, do_bench,
+def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tuner_spec, limit, shuffle, do_bench,
              as_json, quiet) -> None:
     """Tune every problem of a family into the schedule database.
 
@@ -74,21 +70,16 @@ def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner
     the same command after Ctrl-C, a kill or a crash.  Workers return records; this
     process alone commits them, each within about a second of finishing.
     """
-    from looptune.tuner.ship.builddb import build_db as run_build, target_machine
+    from looptune.tuner.ship.builddb import build_db as run_build, plan, target_machine
 
     problems = _problems(shapes, preset, threads)
-    if budget <= 0:
-        raise click.BadParameter("must be positive", param_hint="--budget")
-    if workers < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--workers")
-    db_path = db_path or _default_db()
-    os.makedirs(os.path.dirname(os.path.abspath(db_path)), exist_ok=True)
+    db_path = database_path(db_path)
+    check_writable(db_path)
     machine = target_machine()
     cores = max(p.threads for p in problems) if problems else 1
-    if limit is not None:
-        from looptune.tuner.ship.builddb import plan
-
+    with user_errors():     # a corrupt or newer-schema database stops the build before any tuning
         todo, done = plan(problems, db_path, machine)
+    if limit is not None:
         if shuffle:
             import random
             random.Random(0).shuffle(todo)
@@ -98,13 +89,13 @@ def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner
         if scheduler:
             from looptune.tuner.ship.distributed import DaskExecutor
 
-            executor = DaskExecutor(scheduler, budget_s=budget, machine=machine, workers=workers, tuner=tuner_spec,
+            executor = DaskExecutor(scheduler, budget_s=budget_s, machine=machine, workers=workers, tuner=tuner_spec,
                                     cores_per_worker=cores)
             where = f"Dask workers of {executor.address} ({executor.slots} now)"
         elif workers > 1:
             from looptune.tuner.ship.distributed import PoolExecutor
 
-            executor = PoolExecutor(workers, budget_s=budget, machine=machine, tuner=tuner_spec, cores_per_worker=cores)
+            executor = PoolExecutor(workers, budget_s=budget_s, machine=machine, tuner=tuner_spec, cores_per_worker=cores)
             where = f"{workers} pinned local workers"
         else:
             where = "this process"
@@ -112,9 +103,10 @@ def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner
         raise click.ClickException(str(e)) from None
     if not quiet and not as_json:
         click.echo(f"building {db_path} for {machine.short()}", err=True)
-        click.echo(f"{len(set(problems))} problems, {budget:g} s budget each, tuned in {where}", err=True)
-    report = run_build(problems, db_path, budget_s=budget, executor=executor, tuner=tuner_spec, machine=machine,
-                       progress=not quiet and not as_json, order_seed=0 if shuffle else None)
+        click.echo(f"{len(set(problems))} problems, {budget_s:g} s budget each, tuned in {where}", err=True)
+    with user_errors():
+        report = run_build(problems, db_path, budget_s=budget_s, executor=executor, tuner=tuner_spec, machine=machine,
+                           progress=not quiet and not as_json, order_seed=0 if shuffle else None)
     if as_json:
         click.echo(json.dumps({
             "db": db_path, "machine": machine.to_dict(), "total": report.total, "skipped": report.skipped,
@@ -146,7 +138,7 @@ def build_db(shapes, preset, db_path, threads, budget, workers, scheduler, tuner
               help="directory for looptune.c, looptune.h, Makefile and manifest.json")
 @click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
               help="export exactly these shapes (own record, else the nearest record's kernel); default: every record")
-@click.option("--threads", type=int, default=1, show_default=True, help="thread count whose records are exported")
+@click.option("--threads", type=THREADS, default=1, show_default=True, help="thread count whose records are exported")
 @click.option("--build/--no-build", "do_build", default=True, show_default=True,
               help="compile the library once to check it (needs the C compiler)")
 def export(db_path, out_dir, shapes, threads, do_build) -> None:
@@ -155,32 +147,27 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
     looptune_sgemm / looptune_dgemm compute C = A B (row-major) with a kernel chosen by
     shape, falling back to the nearest tuned kernel or a general one for other shapes.
     """
-    import subprocess
-
-    from looptune.database import DatabaseError
-
     from looptune.tuner.ship.export import ExportError, export_library
 
-    db_path = db_path or _default_db()
+    db_path = database_path(db_path)
     if not os.path.exists(db_path):
         raise click.ClickException(f"no database at {db_path}: run `looptune build-db` first")
     problems = _problems(shapes, None, threads, required=False)
     try:
-        files = export_library(db_path, out_dir, threads=threads, shapes=problems)
-    except (ExportError, DatabaseError) as e:
+        with user_errors():     # a database that cannot be read, an output folder that cannot be written
+            files = export_library(db_path, out_dir, threads=threads, shapes=problems)
+    except ExportError as e:
         raise click.ClickException(str(e)) from None
     plan = files.plan
     kernels = sum(1 for k in plan.kernels if not k.general)
     click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + 2 general) for "
                f"{plan.machine.short()} to {files.out_dir}/")
     click.echo(f"  {files.c_file.name}, {files.h_file.name}, {files.makefile.name}, {files.manifest.name}")
-    compiler = os.environ.get("LOOPTUNE_CC") or os.environ.get("CC") or "cc"
-    click.echo(f"  build: (cd {files.out_dir} && make)   or   {files.build_line(compiler)}")
+    click.echo(f"  build: (cd {files.out_dir} && make)   or   {files.build_line()}")
     if do_build:
-        cmd = [compiler, *plan.cflags(), "-c", str(files.c_file), "-o", os.devnull]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise click.ClickException(f"the exported library does not compile:\n{done.stderr[-3000:]}")
+        errors = files.compile_errors()
+        if errors is not None:
+            raise click.ClickException(f"the exported library does not compile:\n{errors[-3000:]}")
         click.echo("  compiled cleanly")
 
 
@@ -188,8 +175,8 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
 @_db_option
 @click.option("--shapes", type=click.Path(exists=True, dir_okay=False), help="shape file; default: the database's shapes")
 @click.option("--preset", type=_preset_choice(), help="a built-in family instead of a shape file")
-@click.option("--threads", type=int, default=1, show_default=True, help="threads on every side")
-@click.option("--limit", type=int, default=None, help="at most this many problems (the first ones)")
+@click.option("--threads", type=THREADS, default=1, show_default=True, help="threads on every side")
+@click.option("--limit", type=COUNT, default=None, help="at most this many problems (the first ones)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="also draw speedups over numpy as a bar chart (PNG; needs matplotlib)")
@@ -202,9 +189,10 @@ def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch)
         except ImportError:
             raise click.ClickException("--plot needs matplotlib: pip install matplotlib (LoopTune's [plot] extra)") from None
     problems = _problems(shapes, preset, threads, required=False)
-    db_path = db_path or _default_db()
+    db_path = database_path(db_path)
     if problems is None:
-        problems = _database_problems(db_path, threads)
+        with user_errors():
+            problems = _database_problems(db_path, threads)
         if not problems:
             from looptune.tuner.ship.presets import preset_problems
 

@@ -2,48 +2,41 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
-from looptune.tuner.cli.common import make_problem, problem_options
-
-
-def store(res, db_path: str) -> str:
-    """Commit the result to the HDF5 database at ``db_path``; returns the path."""
-    from looptune.tuner.ship.builddb import store_result
-
-    store_result(res, db_path)
-    return db_path
+from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, problem_options, user_errors
 
 
 @click.command()
 @problem_options
-@click.option("--budget", type=float, default=2.0, show_default=True, help="seconds, compiles and measurements included")
-@click.option("--db", "db_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--budget", type=BUDGET_S, default=2.0, show_default=True, help="seconds, compiles and measurements included")
+@click.option("--db", "db_path", type=DATABASE, default=None,
               help="schedule database (HDF5) to store the result in")
 @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="policy weights (npz); default: the shipped policy")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, as_json) -> None:
     """Tune one matmul problem: policy rollout plus a few measurements, keeping the best."""
+    # imported here, not at the top: ``looptune --help`` and the other commands do not load the tuner
     from looptune.tuner.agent.policy import Policy, PolicyError
     from looptune.tuner.search.tune import tune as run_tune
+    from looptune.tuner.ship.builddb import store_result
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads)
-    if budget <= 0:
-        raise click.BadParameter("budget must be positive", param_hint="--budget")
     try:
         policy = Policy.load(policy_path)
     except PolicyError as e:
         if policy_path:
             raise click.ClickException(str(e)) from None
-        click.echo(f"warning: {e}; measuring the analytic default only", err=True)
+        click.echo(f"warning: {e}; measuring the analytic default and templates only", err=True)
         policy = False
-    res = run_tune(problem, budget=budget, policy=policy or None)
+    res = run_tune(problem, budget_s=budget, policy=policy or None)
     stored = None
     if db_path and res.ok:
-        stored = store(res, db_path)
+        with user_errors():
+            store_result(res, db_path)
+        stored = db_path
     r = res.result
     if as_json:
         click.echo(json.dumps({

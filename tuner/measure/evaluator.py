@@ -1,20 +1,19 @@
 """The evaluator: measure (problem, nest) pairs through a runner, memoized by canonical trace.
 
-Search, ``tune()``, build-db and the RL environment all measure through this one broker:
+Search (``search.loop``), build-db and the RL environment all measure through this one broker:
 
     evaluator = Evaluator.local(record_path="tools/out/recordings.jsonl")
     results = evaluator.evaluate([(problem, nest), ...])      # one RunResult per pair
 
 A nest reached by different action sequences has one canonical trace
 (``looptune.runtime.compiler.schedule.canonical_key``), so it is compiled once and measured
-once per problem.  With a record path every measurement is appended to a JSONL file, and a
-later run over the same file replays it (``ReplayRunner`` semantics: same state, same
-number): the one record/replay mechanism of the tuner.
+once per problem.  The memo is a ``replay.ResultStore``: with a record path every measurement
+is appended to a JSON-lines file, and ``Evaluator.replay`` answers from such a file through a
+``ReplayRunner`` (same state, same number): the tuner's one record/replay mechanism.
 """
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -25,8 +24,9 @@ from looptune.runtime.compiler.codegen import render
 from looptune.runtime.compiler.ir import LoopNest
 from looptune.runtime.compiler.schedule import Schedule, canonical_key
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.measure.runner import (Candidate, LocalRunner, MeasureConfig, ReplayMissError, ReplayRunner,
-                                           ResultStore, Runner, RunResult)
+from looptune.tuner.measure.replay import ReplayRunner, ResultStore
+from looptune.tuner.measure.protocol import Candidate, MeasureConfig, RunResult
+from looptune.tuner.measure.runner import LocalRunner, Runner
 
 # The timing protocol for tuning and training: short (kernels here take 0.05-5 ms) but with
 # enough repeats that the median is stable to a few percent on a quiet core.  A kernel more than
@@ -45,24 +45,22 @@ class EvalStats:
 
 
 class Evaluator:
-    """Measure (problem, nest) pairs through a runner, recording by canonical trace.
+    """Measure (problem, nest) pairs through a runner, memoized by canonical trace in ``store``.
 
-    ``runner=None`` is replay-only: a miss raises ``ReplayMissError`` unless ``on_missing`` is
-    given.  A ``ReplayRunner`` (or any runner with ``needs_build = False``) is asked directly,
-    without compiling anything.  Misses of one call are built in one ``build_many`` batch (parallel gcc, kernel
-    cache), then timed serially by the runner.
+    ``record_path``: the memo is that JSON-lines recording (``ResultStore.open``: what it holds
+    is not measured again, what is measured is appended).  A runner with ``needs_build = False``
+    (a ``ReplayRunner``, a synthetic test runner) is asked directly, without compiling anything;
+    otherwise the misses of one call are built in one ``build_many`` batch (parallel gcc,
+    kernel cache), then timed serially by the runner.
     """
 
-    def __init__(self, runner: Optional[Runner] = None, store: Optional[ResultStore] = None, *,
-                 record_path: Optional[str] = None, on_missing: Optional[RunResult] = None):
+    def __init__(self, runner: Runner, store: Optional[ResultStore] = None, *, record_path: Optional[str] = None):
+        if store is not None and record_path is not None:
+            raise ValueError("give a store or a record path, not both (a store records to its own path)")
         self.runner = runner
-        self.store = store if store is not None else ResultStore()
-        self.record_path = record_path
-        self.on_missing = on_missing
+        self.store = ResultStore.open(record_path) if record_path else store if store is not None else ResultStore()
         self.stats = EvalStats()
         self._warm = None
-        if record_path and os.path.exists(record_path) and store is None:
-            self.store = ResultStore.load(record_path)
 
     @classmethod
     def local(cls, record_path: Optional[str] = None, config: MeasureConfig = TUNE_MEASURE) -> "Evaluator":
@@ -70,18 +68,38 @@ class Evaluator:
 
     @classmethod
     def replay(cls, path_or_store, on_missing: Optional[RunResult] = None) -> "Evaluator":
+        """Answer from a recording only; a miss raises ``ReplayMissError`` unless ``on_missing`` is given."""
         store = path_or_store if isinstance(path_or_store, ResultStore) else ResultStore.load(path_or_store)
-        return cls(None, store, on_missing=on_missing)
+        return cls(ReplayRunner(store, on_missing=on_missing), store)
 
     def close(self) -> None:
         self.wait()
-        if self.runner is not None:
-            self.runner.close()
+        self.runner.close()
+
+    def forget(self) -> None:
+        """Drop the memo (a long-lived evaluator tuning one problem after another never meets a
+        result again); a recording file keeps everything and goes on being appended to."""
+        self.store = ResultStore(path=self.store.path)
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float):
+        """While in this block, no single measurement call may take longer than ``seconds`` (the
+        runner kills and restarts a worker that overruns: a TIMEOUT result).  Applies to runners
+        with a ``MeasureConfig`` (``config``); others are not timed."""
+        config = getattr(self.runner, "config", None)
+        if not isinstance(config, MeasureConfig) or config.timeout_seconds <= seconds:
+            yield
+            return
+        self.runner.config = replace(config, timeout_seconds=seconds)
+        try:
+            yield
+        finally:
+            self.runner.config = config
 
     def prefetch(self, problem: MatmulProblem) -> None:
         """Start the measurement worker and time numpy for ``problem`` in the background, so both
         overlap with compiling the first candidates (worker start-up is ~0.3 s of Python + numpy)."""
-        fn = getattr(self.runner, "_numpy_seconds", None)
+        fn = getattr(self.runner, "numpy_seconds", None)     # a LocalRunner; replays have no reference to time
         if fn is not None and self._warm is None:
             self._warm = threading.Thread(target=lambda: _quietly(fn, problem), daemon=True)
             self._warm.start()
@@ -103,33 +121,19 @@ class Evaluator:
             if r is None:
                 todo.setdefault((p.key(), k), (p, k))
         if todo:
-            if self.runner is None:
-                if self.on_missing is None:
-                    p, k = next(iter(todo.values()))
-                    raise ReplayMissError(f"no recorded result for {p.key()} {k[:200]}")
-                fresh = [replace(self.on_missing, problem_key=p.key(), tag=k) for p, k in todo.values()]
-            else:
-                fresh = self._measure(list(todo.values()))
-            for r in fresh:
-                self.store.add(r)
-            if self.record_path:
-                with open(self.record_path, "a") as f:
-                    for r in fresh:
-                        f.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
+            self.store.extend(self._measure(list(todo.values())))
             out = [self.store.get(p.key(), k) for p, k in keys]
         return out  # type: ignore[return-value]
 
     def remeasure(self, pairs: Sequence[tuple[MatmulProblem, LoopNest]]) -> list[RunResult]:
         """Measure again, ignoring (and not changing) what is stored: a second opinion on
-        finalists.  Replay-only evaluators answer from the store."""
-        if self.runner is None:
-            return self.evaluate(pairs)
+        finalists.  A replay answers what it recorded."""
         return self._measure([(p, canonical_key(n)) for p, n in pairs])
 
     def _measure(self, todo: list[tuple[MatmulProblem, str]]) -> list[RunResult]:
-        if not getattr(self.runner, "needs_build", True) or isinstance(self.runner, ReplayRunner):
+        if not getattr(self.runner, "needs_build", True):
             self.wait()
-            results = self.runner.run([Candidate(p, None, tag=k) for p, k in todo])  # type: ignore[union-attr]
+            results = self.runner.run([Candidate(p, None, tag=k) for p, k in todo])
             self.stats.measured += len(results)
             return results
         t0 = time.perf_counter()
@@ -141,7 +145,7 @@ class Evaluator:
         self.wait()
         t1 = time.perf_counter()
         cands = [Candidate.from_build(p, built[(p.dtype, k)], tag=k) for p, k in todo]
-        results = self.runner.run(cands)  # type: ignore[union-attr]
+        results = self.runner.run(cands)
         self.stats.build_seconds += t1 - t0
         self.stats.run_seconds += time.perf_counter() - t1
         self.stats.measured += len(results)

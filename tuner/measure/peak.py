@@ -16,14 +16,17 @@ best of all variants, best of several runs: interference can only make a run slo
 """
 from __future__ import annotations
 
+import ctypes
 import functools
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
+
+from looptune.runtime.compiler.build import BuildError, build
+from looptune.runtime.compiler.codegen import KernelSource
+from looptune.runtime.compiler.kernel import load_library
+from looptune.runtime.compiler.machine import detect_cpu
 
 _LANE_BYTES = {"float32": 4, "float64": 8}
 
@@ -141,24 +144,22 @@ def render_source(vs: list[PeakVariant]) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _library(isa: str):
-    """Compile every variant for ``isa`` (both dtypes) once per process; returns (lib, variants)."""
-    import cffi
-
+def _library(isa: str) -> tuple[dict[str, Callable[..., float]], list[PeakVariant]]:
+    """Compile every variant for ``isa`` (both dtypes) through the kernel build path (same
+    compiler, flags and cache) once per process; returns (variant name -> function, variants)."""
     vs = variants(isa, "float32") + variants(isa, "float64")
-    gcc = shutil.which(os.environ.get("CC", "gcc")) or "gcc"
-    ffi = cffi.FFI()
-    ffi.cdef("\n".join(f"double {v.name}(int64_t, int32_t, double *, double *, int32_t *);" for v in vs))
-    with tempfile.TemporaryDirectory(prefix="looptune-peak-") as d:
-        src, so = os.path.join(d, "peak.c"), os.path.join(d, "peak.so")
-        with open(src, "w") as f:
-            f.write(render_source(vs))
-        proc = subprocess.run([gcc, "-O2", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", so, src],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"peak benchmark failed to compile:\n{proc.stderr[-2000:]}")
-        lib = ffi.dlopen(so)          # unlinking a loaded library is safe
-    return ffi, lib, vs
+    result = build(KernelSource(vs[0].name, "float32", render_source(vs)))
+    if not result.ok:
+        raise BuildError(f"peak benchmark failed to compile:\n{(result.error or '')[-2000:]}")
+    lib = load_library(result.so_path)
+    functions = {}
+    for v in vs:
+        fn = getattr(lib, v.name)
+        fn.restype = ctypes.c_double
+        fn.argtypes = [ctypes.c_int64, ctypes.c_int32, ctypes.POINTER(ctypes.c_double),
+                       ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int32)]
+        functions[v.name] = fn
+    return functions, vs
 
 
 @dataclass(frozen=True)
@@ -181,25 +182,25 @@ def measure_variant(v: PeakVariant, threads: int = 1, *, isa: str | None = None,
     If every run of a round was disturbed (a busy neighbour on a small machine), wait a
     moment and try another round, up to ``rounds``; then report the best disturbed run.
     """
-    from looptune.runtime.compiler.machine import detect_cpu
-
-    ffi, lib, _ = _library(isa or detect_cpu().vector_isa)
-    fn = getattr(lib, v.name)
-    out, share, team = ffi.new("double *"), ffi.new("double *"), ffi.new("int32_t *")
+    functions, _ = _library(isa or detect_cpu().vector_isa)
+    fn = functions[v.name]
+    out, share, team = ctypes.c_double(), ctypes.c_double(), ctypes.c_int32()
+    outputs = (ctypes.byref(out), ctypes.byref(share), ctypes.byref(team))
     iters = 1 << 14
     while True:                      # calibrate: grow until one run lasts a tenth of the target
-        fn(iters, threads, out, share, team)
-        if out[0] >= seconds / 10 or iters >= 1 << 40:
+        fn(iters, threads, *outputs)
+        if out.value >= seconds / 10 or iters >= 1 << 40:
             break
         iters *= 4
-    iters = max(1, int(iters * seconds / max(out[0], 1e-9)))
+    iters = max(1, int(iters * seconds / max(out.value, 1e-9)))
     best: PeakResult | None = None
     for round_ in range(rounds):
         if round_:
             time.sleep(0.5)
         for _ in range(repeats):
-            fn(iters, threads, out, share, team)
-            r = PeakResult(v, team[0], v.flops_per_iter * iters * team[0] / max(out[0], 1e-12) / 1e9, share[0])
+            fn(iters, threads, *outputs)
+            r = PeakResult(v, team.value, v.flops_per_iter * iters * team.value / max(out.value, 1e-12) / 1e9,
+                           share.value)
             if best is None or (best.disturbed, -best.gflops) > (r.disturbed, -r.gflops):
                 best = r
         if not best.disturbed:
@@ -210,8 +211,6 @@ def measure_variant(v: PeakVariant, threads: int = 1, *, isa: str | None = None,
 
 def peak_table(dtype: str, threads: int, isa: str | None = None, **kwargs) -> dict[str, PeakResult]:
     """variant name -> result for every variant of ``isa`` (default: the detected one)."""
-    from looptune.runtime.compiler.machine import detect_cpu
-
     isa = isa or detect_cpu().vector_isa
     return {v.name: measure_variant(v, threads, isa=isa, **kwargs) for v in variants(isa, dtype)}
 

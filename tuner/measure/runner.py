@@ -8,12 +8,10 @@ runner, they never see an exception from a bad kernel.
 
 * ``LocalRunner`` runs kernels in a persistent worker process (``looptune.tuner.measure.worker``)
   with a per-candidate timeout; the worker is restarted after a crash or a hang.
-* ``ReplayRunner`` answers from recorded results (Kernel Tuner's simulation mode), so agent
-  tests are deterministic and training is cheap; ``RecordingRunner`` fills such a record.
+* ``looptune.tuner.measure.replay`` records results and answers from recordings (Kernel
+  Tuner's simulation mode), so agent tests are deterministic and training is cheap.
 """
 from __future__ import annotations
-
-from looptune.runtime.compiler.errors import LoopTuneError
 
 import abc
 import json
@@ -27,99 +25,15 @@ import sys
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.measure.worker import THREAD_ENV_VARS, MeasureConfig, RunStatus, default_tolerance
+from looptune.tuner.measure.protocol import (THREAD_ENV_VARS, Artifact, Candidate, MeasureConfig, RunResult, RunStatus,
+                                             default_tolerance)
 
 __all__ = ["Artifact", "Candidate", "MeasureConfig", "RunStatus", "RunResult", "Runner", "LocalRunner",
-           "ResultStore", "ReplayRunner", "RecordingRunner", "ReplayMissError", "default_tolerance"]
-
-RESULT_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A built kernel: a shared library and the exported symbol with the kernel ABI."""
-
-    so_path: str
-    symbol: str
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What to measure.  ``artifact`` is None when the build failed (``build_error`` says why)."""
-
-    problem: MatmulProblem
-    artifact: Artifact | None
-    tag: str = ""            # opaque to the runner: schedule trace JSON, a name, ...
-    build_error: str = ""
-
-    @classmethod
-    def from_build(cls, problem: MatmulProblem, build: Any, tag: str = "") -> "Candidate":
-        """From a ``looptune.runtime.compiler.build.BuildResult(ok, so_path, symbol, error, seconds)``."""
-        if getattr(build, "ok", False):
-            return cls(problem, Artifact(str(build.so_path), build.symbol), tag)
-        return cls(problem, None, tag, build_error=getattr(build, "error", "") or "build failed")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One candidate's outcome.  Times are seconds per kernel call; only OK results carry them.
-
-    ``samples`` are the raw per-call times (each the mean of ``number`` back-to-back calls);
-    ``seconds`` is their median and ``q1_seconds``/``q3_seconds`` the quartiles.  The numpy
-    fields time ``np.matmul`` on the same problem, in the same worker, with the same threads.
-    ``cpu_share`` is the CPU time the worker got over wall time x threads while timing: well
-    below 1 means other processes competed for the cores and the time is pessimistic.
-    """
-
-    status: RunStatus
-    problem_key: str = ""
-    tag: str = ""
-    seconds: float | None = None
-    q1_seconds: float | None = None
-    q3_seconds: float | None = None
-    samples: tuple[float, ...] = ()
-    number: int = 0
-    gflops: float | None = None
-    numpy_seconds: float | None = None
-    numpy_gflops: float | None = None
-    cpu_share: float | None = None
-    error: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status is RunStatus.OK
-
-    @property
-    def rel_spread(self) -> float | None:
-        """Interquartile range over median: how far to trust ``seconds`` (0.05 = 5 %)."""
-        if self.seconds is None or self.q1_seconds is None or self.q3_seconds is None:
-            return None
-        return (self.q3_seconds - self.q1_seconds) / self.seconds
-
-    @property
-    def speedup_vs_numpy(self) -> float | None:
-        if self.seconds is None or self.numpy_seconds is None:
-            return None
-        return self.numpy_seconds / self.seconds
-
-    def to_json(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        d["status"] = self.status.value
-        d["samples"] = list(self.samples)
-        return {"v": RESULT_FORMAT_VERSION, **d}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "RunResult":
-        d = dict(d)
-        if d.pop("v", RESULT_FORMAT_VERSION) != RESULT_FORMAT_VERSION:
-            raise ValueError(f"unsupported RunResult format: {d}")
-        d["status"] = RunStatus(d["status"])
-        d["samples"] = tuple(float(s) for s in d.get("samples", ()))
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+           "default_tolerance"]
 
 
 def _quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
@@ -158,7 +72,6 @@ class _WorkerProcess:
     def __init__(self, threads: int, scratch: str, startup_timeout: float, python: str):
         env = dict(os.environ)
         env.update({v: str(threads) for v in THREAD_ENV_VARS})
-        env["LOOPTUNE_WORKER_SCRATCH"] = scratch
         env["PYTHONFAULTHANDLER"] = "1"
         log = os.path.join(scratch, f"worker-t{threads}.stderr")
         open(log, "wb").close()                  # fresh log per worker; O_APPEND below so our
@@ -284,7 +197,7 @@ class LocalRunner(Runner):
         if not self._finalizer.alive:
             return replace(base, error="runner is closed")
         try:
-            numpy_seconds = self._numpy_seconds(cand.problem)
+            numpy_seconds = self.numpy_seconds(cand.problem)
             msg = {"op": "run", "problem": cand.problem.key(), "so_path": os.path.abspath(cand.artifact.so_path),
                    "symbol": cand.artifact.symbol, "config": self.config.to_json(),
                    "reference_seconds": numpy_seconds}
@@ -299,7 +212,7 @@ class LocalRunner(Runner):
                              numpy_gflops=cand.problem.flops / numpy_seconds / 1e9)
         return result
 
-    def _numpy_seconds(self, problem: MatmulProblem) -> float | None:
+    def numpy_seconds(self, problem: MatmulProblem) -> float | None:
         """Median np.matmul time, measured once per problem; measured again (at most 3 times in
         all, keeping the fastest) while other processes were visibly taking the cores."""
         if not self.measure_numpy:
@@ -353,111 +266,3 @@ class LocalRunner(Runner):
         return replace(base, status=status, seconds=med, q1_seconds=q1, q3_seconds=q3, samples=samples,
                        number=int(reply["number"]), gflops=problem.flops / med / 1e9,
                        cpu_share=reply.get("cpu_share"))
-
-
-# ----------------------------------------------------------------------------- replay
-
-class ReplayMissError(LoopTuneError, LookupError):
-    """A ReplayRunner was asked about a candidate it has no record of."""
-
-
-class ResultStore:
-    """Recorded results keyed by (problem key, tag), stored as JSON lines (no pickle).
-
-    The last record for a key wins, so a JSONL file can simply be appended to.
-    """
-
-    def __init__(self, results: Iterable[RunResult] = ()):
-        self._by_key: dict[tuple[str, str], RunResult] = {}
-        for r in results:
-            self.add(r)
-
-    def add(self, result: RunResult) -> None:
-        self._by_key[(result.problem_key, result.tag)] = result
-
-    def get(self, problem_key: str, tag: str) -> RunResult | None:
-        return self._by_key.get((problem_key, tag))
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-    def __iter__(self) -> Iterator[RunResult]:
-        return iter(self._by_key.values())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._by_key
-
-    def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as f:
-            for r in self:
-                f.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ResultStore":
-        store = cls()
-        with open(path) as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        store.add(RunResult.from_json(json.loads(line)))
-                    except (ValueError, TypeError, KeyError) as e:
-                        raise ValueError(f"{path}:{number}: not a RunResult record: {e}") from None
-        return store
-
-
-class ReplayRunner(Runner):
-    """Answer from a ResultStore: same candidate, same result, no kernel runs.
-
-    An unknown candidate raises ``ReplayMissError`` (a test or training setup error, not a
-    kernel failure) unless ``on_missing`` gives the result to return instead.
-    """
-
-    def __init__(self, store: ResultStore | Iterable[RunResult], *, on_missing: RunResult | None = None):
-        self.store = store if isinstance(store, ResultStore) else ResultStore(store)
-        self.on_missing = on_missing
-        self.misses = 0
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, **kwargs: Any) -> "ReplayRunner":
-        return cls(ResultStore.load(path), **kwargs)
-
-    def run(self, candidates: Sequence[Candidate]) -> list[RunResult]:
-        out = []
-        for c in candidates:
-            key = c.problem.key()
-            r = self.store.get(key, c.tag)
-            if r is None:
-                self.misses += 1
-                if self.on_missing is None:
-                    raise ReplayMissError(f"no recorded result for problem {key} with tag {c.tag[:200]!r}")
-                r = replace(self.on_missing, problem_key=key, tag=c.tag)
-            out.append(r)
-        return out
-
-
-class RecordingRunner(Runner):
-    """Run an inner runner and record every result (failures too) into a store.
-
-    With ``path``, each result is also appended to that JSONL file as it arrives, so a long
-    measurement session that dies keeps what it measured.
-    """
-
-    def __init__(self, inner: Runner, store: ResultStore | None = None, *, path: str | os.PathLike | None = None):
-        self.inner = inner
-        self.store = store if store is not None else ResultStore()
-        self.path = path
-
-    def run(self, candidates: Sequence[Candidate]) -> list[RunResult]:
-        results = self.inner.run(candidates)
-        for r in results:
-            self.store.add(r)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                for r in results:
-                    f.write(json.dumps(r.to_json(), sort_keys=True) + "\n")
-        return results
-
-    def close(self) -> None:
-        self.inner.close()

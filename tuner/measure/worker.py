@@ -12,6 +12,11 @@ Protocol (one JSON object per line; the parent enforces every timeout)::
     worker -> parent  {"status": "ok" | "wrong_answer" | "kernel_error" | "build_error" |
                        "runner_error", "seconds": [...], "number": N, "error": "..."}
 
+Kernels are loaded by the runtime's loader (``looptune.runtime.compiler.kernel``: a file
+rebuilt in place is loaded from a fresh copy; a load failure is a BUILD_ERROR result) and
+called, for verification and timing, through ``Kernel.invoke`` with the thread count
+``runtime.matmul`` would pass, so a measured time is what the runtime will serve.
+
 The worker writes its answers to a private duplicate of fd 1 and points fd 1 at stderr, so a
 kernel that ``printf``s cannot corrupt the protocol.  Thread counts are pinned by the parent
 through the environment (OMP/OpenBLAS variables are read once, when numpy and libgomp load)
@@ -19,8 +24,8 @@ and again here with threadpoolctl when it is installed.
 """
 from __future__ import annotations
 
-import enum
 import faulthandler
+import functools
 import gc
 import json
 import math
@@ -28,86 +33,19 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-# Environment variables that size the thread pools of BLAS and OpenMP runtimes.  They must be
-# set before numpy (OpenBLAS) or the first OpenMP kernel (libgomp) is loaded.
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                   "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+import numpy as np   # the parent set the thread variables before this process started
 
-KERNEL_ERRORS = {-1: "out of memory", -2: "strides do not satisfy a layout precondition of this kernel"}
+from looptune.runtime.compiler.abi import error_message
+from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
+from looptune.runtime.compiler.machine import detect_cpu
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.settings import RuntimeSettings
+from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 
 _GUARD = 1024          # sentinel elements on each side of C, to catch out-of-bounds writes
 _SENTINEL = 12345.678  # any value a correct kernel never writes into the guard zone
-
-
-class RunStatus(str, enum.Enum):
-    """How a candidate ended.  Only OK carries a time."""
-
-    OK = "ok"
-    WRONG_ANSWER = "wrong_answer"    # verification against numpy failed (or wrote out of bounds)
-    CRASH = "crash"                  # the worker died while running the kernel (signal, exit)
-    TIMEOUT = "timeout"              # no answer within MeasureConfig.timeout_seconds; worker killed
-    KERNEL_ERROR = "kernel_error"    # the kernel returned a non-zero code (-1 OOM, -2 bad strides)
-    BUILD_ERROR = "build_error"      # no artifact, or the .so / symbol could not be loaded
-    RUNNER_ERROR = "runner_error"    # our fault, not the kernel's (worker failed to start, ...)
-
-
-def default_tolerance(dtype: str, k: int) -> tuple[float, float]:
-    """(rtol, atol) for ``|C - ref| <= atol + rtol * |ref|`` with unit-normal operands.
-
-    A length-K dot product summed in ``dtype`` has worst-element error ~1.2 * eps * K against a
-    float64 reference, measured for K = 16 .. 16384 with sequential accumulation (the worst
-    order; blocked kernels do better).  8x that leaves room for any summation order, while a
-    kernel that drops or repeats a single k term errs by ~1, far above the bound for any
-    realistic K.
-    """
-    eps = 1.1920929e-07 if dtype == "float32" else 2.220446049250313e-16
-    return 16 * eps, 8 * eps * max(k, 16)
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """The timing protocol, as a value (cf. TVM's EvaluatorConfig).
-
-    A *sample* is the mean time of ``number`` back-to-back calls, where ``number`` is chosen
-    so one sample lasts at least ``min_sample_seconds`` (timer and call overhead amortized
-    for tiny kernels).  Samples are taken until both ``min_repeats`` and
-    ``min_total_seconds`` are reached, or ``max_repeats``.  With ``flush_cache`` each call is
-    its own sample, preceded (untimed) by a write over a buffer twice the size of L2+L3.
-
-    ``slow_cutoff`` (0 = off): a candidate whose first timed call already takes more than
-    ``slow_cutoff`` times numpy's time on the same problem is reported from that one call.  It
-    cannot win, and on large problems the remaining repeats of a slow kernel cost seconds of a
-    tuning budget (a 1024^3 kernel at 10 GFLOPS takes 0.2 s per call).
-    """
-
-    warmup: int = 2
-    min_repeats: int = 5
-    max_repeats: int = 200
-    min_total_seconds: float = 0.05
-    min_sample_seconds: float = 1e-3
-    timeout_seconds: float = 10.0       # per candidate: load + verify + time
-    seeds: int = 1                      # independent operand sets verified before timing
-    verify_accumulate: bool = True      # also check accumulate=1 (C += A @ B)
-    rtol: float | None = None           # None: default_tolerance(dtype, K)
-    atol: float | None = None
-    flush_cache: bool = False
-    slow_cutoff: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (self.warmup >= 0 and 1 <= self.min_repeats <= self.max_repeats and self.seeds >= 1):
-            raise ValueError(f"inconsistent MeasureConfig: {self}")
-        if not (self.timeout_seconds > 0 and self.min_total_seconds >= 0 and self.min_sample_seconds >= 0):
-            raise ValueError(f"inconsistent MeasureConfig: {self}")
-
-    def tolerance(self, dtype: str, k: int) -> tuple[float, float]:
-        rtol, atol = default_tolerance(dtype, k)
-        return (rtol if self.rtol is None else self.rtol, atol if self.atol is None else self.atol)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _Failure(Exception):
@@ -118,117 +56,35 @@ class _Failure(Exception):
         self.status = status
 
 
-# ----------------------------------------------------------------------------- kernel loading
-
-_ABI_ARGS = ("int64_t, int64_t, int64_t, int64_t, "
-             "const {T} *, int64_t, int64_t, int64_t, "
-             "const {T} *, int64_t, int64_t, int64_t, "
-             "{T} *, int64_t, int64_t, int64_t, int32_t, int32_t")
-
-
-class KernelLoader:
-    """dlopen .so files with cffi (ABI mode) and look up a kernel symbol.
-
-    Libraries are never dlclose'd: unloading code that started OpenMP threads is unsafe.  The
-    dynamic loader hands back an already-loaded library when the *path* matches, so a file
-    rebuilt in place would silently run the old code; such a file is loaded from a uniquely
-    named copy instead.
-    """
-
-    def __init__(self, scratch_dir: str):
-        import cffi
-
-        self.ffi = cffi.FFI()
-        self.scratch_dir = scratch_dir
-        self._libs: dict[str, tuple[tuple[int, int, int], Any]] = {}   # realpath -> (identity, lib)
-        self._declared: dict[str, str] = {}                             # symbol -> C type
-        self._copies = 0
-
-    def load(self, so_path: str, symbol: str, ctype: str) -> Callable[..., int]:
-        try:
-            st = os.stat(so_path)
-        except OSError as e:
-            raise _Failure(RunStatus.BUILD_ERROR, f"cannot open {so_path}: {e}") from None
-        if not symbol.isidentifier():
-            raise _Failure(RunStatus.BUILD_ERROR, f"not a C identifier: {symbol!r}")
-        if self._declared.get(symbol) != ctype:
-            self.ffi.cdef(f"int {symbol}({_ABI_ARGS.format(T=ctype)});", override=True)
-            self._declared[symbol] = ctype
-        real = os.path.realpath(so_path)
-        ident = (st.st_ino, st.st_size, st.st_mtime_ns)
-        entry = self._libs.get(real)
-        if entry is None or entry[0] != ident:
-            path = real
-            if entry is not None:           # rebuilt in place: load a copy under a fresh name
-                self._copies += 1
-                path = os.path.join(self.scratch_dir, f"reload{self._copies}_{os.path.basename(real)}")
-                with open(real, "rb") as src, open(path, "wb") as dst:
-                    dst.write(src.read())
-            try:
-                lib = self.ffi.dlopen(path)
-            except OSError as e:
-                raise _Failure(RunStatus.BUILD_ERROR, f"dlopen failed: {e}") from None
-            entry = (ident, lib)
-            self._libs[real] = entry
-        try:
-            return getattr(entry[1], symbol)
-        except AttributeError as e:
-            raise _Failure(RunStatus.BUILD_ERROR, f"symbol {symbol!r} not found in {so_path}: {e}") from None
-
-
 # ----------------------------------------------------------------------------- operands
 
 class Operands:
-    """A, B (views in the problem's layout) and C inside a guarded buffer, plus bound call args."""
+    """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel call
+    on them: ``Kernel.invoke``, the call ``runtime.matmul`` makes, with the thread count matmul
+    would pass for this problem."""
 
-    def __init__(self, problem, a0, b0, ffi):
-        import numpy as np
-
-        self.problem = problem
+    def __init__(self, problem, a0, b0, kernel: Kernel):
         self.a, self.b = _copy_keeping_layout(a0), _copy_keeping_layout(b0)
-        c = np.empty((problem.batch, problem.m, problem.n), dtype=a0.dtype)
-        size = c.size
-        self.buf = np.full(size + 2 * _GUARD, _SENTINEL, dtype=c.dtype)
-        self.c = self.buf[_GUARD:_GUARD + size].reshape(c.shape)
-        t = "float" if problem.dtype == "float32" else "double"
-        item = c.dtype.itemsize
+        size = problem.batch * problem.m * problem.n
+        self.buf = np.full(size + 2 * _GUARD, _SENTINEL, dtype=a0.dtype)
+        self.c = self.buf[_GUARD:_GUARD + size].reshape(problem.batch, problem.m, problem.n)
+        self.threads = call_threads(problem.flops, problem.threads, RuntimeSettings.small_flops)
+        self.invoke = kernel.invoke
 
-        def ptr(x):
-            return ffi.cast(f"{t} *", x.__array_interface__["data"][0])
+    def call(self, accumulate: int) -> int:
+        return self.invoke(self.a, self.b, self.c, accumulate, self.threads)
 
-        def strides(x):
-            return tuple(s // item for s in x.strides)
-
-        p = problem
-        self.head = (p.batch, p.m, p.n, p.k, ptr(self.a), *strides(self.a), ptr(self.b), *strides(self.b),
-                     ptr(self.c), *strides(self.c))
-        # Time kernels through the same compiled call path the runtime uses (libffi adds ~1.3 us a call).
-        from looptune.runtime.compiler import trampoline
-
-        self.fast = trampoline.load()
-        self.ffi = ffi
-        self.typenum = c.dtype.num
-        self._addresses: dict[int, int] = {}
-
-    def call(self, fn, accumulate: int) -> int:
-        if self.fast is not None:
-            addr = self._addresses.get(id(fn))
-            if addr is None:
-                addr = self._addresses[id(fn)] = int(self.ffi.cast("uintptr_t", fn))
-            return self.fast.call(addr, self.typenum, self.a, self.b, self.c, accumulate, self.problem.threads)
-        return fn(*self.head, accumulate, self.problem.threads)
+    def timed_call(self) -> Callable[[], int]:
+        """``call(0)`` as a C-level callable (a partial of the trampoline): no Python frame per call."""
+        return functools.partial(self.invoke, self.a, self.b, self.c, 0, self.threads)
 
     def guard_intact(self) -> bool:
-        import numpy as np
-
         g = self.buf
         return bool(np.all(g[:_GUARD] == _SENTINEL) and np.all(g[-_GUARD:] == _SENTINEL))
 
 
 def _copy_keeping_layout(x):
     """A fresh copy with the same strides pattern (a transposed view stays transposed)."""
-    import numpy as np
-
     y = np.empty_like(x, order="K")
     np.copyto(y, x)
     return y
@@ -236,11 +92,10 @@ def _copy_keeping_layout(x):
 
 def _check_rc(rc: int, when: str) -> None:
     if rc != 0:
-        why = KERNEL_ERRORS.get(rc, "unknown error code")
-        raise _Failure(RunStatus.KERNEL_ERROR, f"kernel returned {rc} ({why}) {when}")
+        raise _Failure(RunStatus.KERNEL_ERROR, f"kernel returned {rc} ({error_message(rc)}) {when}")
 
 
-def verify(fn, problem, config: MeasureConfig, ffi, reference) -> Operands:
+def verify(kernel: Kernel, problem, config: MeasureConfig, reference) -> Operands:
     """Check the kernel on ``config.seeds`` operand sets; return the last set for timing.
 
     C starts as NaN for accumulate=0, so a kernel that forgets to zero C fails; accumulate=1
@@ -248,17 +103,15 @@ def verify(fn, problem, config: MeasureConfig, ffi, reference) -> Operands:
     and the inputs are checked too: writing outside C, or into A or B, is a wrong answer.
     ``reference(seed)`` returns pristine (A, B, A @ B in float64); the kernel gets copies.
     """
-    import numpy as np
-
     rtol, atol = config.tolerance(problem.dtype, problem.k)
     ops = None
     for seed in range(config.seeds):
         a0, b0, ref = reference(seed)
-        ops = Operands(problem, a0, b0, ffi)
+        ops = Operands(problem, a0, b0, kernel)
         ops.c[...] = np.nan
         checks = [(0, ref, 1.0)] + ([(1, 2 * ref, 2.0)] if config.verify_accumulate else [])
         for accumulate, expect, scale in checks:
-            _check_rc(ops.call(fn, accumulate), f"during verification (accumulate={accumulate})")
+            _check_rc(ops.call(accumulate), f"during verification (accumulate={accumulate})")
             what = f"seed {seed}, accumulate={accumulate}"
             if not ops.guard_intact():
                 raise _Failure(RunStatus.WRONG_ANSWER, f"wrote outside C ({what})")
@@ -282,9 +135,6 @@ class _Flusher:
     """Evicts caches by writing a buffer twice the size of L2 + L3 (done outside the timer)."""
 
     def __init__(self):
-        import numpy as np
-        from looptune.runtime.compiler.machine import detect_cpu
-
         cpu = detect_cpu()
         self.buf = np.zeros(2 * (cpu.l2_bytes + cpu.l3_bytes) // 8, dtype=np.float64)
 
@@ -344,10 +194,26 @@ def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[
 class Worker:
     """State that survives between requests: loaded kernels, verification data, the flush buffer."""
 
-    def __init__(self, scratch_dir: str):
-        self.loader = KernelLoader(scratch_dir)
+    def __init__(self):
+        self._kernels: dict[tuple, Kernel] = {}     # (path, symbol, dtype, file identity) -> kernel
         self._flusher: _Flusher | None = None
         self._refs: dict[tuple[Any, int], tuple[Any, Any, Any]] = {}
+
+    def kernel(self, so_path: str, symbol: str, dtype: str) -> Kernel:
+        """The kernel, loaded by the runtime's loader (a file rebuilt in place is loaded afresh);
+        a load failure is a BUILD_ERROR result."""
+        try:
+            st = os.stat(so_path)
+        except OSError as e:
+            raise _Failure(RunStatus.BUILD_ERROR, f"cannot open {so_path}: {e.strerror}") from None
+        key = (so_path, symbol, dtype, st.st_ino, st.st_size, st.st_mtime_ns)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            try:
+                kernel = self._kernels[key] = Kernel(so_path, symbol, dtype)
+            except KernelLoadError as e:
+                raise _Failure(RunStatus.BUILD_ERROR, str(e)) from None
+        return kernel
 
     def reference_data(self, problem, seed: int):
         """(A, B, A @ B in float64) for one seed, kept for the current problem only.
@@ -355,8 +221,6 @@ class Worker:
         Search measures many candidates of one problem in a row; recomputing a float64 matmul
         for each would, for large problems, cost more than timing the kernel.
         """
-        import numpy as np
-
         if any(p != problem for p, _ in self._refs):
             self._refs.clear()
         if (problem, seed) not in self._refs:
@@ -373,19 +237,16 @@ class Worker:
         return self._flusher
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        from looptune.runtime.compiler.workload import MatmulProblem
-
         try:
             problem = MatmulProblem.from_key(req["problem"])
             config = MeasureConfig(**req["config"])
             if req["op"] == "run":
-                ctype = "float" if problem.dtype == "float32" else "double"
-                fn = self.loader.load(req["so_path"], req["symbol"], ctype)
-                ops = verify(fn, problem, config, self.loader.ffi, lambda s: self.reference_data(problem, s))
+                kernel = self.kernel(req["so_path"], req["symbol"], problem.dtype)
+                ops = verify(kernel, problem, config, lambda s: self.reference_data(problem, s))
                 ref = req.get("reference_seconds")
                 give_up = config.slow_cutoff * ref if config.slow_cutoff > 0 and ref else None
-                samples, number, cpu = time_calls(lambda: ops.call(fn, 0), config, self.flusher(config),
-                                                  problem.threads, give_up_after=give_up)
+                samples, number, cpu = time_calls(ops.timed_call(), config, self.flusher(config),
+                                                  ops.threads, give_up_after=give_up)
             elif req["op"] == "reference":
                 samples, number, cpu = self.reference(problem, config)
             else:
@@ -398,8 +259,6 @@ class Worker:
 
     def reference(self, problem, config: MeasureConfig) -> tuple[list[float], int, float]:
         """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel."""
-        import numpy as np
-
         a, b, c = problem.make_operands(0)
 
         def call() -> int:
@@ -423,7 +282,8 @@ def _pin_threads() -> Any:
 
 
 def _orphan_watchdog(parent: int) -> None:
-    """Exit if the parent dies, even while a kernel hangs (cffi releases the GIL in C calls)."""
+    """Exit if the parent dies, even while a kernel hangs (the trampoline releases the GIL in all
+    but tiny calls; a tiny call that hangs is killed by the parent's timeout)."""
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
@@ -440,12 +300,9 @@ def main() -> None:
     faulthandler.enable(file=sys.stderr, all_threads=False)
     threading.Thread(target=_orphan_watchdog, args=(os.getppid(),), daemon=True).start()
 
-    import numpy  # noqa: F401  (after the environment is set, as the parent arranged)
-
     limits = _pin_threads()
-    scratch = os.environ.get("LOOPTUNE_WORKER_SCRATCH") or os.getcwd()
-    worker = Worker(scratch)
-    hello = {"status": "ready", "pid": os.getpid(), "numpy": numpy.__version__,
+    worker = Worker()
+    hello = {"status": "ready", "pid": os.getpid(), "numpy": np.__version__,
              "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "threadpoolctl": limits is not None}
     proto_out.write(json.dumps(hello).encode() + b"\n")
     proto_out.flush()

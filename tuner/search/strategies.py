@@ -1,9 +1,9 @@
-"""Search baselines on the agent's environment, each under a wall-clock budget, ask/tell style.
+"""Search strategies for the budgeted loop (``loop.run``): the baselines, and build-db's random search.
 
-A strategy proposes states (``ask``) and hears their measurements (``tell``); ``run_search``
-owns the clock and the evaluator (one runner interface for all: a live ``LocalRunner``, or a
-replay of recordings), and keeps the anytime history ``(seconds, best GFLOPS)`` so one run
-answers "what would a 1 s, 10 s, 60 s budget have found".  Time includes compiles.
+Each proposes candidates (``ask``) and hears their measurements (``tell``); ``loop.run`` owns
+the clock, the evaluator (a live ``LocalRunner``, or a replay of recordings) and the budget,
+and keeps the anytime history, so one run answers "what would a 1 s, 10 s, 60 s budget have
+found".  Time includes compiles.
 
 Done right where the LoopTune paper's baselines were not:
 
@@ -15,40 +15,41 @@ Done right where the LoopTune paper's baselines were not:
   giving up;
 * ``BeamSearch``: beam ranked by *measured* GFLOPS (the paper ranked by action name);
 * ``PolicyBeamSearch``: beams on the policy's Q-values (free), measuring only their end
-  states; the width doubles each round until the budget runs out.
+  states; the width doubles each round until the budget runs out;
+* ``BlockingSearch``: the analytic default, then random points of the BLIS-shaped blocking
+  space (``spaces.blocking_candidates``): build-db's tuner when no policy is available.
 """
 from __future__ import annotations
 
 import abc
 import random
-import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.compiler.schedule import Schedule
-
-from looptune.tuner.agent.actions import EDIT_ACTIONS, STOP, AgentState, apply, legal_mask, neighbors
-
-from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
-from looptune.tuner.measure.evaluator import Evaluator, gflops_of
-from looptune.tuner.measure.runner import RunResult
+from looptune.tuner.agent.actions import STOP, AgentState, apply, legal_mask, neighbors
+from looptune.tuner.measure.evaluator import gflops_of
+from looptune.tuner.measure.protocol import RunResult
+from looptune.tuner.search.loop import Budget, Strategy
+from looptune.tuner.search.spaces import blocking_candidates
 
 
-class SearchStrategy(abc.ABC):
+class SearchStrategy(Strategy):
+    """A search in the agent's action space: proposes ``AgentState``s, remembers their GFLOPS."""
+
     name = "search"
 
     def __init__(self, problem: MatmulProblem, *, start: Optional[Schedule] = None, seed: int = 0, batch: int = 4):
-        self.problem = problem
+        super().__init__(problem)
         self.start = AgentState.initial(start)
         self.rng = random.Random(seed)
         self.batch = batch
         self.measured: dict[str, float] = {}      # canonical key -> GFLOPS (0 for failures)
 
     @abc.abstractmethod
-    def ask(self) -> list[AgentState]:
+    def ask(self, budget: Optional[Budget] = None) -> list[AgentState]:
         """The next states to measure; [] when the strategy has nothing left to try."""
 
     def tell(self, states: Sequence[AgentState], results: Sequence[RunResult]) -> None:
@@ -76,7 +77,7 @@ class RandomWalkSearch(SearchStrategy):
         self.max_steps = max_steps
         self.tries = 0
 
-    def ask(self) -> list[AgentState]:
+    def ask(self, budget: Optional[Budget] = None) -> list[AgentState]:
         out: list[AgentState] = []
         while len(out) < self.batch and self.tries < 100000:
             self.tries += 1
@@ -110,7 +111,7 @@ class GreedySearch(SearchStrategy):
             self.round = [n2 for n in firsts for _, _, n2 in neighbors(n, self.problem)]
         self.pending = self._new(self.round)
 
-    def ask(self) -> list[AgentState]:
+    def ask(self, budget: Optional[Budget] = None) -> list[AgentState]:
         if self.done:
             return []
         if not self.round:
@@ -125,7 +126,7 @@ class GreedySearch(SearchStrategy):
                 self.done = True
                 return []
             self.round = []
-            return self.ask()
+            return self.ask(budget)
         out, self.pending = self.pending[: self.batch], self.pending[self.batch:]
         return out
 
@@ -141,7 +142,7 @@ class BeamSearch(SearchStrategy):
         self.children: list[AgentState] = []
         self.pending: list[AgentState] = []
 
-    def ask(self) -> list[AgentState]:
+    def ask(self, budget: Optional[Budget] = None) -> list[AgentState]:
         if not self.children:
             if self.level >= self.max_depth:
                 return []
@@ -159,7 +160,7 @@ class BeamSearch(SearchStrategy):
             ranked = sorted(self.children, key=lambda s: -self.score(s))
             self.beam = [s for s in ranked[: self.width] if self.score(s) > 0] or self.beam
             self.children = []
-            return self.ask() if self.level < self.max_depth else []
+            return self.ask(budget) if self.level < self.max_depth else []
         out, self.pending = self.pending[: self.batch], self.pending[self.batch:]
         return out
 
@@ -170,10 +171,11 @@ class PolicyBeamSearch(SearchStrategy):
     def __init__(self, problem, policy, *, width: int = 2, max_width: int = 64, extra: Sequence[Schedule] = (), **kw):
         super().__init__(problem, **kw)
         self.policy, self.width, self.max_width = policy, width, max_width
+        self.policy_name = getattr(policy, "name", "")
         self.extra = [AgentState(canonical_schedule(s.nest), 1) for s in extra]
         self.pending: list[AgentState] = []
 
-    def ask(self) -> list[AgentState]:
+    def ask(self, budget: Optional[Budget] = None) -> list[AgentState]:
         while not self.pending:
             if self.width > self.max_width:
                 return []
@@ -186,66 +188,25 @@ class PolicyBeamSearch(SearchStrategy):
         return out
 
 
-@dataclass
-class SearchResult:
-    name: str
-    problem: MatmulProblem
-    best_state: Optional[AgentState]
-    best_result: Optional[RunResult]
-    history: list[tuple[float, float]] = field(default_factory=list)   # (seconds since start, best GFLOPS so far)
-    evaluated: int = 0
-    seconds: float = 0.0
-    best_states: list[tuple[float, AgentState]] = field(default_factory=list)   # (seconds, best state so far)
+class BlockingSearch(Strategy):
+    """The analytic default first, then random points of the blocking space, ``batch`` at a time."""
 
-    @property
-    def best_gflops(self) -> float:
-        return gflops_of(self.best_result) or 0.0
+    name = "random-search"
 
-    def best_at(self, seconds: float) -> float:
-        """Best GFLOPS among results that had arrived ``seconds`` after the start (0 if none)."""
-        g = 0.0
-        for t, b in self.history:
-            if t <= seconds:
-                g = b
-        return g
+    def __init__(self, problem: MatmulProblem, *, count: int = 64, seed: int = 0, batch: int = 4):
+        super().__init__(problem)
+        self.schedules = [canonical_schedule(p.schedule().nest) for p in blocking_candidates(problem, count, seed=seed)]
+        self.default_key = canonical_key(self.schedules[0].nest)
+        self.batch = batch
+        self.next = 0
 
-    def best_state_at(self, seconds: float) -> Optional[AgentState]:
-        """The best state among results that had arrived ``seconds`` after the start."""
-        out = None
-        for t, s in self.best_states:
-            if t <= seconds:
-                out = s
+    def ask(self, budget: Optional[Budget] = None) -> list[Schedule]:
+        out = self.schedules[self.next:self.next + self.batch]
+        self.next += len(out)
         return out
 
-
-def run_search(strategy: SearchStrategy, evaluator: Evaluator, budget_s: float,
-               clock: Callable[[], float] = time.perf_counter) -> SearchResult:
-    """Ask, measure, tell until the budget is spent or the strategy is done.
-
-    A batch is only started while budget remains, so a run overshoots by at most one batch;
-    ``history`` timestamps each batch's arrival, so ``best_at(b)`` never credits work that
-    finished after ``b``.
-    """
-    t0 = clock()
-    res = SearchResult(strategy.name, strategy.problem, None, None)
-    best = 0.0
-    while clock() - t0 < budget_s:
-        states = strategy.ask()
-        if not states:
-            break
-        results = evaluator.evaluate([(strategy.problem, s.nest) for s in states])
-        strategy.tell(states, results)
-        res.evaluated += len(states)
-        for s, r in zip(states, results):
-            g = gflops_of(r)
-            if g is not None and g > best:
-                best, res.best_state, res.best_result = g, s, r
-        now = clock() - t0
-        res.history.append((now, best))
-        if res.best_state is not None and (not res.best_states or res.best_states[-1][1] is not res.best_state):
-            res.best_states.append((now, res.best_state))
-    res.seconds = clock() - t0
-    return res
+    def found_by(self, candidate: Schedule) -> str:
+        return "default" if canonical_key(candidate.nest) == self.default_key else self.name
 
 
 STRATEGIES = {"random": RandomWalkSearch, "greedy": GreedySearch, "beam": BeamSearch, "policy-beam": PolicyBeamSearch}

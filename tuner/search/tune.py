@@ -1,7 +1,7 @@
 """Tune one problem in about a second: policy rollout in numpy, a few measurements, keep the best.
 
     from looptune.tuner.search.tune import tune
-    res = tune(MatmulProblem(128, 96, 160), budget=2.0)
+    res = tune(MatmulProblem(128, 96, 160), budget_s=2.0)
     res.schedule, res.result.gflops, res.found_by, res.seconds
 
 How the 2 seconds are spent (compiles included):
@@ -12,7 +12,8 @@ How the 2 seconds are spent (compiles included):
    that won sweeps) are compiled in ONE ``build_many`` batch (parallel gcc; kernels are
    size-free, so schedules the policy likes are often kernel-cache hits) and timed by the
    isolated runner.  On large problems the batch is cut, in priority order, to what a prior
-   cost estimate says fits half the budget; the rest waits for step 3;
+   cost estimate says fits half the budget; the rest waits for step 3 (the budget accounting
+   is the loop's: ``looptune.tuner.search.loop``, where this is one strategy of several);
 3. while budget remains, the tuner hill-climbs from the best measured schedule: its
    one-edit neighbours (any cursor position, ``actions.neighbors``) ranked by the policy's
    Q-value for that edit, alternating with one-factor mutations of its trace (tile size,
@@ -30,128 +31,37 @@ default's (12 x 32), so starting from the default would close off the best sched
 default is measured alongside instead, so the result is never worse than it.
 
 A bad candidate (compile error, crash, hang, wrong answer) is just a failed result from the
-runner; ``tune`` never raises for one.  Importing this module does not import torch.
+runner; ``tune`` never raises for one.  A problem too large to time within the budget is
+not measured at all (``TuneResult.over_budget``).  Importing this module does not import torch.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Sequence
 
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.compiler.schedule import Schedule
-
 from looptune.tuner.agent.actions import AgentState, neighbors
-
-from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
-from looptune.tuner.measure.evaluator import TUNE_MEASURE, Evaluator, gflops_of
-from looptune.tuner.search.mutate import factor_mutations, interleave
 from looptune.tuner.agent.observe import observe
-from looptune.tuner.measure.runner import ResultStore, RunResult, RunStatus
+from looptune.tuner.agent.policy import Policy, PolicyError
+from looptune.tuner.measure.evaluator import Evaluator, gflops_of
+from looptune.tuner.measure.protocol import RunResult
+from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
+from looptune.tuner.search.mutate import factor_mutations, interleave
 from looptune.tuner.search.spaces import blocking_candidates
+
+__all__ = ["TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "tune"]
 
 TEMPLATES = 4          # template schedules measured next to the policy's and the default
 REFINE = 4             # neighbours of the best schedule measured per hill-climbing round
+CONFIRM = 3            # finalists timed a second time when the budget allows
+MAX_BEAM_WIDTH = 64
 
 
-@dataclass(frozen=True)
-class TuneResult:
-    """The best schedule found, its measurement, and how it was found."""
-
-    problem: MatmulProblem
-    schedule: Schedule                      # canonical trace of the best nest
-    result: RunResult                       # its measurement (``result.ok`` False if every candidate failed)
-    found_by: str                           # "policy-rollout", "policy-beam", "refine", "default", "template" or "none"
-    policy: str                             # name of the policy used ("" without one)
-    candidates: int                         # schedules measured
-    seconds: float                          # wall time of the whole tune call
-    history: tuple[tuple[float, float], ...] = ()   # (seconds, best GFLOPS so far) after each batch
-
-    @property
-    def ok(self) -> bool:
-        return self.result.ok
-
-    @property
-    def gflops(self) -> float:
-        return self.result.gflops or 0.0
-
-    @property
-    def numpy_gflops(self) -> Optional[float]:
-        return self.result.numpy_gflops
-
-    @property
-    def speedup_vs_numpy(self) -> Optional[float]:
-        return self.result.speedup_vs_numpy
-
-
-def _default(problem: MatmulProblem) -> Schedule:
-    from looptune.runtime.compiler.defaults import default_schedule
+def analytic_default(problem: MatmulProblem) -> Schedule:
+    """The analytic default schedule, in canonical form."""
     return canonical_schedule(default_schedule(problem).nest)
-
-
-def _prior_cost(problem: MatmulProblem) -> float:
-    """A pessimistic guess of one first-batch candidate's cost before anything is measured:
-    its share of a parallel compile (~0.2 s of gcc over the cores) plus about nine calls
-    (verification, warm-up, samples) at 40 GFLOPS per thread.  Only large problems are cut by it."""
-    from looptune.runtime.compiler.machine import detect_cpu
-    cores = max(1, detect_cpu().cores)
-    return 0.2 / min(cores, 4) + 9 * problem.flops / (40e9 * problem.threads)
-
-
-class _BatchCost:
-    """What the next batch of n candidates will cost, from what the earlier ones did.
-
-    Compiles run ``cores`` at a time, so a batch costs ``ceil(n / cores)`` compile rounds plus
-    n timings; a lone candidate pays a whole compile round.  Every figure is the worse of
-    the latest observation and the running average (a single-round batch keeps the worst
-    round seen): overrunning the budget is the failure, stopping a little early is not.
-    """
-
-    def __init__(self) -> None:
-        from looptune.runtime.compiler.machine import detect_cpu
-        self.cores = max(1, detect_cpu().cores)
-        self.compile_round = 0.25      # s of wall per round of parallel compiles, until measured
-        self.run = 0.0                 # s per candidate timing
-        self.other = 0.0               # s per candidate not explained by the two (IPC, Python)
-
-    def estimate(self, n: int) -> float:
-        return -(-n // self.cores) * self.compile_round + n * (self.run + self.other)
-
-    def observe(self, n: int, wall: float, before, after) -> None:
-        built = after.built - before.built
-        if built:
-            rounds = -(-built // self.cores)
-            seen = (after.build_seconds - before.build_seconds) / rounds
-            # a small batch pays gcc's fixed costs for fewer kernels than the first one did
-            self.compile_round = max(seen, self.compile_round if rounds < 2 else 0.5 * (self.compile_round + seen))
-        run = (after.run_seconds - before.run_seconds) / n
-        self.run = max(run, 0.5 * (self.run + run)) if self.run else run
-        other = max(0.0, wall - (after.build_seconds - before.build_seconds) - (after.run_seconds - before.run_seconds)) / n
-        self.other = max(other, 0.5 * (self.other + other)) if self.other else other
-
-
-def _confirm(problem, evaluator: Evaluator, order: list[Schedule], measured: dict[str, RunResult], best, cost,
-             t0: float, budget: float, top: int = 3):
-    """Time the best few once more and pick again, when the budget allows.
-
-    One measurement taken while something else had the core (another process, a compile of
-    the same batch finishing) can put a 100 GFLOPS kernel at 85 and lose it to an 90 GFLOPS
-    one.  Disturbances only ever slow a kernel down, so each finalist keeps the faster of its
-    two timings.  The kernels are built and loaded already: this costs timings only.
-    """
-    ok = sorted(((gflops_of(r), k) for k, r in measured.items() if gflops_of(r)), reverse=True)[:top]
-    if len(ok) < 2 or not hasattr(evaluator, "remeasure"):
-        return best
-    if time.perf_counter() - t0 + 2 * len(ok) * (cost.run + cost.other) + 0.2 > budget:
-        return best
-    by_key = {canonical_key(s.nest): s for s in order}
-    again = evaluator.remeasure([(problem, by_key[k].nest) for _, k in ok])
-    for (g, k), r in zip(ok, again):
-        g2 = gflops_of(r)
-        if g2 is not None and g2 > g:
-            measured[k] = r
-    g, k = max((gflops_of(measured[k]), k) for _, k in ok)
-    return g, by_key[k], measured[k]
 
 
 def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
@@ -187,115 +97,117 @@ def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count:
     return out
 
 
-def tune(problem: MatmulProblem, *, budget: float = 2.0, policy=None, evaluator: Optional[Evaluator] = None,
-         include_default: bool = True, first_width: int = 4, batch: int = 4, refine: int = REFINE) -> TuneResult:
-    """Tune ``problem`` within ``budget`` seconds (wall clock, compiles and measurements included).
+class PolicyTune(Strategy):
+    """``tune()``'s strategy: the policy's rollout and beam, the default and templates first, then
+    a hill-climb from the best measured schedule and, when that finds nothing new, a wider beam.
+
+    Without a policy it proposes the analytic default and the templates only.
+    """
+
+    name = "tune"
+
+    def __init__(self, problem: MatmulProblem, policy: Optional[Policy], *, include_default: bool = True,
+                 first_width: int = 4, refine: int = REFINE) -> None:
+        super().__init__(problem)
+        self.policy = policy
+        self.policy_name = getattr(policy, "name", "") if policy is not None else ""
+        self.include_default = include_default or policy is None
+        self.width = first_width
+        self.refine = refine
+        self.sources: dict[str, str] = {}        # canonical key -> how it was found
+        self.refined: set[str] = set()           # schedules whose neighbourhood has been proposed
+        self.best: Optional[tuple[float, Schedule]] = None
+        self.beam_s = 0.0
+        self.started = False
+
+    def _add(self, sched: Schedule, how: str, out: list[Schedule]) -> None:
+        k = canonical_key(sched.nest)
+        if k not in self.sources:
+            self.sources[k] = how
+            out.append(canonical_schedule(sched.nest))
+
+    def _beam(self) -> list[Schedule]:
+        t = time.perf_counter()
+        beam = [n.state.schedule for n in self.policy.beam(self.problem, width=self.width)]
+        self.beam_s = time.perf_counter() - t
+        return beam
+
+    def _first(self) -> list[Schedule]:
+        """In priority order (the loop cuts the first batch short on large problems): the policy's
+        rollout, the analytic default, then the policy's beam and the template schedules
+        alternately.  Templates are structures that won sweeps (GEMV-like streaming and
+        register-resident panels for skinny M, in-place A for small problems, wide packed tiles
+        for large ones); kernels are size-free, so they are often kernel-cache hits."""
+        out: list[Schedule] = []
+        beam = self._beam() if self.policy is not None else []
+        templates = [c.schedule() for c in blocking_candidates(self.problem, TEMPLATES)[1:]] \
+            if self.include_default else []
+        if self.policy is not None:
+            self._add(self.policy.rollout(self.problem)[-1].schedule, "policy-rollout", out)
+        if self.include_default:
+            self._add(analytic_default(self.problem), "default", out)
+        for i in range(max(len(beam), len(templates))):
+            if i < len(beam):
+                self._add(beam[i], "policy-beam", out)
+            if i < len(templates):
+                self._add(templates[i], "template", out)
+        return out
+
+    def ask(self, budget: Optional[Budget] = None) -> list[Schedule]:
+        if not self.started:
+            self.started = True
+            return self._first()
+        out: list[Schedule] = []
+        while not out:
+            if self.policy is None or (budget is not None and not budget.fits(2)):
+                return []
+            best_key = canonical_key(self.best[1].nest) if self.best is not None else None
+            if self.refine and best_key is not None and best_key not in self.refined:
+                self.refined.add(best_key)
+                for s in refine_candidates(self.policy, self.problem, self.best[1], self.refine, set(self.sources)):
+                    self._add(s, "refine", out)
+                continue
+            # a beam twice as wide costs about twice the last one (numpy, no measuring)
+            if self.width >= MAX_BEAM_WIDTH or (budget is not None and not budget.fits(2, 2.2 * self.beam_s)):
+                return []
+            self.width *= 2
+            for sched in self._beam():
+                self._add(sched, "policy-beam", out)
+        return out
+
+    def tell(self, candidates: Sequence[Schedule], results: Sequence[RunResult]) -> None:
+        for s, r in zip(candidates, results):
+            g = gflops_of(r)
+            if g is not None and (self.best is None or g > self.best[0]):
+                self.best = (g, s)
+
+    def found_by(self, candidate: Schedule) -> str:
+        return self.sources[canonical_key(candidate.nest)]
+
+
+def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Optional[Policy] = None,
+         evaluator: Optional[Evaluator] = None, include_default: bool = True, first_width: int = 4,
+         batch: int = 4, refine: int = REFINE, callbacks: Sequence[Callback] = ()) -> TuneResult:
+    """Tune ``problem`` within ``budget_s`` seconds (wall clock, compiles and measurements included).
 
     ``policy``: a ``policy.Policy``, or None to load the shipped weights; if none can be loaded
-    the tuner measures the analytic default only (``found_by="default"``).  ``evaluator``:
-    where measurements go (default: a fresh isolated ``LocalRunner``, closed on return).
+    the tuner measures the analytic default and the templates only.  ``evaluator``: where
+    measurements go (default: a fresh isolated ``LocalRunner``, closed on return).
+    ``callbacks``: called after every measured batch (see ``loop.run``).
     """
     t0 = time.perf_counter()
     own = evaluator is None
-    if own:   # a candidate that runs far past the budget is cut off (the runner kills and restarts its worker)
-        evaluator = Evaluator.local(config=replace(TUNE_MEASURE, timeout_seconds=max(2.0, 2.0 * budget)))
+    if own:
+        evaluator = Evaluator.local()
     try:
-        evaluator.prefetch(problem)
         if policy is None:
-            from looptune.tuner.agent.policy import Policy, PolicyError
             try:
                 policy = Policy.load()
             except PolicyError:
                 policy = None
-        sources: dict[str, str] = {}
-        order: list[Schedule] = []
-
-        def add(sched: Schedule, how: str) -> None:
-            k = canonical_key(sched.nest)
-            if k not in sources:
-                sources[k] = how
-                order.append(canonical_schedule(sched.nest))
-
-        # keep a margin: cost estimates are noisy, and a VM can stall a process for 0.1-0.2 s
-        deadline = budget - max(0.25, 0.125 * budget)
-        # The first batch, in priority order (it is cut short when the problem is so large that
-        # all of it would not fit the budget): the policy's rollout, the analytic default, then
-        # the policy's beam and the template schedules alternately.  Templates are structures that
-        # won sweeps (GEMV-like streaming and register-resident panels for skinny M, in-place A
-        # for small problems, wide packed tiles for large ones); kernels are size-free, so they
-        # are often kernel-cache hits across a family.
-        width = first_width
-        tb = time.perf_counter()
-        beam = [n.state.schedule for n in policy.beam(problem, width=width)] if policy is not None else []
-        beam_seconds = time.perf_counter() - tb
-        templates = [c.schedule() for c in blocking_candidates(problem, TEMPLATES)[1:]] \
-            if include_default or policy is None else []
-        if policy is not None:
-            add(policy.rollout(problem)[-1].schedule, "policy-rollout")
-        if include_default or policy is None:
-            add(_default(problem), "default")
-        for i in range(max(len(beam), len(templates))):
-            if i < len(beam):
-                add(beam[i], "policy-beam")
-            if i < len(templates):
-                add(templates[i], "template")
-        first_cap = max(2, int(0.5 * budget / _prior_cost(problem)))
-
-        best: Optional[tuple[float, Schedule, RunResult]] = None
-        history: list[tuple[float, float]] = []
-        measured: dict[str, RunResult] = {}
-        cost = _BatchCost()
-        first = True
-        refined: set[str] = set()           # schedules whose neighbourhood has been queued
-        while True:
-            todo = [s for s in order if canonical_key(s.nest) not in measured]
-            if not todo:
-                elapsed = time.perf_counter() - t0
-                if policy is None or elapsed + cost.estimate(2) > deadline:
-                    break
-                if refine and best is not None and canonical_key(best[1].nest) not in refined:
-                    refined.add(canonical_key(best[1].nest))
-                    for s in refine_candidates(policy, problem, best[1], refine, set(sources)):
-                        add(s, "refine")
-                    continue
-                # a beam twice as wide costs about twice the last one (numpy, no measuring)
-                if width >= 64 or elapsed + 2.2 * beam_seconds + cost.estimate(2) > deadline:
-                    break
-                width *= 2
-                tb = time.perf_counter()
-                for node in policy.beam(problem, width=width):
-                    add(node.state.schedule, "policy-beam")
-                beam_seconds = time.perf_counter() - tb
-                continue
-            # the first round goes out as one batch (one compiler call); later ones in small batches
-            chunk = todo[:first_cap] if first else todo[:batch]
-            elapsed = time.perf_counter() - t0
-            if not first:
-                while chunk and elapsed + cost.estimate(len(chunk)) > deadline:
-                    chunk = chunk[:-1]
-                if not chunk:
-                    break
-            before = replace(evaluator.stats)
-            t1 = time.perf_counter()
-            results = evaluator.evaluate([(problem, s.nest) for s in chunk])
-            cost.observe(len(chunk), time.perf_counter() - t1, before, evaluator.stats)
-            first = False
-            for s, r in zip(chunk, results):
-                measured[canonical_key(s.nest)] = r
-                g = gflops_of(r)
-                if g is not None and (best is None or g > best[0]):
-                    best = (g, s, r)
-            history.append((time.perf_counter() - t0, best[0] if best else 0.0))
-        name = getattr(policy, "name", "") if policy is not None else ""
-        best = _confirm(problem, evaluator, order, measured, best, cost, t0, budget)
-        if best is None:
-            s = order[0]
-            r = measured.get(canonical_key(s.nest)) or RunResult(RunStatus.RUNNER_ERROR, problem.key(), s.to_json(),
-                                                                  error="nothing was measured")
-            return TuneResult(problem, s, r, "none", name, len(measured), time.perf_counter() - t0, tuple(history))
-        g, s, r = best
-        return TuneResult(problem, s, r, sources[canonical_key(s.nest)], name, len(measured),
-                          time.perf_counter() - t0, tuple(history))
+        strategy = PolicyTune(problem, policy, include_default=include_default, first_width=first_width,
+                              refine=refine)
+        return run(strategy, evaluator, budget_s, batch=batch, confirm=CONFIRM, callbacks=callbacks, start=t0)
     finally:
         if own:
             evaluator.close()

@@ -19,7 +19,6 @@ library's still-spinning workers rather than the kernels themselves.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import statistics
 import time
@@ -29,6 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.measure.protocol import default_tolerance
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,6 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
               min_time_s: float = 0.1, on_row: Optional[Callable[[BenchRow], None]] = None) -> list[BenchRow]:
     """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``."""
     from looptune import runtime
-    from looptune.tuner.measure.worker import default_tolerance
 
     torch = _torch() if with_torch else None
     rows = []
@@ -251,7 +250,3 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     ax.legend(loc="upper left", ncol=3, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def rows_json(rows: Sequence[BenchRow], **kwargs) -> str:
-    return json.dumps(to_json(rows, **kwargs), indent=1)

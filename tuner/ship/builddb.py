@@ -13,15 +13,18 @@ temporary, fsync, rename), at most ``commit_interval_s`` apart.  So:
   ``interrupted=True``;
 * kill -9 loses at most the records of the last ``commit_interval_s``, never the database.
 
-A *tuner* is any callable ``tuner(problem, budget_s) -> outcome`` whose outcome carries the
-best ``schedule`` and its measurement (``looptune.tuner.search.tune.TuneResult``, or anything
-with ``schedule``, ``gflops``, ``numpy_gflops``); ``make_tuner`` names the built-in ones.
+A *tuner* is any callable ``tuner(problem, budget_s) -> TuneResult`` (the one result type of
+``looptune.tuner.search.loop``); ``make_tuner`` names the built-in ones, each a strategy on the
+budgeted loop.  A problem too large to time within the budget fails fast and is recorded
+*unverified* (the analytic default, 0 GFLOPS): the runtime never serves unverified records, so
+it keeps using the analytic default there, and a rerun skips the problem instead of failing
+on it again (``looptune db prune --unverified`` drops such records, to retry with a larger
+budget).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import math
 import os
 import random
@@ -32,163 +35,73 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
+from looptune.database import Record, commit, load
+from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.compiler.schedule import Schedule
+from looptune.runtime.resolve import current_machine
+from looptune.tuner.agent.policy import Policy, PolicyError
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.search.loop import TuneResult, run
+from looptune.tuner.search.strategies import BlockingSearch
+from looptune.tuner.search.tune import tune
+
+OVER_BUDGET = "over-budget"      # the ``search`` of the unverified record of a problem too large for the budget
 
 
 # ----------------------------------------------------------------------------- tuners
 
-@dataclass(frozen=True)
-class Outcome:
-    """A tuner's answer, normalized: what a database record needs."""
-
-    schedule: Optional[Schedule]
-    gflops: float = 0.0
-    gflops_spread: float = 0.0         # absolute (GFLOPS), as the database stores it
-    numpy_gflops: float = 0.0
-    found_by: str = ""
-    policy: str = ""
-    candidates: int = 0
-    ok: bool = False
-    error: str = ""
-
-
-def normalize(outcome: Any) -> Outcome:
-    """``TuneResult`` (or any object with ``schedule``, ``gflops``, ``numpy_gflops``) -> ``Outcome``."""
-    if isinstance(outcome, Outcome):
-        return outcome
-    result = getattr(outcome, "result", None)
-    gflops = getattr(outcome, "gflops", None)
-    if gflops is None and result is not None:
-        gflops = getattr(result, "gflops", None)
-    gflops = float(gflops or 0.0)
-    numpy_gflops = getattr(outcome, "numpy_gflops", None)
-    if numpy_gflops is None and result is not None:
-        numpy_gflops = getattr(result, "numpy_gflops", None)
-    spread = getattr(outcome, "gflops_spread", None)
-    if spread is None:
-        rel = getattr(result, "rel_spread", None) if result is not None else None
-        spread = (rel or 0.0) * gflops
-    ok = getattr(outcome, "ok", None)
-    ok = bool(gflops > 0) if ok is None else bool(ok) and gflops > 0
-    error = getattr(outcome, "error", "") or (getattr(result, "error", "") if result is not None else "")
-    return Outcome(
-        schedule=getattr(outcome, "schedule", None),
-        gflops=gflops, gflops_spread=float(spread or 0.0), numpy_gflops=float(numpy_gflops or 0.0),
-        found_by=str(getattr(outcome, "found_by", None) or getattr(outcome, "search", "") or ""),
-        policy=str(getattr(outcome, "policy", "") or ""),
-        candidates=int(getattr(outcome, "candidates", 0) or 0),
-        ok=ok and getattr(outcome, "schedule", None) is not None,
-        error=str(error or ""))
-
-
 class Tuner(Protocol):
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> Any: ...
+    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult: ...
 
 
 class AgentTuner:
-    """The shipped policy (``looptune.tuner.search.tune``), with one measurement runner shared by
-    every problem of the build (a fresh runner per problem costs a process start)."""
+    """``tune()`` with the shipped policy, through one measurement runner shared by every problem
+    of the build (a fresh runner per problem costs a process start)."""
 
     name = "agent"
 
-    def __init__(self) -> None:
-        module = importlib.import_module("looptune.tuner.search.tune")
-        self._tune = getattr(module, "tune", None)
-        self._tune_problem = getattr(module, "tune_problem", None)
-        if self._tune is None and self._tune_problem is None:
-            raise ImportError("looptune.tuner.search.tune has neither tune nor tune_problem")
-        self._shares_runner = self._tune is not None and "evaluator" in inspect.signature(self._tune).parameters
-        self._evaluator = None
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self.evaluator = Evaluator.local()
 
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> Any:
-        if self._shares_runner:
-            if self._evaluator is None:
-                from looptune.tuner.measure.evaluator import Evaluator
-                self._evaluator = Evaluator.local()
-            # the Evaluator's memo grows with every problem: results never repeat across problems
-            self._evaluator.store = type(self._evaluator.store)()
-            return self._tune(problem, budget=budget_s, evaluator=self._evaluator)
-        if self._tune is not None:
-            return self._tune(problem, budget=budget_s)
-        return self._tune_problem(problem, budget_s=budget_s, db_path=None)   # never let it write: one writer
+    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult:
+        self.evaluator.forget()          # results never repeat across problems: keep the memo small
+        return tune(problem, budget_s=budget_s, policy=self.policy, evaluator=self.evaluator)
 
     def close(self) -> None:
-        if self._evaluator is not None:
-            self._evaluator.close()
-            self._evaluator = None
+        self.evaluator.close()
 
 
 class SearchTuner:
-    """Random search over the BLIS-shaped blocking space, best measured of N under the budget.
-
-    The stand-in when the agent's ``looptune.tuner.search.tune`` is not importable: the analytic
-    default first, then batches of random blocking points (compiled in parallel, timed
-    serially), never starting a batch the remaining budget cannot pay for.
-    """
+    """Random search over the BLIS-shaped blocking space (``strategies.BlockingSearch``), best
+    measured under the budget: the tuner when no policy can be loaded."""
 
     name = "search"
 
     def __init__(self, batch: int = 4, seed: int = 0) -> None:
         self.batch = batch
         self.seed = seed
-        self._runner = None
+        self.evaluator = Evaluator.local()
 
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> Outcome:
-        from looptune.runtime.compiler.build import build_many
-        from looptune.runtime.compiler.codegen import render
-
-        from looptune.tuner.measure.evaluator import TUNE_MEASURE
-        from looptune.tuner.measure.runner import Candidate, LocalRunner
-        from looptune.tuner.search.spaces import blocking_candidates
-
-        t0 = time.perf_counter()
-        if self._runner is None:
-            self._runner = LocalRunner(TUNE_MEASURE)
-        points = blocking_candidates(problem, 64, seed=self.seed)
-        schedules = [p.schedule() for p in points]
-        best: Optional[tuple[Any, Schedule]] = None
-        measured, per_candidate, errors = 0, None, []
-        for start in range(0, len(schedules), self.batch):
-            chunk = schedules[start:start + self.batch]
-            left = budget_s - (time.perf_counter() - t0)
-            if per_candidate is not None:
-                if left < per_candidate:
-                    break
-                chunk = chunk[:max(1, int(left / per_candidate))]
-            t1 = time.perf_counter()
-            builds = build_many([render(s, problem.dtype) for s in chunk])
-            results = self._runner.run([Candidate.from_build(problem, b, s.to_json()) for s, b in zip(chunk, builds)])
-            per_candidate = (time.perf_counter() - t1) / len(chunk)
-            measured += len(chunk)
-            for s, r in zip(chunk, results):
-                if r.ok and r.gflops and (best is None or r.gflops > best[0].gflops):
-                    best = (r, s)
-                elif not r.ok:
-                    errors.append(f"{r.status.value}: {r.error}")
-        if best is None:
-            return Outcome(schedules[0], candidates=measured, found_by="search",
-                           error=errors[0] if errors else "nothing was measured")
-        r, s = best
-        return Outcome(s, float(r.gflops), float((r.rel_spread or 0.0) * r.gflops), float(r.numpy_gflops or 0.0),
-                       found_by="random-search" if s is not schedules[0] else "default", policy="none",
-                       candidates=measured, ok=True)
+    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult:
+        self.evaluator.forget()
+        return run(BlockingSearch(problem, seed=self.seed, batch=self.batch), self.evaluator, budget_s,
+                   batch=self.batch)
 
     def close(self) -> None:
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        self.evaluator.close()
 
 
 def make_tuner(spec: str | None = None) -> Tuner:
-    """``None``/``"auto"``: the agent if ``looptune.tuner.search.tune`` imports, else random search;
-    ``"agent"``, ``"search"``; or ``"package.module:name"``: a callable ``f(problem, budget_s)``
-    (a class is instantiated first, so it can keep state such as a runner)."""
+    """``"agent"``: ``tune()`` with the shipped policy; ``"search"``: random blocking search;
+    ``None``/``"auto"``: the agent if the shipped policy loads, else the search; or
+    ``"package.module:name"``: a callable ``f(problem, budget_s) -> TuneResult`` (a class is
+    instantiated first, so it can keep state such as a runner)."""
     spec = spec or "auto"
     if spec in ("auto", "agent"):
         try:
-            return AgentTuner()
-        except ImportError:
+            return AgentTuner(Policy.load())
+        except PolicyError:
             if spec == "agent":
                 raise
             return SearchTuner()
@@ -200,7 +113,7 @@ def make_tuner(spec: str | None = None) -> Tuner:
     obj = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    return obj() if inspect.isclass(obj) else obj
+    return obj() if isinstance(obj, type) else obj
 
 
 def close_tuner(tuner: Any) -> None:
@@ -213,56 +126,63 @@ def close_tuner(tuner: Any) -> None:
 
 def target_machine():
     """The machine key of this process (what the runtime here will look records up under)."""
-    from looptune.runtime.resolve import current_machine
-
     return current_machine()
 
 
-def to_record(problem: MatmulProblem, outcome: Outcome, machine) -> Any:
-    """A database ``Record`` for a successful outcome (measured means verified: the runner
+def _token(text: str) -> str:
+    """Record tokens are [A-Za-z0-9_.:/@+=-], at most 128 characters."""
+    return "".join(c if c.isalnum() or c in "_.:/@+=-" else "-" for c in text)[:128]
+
+
+def to_record(problem: MatmulProblem, result: TuneResult, machine) -> Record:
+    """A database ``Record`` for a successful result (measured means verified: the runner
     checks every kernel against numpy before timing it)."""
-    from looptune.database import ProblemKey, Record
-
-    def clean(text: str) -> str:   # record tokens: [A-Za-z0-9_.:/@+=-]
-        return "".join(c if c.isalnum() or c in "_.:/@+=-" else "-" for c in text)[:128]
-
-    key = ProblemKey(problem.m, problem.n, problem.k, batch=problem.batch, dtype=problem.dtype,
-                     layout=problem.layout, threads=problem.threads)
-    return Record(key, machine, outcome.schedule.trace, float(outcome.gflops), float(outcome.gflops_spread),
-                  float(outcome.numpy_gflops), True, policy=clean(outcome.policy or "none"),
-                  search=clean(outcome.found_by or "tune"), budget=int(outcome.candidates))
+    return Record(problem, machine, result.schedule.trace, float(result.gflops),
+                  float(result.gflops_spread), float(result.numpy_gflops or 0.0), True,
+                  policy=_token(result.policy or "none"), search=_token(result.found_by or "tune"),
+                  candidates=int(result.candidates))
 
 
-def store_result(result: Any, db_path: str) -> Any:
-    """Commit a tune result (``TuneResult`` or ``Outcome``) for this machine; returns the record,
-    or None when nothing verified was found."""
-    from looptune.database import commit
+def over_budget_record(problem: MatmulProblem, machine) -> Record:
+    """The record of a problem that cannot be timed within the budget: the analytic default,
+    unverified (so never served) and 0 GFLOPS; it marks the problem done for reruns."""
+    return Record(problem, machine, default_schedule(problem).trace, 0.0, 0.0, 0.0, False,
+                  policy="none", search=OVER_BUDGET, candidates=0)
 
-    outcome = normalize(result)
-    if not outcome.ok or outcome.schedule is None:
+
+def store_result(result: TuneResult, db_path: str) -> Optional[Record]:
+    """Commit a successful tune result for this machine; returns the record, or None when
+    nothing verified was found."""
+    if not result.ok:
         return None
-    record = to_record(result.problem, outcome, target_machine())
+    record = to_record(result.problem, result, target_machine())
     commit(db_path, [record])
     return record
 
 
 def run_one(problem: MatmulProblem, budget_s: float, tuner: Tuner, machine) -> dict:
-    """Tune one problem: a JSON-able reply ``{"status": "ok", "record": ...}`` or ``"failed"``.
-    Never raises for a bad problem or kernel: that is a failed reply, the build goes on."""
+    """Tune one problem: a JSON-able reply ``{"status": "ok", "record": ...}`` or ``"failed"``
+    (with the unverified ``record`` of a problem too large for the budget).  Never raises for a
+    bad problem or kernel: that is a failed reply, the build goes on."""
     t0 = time.perf_counter()
     base = {"problem": problem.key(), "host": socket.gethostname(), "pid": os.getpid()}
     try:
-        outcome = normalize(tuner(problem, budget_s))
-        if not outcome.ok:
-            return {**base, "status": "failed", "seconds": time.perf_counter() - t0,
-                    "error": outcome.error or "no candidate could be measured"}
-        record = to_record(problem, outcome, machine)
+        result = tuner(problem, budget_s)
+        if not result.ok:
+            reply = {**base, "status": "failed", "seconds": time.perf_counter() - t0,
+                     "error": result.error or "no candidate could be measured"}
+            if result.over_budget:
+                reply["record"] = over_budget_record(problem, machine).to_json()
+                reply["error"] += ("; recorded unverified, so a rerun skips it "
+                                   "(`looptune db prune --unverified` to retry with a larger --budget)")
+            return reply
+        record = to_record(problem, result, machine)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # a tuner bug must not end a thousand-problem build
         return {**base, "status": "failed", "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
     return {**base, "status": "ok", "seconds": time.perf_counter() - t0, "record": record.to_json(),
-            "gflops": outcome.gflops, "numpy_gflops": outcome.numpy_gflops}
+            "gflops": result.gflops, "numpy_gflops": result.numpy_gflops}
 
 
 # ----------------------------------------------------------------------------- executors
@@ -352,8 +272,6 @@ def plan(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, machine)
     distinct = list(dict.fromkeys(problems))
     done_keys: set[str] = set()
     if os.path.exists(db_path):
-        from looptune.database import load
-
         done_keys = {r.problem.key() for r in load(db_path) if r.machine == machine}
     return [p for p in distinct if p.key() not in done_keys], [p for p in distinct if p.key() in done_keys]
 
@@ -379,7 +297,7 @@ def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm          # optional dependency: no progress bar without it
     except ImportError:
         return None
     return tqdm(total=total, unit="problem", desc="build-db", dynamic_ncols=True, file=sys.stderr,
@@ -398,8 +316,6 @@ def build_db(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, *, b
     ``executor``: where problems run (default ``SerialExecutor`` with ``tuner``); closed on return.
     ``order_seed``: shuffle the to-do list (a partial build then covers the family evenly).
     """
-    from looptune.database import Record, commit
-
     t0 = time.perf_counter()
     db_path = os.fspath(db_path)
     machine = machine or target_machine()
@@ -421,7 +337,7 @@ def build_db(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, *, b
         nonlocal last_commit
         if pending:
             commit(db_path, pending)
-            report.done += len(pending)
+            report.done += sum(r.verified for r in pending)     # the others are failures, counted as such
             pending.clear()
         last_commit = time.monotonic()
 
@@ -429,17 +345,17 @@ def build_db(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, *, b
 
     def handle(problem: MatmulProblem, reply: dict) -> None:
         status = reply.get("status")
+        record = Record.from_json(reply["record"]) if status in ("ok", "failed") and "record" in reply else None
+        if record is not None and record.machine != machine:   # an executor's job, checked again at the one writer
+            status, record, reply = "refused", None, {**reply, "error": "record's machine differs from the target"}
+        if record is not None:
+            pending.append(record)          # a failure's record too: the problem too large for the budget
         if status == "ok":
-            record = Record.from_json(reply["record"])
-            if record.machine != machine:   # an executor's job, checked again at the one writer
-                status, reply = "refused", {**reply, "error": "record's machine differs from the target"}
-            else:
-                pending.append(record)
-                report.tune_seconds.append(float(reply.get("seconds", 0.0)))
-                if record.numpy_gflops > 0 and record.gflops_median > 0:
-                    report.speedups.append(record.gflops_median / record.numpy_gflops)
-                where = f"{reply.get('host', '?')}:{reply.get('pid', '?')}"
-                report.workers[where] = report.workers.get(where, 0) + 1
+            report.tune_seconds.append(float(reply.get("seconds", 0.0)))
+            if record.numpy_gflops > 0 and record.gflops_median > 0:
+                report.speedups.append(record.gflops_median / record.numpy_gflops)
+            where = f"{reply.get('host', '?')}:{reply.get('pid', '?')}"
+            report.workers[where] = report.workers.get(where, 0) + 1
         if status == "failed":
             report.failed += 1
             report.failures.append((problem.key(), str(reply.get("error", ""))[:500]))

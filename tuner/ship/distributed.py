@@ -27,16 +27,20 @@ Start remote workers with one thread each, as many per host as it has cores per 
 from __future__ import annotations
 
 import collections
+import ctypes
 import fcntl
+import multiprocessing
 import os
 import signal
 import tempfile
 import threading
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterable, Iterator, Optional
 
+from looptune.database import MachineKey
 from looptune.runtime.compiler.workload import MatmulProblem
-
-from looptune.tuner.ship.builddb import make_tuner, run_one
+from looptune.tuner.ship.builddb import make_tuner, run_one, target_machine
 
 _LOCK_DIR = "looptune-cpus"
 
@@ -102,7 +106,7 @@ def _machine_difference(mine, target) -> str:
 
 def _worker_address() -> str:
     try:
-        from distributed import get_worker
+        from distributed import get_worker     # optional dependency (Dask), and heavy: only in Dask workers
 
         return get_worker().address
     except Exception:       # not in a Dask worker (process pool)
@@ -112,10 +116,6 @@ def _worker_address() -> str:
 def tune_task(problem_key: str, budget_s: float, target: dict, tuner_spec: Optional[str],
               cores_per_worker: int = 1, pin: bool = True) -> dict:
     """Tune one problem on this worker; a JSON-able reply with ``status`` ok, failed or refused."""
-    from looptune.database import MachineKey
-
-    from looptune.tuner.ship.builddb import target_machine
-
     base = {"problem": problem_key, "worker": _worker_address(), "pid": os.getpid()}
     state = _STATE
     with state.lock:
@@ -144,8 +144,6 @@ def _pool_init() -> None:
     """Pool workers leave Ctrl-C to the driver and die with it (even on kill -9)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG
     except Exception:
         pass
@@ -172,15 +170,9 @@ class PoolExecutor:
         self._inflight: dict = {}
 
     def _new_pool(self):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         return ProcessPoolExecutor(self.slots, mp_context=multiprocessing.get_context("spawn"), initializer=_pool_init)
 
     def run(self, problems: Iterable[MatmulProblem]) -> Iterator[tuple[MatmulProblem, dict]]:
-        from concurrent.futures import FIRST_COMPLETED, wait
-        from concurrent.futures.process import BrokenProcessPool
-
         queue = collections.deque(problems)
         refusals: collections.Counter = collections.Counter()
         inflight = self._inflight
@@ -211,8 +203,6 @@ class PoolExecutor:
 
     def drain(self) -> Iterator[tuple[MatmulProblem, dict]]:
         """After an interrupt: drop what has not started, let the running problems finish."""
-        from concurrent.futures import as_completed
-
         running = [f for f in self._inflight if not f.cancel()]
         for f in as_completed(running):
             p = self._inflight.pop(f)
@@ -245,7 +235,7 @@ class DaskExecutor:
     def __init__(self, address: str, *, budget_s: float, machine, workers: int = 1, tuner: Optional[str] = None,
                  cores_per_worker: int = 1, connect_timeout_s: float = 30.0) -> None:
         try:
-            from distributed import Client, LocalCluster
+            from distributed import Client, LocalCluster      # optional dependency, heavy: only when asked for
         except ImportError:
             raise ImportError('Dask distributed is not installed: pip install "dask[distributed]" '
                               "(LoopTune's [dask] extra)") from None
@@ -269,10 +259,10 @@ class DaskExecutor:
         return sorted(self.client.scheduler_info()["workers"])
 
     def run(self, problems: Iterable[MatmulProblem]) -> Iterator[tuple[MatmulProblem, dict]]:
-        from distributed import as_completed
+        from distributed import as_completed as dask_as_completed     # optional dependency (see __init__)
 
         queue = collections.deque(problems)
-        completed = as_completed()
+        completed = dask_as_completed()
 
         def submit(p: MatmulProblem) -> bool:
             allowed = [w for w in self.workers() if w not in self.excluded]
@@ -317,12 +307,12 @@ class DaskExecutor:
 
     def drain(self) -> Iterator[tuple[MatmulProblem, dict]]:
         """After an interrupt: give the submitted problems one budget (plus slack) to come back."""
-        from distributed import wait
+        from distributed import wait as dask_wait     # optional dependency (see __init__)
 
         futures = list(self._futures)
         if not futures:
             return
-        done, _ = wait(futures, timeout=self.budget_s * 2 + 10)
+        done, _ = dask_wait(futures, timeout=self.budget_s * 2 + 10)
         for f in done:
             p = self._futures.pop(f)
             try:

@@ -32,24 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from looptune.runtime.compiler.codegen import CODEGEN_VERSION, C_TYPE, Target, render
+from looptune.runtime.compiler.abi import C_TYPE, function_type
+from looptune.runtime.compiler.build import BuildSettings, compile_errors, portable_flags
+from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target, render
 from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.machine import VECTOR_BYTES
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
+from looptune.runtime.settings import RuntimeSettings
 
-NEAREST_MAX_DISTANCE = 1.0     # log2 size units: the runtime's default max_distance
-SMALL_FLOPS = 4e6              # below this a call runs on one thread, as runtime.matmul does
+# The exported dispatcher behaves as runtime.matmul with default settings:
+NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape
+SMALL_FLOPS = RuntimeSettings.small_flops             # below this a call runs on one thread
 GENERAL_SIZE = 512             # the general kernel is the default schedule of a 512^3 problem
-
-# No -march=native: the library is for every machine of the tuned kind, not just the one building it.
-BASE_CFLAGS = ("-O2", "-std=gnu11", "-fPIC", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno")
-ISA_CFLAGS = {
-    "avx512": ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mavx2", "-mfma"),
-    "avx2": ("-mavx2", "-mfma"),
-    "neon": (),                  # baseline on aarch64
-    "portable": (),
-}
-VECTOR_BYTES = {"avx512": 64, "avx2": 32, "neon": 16, "portable": 16}
 PREFIX = {"float32": "s", "float64": "d"}
 
 
@@ -87,10 +82,11 @@ class Plan:
     @property
     def target(self) -> Target:
         isa = self.machine.isa
-        return Target(isa, VECTOR_BYTES.get(isa, 16))
+        return Target(isa, VECTOR_BYTES.get(isa, VECTOR_BYTES["portable"]))
 
     def cflags(self) -> tuple[str, ...]:
-        return BASE_CFLAGS + ISA_CFLAGS.get(self.machine.isa, ())
+        """No -march=native: the library is for every machine of the tuned kind, not just the one building it."""
+        return portable_flags(self.machine.isa)
 
 
 @dataclass(frozen=True)
@@ -102,12 +98,17 @@ class ExportFiles:
     manifest: Path
     plan: Plan
 
-    def build_line(self, compiler: str = "cc") -> str:
+    def build_line(self, compiler: str | None = None) -> str:
         return build_line(self.plan, compiler)
 
+    def compile_errors(self) -> str | None:
+        """Compile the library once with its flags and our compiler: the errors, or None."""
+        return compile_errors(self.c_file, self.plan.cflags())
 
-def build_line(plan: Plan, compiler: str = "cc") -> str:
-    return f"{compiler} {' '.join(plan.cflags())} -c looptune.c -o looptune.o"
+
+def build_line(plan: Plan, compiler: str | None = None) -> str:
+    """The command that compiles the library (``compiler``: default, the one LoopTune uses)."""
+    return f"{compiler or BuildSettings.from_env().compiler} {' '.join(plan.cflags())} -c looptune.c -o looptune.o"
 
 
 def choose_machine(records, machine=None):
@@ -183,10 +184,6 @@ def make_plan(records: Iterable, *, machine=None, threads: int = 1,
 
 # ----------------------------------------------------------------------------- C text
 
-_ABI = ("int64_t, int64_t, int64_t, int64_t, const {T} *, int64_t, int64_t, int64_t, "
-        "const {T} *, int64_t, int64_t, int64_t, {T} *, int64_t, int64_t, int64_t, int32_t, int32_t")
-
-
 def _kernel_text(kernel: Kernel, target: Target) -> str:
     """The rendered kernel, made file-local: its symbol and helpers stay out of the library's ABI."""
     text = render(kernel.schedule, kernel.dtype, target, symbol=kernel.symbol).text
@@ -204,7 +201,7 @@ def _dispatch_text(plan: Plan, dtype: str) -> str:
     entries = [e for e in plan.entries if e.dtype == dtype]
     fn = "looptune_" + p + "gemm"
     out = [f"/* ---- {dtype}: {len(entries)} shapes, {len(kernels)} kernels ---- */",
-           f"typedef int (*lt_{p}fn)({_ABI.format(T=T)});",
+           function_type(f"lt_{p}fn", T),
            f"static const lt_{p}fn lt_{p}_kernels[{len(kernels)}] = {{ {', '.join(k.symbol for _, k in kernels)} }};",
            f"static const char *const lt_{p}_names[{len(kernels)}] = {{ "
            + ", ".join(f'"{k.symbol}"' for _, k in kernels) + " };",
@@ -298,7 +295,7 @@ static int64_t lt_nearest(const lt_entry *t, int64_t count, int64_t M, int64_t N
 """
 
 
-def header_text(plan: Plan, compiler: str = "cc") -> str:
+def header_text(plan: Plan, compiler: str | None = None) -> str:
     counts = {d: sum(1 for e in plan.entries if e.dtype == d) for d in ("float32", "float64")}
     return f"""/* looptune.h: tuned matmul kernels exported by `looptune export` (codegen v{CODEGEN_VERSION}).
 
@@ -334,7 +331,7 @@ int looptune_sgemm(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
 int looptune_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda,
                    const double *B, int64_t ldb, double *C, int64_t ldc);
 
-/* Threads for problems of 4 MFLOP and more (smaller ones run on one); default {plan.threads}.
+/* Threads for problems of {SMALL_FLOPS / 1e6:g} MFLOP and more (smaller ones run on one); default {plan.threads}.
    Set it once, before calling from several threads. */
 void looptune_set_num_threads(int n);
 int looptune_get_num_threads(void);
@@ -404,7 +401,7 @@ def manifest(plan: Plan) -> dict:
     }
 
 
-def write_library(plan: Plan, out_dir: str | os.PathLike, compiler: str = "cc") -> ExportFiles:
+def write_library(plan: Plan, out_dir: str | os.PathLike, compiler: str | None = None) -> ExportFiles:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ExportFiles(out, out / "looptune.c", out / "looptune.h", out / "Makefile", out / "manifest.json", plan)

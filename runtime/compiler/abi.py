@@ -1,0 +1,55 @@
+"""The kernel ABI, defined once: argument list, element types, return codes.
+
+Every generated kernel, the compiled trampoline, the cffi fallback, the measurement
+worker and the exported C library use these definitions::
+
+    int NAME(int64_t batch, int64_t M, int64_t N, int64_t K,
+             const T *A, int64_t sAb, int64_t sAm, int64_t sAk,
+             const T *B, int64_t sBb, int64_t sBk, int64_t sBn,
+             T *C, int64_t sCb, int64_t sCm, int64_t sCn,
+             int32_t accumulate, int32_t nthreads);
+
+Strides are in elements, so transposed and sliced views need no copy.  A kernel computes
+``C = (accumulate ? C : 0) + A @ B`` per batch entry and returns 0 or one of ``ERRORS``.
+"""
+from __future__ import annotations
+
+from looptune.runtime.compiler.errors import LoopTuneError
+
+# the parameter list, with ``{T}`` standing for the element type
+ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "
+            "const {T} *A, int64_t sAb, int64_t sAm, int64_t sAk, "
+            "const {T} *B, int64_t sBb, int64_t sBk, int64_t sBn, "
+            "{T} *C, int64_t sCb, int64_t sCm, int64_t sCn, "
+            "int32_t accumulate, int32_t nthreads")
+
+C_TYPE = {"float32": "float", "float64": "double"}
+
+# Non-zero return codes.  -3 comes from the callers (the trampoline and the cffi path), never
+# from a kernel: an operand whose address is not a multiple of its element size.
+ERRORS = {
+    -1: "out of memory for packing buffers",
+    -2: "operand strides do not meet this kernel's layout precondition",
+    -3: "an operand is not aligned to its element size",
+}
+
+
+def error_message(code: int) -> str:
+    return ERRORS.get(code, "unknown error code")
+
+
+def function_type(name: str, element_type: str) -> str:
+    """A C typedef of a pointer to a kernel over ``element_type`` (``void`` for any dtype)."""
+    return f"typedef int (*{name})({ABI_ARGS.format(T=element_type)});"
+
+
+class KernelError(LoopTuneError, RuntimeError):
+    """A kernel returned a failure code (``code``: one of ``ERRORS``)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_code(cls, symbol: str, code: int) -> "KernelError":
+        return cls(f"{symbol} returned {code}: {error_message(code)}", code)

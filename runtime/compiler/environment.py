@@ -1,0 +1,147 @@
+"""The environment variables LoopTune reads, each read and checked here and nowhere else.
+
+The runtime's settings (``looptune.runtime.settings``), the build settings, CPU detection and
+the call trampoline all ask this module; it sits in the bottom layer so that every one of them
+may import it.  An unusable value is neither fatal nor silent: a warning names the variable and
+its value (once per process, however often settings are read), and the default applies.
+
+Variables (each function below names the one it reads):
+
+    LOOPTUNE_NUM_THREADS     threads of ``runtime.matmul``; else OPENBLAS_NUM_THREADS, else
+                             OMP_NUM_THREADS (as numpy's OpenBLAS reads them), else every core
+                             this process may run on; capped at MAX_THREADS
+    LOOPTUNE_DB              the user's schedule database; set but empty: none
+    LOOPTUNE_NO_EMBEDDED_DB  1: ignore the database shipped in the package
+    LOOPTUNE_FALLBACK        nearest, tune or off (``looptune.runtime.settings``)
+    LOOPTUNE_TUNE_BUDGET     seconds of one live tuning
+    LOOPTUNE_CC              the C compiler; else CC, else cc
+    LOOPTUNE_CACHE_DIR       where compiled kernels are cached
+    LOOPTUNE_ISA             cap the generated code's vector ISA (portable, neon, avx2, avx512);
+                             LOOPTUNE_NO_AVX512=1 is the older spelling of avx2
+    LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Mapping, Optional
+
+from looptune.runtime.compiler.workload import MAX_THREADS
+
+log = logging.getLogger("looptune.runtime")
+
+THREAD_VARIABLES = ("LOOPTUNE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+DEFAULT_DB_NAME = "schedules.h5"
+
+Environ = Mapping[str, str]
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _environ(env: Optional[Environ]) -> Environ:
+    return os.environ if env is None else env
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time this process meets it (settings are read
+    more than once: at the first call, and again on ``configure``)."""
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.warning("looptune: %s", message)
+
+
+def _unusable(name: str, value: str, problem: str) -> None:
+    warn_once(f"{name}={value!r} {problem}")
+
+
+def flag(name: str, env: Optional[Environ] = None) -> bool:
+    """A switch: on for ``1``; unset, empty or ``0`` is off, anything else is off with a warning."""
+    value = _environ(env).get(name, "")
+    if value.strip() not in ("", "0", "1"):
+        _unusable(name, value, "is not 0 or 1; treated as 0")
+    return value.strip() == "1"
+
+
+def num_threads(env: Optional[Environ] = None) -> Optional[int]:
+    """The thread count the environment asks for: the first of ``THREAD_VARIABLES`` that holds a
+    positive integer (``OMP_NUM_THREADS``'s nested form ``4,2`` gives 4), capped at
+    ``MAX_THREADS``; None when none does.  A set variable that is not a positive integer is
+    skipped with a warning."""
+    env = _environ(env)
+    for name in THREAD_VARIABLES:
+        value = env.get(name, "")
+        if not value.strip():
+            continue
+        try:
+            count = int(value.split(",")[0])
+        except ValueError:
+            count = 0
+        if count < 1:
+            _unusable(name, value, "is not a positive integer; ignored")
+            continue
+        if count > MAX_THREADS:
+            _unusable(name, value, f"is above the maximum of {MAX_THREADS} threads; using {MAX_THREADS}")
+            return MAX_THREADS
+        return count
+    return None
+
+
+def positive_seconds(name: str, default_s: float, env: Optional[Environ] = None) -> float:
+    """A finite positive number of seconds; ``default_s`` when unset, or (with a warning) unusable."""
+    value = _environ(env).get(name, "")
+    if not value.strip():
+        return default_s
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        _unusable(name, value, f"is not a positive number of seconds; using {default_s:g}")
+        return default_s
+    return seconds
+
+
+def choice(name: str, choices: tuple[str, ...], default: str, env: Optional[Environ] = None) -> str:
+    """One of ``choices`` (case-insensitive); ``default`` when unset, or (with a warning) anything else."""
+    value = _environ(env).get(name, "")
+    word = value.strip().lower()
+    if not word:
+        return default
+    if word not in choices:
+        _unusable(name, value, f"is not one of {', '.join(choices)}; " + (f"using {default}" if default else "ignored"))
+        return default
+    return word
+
+
+def default_user_db_path() -> Path:
+    """The user's schedule database when ``LOOPTUNE_DB`` does not name one."""
+    import platformdirs   # only when no database is named: keeps it off the import path of every process
+
+    return Path(platformdirs.user_data_dir("looptune")) / DEFAULT_DB_NAME
+
+
+def user_db_path(env: Optional[Environ] = None) -> Optional[Path]:
+    """``LOOPTUNE_DB`` (``~`` expanded); None when it is set but empty ("no user database");
+    the user data directory's database when it is unset."""
+    value = _environ(env).get("LOOPTUNE_DB")
+    if value is None:
+        return default_user_db_path()
+    return Path(value).expanduser() if value else None
+
+
+def compiler_command(env: Optional[Environ] = None) -> str:
+    """The C compiler: ``LOOPTUNE_CC``, else ``CC``, else ``cc``."""
+    env = _environ(env)
+    return env.get("LOOPTUNE_CC") or env.get("CC") or "cc"
+
+
+def kernel_cache_dir(env: Optional[Environ] = None) -> Optional[Path]:
+    """``LOOPTUNE_CACHE_DIR``; None (the platform cache directory) when unset or empty."""
+    value = _environ(env).get("LOOPTUNE_CACHE_DIR")
+    return Path(value) if value else None

@@ -1,0 +1,185 @@
+"""Fork safety and threads: fork after (or during) multi-threaded use, fork-based pools, one compile
+per cold key under concurrency, no per-thread workspace leak, more threads than cores.
+
+Anything that could hang (a child stuck in libgomp) runs in a subprocess with a timeout, so a
+regression fails the test instead of hanging the suite.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from looptune import runtime
+from looptune.runtime import resolve
+
+# shared by the scripts below: a 512x512 float32 problem big enough to run on 2 threads
+PRELUDE = """
+import os, sys, threading, time
+import numpy as np
+from looptune import runtime
+runtime.configure(user_db=None, embedded_db=None, fallback="off", threads=2)
+rng = np.random.default_rng(0)
+a = rng.standard_normal((512, 512)).astype(np.float32)
+want = a.astype(np.float64) @ a.astype(np.float64)
+def ok(c):
+    return bool(np.allclose(c, want, rtol=1e-3, atol=1e-2))
+def child_status(pid):
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("fork-kernel-cache"))
+
+
+def run_script(body: str, cache_dir: str, timeout_s: float = 60) -> str:
+    """Run PRELUDE + body in a fresh interpreter (its own session, so that a hung forked child is
+    killed with it); return its stdout."""
+    env = dict(os.environ, LOOPTUNE_CACHE_DIR=cache_dir, PYTHONWARNINGS="ignore::DeprecationWarning")
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"script hung for {timeout_s} s (a forked child stuck in the thread pool?)")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)      # forked children that outlived the script
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out + err
+    return out
+
+
+def test_fork_after_multithreaded_call(cache_dir):
+    run_script("""
+        assert ok(runtime.matmul(a, a))
+        pid = os.fork()
+        if pid == 0:
+            from looptune.runtime.api import settings
+            good = ok(runtime.matmul(a, a)) and ok(runtime.matmul(a, a, threads=2)) and settings().threads == 1
+            part = runtime.matmul(a[:300], a)      # a key first seen in the child
+            good = good and np.allclose(part, want[:300], rtol=1e-3, atol=1e-2)
+            grand = os.fork()          # a child of the child inherits the same state
+            if grand == 0:
+                os._exit(0 if ok(runtime.matmul(a, a)) else 1)
+            good = good and child_status(grand) == 0
+            os._exit(0 if good else 1)
+        assert child_status(pid) == 0
+        assert ok(runtime.matmul(a, a))      # the parent keeps its threads
+    """, cache_dir)
+
+
+def test_child_forked_before_any_parallel_call_keeps_its_threads(cache_dir):
+    run_script("""
+        pid = os.fork()
+        if pid == 0:
+            from looptune.runtime.api import settings
+            good = ok(runtime.matmul(a, a)) and settings().threads == 2
+            os._exit(0 if good else 1)
+        assert child_status(pid) == 0
+    """, cache_dir)
+
+
+def test_fork_while_another_thread_compiles(cache_dir):
+    run_script("""
+        from looptune.runtime import resolve
+        real_build, compiling = resolve.build, threading.Event()
+        def slow_build(*args, **kwargs):     # holds the key's lock for a while
+            compiling.set()
+            time.sleep(1.0)
+            return real_build(*args, **kwargs)
+        resolve.build = slow_build
+        assert ok(runtime.matmul(a, a))
+        b = rng.standard_normal((257, 333)).astype(np.float32)
+        t = threading.Thread(target=runtime.matmul, args=(b, b.T))
+        t.start()
+        assert compiling.wait(30)
+        pid = os.fork()
+        if pid == 0:
+            good = np.allclose(runtime.matmul(b, b.T), b.astype(np.float64) @ b.T, rtol=1e-3, atol=1e-2)
+            os._exit(0 if good and ok(runtime.matmul(a, a)) else 1)
+        t.join()
+        assert child_status(pid) == 0
+    """, cache_dir)
+
+
+def test_fork_pool_workers_use_matmul(cache_dir):
+    run_script("""
+        import multiprocessing as mp
+        def work(i):
+            return ok(runtime.matmul(a, a))
+        assert ok(runtime.matmul(a, a))
+        with mp.get_context("fork").Pool(2) as pool:
+            assert all(pool.map_async(work, range(4)).get(timeout=50))
+    """, cache_dir)
+
+
+def test_no_workspace_leak_per_thread(cache_dir):
+    """RSS after 200 short-lived threads, each doing one 512x512 matmul, stays close to the RSS
+    after the first one: a thread's packing workspace is freed when the thread exits."""
+    out = run_script("""
+        def rss_mb():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) / 1024
+        def one_thread():
+            t = threading.Thread(target=lambda: runtime.matmul(a, a))
+            t.start()
+            t.join()
+        one_thread()
+        first = rss_mb()
+        for _ in range(199):
+            one_thread()
+        print(rss_mb() - first)
+    """, cache_dir, timeout_s=120)
+    assert float(out) < 30, f"RSS grew by {float(out):.0f} MB over 200 threads"
+
+
+def test_sixteen_cold_threads_compile_one_key_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPTUNE_CACHE_DIR", str(tmp_path))
+    runtime.configure(user_db=None, embedded_db=None, fallback="off")
+    builds, real_build = [], resolve.build
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(resolve, "build", counting_build)
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((71, 53)), rng.standard_normal((53, 67))
+    barrier, results = threading.Barrier(16), [None] * 16
+
+    def worker(i):
+        barrier.wait()
+        results[i] = runtime.matmul(a, b)
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=300)
+    assert len(builds) == 1
+    for r in results:
+        np.testing.assert_allclose(r, a @ b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [4, 8, 16])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_more_threads_than_cores(threads, dtype):
+    runtime.configure(user_db=None, embedded_db=None, fallback="off")
+    rng = np.random.default_rng(threads)
+    a = rng.standard_normal((300, 257)).astype(dtype)
+    b = rng.standard_normal((257, 131)).astype(dtype)
+    tol = 1e-3 if dtype == "float32" else 1e-10
+    np.testing.assert_allclose(runtime.matmul(a, b, threads=threads), a.astype(np.float64) @ b, rtol=tol, atol=tol)
+    batched = rng.standard_normal((3, 64, 200)).astype(dtype)
+    np.testing.assert_allclose(runtime.matmul(batched, b[:200], threads=threads),
+                               batched.astype(np.float64) @ b[:200], rtol=tol, atol=tol)
