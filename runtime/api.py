@@ -14,10 +14,11 @@ import threading
 
 import numpy as np
 
-from looptune.runtime.compiler.kernel import KernelError, call_threads
+from looptune.runtime.compiler.abi import error_message
+from looptune.runtime.compiler.kernel import call_threads
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.resolve import Resolution, Resolver, serial_after_fork
-from looptune.runtime.settings import RuntimeSettings
+from looptune.runtime.configuration import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 
@@ -82,11 +83,15 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _layout_char(rows: int, cols: int, s_row: int, s_col: int) -> str | None:
-    """'n' when the column stride is 1 (row-major), 't' when the row stride is 1; None if neither."""
-    if s_col == 1 or cols == 1:
+def _layout_char(rows: int, cols: int, s_row: int, s_col: int, item: int) -> str | None:
+    """From byte strides: 'n' when the column stride is one element (row-major), 't' when the row
+    stride is; None if neither, or if a stride is not a whole number of elements (a field of a
+    structured array), which the kernels cannot address."""
+    if s_row % item or s_col % item:
+        return None
+    if s_col == item or cols == 1:
         return "n"
-    if s_row == 1 or rows == 1:
+    if s_row == item or rows == 1:
         return "t"
     return None
 
@@ -100,8 +105,8 @@ def _delegate(a, b, out, why: str):
 
 def matmul(a, b, out=None, *, threads: int | None = None):
     """Matrix product with numpy.matmul semantics; float32/float64 run LoopTune kernels."""
-    # ---- fast path: two 2-D arrays of one kernel dtype, fresh output ----------------------------
-    if type(a) is _ndarray and type(b) is _ndarray and out is None and a.ndim == 2 and b.ndim == 2:
+    # ---- fast path: two 2-D arrays of one kernel dtype; a fresh output or a matching out= -------
+    if type(a) is _ndarray and type(b) is _ndarray and a.ndim == 2 and b.ndim == 2:
         dt = a.dtype
         if dt is b.dtype or dt == b.dtype:
             name = _KERNEL_DTYPES.get(dt)
@@ -110,9 +115,15 @@ def matmul(a, b, out=None, *, threads: int | None = None):
             if name is not None and k == k2 and m and n and k:
                 item = dt.itemsize
                 sa, sb = a.strides, b.strides
-                la = _layout_char(m, k, sa[0] // item, sa[1] // item)
-                lb = _layout_char(k, n, sb[0] // item, sb[1] // item)
+                la = _layout_char(m, k, sa[0], sa[1], item)
+                lb = _layout_char(k, n, sb[0], sb[1], item)
                 if la and lb:
+                    if out is None:
+                        c = _empty((m, n), dt)
+                    elif type(out) is _ndarray and out.dtype == dt and out.shape == (m, n):
+                        c = out     # written in place; the call path answers -4 if it overlaps a or b
+                    else:
+                        return _general(a, b, out, threads)
                     resolver = _resolver or _get_resolver()
                     t = resolver.settings.threads if threads is None else _check_threads(threads)
                     if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
@@ -121,16 +132,24 @@ def matmul(a, b, out=None, *, threads: int | None = None):
                     hit = resolver.dispatch.get(key)
                     if hit is None:
                         hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, 1, name, la + lb, t))
-                    kernel = hit[0]
-                    c = _empty((m, n), dt)
-                    rc = kernel.invoke(a, b, c, 0, t)
+                    rc = hit[0].invoke(a, b, c, 0, t)
                     if rc == 0:
                         return c
-                    if rc == -2:     # a schedule that reads B in place met a strided B: give it a copy
-                        return kernel(np.ascontiguousarray(a), np.ascontiguousarray(b), c, nthreads=t)
-                    if rc != -3:     # -3: a misaligned operand, which the general path copies
-                        raise kernel.error(rc)
+                    if rc != -3 and rc != -4:    # -3 misaligned, -4 overlap: the general path copies
+                        return _recover(resolver, key, hit[0], rc, a, b, c, t)
     return _general(a, b, out, threads)
+
+
+def _recover(resolver: Resolver, key: tuple, kernel, rc: int, a, b, c, t: int):
+    """A kernel refused these operands (-2: its layout precondition) or failed: retry with
+    contiguous copies, then hand the key to numpy for good (one warning naming the cause)."""
+    if rc == -2:
+        rc = kernel.invoke(np.ascontiguousarray(a), np.ascontiguousarray(b), c, 0, t)
+        if rc == 0:
+            return c
+    fallback = resolver.demote(key, f"{kernel.symbol} returned {rc}: {error_message(rc)}")
+    fallback.invoke(a, b, c, 0, t)
+    return c
 
 
 def _check_threads(threads) -> int:
@@ -196,12 +215,14 @@ def _has_unit_stride(x: np.ndarray) -> bool:
 
 
 def _kernel_operand(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` in ``dtype`` with strides a kernel can read: cast as numpy's loop would (a copy that
+    keeps x's memory order), and copied to C order when that still leaves no unit stride."""
     if x.dtype != dtype:
-        return x.astype(dtype)          # a copy in the result dtype, as numpy's loop would cast
+        x = x.astype(dtype)
     item = dtype.itemsize
     rows, cols = x.shape[-2:]
     if (not x.flags.aligned or any(s % item for s in x.strides)
-            or _layout_char(rows, cols, x.strides[-2] // item, x.strides[-1] // item) is None):
+            or _layout_char(rows, cols, x.strides[-2], x.strides[-1], item) is None):
         return x.copy(order="C")       # (ascontiguousarray would keep a misaligned contiguous array)
     return x
 
@@ -222,14 +243,14 @@ def _flatten_batch(x: np.ndarray, batch_shape: tuple) -> np.ndarray | None:
 
 
 def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads):
-    """(kernel, resolution) and the thread count for a problem; the 2-D fast path in ``matmul``
-    inlines the same steps to save a call."""
+    """(kernel, resolution), its dispatch key and the thread count for a problem; the 2-D fast
+    path in ``matmul`` inlines the same steps to save a call."""
     resolver = _resolver or _get_resolver()
     t = call_threads(2.0 * batch * m * n * k, resolver.settings.threads if threads is None else _check_threads(threads),
                      resolver.settings.small_flops)
     key = (name, m, n, k, batch, layout, t)
     hit = resolver.dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
-    return hit, t
+    return hit, key, t
 
 
 def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads) -> None:
@@ -245,15 +266,12 @@ def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads
     batch, m, k = a3.shape
     n = b3.shape[2]
     item = a3.itemsize
-    la = _layout_char(m, k, a3.strides[1] // item, a3.strides[2] // item)
-    lb = _layout_char(k, n, b3.strides[1] // item, b3.strides[2] // item)
-    kernel, t = _resolve(name, m, n, k, batch, la + lb, threads)
-    try:
-        kernel[0](a3, b3, c3, nthreads=t)
-    except KernelError as e:
-        if e.code != -2:
-            raise
-        kernel[0](np.ascontiguousarray(a3), np.ascontiguousarray(b3), c3, nthreads=t)
+    la = _layout_char(m, k, a3.strides[1], a3.strides[2], item)
+    lb = _layout_char(k, n, b3.strides[1], b3.strides[2], item)
+    hit, key, t = _resolve(name, m, n, k, batch, la + lb, threads)
+    rc = hit[0].invoke(a3, b3, c3, 0, t)
+    if rc != 0:
+        _recover(_resolver or _get_resolver(), key, hit[0], rc, a3, b3, c3, t)
 
 
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:
@@ -275,7 +293,7 @@ def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None
         n = b2.shape[-1]
         batch = int(np.prod(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]), dtype=np.int64))
         item = rdt.itemsize
-        la = _layout_char(m, k, a2.strides[-2] // item, a2.strides[-1] // item) or "n" if a2.dtype == rdt else "n"
-        lb = _layout_char(k, n, b2.strides[-2] // item, b2.strides[-1] // item) or "n" if b2.dtype == rdt else "n"
+        la = (_layout_char(m, k, a2.strides[-2], a2.strides[-1], item) or "n") if a2.dtype == rdt else "n"
+        lb = (_layout_char(k, n, b2.strides[-2], b2.strides[-1], item) or "n") if b2.dtype == rdt else "n"
         layout = la + lb
     return _resolve(name, m, n, k, batch, layout, threads)[0][1]

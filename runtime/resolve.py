@@ -13,6 +13,11 @@ compiled here (kernels are never loaded from a database).  A record whose trace 
 not replay is skipped.  Kernels are cached by schedule (every shape of a family shares
 one), in memory and on disk.
 
+numpy serves a problem (``source="numpy"``, ``looptune.runtime.numpy_kernel``) when its exact
+record says no candidate beat numpy (the hand-off; ``numpy_handoff=False`` turns it off),
+and when no kernel can be built or loaded for it, or its kernel refuses the operands: the
+call still computes, and one warning names the cause.
+
 Fork: a child of a process that ran kernels on several threads cannot use OpenMP (libgomp's
 pool threads did not survive the fork and a parallel region there would wait for them
 forever).  Such a child, and its own children, therefore run every kernel on one thread,
@@ -23,17 +28,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Optional
 
-from looptune.runtime.compiler.machine import detect_cpu
-
+from looptune.database.records import MachineKey
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, render
 from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -41,7 +44,8 @@ from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.databases import Databases
 from looptune.runtime.hooks import LiveTuneResult
 from looptune.runtime.live import LiveTuningQueue
-from looptune.runtime.settings import RuntimeSettings
+from looptune.runtime.numpy_kernel import NumpyKernel
+from looptune.runtime.configuration import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 
@@ -64,7 +68,7 @@ class Resolution:
     """Where a problem's schedule came from."""
 
     problem: MatmulProblem
-    source: str                        # exact | nearest | tuned | default
+    source: str                        # exact | nearest | tuned | default | numpy
     schedule: Schedule
     distance: Optional[float] = None   # log2 size units to the record's problem (0 for exact)
     record_problem: Optional[str] = None
@@ -72,9 +76,12 @@ class Resolution:
     expected_gflops: Optional[float] = None
     numpy_gflops: Optional[float] = None
     tuning: bool = False               # a live tuning of this problem is under way
+    reason: Optional[str] = None       # why numpy serves it (source "numpy")
 
     def describe(self) -> str:
         lines = [f"problem:   {self.problem}", f"source:    {self.source}"]
+        if self.reason:
+            lines.append(f"why:       {self.reason}")
         if self.record_problem:
             lines.append(f"record:    {self.record_problem} from {self.database} (distance {self.distance:.3f})")
         if self.expected_gflops:
@@ -88,9 +95,7 @@ class Resolution:
         return "\n".join(lines)
 
 
-def current_machine():
-    from looptune.database import MachineKey
-
+def current_machine() -> MachineKey:
     return MachineKey.current(compiler_identity(BuildSettings.from_env().compiler), CODEGEN_VERSION)
 
 
@@ -123,21 +128,44 @@ class Resolver:
                 if problem.threads > 1:
                     _parallel_resolved = True
                 resolution = self.resolve(problem)
-                try:
-                    kernel = self.kernel(resolution.schedule, problem.dtype)
-                except BuildError as e:
-                    if resolution.source == "default":
-                        raise
-                    # never fail the user's call over a stored schedule: use the analytic default
-                    log.warning("looptune: schedule for %s failed to build, using the default: %s", problem, e)
-                    resolution = Resolution(problem, "default", default_schedule(problem))
-                    kernel = self.kernel(resolution.schedule, problem.dtype)
-                hit = (kernel, resolution)
+                hit = self._serve(resolution)
                 if self.databases.generation == generation:   # else a database changed meanwhile: resolve again next call
                     self.dispatch[key] = hit
                 if resolution.tuning:
                     self._start_tuning(key, problem)
         return hit
+
+    def _serve(self, resolution: Resolution) -> tuple:
+        """The kernel for a resolution; never raises over a kernel that cannot be had: a stored
+        schedule that fails to build gives way to the analytic default, and that to numpy."""
+        problem = resolution.problem
+        if resolution.source == "numpy":
+            return NumpyKernel(problem.dtype, resolution.reason or ""), resolution
+        try:
+            return self.kernel(resolution.schedule, problem.dtype), resolution
+        except (LoopTuneError, OSError) as e:
+            first = e
+        if resolution.source != "default":
+            log.warning("looptune: schedule for %s failed to build, using the default: %s", problem, first)
+            resolution = Resolution(problem, "default", default_schedule(problem), tuning=resolution.tuning)
+            try:
+                return self.kernel(resolution.schedule, problem.dtype), resolution
+            except (LoopTuneError, OSError) as e:
+                first = e
+        reason = f"no kernel could be built or loaded: {first}"
+        log.warning("looptune: numpy.matmul serves %s (%s)", problem, reason)
+        return NumpyKernel(problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
+
+    def demote(self, key: tuple, reason: str) -> NumpyKernel:
+        """Hand ``key`` to numpy for good: its kernel refused operands of this shape or failed."""
+        name, m, n, k, batch, layout, threads = key
+        hit = self.dispatch.get(key)
+        problem = hit[1].problem if hit else MatmulProblem(m, n, k, batch, name, layout, threads)
+        schedule = hit[1].schedule if hit else default_schedule(problem)
+        log.warning("looptune: numpy.matmul serves %s from now on (%s)", problem, reason)
+        kernel = NumpyKernel(problem.dtype, reason)
+        self.dispatch[key] = (kernel, Resolution(problem, "numpy", schedule, reason=reason))
+        return kernel
 
     # ---- resolution --------------------------------------------------------------------------
     def resolve(self, problem: MatmulProblem) -> Resolution:
@@ -167,6 +195,10 @@ class Resolver:
             rec = match.record
             exact = match.exact and match.local
             close = exact or distance <= self.settings.max_distance
+            if exact and self.settings.numpy_handoff and rec.gflops_median < rec.numpy_gflops:
+                return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
+                                  rec.numpy_gflops, reason=f"no candidate beat numpy when tuned "
+                                  f"({rec.gflops_median:.1f} vs {rec.numpy_gflops:.1f} GFLOPS)")
             if close or mode == "nearest" or mode == "tune":
                 return Resolution(problem, "exact" if exact else "nearest", sched, distance, rec.problem.key(),
                                   path, rec.gflops_median if exact else None, rec.numpy_gflops if exact else None,
@@ -189,10 +221,12 @@ class Resolver:
 
     def _tuned(self, key: tuple, problem: MatmulProblem, outcome: LiveTuneResult) -> None:
         """The live tuner's result: serve it from now on (the database watcher reloads the record too)."""
-        kernel = self.kernel(outcome.schedule, problem.dtype)
         resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), self.live.user_db,
                                 outcome.gflops, outcome.numpy_gflops)
-        self.dispatch[key] = (kernel, resolution)
+        if self.settings.numpy_handoff and outcome.numpy_gflops and outcome.gflops < outcome.numpy_gflops:
+            resolution = replace(resolution, source="numpy", reason=f"no candidate beat numpy when tuned "
+                                 f"({outcome.gflops:.1f} vs {outcome.numpy_gflops:.1f} GFLOPS)")
+        self.dispatch[key] = self._serve(resolution)
 
     def _forget_choices(self) -> None:
         """A database changed: every shape resolves again on its next call (kernels stay compiled)."""

@@ -25,12 +25,13 @@ ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "
 
 C_TYPE = {"float32": "float", "float64": "double"}
 
-# Non-zero return codes.  -3 comes from the callers (the trampoline and the cffi path), never
-# from a kernel: an operand whose address is not a multiple of its element size.
+# Non-zero return codes.  -3 and -4 come from the call path (the trampoline and the cffi path),
+# never from a kernel; the caller then copies (-3) or computes into a temporary (-4).
 ERRORS = {
     -1: "out of memory for packing buffers",
     -2: "operand strides do not meet this kernel's layout precondition",
-    -3: "an operand is not aligned to its element size",
+    -3: "an operand is not aligned to its element size (address or strides)",
+    -4: "the output overlaps an input operand",
 }
 
 

@@ -9,6 +9,8 @@ The micro-kernel is written with GCC/Clang vector extensions, so the same text
 becomes AVX-512, AVX2+FMA, NEON or SSE code depending on ``-march``; the vector width
 is chosen for the detected ISA.  Only the register tile is explicit SIMD; packing and
 edges are plain loops the compiler vectorizes.
+How kernels use threads (the parallel loop, the per-thread packing workspace) is
+``looptune.runtime.compiler.codegen_threads``.
 """
 from __future__ import annotations
 

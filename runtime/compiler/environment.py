@@ -1,6 +1,6 @@
 """The environment variables LoopTune reads, each read and checked here and nowhere else.
 
-The runtime's settings (``looptune.runtime.settings``), the build settings, CPU detection and
+The runtime's settings (``looptune.runtime.configuration``), the build settings, CPU detection and
 the call trampoline all ask this module; it sits in the bottom layer so that every one of them
 may import it.  An unusable value is neither fatal nor silent: a warning names the variable and
 its value (once per process, however often settings are read), and the default applies.
@@ -12,13 +12,15 @@ Variables (each function below names the one it reads):
                              this process may run on; capped at MAX_THREADS
     LOOPTUNE_DB              the user's schedule database; set but empty: none
     LOOPTUNE_NO_EMBEDDED_DB  1: ignore the database shipped in the package
-    LOOPTUNE_FALLBACK        nearest, tune or off (``looptune.runtime.settings``)
+    LOOPTUNE_FALLBACK        nearest, tune or off (``looptune.runtime.configuration``)
     LOOPTUNE_TUNE_BUDGET     seconds of one live tuning
     LOOPTUNE_CC              the C compiler; else CC, else cc
     LOOPTUNE_CACHE_DIR       where compiled kernels are cached
     LOOPTUNE_ISA             cap the generated code's vector ISA (portable, neon, avx2, avx512);
                              LOOPTUNE_NO_AVX512=1 is the older spelling of avx2
     LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
+    LOOPTUNE_NO_NUMPY_HANDOFF  1: serve generated kernels even where the record says numpy was
+                             faster (benchmarks of the generated code alone)
 """
 from __future__ import annotations
 

@@ -161,6 +161,8 @@ class Kernel:
         batch, m, n = c_shape
         if a_shape[:2] != (batch, m) or b_shape[0] != batch or b_shape[2] != n or a_shape[2] != b_shape[1]:
             raise ValueError("operand shapes do not match")
+        if c.size and a.size and b.size and (np.may_share_memory(c, a) or np.may_share_memory(c, b)):
+            return -4
         return self.raw(batch, m, n, a_shape[2], a.ctypes.data, sa, b.ctypes.data, sb, c.ctypes.data, sc,
                         accumulate, nthreads)
 
@@ -176,7 +178,7 @@ class Kernel:
             raise ValueError("expected a 2-D or 3-D array")
         item = x.itemsize
         if any(s % item for s in x.strides):
-            raise ValueError("unaligned strides")
+            return (0, 0, 0), (0, 0, 0), False      # e.g. a field of a structured array: the caller copies
         st = tuple(s // item for s in x.strides)
         if x.ndim == 2:
             shape, st = (batch, *x.shape), (0, *st)

@@ -57,7 +57,7 @@ static int operand(PyObject *o, int typenum, int writable, int64_t bat, int64_t 
     if (nd != 2 && nd != 3) { PyErr_SetString(PyExc_ValueError, "expected a 2-D or 3-D array"); return -1; }
     npy_intp *dims = PyArray_DIMS(a), *strides = PyArray_STRIDES(a);
     int64_t item = PyArray_ITEMSIZE(a);
-    for (int i = 0; i < nd; i++) if (strides[i] % item) { PyErr_SetString(PyExc_ValueError, "unaligned strides"); return -1; }
+    for (int i = 0; i < nd; i++) if (strides[i] % item) return 1;   /* e.g. a field of a structured array: copy */
     if (nd == 3) { shape[0] = dims[0]; st[0] = strides[0] / item; }
     else { shape[0] = bat; st[0] = 0; }
     shape[1] = dims[nd - 2]; st[1] = strides[nd - 2] / item;
@@ -65,6 +65,27 @@ static int operand(PyObject *o, int typenum, int writable, int64_t bat, int64_t 
     *data = PyArray_DATA(a);
     if (((uintptr_t)*data) % item) return 1;      /* misaligned: the caller copies and retries */
     return 0;
+}
+
+/* the bytes [lo, hi) an operand's elements span */
+static void extent(const void *data, const int64_t shape[3], const int64_t st[3], int64_t item, uintptr_t *lo, uintptr_t *hi)
+{
+    int64_t first = 0, last = 0;
+    for (int i = 0; i < 3; i++) {
+        int64_t span = (shape[i] - 1) * st[i] * item;
+        if (span < 0) first += span; else last += span;
+    }
+    *lo = (uintptr_t)data + first;
+    *hi = (uintptr_t)data + last + item;
+}
+
+static int overlaps(const void *pc, const int64_t cs[3], const int64_t sc[3], const void *px, const int64_t xs[3],
+                    const int64_t sx[3], int64_t item)
+{
+    uintptr_t clo, chi, xlo, xhi;
+    extent(pc, cs, sc, item, &clo, &chi);
+    extent(px, xs, sx, item, &xlo, &xhi);
+    return clo < xhi && xlo < chi;
 }
 
 static PyObject *call(PyObject *self, PyObject *args)
@@ -79,6 +100,9 @@ static PyObject *call(PyObject *self, PyObject *args)
     if (as[0] != cs[0] || bs[0] != cs[0] || as[1] != cs[1] || bs[2] != cs[2] || as[2] != bs[1]) {
         PyErr_SetString(PyExc_ValueError, "operand shapes do not match"); return NULL;
     }
+    int64_t item = PyArray_ITEMSIZE((PyArrayObject *)C);
+    if (cs[0] && cs[1] && cs[2] && as[2]
+        && (overlaps(pc, cs, sc, pa, as, sa, item) || overlaps(pc, cs, sc, pb, bs, sb, item))) return PyLong_FromLong(-4);
     int rc;
     int64_t work = cs[0] * cs[1] * cs[2] * as[2];
     if (work > 32768) {

@@ -23,7 +23,7 @@ from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.hooks import LiveTuneResult, register_live_tuner
 from looptune.runtime.resolve import current_machine
-from looptune.runtime.settings import RuntimeSettings, embedded_db_path
+from looptune.runtime.configuration import RuntimeSettings, embedded_db_path
 
 # A legal schedule that differs from every analytic default: serving it is visible in explain().
 MARK = Trace((Step.make("split", loop="m", factor=8), Step.make("split", loop="n", factor=32)))
@@ -173,11 +173,11 @@ def test_live_tuning_queue_is_bounded(user_db):
 
 @pytest.mark.slow
 def test_real_live_tuner_through_the_entry_point(user_db):
-    runtime.configure(fallback="tune", tune_budget_s=0.5)
+    runtime.configure(fallback="tune", tune_budget_s=1.0)
     served(48, 40, 56)
     assert api.current_resolver().live.wait(120)
     r = served(48, 40, 56)
-    assert r.source in ("tuned", "exact")
+    assert r.source in ("tuned", "exact", "numpy")       # numpy: the hand-off, when no candidate beat it
     assert MatmulProblem(48, 40, 56).key() in {rec.problem.key() for rec in load(user_db)}
 
 

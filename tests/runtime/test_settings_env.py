@@ -19,7 +19,7 @@ from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MAX_THREADS, MatmulProblem
 from looptune.runtime.hooks import register_live_tuner
 from looptune.runtime.live import LiveTuningQueue
-from looptune.runtime.settings import RuntimeSettings, not_a_database_file
+from looptune.runtime.configuration import RuntimeSettings, not_a_database_file
 from looptune.tuner.ship import live
 
 
@@ -133,3 +133,10 @@ def test_flags_and_paths():
     assert environment.compiler_command({"CC": "gcc"}) == "gcc"
     assert environment.compiler_command({"CC": "gcc", "LOOPTUNE_CC": "clang"}) == "clang"
     assert environment.positive_seconds("B", 2.0, {"B": "1e309"}) == 2.0          # inf
+
+
+def test_runtime_settings_is_the_function_after_the_configuration_module_loads():
+    import looptune.runtime.configuration  # noqa: F401  (once named settings, it shadowed the function)
+    from looptune import runtime
+
+    assert callable(runtime.settings) and runtime.settings().threads >= 1

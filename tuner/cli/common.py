@@ -18,7 +18,7 @@ import click
 from looptune.database.errors import DatabaseError
 from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.workload import DTYPES, LAYOUTS, MAX_THREADS, MatmulProblem, ProblemError
-from looptune.runtime.settings import not_a_database_file
+from looptune.runtime.configuration import not_a_database_file
 
 THREADS = click.IntRange(1, MAX_THREADS)     # --threads of every command
 COUNT = click.IntRange(min=0)                # --limit and other "at most this many"

@@ -41,7 +41,7 @@ from looptune.runtime.compiler.abi import error_message
 from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.settings import RuntimeSettings
+from looptune.runtime.configuration import RuntimeSettings
 from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 
 _GUARD = 1024          # sentinel elements on each side of C, to catch out-of-bounds writes

@@ -39,7 +39,7 @@ from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.machine import VECTOR_BYTES
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
-from looptune.runtime.settings import RuntimeSettings
+from looptune.runtime.configuration import RuntimeSettings
 
 # The exported dispatcher behaves as runtime.matmul with default settings:
 NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape

@@ -71,6 +71,7 @@ class RuntimeSettings:
     embedded_db: Path | None = None       # None: no embedded database
     small_flops: float = 1.5e6            # problems below this run single-threaded whatever is asked
     db_recheck_s: float = 1.0             # how often a running process looks for changed databases (0: never)
+    numpy_handoff: bool = True            # serve numpy where the exact record says no kernel beat it
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
@@ -91,6 +92,7 @@ class RuntimeSettings:
             threads=default_threads(env),
             user_db=usable_user_db(environment.user_db_path(env), "LOOPTUNE_DB"),
             embedded_db=embedded if embedded.exists() and not environment.flag("LOOPTUNE_NO_EMBEDDED_DB", env) else None,
+            numpy_handoff=not environment.flag("LOOPTUNE_NO_NUMPY_HANDOFF", env),
         )
 
     def updated(self, **changes) -> "RuntimeSettings":

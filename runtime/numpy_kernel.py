@@ -1,0 +1,52 @@
+"""numpy.matmul behind the kernel interface: what a problem is served by when LoopTune should
+not serve it itself.
+
+Two cases put it in the dispatch table in place of a compiled kernel:
+
+* **hand-off**: the problem's exact record says no candidate beat numpy when it was tuned
+  (``gflops_median < numpy_gflops``, both measured in the same run).  Serving the slower
+  kernel anyway would make ``runtime.matmul`` slower than the call it replaces.
+  ``LOOPTUNE_NUMPY_HANDOFF=0`` (``configure(numpy_handoff=False)``) turns this off, so
+  benchmarks can report the generated code alone;
+* **failure**: a kernel could not be built or loaded (no compiler, an unusable cache
+  directory, a full disk ...).  numpy would just compute, so we do, after one warning that
+  names the cause.
+
+It has ``Kernel``'s call interface (``invoke`` returning 0, ``__call__``, ``error``), so the
+call path needs no special case.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from looptune.runtime.compiler.abi import KernelError
+
+
+class NumpyKernel:
+    """``C = (accumulate ? C : 0) + A @ B`` by ``numpy.matmul`` (2-D or (batch, r, c) operands)."""
+
+    __slots__ = ("dtype", "reason")
+    symbol = "numpy.matmul"
+    so_path = None
+
+    def __init__(self, dtype: str, reason: str) -> None:
+        self.dtype = dtype
+        self.reason = reason
+
+    def invoke(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: int, nthreads: int) -> int:
+        if accumulate:
+            c += np.matmul(a, b)
+        else:
+            np.matmul(a, b, out=c)
+        return 0
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, *, accumulate: bool = False,
+                 nthreads: int = 1) -> np.ndarray:
+        self.invoke(a, b, c, int(accumulate), nthreads)
+        return c
+
+    def error(self, code: int) -> KernelError:
+        return KernelError.from_code(self.symbol, code)
+
+    def __repr__(self) -> str:
+        return f"NumpyKernel({self.dtype!r}, {self.reason!r})"

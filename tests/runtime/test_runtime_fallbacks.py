@@ -1,0 +1,152 @@
+"""runtime.matmul stays a drop-in when LoopTune cannot or should not serve a call: numpy
+computes, one warning names the cause, and later calls go straight to numpy."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from looptune import runtime
+from looptune.database import Record, save
+from looptune.runtime import api
+from looptune.runtime.compiler.trace import Step, Trace
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.resolve import current_machine
+from looptune.runtime.configuration import RuntimeSettings
+
+VEC_M_UNPACKED = Trace((Step.make("split", loop="m", factor=16), Step.make("split", loop="n", factor=4),
+                        Step.make("reorder", order=["b", "m.o", "n.o", "k", "m.i", "n.i"]),
+                        Step.make("register_tile", m="m.i", n="n.i"), Step.make("vectorize", loop="m.i")))
+
+
+@pytest.fixture
+def user_db(tmp_path):
+    path = tmp_path / "user.h5"
+    runtime.configure(user_db=path, embedded_db=None, fallback="off", numpy_handoff=True)
+    yield path
+    fresh = RuntimeSettings.from_env()
+    runtime.configure(**{f: getattr(fresh, f) for f in fresh.__dataclass_fields__})
+
+
+def record(problem, trace=Trace((Step.make("split", loop="n", factor=16),)), gflops=50.0, numpy_gflops=40.0):
+    return Record(problem, current_machine(), trace, gflops, 1.0, numpy_gflops, True, "test", "test", 1, 1.7e9)
+
+
+def test_numpy_handoff_when_no_candidate_beat_numpy(user_db, caplog):
+    save(user_db, [record(MatmulProblem(64, 48, 32), gflops=20.0, numpy_gflops=60.0),
+                   record(MatmulProblem(64, 48, 40), gflops=80.0, numpy_gflops=60.0)])
+    runtime.configure(user_db=user_db)
+    a, b = np.ones((64, 32), np.float32), np.ones((32, 48), np.float32)
+    np.testing.assert_array_equal(runtime.matmul(a, b), a @ b)
+    slow = runtime.explain(a, b)
+    assert slow.source == "numpy" and "20.0 vs 60.0" in slow.reason and "why:" in slow.describe()
+    fast = runtime.explain(np.ones((64, 40), np.float32), np.ones((40, 48), np.float32))
+    assert fast.source == "exact"
+    runtime.configure(numpy_handoff=False)                 # the generated code alone, for benchmarks
+    assert runtime.explain(a, b).source == "exact"
+
+
+def test_handoff_switch_is_read_from_the_environment():
+    assert RuntimeSettings.from_env({"LOOPTUNE_NO_NUMPY_HANDOFF": "1"}).numpy_handoff is False
+    assert RuntimeSettings.from_env({}).numpy_handoff is True
+
+
+def test_kernel_refusing_a_larger_shape_hands_it_to_numpy(user_db, caplog):
+    """A schedule that vectorizes m without packing A needs A's m stride to be 1: tuned where
+    M is below the vector width, it refuses (-2) larger M of its family served by nearest
+    lookup.  The call computes anyway and the key goes to numpy."""
+    save(user_db, [record(MatmulProblem(4, 64, 64), trace=VEC_M_UNPACKED)])
+    runtime.configure(user_db=user_db, fallback="nearest")
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((300, 64)).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="looptune.runtime"):
+        for _ in range(2):
+            np.testing.assert_allclose(runtime.matmul(a, b, threads=1), a @ b, rtol=1e-4, atol=1e-4)
+    r = runtime.explain(a, b, threads=1)
+    assert r.source == "numpy" and "returned -2" in r.reason
+    assert caplog.text.count("numpy.matmul serves") == 1      # warned once, then served quietly
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+CALL = """
+    import logging, numpy as np
+    logging.basicConfig(level=logging.WARNING)
+    from looptune import runtime
+    a = np.arange(61 * 67, dtype=np.float32).reshape(61, 67) / 1000
+    b = np.arange(67 * 59, dtype=np.float32).reshape(67, 59) / 1000
+    for _ in range(3):
+        np.testing.assert_allclose(runtime.matmul(a, b), a @ b, rtol=1e-5)
+    print(runtime.explain(a, b).source)
+"""
+
+
+@pytest.mark.parametrize("case", ["no compiler", "cache is a file", "cache on a read-only file system"])
+def test_unusable_toolchain_or_cache_falls_back_to_numpy(tmp_path, case):
+    env = {"LOOPTUNE_DB": "", "LOOPTUNE_NO_EMBEDDED_DB": "1", "LOOPTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    if case == "no compiler":
+        env["LOOPTUNE_CC"] = str(tmp_path / "no-such-cc")
+    elif case == "cache is a file":
+        (tmp_path / "cache").write_text("not a directory")
+    else:   # (chmod would not stop root, who runs CI; nobody can create directories in /proc)
+        env["LOOPTUNE_CACHE_DIR"] = "/proc/looptune-kernel-cache"
+    done = _run(CALL, env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "numpy"
+    assert done.stderr.count("numpy.matmul serves") == 1, done.stderr
+
+
+def test_structured_field_views_compute_like_numpy():
+    s = np.zeros((40, 30), dtype=[("x", "f4"), ("y", "i2")])
+    s["x"] = np.arange(1200, dtype=np.float32).reshape(40, 30) / 100
+    t = np.zeros((30, 20), dtype=[("x", "f4"), ("y", "i2")])
+    t["x"] = np.arange(600, dtype=np.float32).reshape(30, 20) / 100
+    np.testing.assert_allclose(runtime.matmul(s["x"], t["x"]), np.matmul(s["x"], t["x"]), rtol=1e-5)
+    out = np.zeros((40, 20), dtype=[("x", "f4"), ("y", "i2")])
+    runtime.matmul(s["x"], t["x"], out=out["x"])
+    np.testing.assert_allclose(out["x"], np.matmul(s["x"], t["x"]), rtol=1e-5)
+
+
+def test_fortran_stack_times_other_dtype():
+    a = np.asfortranarray(np.random.default_rng(1).standard_normal((3, 5, 7)).astype(np.float32))
+    b = np.random.default_rng(2).standard_normal((7, 4))
+    got, want = runtime.matmul(a, b), np.matmul(a, b)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alias", ["a", "b", "a_part"])
+def test_out_overlapping_an_input(alias):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((48, 48)).astype(np.float32)
+    b = rng.standard_normal((48, 48)).astype(np.float32)
+    want = a @ b
+    if alias == "a":
+        got = runtime.matmul(a, b, out=a)
+    elif alias == "b":
+        got = runtime.matmul(a, b, out=b)
+    else:
+        big = np.zeros((96, 48), np.float32)
+        big[:48] = a
+        got = runtime.matmul(big[:48], b, out=big[24:72])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_out_is_written_in_place_on_the_fast_path():
+    a, b = np.ones((64, 64), np.float32), np.ones((64, 64), np.float32)
+    out = np.empty((64, 64), np.float32)
+    assert runtime.matmul(a, b, out=out) is out and np.all(out == 64)
+    out_t = np.empty((64, 64), np.float32).T                # a transposed out is written through its strides
+    assert runtime.matmul(a, b, out=out_t) is out_t and np.all(out_t == 64)
+    ro = np.empty((64, 64), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        runtime.matmul(a, b, out=ro)
