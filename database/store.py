@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -229,6 +230,12 @@ def commit(path: str | os.PathLike, records: Iterable[Record], settings: StoreSe
 def _read_image(path: str) -> bytes:
     """The whole file, after checking the header's length and sha256.  HDF5 never parses a
     byte that failed this check: a damaged file is an error here, not a hang in HDF5."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MissingDatabaseError(f"{path}: no such database file") from None
+    if not stat.S_ISREG(st.st_mode):     # a FIFO would block open() forever; a device is never a database
+        raise CorruptDatabaseError(f"{path}: not a regular file, so not a LoopTune schedule database")
     try:
         f = open(path, "rb")
     except FileNotFoundError:

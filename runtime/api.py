@@ -8,6 +8,7 @@ array subclasses, mismatched shapes, zero-size problems, a bad ``out``) goes to
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -159,141 +160,205 @@ def _check_threads(threads) -> int:
 
 
 def _general(a, b, out, threads):
-    if not (isinstance(a, _ndarray) and type(a) is _ndarray):
-        if isinstance(a, _ndarray) or hasattr(a, "__array_function__") and not isinstance(a, (list, tuple)):
-            return _delegate(a, b, out, "array subclass or foreign array")
-        a = np.asarray(a)
-    if not (isinstance(b, _ndarray) and type(b) is _ndarray):
-        if isinstance(b, _ndarray) or hasattr(b, "__array_function__") and not isinstance(b, (list, tuple)):
-            return _delegate(a, b, out, "array subclass or foreign array")
-        b = np.asarray(b)
-    if a.ndim == 0 or b.ndim == 0:
-        return _delegate(a, b, out, "scalar operand")
-    try:
-        rdt = np.result_type(a.dtype, b.dtype)
-    except TypeError:
-        return _delegate(a, b, out, "no common dtype")
-    name = _KERNEL_DTYPES.get(rdt)
-    if name is None or a.dtype.kind not in "biuf" or b.dtype.kind not in "biuf":
-        return _delegate(a, b, out, f"dtype {rdt}")
-    a2 = a[None, :] if a.ndim == 1 else a
-    b2 = b[:, None] if b.ndim == 1 else b
-    m, k = a2.shape[-2:]
-    k2, n = b2.shape[-2:]
-    if k != k2:
-        return _delegate(a, b, out, "core dimensions differ")
-    try:
-        batch_shape = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
-    except ValueError:
-        return _delegate(a, b, out, "batch dimensions do not broadcast")
-    shape = batch_shape + ((m,) if a.ndim > 1 else ()) + ((n,) if b.ndim > 1 else ())
+    """Every call the 2-D fast path does not take: promotion, 1-D operands, stacks and broadcast
+    batch dimensions, ``out=`` checks, views the kernels cannot read.  The common cases cost a
+    few attribute reads and tuple compares; ``numpy.matmul`` gets what the kernels do not serve."""
+    if type(a) is not _ndarray:
+        a = _plain_array(a)
+    if type(b) is not _ndarray:
+        b = _plain_array(b)
+    if a is None or b is None:
+        return _delegate(a, b, out, "array subclass or foreign array")
+    plan = _plan(a, b)
+    if type(plan) is str:
+        return _delegate(a, b, out, plan)
+    a2, b2, batch, shape, rdt = plan
     if out is not None:
-        if type(out) is not _ndarray or out.shape != shape or out.dtype != rdt or not out.flags.writeable:
+        if (type(out) is not _ndarray or out.shape != shape or (out.dtype is not rdt and out.dtype != rdt)
+                or not out.flags.writeable):
             return _delegate(a, b, out, "out= needs numpy's handling")
-    if m == 0 or n == 0 or k == 0 or 0 in batch_shape:
+        c = out
+    else:
+        c = _empty(shape, rdt)
+    m, k = a2.shape[-2:]
+    n = b2.shape[-1]
+    if not (m and n and k) or 0 in batch:
         return _delegate(a, b, out, "zero-size operand")
-    # promote (numpy computes in the result dtype too), and make operands the kernels can read
-    a2 = _kernel_operand(a2, rdt)
-    b2 = _kernel_operand(b2, rdt)
-    c_full = out.reshape(batch_shape + (m, n)) if out is not None and out.ndim == len(batch_shape) + 2 else None
-    target = c_full
-    if (target is None or not target.flags.aligned or not _has_unit_stride(target)
-            or np.may_share_memory(target, a2) or np.may_share_memory(target, b2)):
-        target = _empty(batch_shape + (m, n), rdt)
-    _run_batched(a2, b2, target, name, threads)
-    if out is not None:
-        if target is not c_full:
-            np.copyto(out, target.reshape(shape))
-        return out
-    if shape == ():
-        return target.reshape(())[()]      # vector @ vector: numpy returns a scalar
-    return target.reshape(shape) if target.shape != shape else target
+    a2, la = _kernel_operand(a2, rdt)
+    b2, lb = _kernel_operand(b2, rdt)
+    c2 = c if len(c.shape) == len(batch) + 2 else c.reshape(batch + (m, n))   # a view: 1-D operands add a 1
+    _run_batched(a2, b2, c2, batch, la + lb, threads)
+    if out is None and not shape:
+        return c[()]            # vector @ vector: numpy returns a scalar
+    return c
 
 
-def _has_unit_stride(x: np.ndarray) -> bool:
-    return x.strides[-1] == x.itemsize or x.strides[-2] == x.itemsize
+def _plain_array(x):
+    """``x`` as a base-class ndarray, or None when numpy.matmul must see it as it is (an
+    ndarray subclass, or a foreign array with its own ``__array_function__``)."""
+    if isinstance(x, _ndarray) or hasattr(x, "__array_function__") and not isinstance(x, (list, tuple)):
+        return None
+    return np.asarray(x)
 
 
-def _kernel_operand(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``x`` in ``dtype`` with strides a kernel can read: cast as numpy's loop would (a copy that
-    keeps x's memory order), and copied to C order when that still leaves no unit stride."""
-    if x.dtype != dtype:
+_promotions: dict = {}      # (dtype of a, dtype of b) -> the kernel dtype numpy computes in, or None
+
+
+def _promoted(da: np.dtype, db: np.dtype):
+    """numpy's result dtype for ``da @ db`` when a kernel computes it (native float32/float64
+    from bool, integer or float inputs), else None; cached per pair (``np.result_type`` costs
+    a microsecond)."""
+    try:
+        return _promotions[da, db]
+    except KeyError:
+        pass
+    rdt = None
+    if da.kind in "biuf" and db.kind in "biuf":
+        try:
+            rdt = np.result_type(da, db)
+        except TypeError:
+            rdt = None
+        rdt = rdt if rdt in _KERNEL_DTYPES else None
+    if len(_promotions) < 256:
+        _promotions[da, db] = rdt
+    return rdt
+
+
+def _plan(a: np.ndarray, b: np.ndarray):
+    """(a2, b2, batch shape, result shape, result dtype) for ``a @ b``, a2/b2 having 1-D
+    operands as a 1-row / 1-column matrix (views), or the reason numpy serves the call."""
+    if not a.ndim or not b.ndim:
+        return "scalar operand"
+    rdt = _promoted(a.dtype, b.dtype)
+    if rdt is None:
+        return f"dtypes {a.dtype} and {b.dtype}"
+    a2 = a[None] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    sa, sb = a2.shape, b2.shape
+    if sa[-1] != sb[-2]:
+        return "core dimensions differ"
+    ba, bb = sa[:-2], sb[:-2]
+    batch = ba if ba == bb or not bb else bb if not ba else _broadcast(ba, bb)
+    if batch is None:
+        return "batch dimensions do not broadcast"
+    shape = batch if a.ndim == 1 else batch + sa[-2:-1]
+    if b.ndim > 1:
+        shape += sb[-1:]
+    return a2, b2, batch, shape, rdt
+
+
+@functools.lru_cache(maxsize=256)
+def _broadcast(x: tuple, y: tuple):
+    """numpy's broadcast of two batch shapes, or None when they do not broadcast."""
+    if len(x) < len(y):
+        x, y = y, x
+    y = (1,) * (len(x) - len(y)) + y
+    out = []
+    for p, q in zip(x, y):
+        if p != q and p != 1 and q != 1:
+            return None
+        out.append(q if p == 1 else p)
+    return tuple(out)
+
+
+def _kernel_operand(x: np.ndarray, dtype: np.dtype):
+    """(x in ``dtype`` with strides a kernel can read, its layout character): cast as numpy's
+    loop would (a copy that keeps x's memory order), copied to C order when no core stride is
+    one element."""
+    if x.dtype is not dtype and x.dtype != dtype:
         x = x.astype(dtype)
-    item = dtype.itemsize
-    rows, cols = x.shape[-2:]
-    if (not x.flags.aligned or any(s % item for s in x.strides)
-            or _layout_char(rows, cols, x.strides[-2], x.strides[-1], item) is None):
-        return x.copy(order="C")       # (ascontiguousarray would keep a misaligned contiguous array)
-    return x
+    st = x.strides
+    layout = _layout_char(x.shape[-2], x.shape[-1], st[-2], st[-1], dtype.itemsize)
+    if layout is None:
+        return x.copy(order="C"), "n"
+    return x, layout
 
 
-def _flatten_batch(x: np.ndarray, batch_shape: tuple) -> np.ndarray | None:
-    """A (batch, r, c) view of x broadcast to batch_shape, without copying; None if impossible."""
-    x = np.broadcast_to(x, batch_shape + x.shape[-2:]) if x.shape[:-2] != batch_shape else x
-    if len(batch_shape) == 1:
+def _as_batch(x: np.ndarray, batch: tuple, count: int):
+    """``x`` as an operand of one (count, r, c) kernel call without copying: 2-D when its batch
+    dimensions are all broadcast (the call path broadcasts it), else 3-D; None if its batch
+    strides do not flatten to one."""
+    xb = x.shape[:-2]
+    if xb == batch and len(xb) == 1:
         return x
-    if len(batch_shape) == 0:
-        return x[None]
+    if not xb or count == 1 or all(d == 1 for d in xb):
+        return x.reshape(x.shape[-2:]) if xb else x
+    if xb != batch:
+        x = np.broadcast_to(x, batch + x.shape[-2:])
     v = x.view()
     try:
-        v.shape = (-1,) + x.shape[-2:]
+        v.shape = (count,) + x.shape[-2:]
     except AttributeError:
         return None
     return v
 
 
+def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, batch: tuple, layout: str, threads) -> None:
+    """c = a @ b over ``batch`` (c has the full batch shape; a and b broadcast to it)."""
+    count = 1
+    for d in batch:
+        count *= d
+    a3, b3, c3 = _as_batch(a, batch, count), _as_batch(b, batch, count), _as_batch(c, batch, count)
+    if a3 is None or b3 is None or c3 is None:
+        # batch strides that do not flatten: one call per leading batch index (broadcasting is a view)
+        a = np.broadcast_to(a, batch + a.shape[-2:])
+        b = np.broadcast_to(b, batch + b.shape[-2:])
+        for i in range(batch[0]):
+            _run_batched(a[i], b[i], c[i], batch[1:], layout, threads)
+        return
+    m, k = a3.shape[-2:]
+    n = b3.shape[-1]
+    resolver = _resolver or _get_resolver()
+    t = resolver.settings.threads if threads is None else _check_threads(threads)
+    if 2.0 * count * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
+        t = 1
+    key = (_KERNEL_DTYPES[c3.dtype], m, n, k, count, layout, t)
+    hit = resolver.dispatch.get(key)
+    if hit is None:
+        hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, count, key[0], layout, t))
+    rc = hit[0].invoke(a3, b3, c3, 0, t)
+    if rc == -3 or rc == -4:
+        # misaligned (-3) or an output overlapping an input (-4): aligned copies, a fresh output
+        tmp = _empty(c3.shape, c3.dtype)
+        rc = hit[0].invoke(a3.copy(order="K"), b3.copy(order="K"), tmp, 0, t)
+        if rc == 0:
+            c3[...] = tmp
+            return
+    if rc != 0:
+        _recover(resolver, key, hit[0], rc, a3, b3, c3, t)
+
+
 def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads):
-    """(kernel, resolution), its dispatch key and the thread count for a problem; the 2-D fast
-    path in ``matmul`` inlines the same steps to save a call."""
+    """(kernel, resolution) for a problem, as ``_run_batched`` looks it up."""
     resolver = _resolver or _get_resolver()
     t = call_threads(2.0 * batch * m * n * k, resolver.settings.threads if threads is None else _check_threads(threads),
                      resolver.settings.small_flops)
     key = (name, m, n, k, batch, layout, t)
-    hit = resolver.dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
-    return hit, key, t
-
-
-def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, name: str, threads) -> None:
-    batch_shape = c.shape[:-2]
-    a3, b3, c3 = _flatten_batch(a, batch_shape), _flatten_batch(b, batch_shape), _flatten_batch(c, batch_shape)
-    if a3 is None or b3 is None or c3 is None:
-        # strides that do not flatten: one call per leading batch index (broadcasting is a view)
-        a = np.broadcast_to(a, batch_shape + a.shape[-2:])
-        b = np.broadcast_to(b, batch_shape + b.shape[-2:])
-        for i in range(batch_shape[0]):
-            _run_batched(a[i], b[i], c[i], name, threads)
-        return
-    batch, m, k = a3.shape
-    n = b3.shape[2]
-    item = a3.itemsize
-    la = _layout_char(m, k, a3.strides[1], a3.strides[2], item)
-    lb = _layout_char(k, n, b3.strides[1], b3.strides[2], item)
-    hit, key, t = _resolve(name, m, n, k, batch, la + lb, threads)
-    rc = hit[0].invoke(a3, b3, c3, 0, t)
-    if rc != 0:
-        _recover(_resolver or _get_resolver(), key, hit[0], rc, a3, b3, c3, t)
+    return resolver.dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
 
 
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:
     """Where the schedule for ``a @ b`` (arrays) or ``explain((m, n, k), dtype=...)`` comes from:
-    exact record, nearest record (with its distance), tuned, or the analytic default."""
+    exact record, nearest record (with its distance), tuned, or the analytic default.  For
+    arrays it is the problem ``matmul(a, b)`` runs (after promotion, with the layout of the
+    operands the kernel reads); numpy-served calls raise TypeError."""
     if b is None:
         m, n, k = a
         name = np.dtype(dtype or np.float32).name
         layout = "nn"
     else:
         a, b = np.asarray(a), np.asarray(b)
-        rdt = np.result_type(a.dtype, b.dtype)
-        name = _KERNEL_DTYPES.get(rdt)
-        if name is None:
-            raise TypeError(f"LoopTune kernels serve float32 and float64; {rdt} goes to numpy.matmul")
-        a2 = a[None, :] if a.ndim == 1 else a
-        b2 = b[:, None] if b.ndim == 1 else b
+        plan = _plan(a, b)
+        if type(plan) is str:
+            raise TypeError(f"LoopTune kernels do not serve this call ({plan}); it goes to numpy.matmul")
+        a2, b2, batch_shape, _, rdt = plan
+        name = _KERNEL_DTYPES[rdt]
+        a2, la = _kernel_operand(a2, rdt)
+        b2, lb = _kernel_operand(b2, rdt)
         m, k = a2.shape[-2:]
         n = b2.shape[-1]
-        batch = int(np.prod(np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]), dtype=np.int64))
-        item = rdt.itemsize
-        la = (_layout_char(m, k, a2.strides[-2], a2.strides[-1], item) or "n") if a2.dtype == rdt else "n"
-        lb = (_layout_char(k, n, b2.strides[-2], b2.strides[-1], item) or "n") if b2.dtype == rdt else "n"
+        batch = 1
+        for d in batch_shape:
+            batch *= d
         layout = la + lb
-    return _resolve(name, m, n, k, batch, layout, threads)[0][1]
+    return _resolve(name, m, n, k, batch, layout, threads)[1]

@@ -36,24 +36,43 @@ def record(i: int, batch: int = 1) -> Record:
                   "killtest", "none", i, 1.7e9 + i)
 
 
-def _writer(path: str, start: int, report_fd: int) -> None:
+def _writer(path: str, start: int, report_fd: int, signal_fd: int | None = None) -> None:
+    """Commit record after record; with ``signal_fd``, the first commit stops between writing its
+    temporary file and publishing it, and says so on ``signal_fd`` (a kill that surely lands
+    mid-write)."""
+    if signal_fd is not None:
+        real_fsync = os.fsync
+
+        def fsync_then_wait(fd: int) -> None:
+            real_fsync(fd)
+            os.write(signal_fd, b"W")
+            time.sleep(60)              # the parent kills us here
+
+        os.fsync = fsync_then_wait
     for i in range(start, start + 100_000):
         commit(path, [record(i)], StoreSettings(lock_timeout_s=30))
         os.write(report_fd, f"{i}\n".encode())
 
 
-def _run_writer(path: str, start: int, delay: float) -> list[int]:
-    """Fork a writer, SIGKILL it after ``delay`` seconds, return the commits it reported."""
+def _run_writer(path: str, start: int, delay: float, mid_write: bool = False) -> list[int]:
+    """Fork a writer, SIGKILL it after ``delay`` seconds (or, with ``mid_write``, once its first
+    commit has written its temporary file), return the commits it reported."""
     read_fd, write_fd = os.pipe()
+    signal_r, signal_w = os.pipe() if mid_write else (None, None)
     pid = os.fork()
     if pid == 0:   # child: no cleanup handlers, no return into the parent's code
         os.close(read_fd)
         try:
-            _writer(path, start, write_fd)
+            _writer(path, start, write_fd, signal_w)
         finally:
             os._exit(0)
     os.close(write_fd)
-    time.sleep(delay)
+    if mid_write:
+        os.close(signal_w)
+        os.read(signal_r, 1)          # the temporary is written and fsynced, not yet renamed
+        os.close(signal_r)
+    else:
+        time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     chunks = []
@@ -74,7 +93,8 @@ def run(iterations: int, directory: str, seed: int = 0, max_delay: float = 0.3, 
     next_id = 0
     stats = {"iterations": 0, "commits": 0, "killed_mid_write": 0}
     for iteration in range(iterations):
-        reported = _run_writer(path, next_id, rng.uniform(0, max_delay))
+        # every fifth kill is aimed between a commit's write and its rename; the rest fall at random
+        reported = _run_writer(path, next_id, rng.uniform(0, max_delay), mid_write=iteration % 5 == 2)
         committed.update(reported)
         leftovers = [n for n in os.listdir(directory) if n.startswith(".killtest.h5.tmp.")]
         stats["killed_mid_write"] += bool(leftovers)

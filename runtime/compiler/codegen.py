@@ -2,8 +2,10 @@
 
 Every kernel has the one ABI of ``looptune.runtime.compiler.abi`` (strides in elements),
 computing ``C = (accumulate ? C : 0) + A @ B`` per batch entry and returning 0, or
--1 when scratch memory cannot be had, or -2 when an operand the kernel reads with
-vector loads straight from memory (not packed) lacks unit stride along the vector.
+-1 when scratch memory cannot be had.  Kernels take any strides: an operand the
+micro-kernel reads with vector loads straight from memory (not packed) but that lacks
+unit stride along the vector is gathered tile by tile, so a schedule runs on every
+shape and layout of its family (generated kernels never return the ABI's -2).
 
 The micro-kernel is written with GCC/Clang vector extensions, so the same text
 becomes AVX-512, AVX2+FMA, NEON or SSE code depending on ``-march``; the vector width
@@ -189,7 +191,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
 
         Operand addressing (relative to the tile's corner): a packed operand is a panel,
         element (k, t) at [k*R + t] (R is the full tile side even for a partial-row variant);
-        an unpacked X has unit stride along V (checked at entry) unless read as scalars.
+        an unpacked X has unit stride along V (the caller gathers its tile otherwise) unless read as scalars.
         """
         T, p, U, V, W = self.T, self.prefix, self.U, self.V, self.W
         nvec = V // W
@@ -256,11 +258,6 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e("}")
         if not self.nest.tile:
             return
-        # Unpacked vector operand: unit stride along the vector dimension is required.
-        if self.X not in self.packs and self.W > 1:
-            # only full tiles use vector loads; narrower problems run the stride-general edge code
-            stride, size = ("sBn", "N") if self.X == "B" else ("sAm", "M")
-            e(f"if ({stride} != 1 && {size} >= {self.V}) return -2;")
         self._workspace()
 
     def _block_extent(self, at_index: int, dim: str, size: str) -> str:
@@ -281,7 +278,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         par = self.nest.index(self.nest.parallel) if self.nest.parallel else None
         offsets = []
         if edge_panel:
-            # a zero-padded copy of X's last, narrower-than-a-vector-tile column block (kc x V)
+            # a zero-padded copy of an X tile (kc x V): a narrower-than-V edge, or one without unit stride along V
             ksize = self._block_extent(self.start - 1, "k", "K")
             e(f"const int64_t wsE = {self.V} * {ksize} + 16;  /* per copy */")
             e(f"const int64_t wsE_copies = {'nthreads' if par is not None else '1'};")
@@ -400,7 +397,11 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e(f"const {self.T} *const ty = {self._operand_pointer(Y, rng)};")
         e(f"{self.T} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
         e(f"const int ow = ({k_lo} == 0) && !accumulate;")
-        e(f"if ({u_len} == {self.U} && {v_len} == {self.V}) {{")
+        # An unpacked X read with vector loads needs unit stride along V; where the family's
+        # layout does not give it (vectorizing m of a row-major A, n of a column-major B), its
+        # tile is gathered into a panel first, like an edge.
+        gather = X not in self.packs and self.W > 1
+        e(f"if ({u_len} == {self.U} && {v_len} == {self.V}{f' && {xv} == 1' if gather else ''}) {{")
         e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
         e("} else {")
         # Edges stay vectorized: rows go through smaller tiles, largest first; a column block
@@ -412,7 +413,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e(f"    const int narrow = {v_len} < {V};")
         if X not in self.packs:
             tid = "(int64_t)tid" if self.nest.parallel else "0"
-            e("    if (narrow) {")
+            e(f"    if (narrow{f' || {xv} != 1' if gather else ''}) {{")
             e(f"        {T} *xe = wsE_base + wsE * {tid};")
             e(f"        for (int64_t kk = 0; kk < {k_len}; kk++) {{")
             e(f"            for (int64_t v = 0; v < {v_len}; v++) xe[kk * {V} + v] = tx[kk * {xk} + v * {xv}];")

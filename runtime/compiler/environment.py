@@ -21,6 +21,11 @@ Variables (each function below names the one it reads):
     LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
     LOOPTUNE_NO_NUMPY_HANDOFF  1: serve generated kernels even where the record says numpy was
                              faster (benchmarks of the generated code alone)
+
+Variables set, not read (the one exception): ``set_openmp_wait_policy`` gives libgomp, which
+runs the kernels' parallel loops, a short spin before its idle threads sleep
+(``GOMP_SPINCOUNT``, see ``OPENMP_SPIN_COUNT``), unless the user set ``OMP_WAIT_POLICY`` or
+``GOMP_SPINCOUNT`` themselves.  libgomp reads them once, when it is loaded.
 """
 from __future__ import annotations
 
@@ -37,6 +42,12 @@ log = logging.getLogger("looptune.runtime")
 
 THREAD_VARIABLES = ("LOOPTUNE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
 DEFAULT_DB_NAME = "schedules.h5"
+
+# libgomp's idle threads spin this many pause-loop iterations after a parallel region before they
+# sleep (its default is 300000: 3 ms by libgomp's estimate, 10-20 ms on CPUs whose pause takes
+# ~140 cycles), long enough to take a core from numpy's BLAS threads between our calls
+OPENMP_SPIN_COUNT = "10000"
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 Environ = Mapping[str, str]
 
@@ -147,3 +158,15 @@ def kernel_cache_dir(env: Optional[Environ] = None) -> Optional[Path]:
     """``LOOPTUNE_CACHE_DIR``; None (the platform cache directory) when unset or empty."""
     value = _environ(env).get("LOOPTUNE_CACHE_DIR")
     return Path(value) if value else None
+
+
+def set_openmp_wait_policy(env: Optional[dict] = None) -> dict[str, str]:
+    """Bound how long libgomp's idle threads spin: set ``GOMP_SPINCOUNT`` to ``OPENMP_SPIN_COUNT``
+    in ``env`` (``os.environ``: the process environment, which libgomp reads when the first kernel
+    library that links it is loaded) unless ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is already
+    set (the user's choice stands, even an empty one).  Returns what it set ({} if nothing)."""
+    env = os.environ if env is None else env
+    if any(name in env for name in OPENMP_WAIT_VARIABLES):
+        return {}
+    env["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+    return {"GOMP_SPINCOUNT": OPENMP_SPIN_COUNT}

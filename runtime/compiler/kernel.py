@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import logging
 import os
 import shutil
 import tempfile
@@ -24,12 +25,14 @@ import threading
 import numpy as np
 from cffi import FFI
 
-from looptune.runtime.compiler import trampoline
+from looptune.runtime.compiler import environment, trampoline
 from looptune.runtime.compiler.abi import C_TYPE, KernelError, function_type
 from looptune.runtime.compiler.build import BuildError
 from looptune.runtime.compiler.cache import TEMP_PREFIX
 
 __all__ = ["Kernel", "KernelError", "KernelLoadError", "call_threads", "load_library"]
+
+log = logging.getLogger("looptune.runtime")
 
 _ffi = FFI()
 _ffi.cdef("\n".join(function_type(f"lt_{t}_fn", t) for t in C_TYPE.values()))
@@ -57,6 +60,10 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
     dynamic loader hands back an already-loaded library when the *path* matches, so a file
     rebuilt in place would silently run the old code; such a file is loaded from a fresh copy
     (deleted once loaded).  Failures raise ``KernelLoadError``.
+
+    Kernel libraries link libgomp, which reads its environment once, when the first of them is
+    loaded here: its idle-thread spin is bounded first (``environment.set_openmp_wait_policy``),
+    so our pool and numpy's BLAS pool do not spin against each other between calls.
     """
     try:
         st = os.stat(so_path)
@@ -69,6 +76,8 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
         if entry is not None and entry[0] == ident:
             return entry[1]
         path = real if entry is None else _fresh_copy(real)
+        if environment.set_openmp_wait_policy() and _libgomp_loaded():
+            log.debug("looptune: libgomp was loaded before the first kernel; GOMP_SPINCOUNT comes too late for it")
         try:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
         except OSError as e:
@@ -78,6 +87,15 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
                 os.unlink(path)
         _libs[real] = (ident, lib)
         return lib
+
+
+def _libgomp_loaded() -> bool:
+    """Whether this process already holds the system libgomp (another extension loaded it)."""
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _fresh_copy(real: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -291,13 +292,18 @@ def test_two_processes_committing_at_once_lose_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_kill_minus_9_during_commits_loses_nothing():
-    """20 random SIGKILLs of a committing writer (tools/db_killtest.py runs 200)."""
+    """20 random SIGKILLs of a committing writer (tools/db_killtest.py runs 200); at least one
+    lands mid-write.  The seed is printed (and named in every failure) so a failure replays."""
+    seed = random.randrange(1 << 30)
+    print(f"db_killtest seed: {seed}")
     t0 = time.monotonic()
     result = subprocess.run([sys.executable, str(REPO / "tools" / "db_killtest.py"), "--iterations", "20",
-                             "--quiet", "--seed", str(random.randrange(1 << 30))],
+                             "--quiet", "--seed", str(seed)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "OK: 20 kills" in result.stdout
+    assert result.returncode == 0, f"seed {seed}: " + result.stdout + result.stderr
+    found = re.search(r"OK: 20 kills, .* (\d+) kills landed mid-write", result.stdout)
+    assert found, f"seed {seed}: {result.stdout}"
+    assert int(found.group(1)) >= 1, f"seed {seed}: no kill landed mid-write: {result.stdout}"
     assert time.monotonic() - t0 < 60
 
 

@@ -181,8 +181,15 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="also draw speedups over numpy as a bar chart (PNG; needs matplotlib)")
 @click.option("--no-torch", is_flag=True, help="leave torch out even if it is installed")
-def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch) -> None:
-    """runtime.matmul against numpy (and torch), side by side: GFLOPS and ratios."""
+@click.option("--no-handoff", is_flag=True,
+              help="serve generated kernels even where the record says numpy was faster (LOOPTUNE_NO_NUMPY_HANDOFF=1)")
+def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch, no_handoff) -> None:
+    """runtime.matmul against numpy (and torch), side by side: GFLOPS and ratios.
+
+    For problems with an exact record, also the GFLOPS the record stored next to what
+    runtime.matmul serves now (fresh output and out=), their ratio (! below 0.9) and the
+    geomean of each.  The source column says what serves: exact, nearest, default, numpy.
+    """
     if plot_path:
         try:
             import matplotlib  # noqa: F401  (find out before minutes of benchmarking)
@@ -199,7 +206,8 @@ def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch)
             problems = preset_problems("quick", threads=threads)
     if limit is not None:
         problems = problems[:limit]
-    _bench_and_print(problems, db_path, threads, as_json=as_json, plot_path=plot_path, with_torch=not no_torch)
+    _bench_and_print(problems, db_path, threads, as_json=as_json, plot_path=plot_path, with_torch=not no_torch,
+                     numpy_handoff=False if no_handoff else None)
 
 
 def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
@@ -215,7 +223,9 @@ def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
     return [MatmulProblem(p.m, p.n, p.k, batch=p.batch, dtype=p.dtype, layout=p.layout, threads=p.threads) for p in keys]
 
 
-def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, with_torch: bool = True) -> None:
+def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, with_torch: bool = True,
+                     numpy_handoff: bool | None = None) -> None:
+    """Bench ``problems`` and print the table (or JSON); ``numpy_handoff`` None keeps the runtime's setting."""
     from looptune import runtime
 
     from looptune.tuner.ship.bench import plot, run_bench, table, to_json
@@ -223,6 +233,9 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
 
     if db_path and os.path.exists(db_path):
         runtime.configure(user_db=db_path)
+    if numpy_handoff is not None:
+        runtime.configure(numpy_handoff=numpy_handoff)
+    handoff = runtime.settings().numpy_handoff
     problems = list(dict.fromkeys(problems))
     bar = None
     if sys.stderr.isatty():
@@ -237,10 +250,12 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
             bar.close()
     machine = target_machine()
     if as_json:
-        click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short())))
+        click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short(), numpy_handoff=handoff)))
     else:
-        click.echo(f"# GFLOPS of runtime.matmul (looptune) vs numpy{' vs torch' if any(r.torch_gflops for r in rows) else ''}"
-                   f" on {threads} thread{'s' if threads > 1 else ''}, {machine.short()}")
+        click.echo(f"# GFLOPS of runtime.matmul (served: fresh output, out=) vs the record (stored) and numpy"
+                   f"{' and torch' if any(r.torch_gflops for r in rows) else ''}"
+                   f" on {threads} thread{'s' if threads > 1 else ''}, {machine.short()}"
+                   f"{'' if handoff else '; numpy hand-off off'}")
         click.echo(table(rows))
     if plot_path:
         try:

@@ -13,6 +13,13 @@ with one split factor changed:
 Register-tile factors move through the tiles that fit the register file (``spaces.tile_options``);
 every other split factor is halved and doubled.  A mutation that does not replay (the trace
 grammar and the IR's legality checks decide) is skipped, so every result is a legal schedule.
+
+For problems with threads > 1, ``parallel_mutations`` moves the ``parallel`` step to another
+loop or drops it (no action can: ``parallel`` is set once), or adds it where it is missing:
+
+    before: ... pack(A, m.o) unroll(k.i, 4) parallel(n.o)
+    after:  ... pack(A, m.o) unroll(k.i, 4) parallel(m.o)      (threads over the m blocks)
+            ... pack(A, m.o) unroll(k.i, 4)                    (one thread: faster on small problems)
 """
 from __future__ import annotations
 
@@ -89,6 +96,41 @@ def factor_mutations(schedule: Schedule, problem: MatmulProblem, cpu: CpuInfo | 
             seen.add(key)
             out.append(canonical_schedule(new.nest))
     return out
+
+
+def parallel_mutations(schedule: Schedule, problem: MatmulProblem) -> list[Schedule]:
+    """Legal schedules that differ from ``schedule`` in where its iterations run on threads: the
+    ``parallel`` step moved to each other loop that can use the threads, then dropped after the
+    first such move; for a schedule without one, ``parallel`` added at each such loop.  [] for a
+    single-threaded problem.
+
+    A loop can use the threads when the IR allows it (not a reduction ``k`` loop, outside the
+    micro-kernel) and it has at least two iterations for this problem; loops with an iteration
+    per thread come first, outermost first.  Dropping ``parallel`` is how a record uses fewer
+    threads than allowed when one is faster."""
+    if problem.threads <= 1:
+        return []
+    sequential = _replay(s for s in schedule.trace if s.op != "parallel")
+    if sequential is None:
+        return []
+    nest = sequential.nest
+    sizes = {"b": problem.batch, "m": problem.m, "n": problem.n, "k": problem.k}
+    start = nest.kernel_start()
+    usable = sorted((trips < problem.threads, i, loop.name)
+                    for i, (loop, (trips, _)) in enumerate(zip(nest.loops, nest.trip_counts(sizes)))
+                    if i < start and loop.dim != "k" and trips >= 2 and loop.name != schedule.nest.parallel)
+    moves = [_replay(list(sequential.trace) + [Step.make("parallel", loop=name)]) for _, _, name in usable]
+    out = [m for m in moves if m is not None]
+    if schedule.nest.parallel is not None:
+        out = out[:1] + [sequential] + out[1:]
+    seen = {canonical_key(schedule.nest)}
+    unique = []
+    for cand in out:
+        key = canonical_key(cand.nest)
+        if key not in seen:
+            seen.add(key)
+            unique.append(canonical_schedule(cand.nest))
+    return unique
 
 
 def interleave(lists: Sequence[Sequence]) -> list:

@@ -3,6 +3,12 @@
 The RL agent walks the full step grammar; search baselines and database builds also
 sample the BLIS-shaped subspace (``BlockingParams``), where every point is a known-good
 structure and only sizes vary.  Candidates are deduplicated by their trace.
+
+Problems with threads > 1 get every template in parallel variants (``parallel_variants``): over
+the n blocks and over the m blocks (and over the batch when it has an entry per thread), each
+with its block size cut so that every thread gets the same number of blocks.  These are the
+loops of the BLIS structure that may run on threads: ``k.o`` may not (threads would race on
+C), and the loops inside the micro-kernel may not (the IR's rule).
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
     tiles = tile_options(cpu, problem.dtype)
     out = [base]
     seen = {base.schedule().to_json()}
-    for cand in _templates(problem, base, cpu):
+    variants = (v for t in _templates(problem, base, cpu) for v in parallel_variants(problem, t, base.parallel))
+    for cand in variants:
         key = cand.schedule().to_json()
         if key not in seen and len(out) < count + 1:
             seen.add(key)
@@ -55,6 +62,52 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
             seen.add(key)
             out.append(cand)
     return out
+
+
+def parallel_variants(problem: MatmulProblem, params: BlockingParams,
+                      prefer: str | None = None) -> list[BlockingParams]:
+    """``params`` with the problem's threads over each loop that can use them, ``prefer`` first:
+
+    * ``"n.o"``: NC cut so the n blocks come in a multiple of the thread count (each thread packs
+      its own B panels), e.g. n = 256, NC 512 -> 128 for 2 threads;
+    * ``"m.o"``: the same for MC and the m blocks;
+    * ``"b"``: the batch, when it has an entry per thread (block sizes unchanged).
+
+    A variant whose loop has fewer than two iterations for this problem is left out; with none
+    left (a tiny problem) or one thread, ``[params]`` without a parallel loop."""
+    t = problem.threads
+    sequential = replace(params, parallel=None)
+    if t <= 1:
+        return [sequential]
+    loops = sorted(("n.o", "m.o"), key=lambda name: name != prefer) + (["b"] if problem.batch >= t else [])
+    out = []
+    for loop in loops:
+        if loop == "n.o":
+            nc = _even_block(problem.n, params.nc, params.nr, t)
+            cand, iterations = replace(params, parallel=loop, nc=nc), _ceil_div(problem.n, _block(nc, params.nr))
+        elif loop == "m.o":
+            mc = _even_block(problem.m, params.mc, params.mr, t)
+            cand, iterations = replace(params, parallel=loop, mc=mc), _ceil_div(problem.m, _block(mc, params.mr))
+        else:
+            cand, iterations = replace(params, parallel=loop), problem.batch
+        if iterations >= 2:
+            out.append(cand)
+    return out or [sequential]
+
+
+def _block(size: int, tile: int) -> int:
+    """The block a ``BlockingParams`` size becomes in its schedule: whole tiles, at least two."""
+    return max(2 * tile, size // tile * tile)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _even_block(extent: int, size: int, tile: int, threads: int) -> int:
+    """A block size (whole tiles) giving ``extent`` a multiple of ``threads`` blocks, as few as can be."""
+    blocks = _ceil_div(_ceil_div(extent, _block(size, tile)), threads) * threads
+    return _ceil_div(_ceil_div(extent, blocks), tile) * tile
 
 
 def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> list[BlockingParams]:

@@ -3,6 +3,7 @@
     from looptune.tuner.search.tune import tune
     res = tune(MatmulProblem(128, 96, 160), budget_s=2.0)
     res.schedule, res.result.gflops, res.found_by, res.seconds
+    base = tune(MatmulProblem(128, 96, 160), budget_s=2.0, policy="none")   # the ablation: no policy
 
 How the 2 seconds are spent (compiles included):
 
@@ -21,6 +22,20 @@ How the 2 seconds are spent (compiles included):
    holds nothing better, the policy beam widens instead.  Batches are small, and none is started
    that the remaining budget cannot pay for.
 
+``policy="none"`` (``NO_POLICY``) is the ablation baseline: the same tune() with the policy
+taken out.  Step 1 proposes nothing, step 2 measures the default and the templates, and the
+hill-climb of step 3 tries the one-edit neighbours in a random order (seeded by ``seed`` and
+the schedule) instead of by Q-value; where the policy would widen its beam, it goes on through
+the rest of the best schedule's neighbourhood instead.  Budget, batches, mutations and the
+re-timing of finalists are the same.  ``TuneResult.found_by`` names the winner's source in both
+modes: "policy-rollout", "policy-rollout+parallel", "policy-beam", "default", "template", "refine".
+
+Threads: for a problem with threads > 1 the default is parallel, the templates come in parallel
+variants (over the n blocks, over the m blocks: ``spaces.parallel_variants``), a sequential
+policy rollout is measured with ``parallel`` added too, and the hill-climb's mutations move
+``parallel`` to another loop or drop it (``mutate.parallel_mutations``).  A schedule without
+``parallel`` wins such a problem only when it measured faster than the parallel ones.
+
 The measured hill-climb matters most where the policy is least sure (shapes unlike its
 training set): the first batch lands near a good schedule, and the neighbours fix the one
 split factor or tile it got wrong, which neither more Q-values nor more templates do.
@@ -36,8 +51,9 @@ not measured at all (``TuneResult.over_budget``).  Importing this module does no
 """
 from __future__ import annotations
 
+import random
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
@@ -48,10 +64,12 @@ from looptune.tuner.agent.policy import Policy, PolicyError
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
 from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
-from looptune.tuner.search.mutate import factor_mutations, interleave
+from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations
 from looptune.tuner.search.spaces import blocking_candidates
 
-__all__ = ["TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "tune"]
+__all__ = ["NO_POLICY", "TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "resolve_policy", "tune"]
+
+NO_POLICY = "none"     # tune(policy=NO_POLICY): the ablation baseline, tune() without the policy
 
 TEMPLATES = 4          # template schedules measured next to the policy's and the default
 REFINE = 4             # neighbours of the best schedule measured per hill-climbing round
@@ -64,15 +82,18 @@ def analytic_default(problem: MatmulProblem) -> Schedule:
     return canonical_schedule(default_schedule(problem).nest)
 
 
-def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count: int,
-                      skip: frozenset[str] | set[str] = frozenset()) -> list[Schedule]:
+def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule: Schedule, count: int,
+                      skip: frozenset[str] | set[str] = frozenset(), seed: int = 0) -> list[Schedule]:
     """``count`` schedules next to ``schedule``, none with a canonical key in ``skip``; nothing
-    is measured.  Two kinds alternate:
+    is measured.  Two kinds alternate (three with threads > 1):
 
     * one-edit neighbours in the agent's action space, the policy's best-rated first (Q of the
-      edit at its cursor): a loop split or swapped, packing, unrolling changed, ...;
+      edit at its cursor), or without a policy (None) in a random order seeded by ``seed`` and
+      ``schedule`` (the same order on every call): a loop split or swapped, packing, unrolling
+      changed, ...;
     * one-factor mutations of the trace (``mutate.factor_mutations``): the register tile one
-      size up or down, a cache block halved or doubled, which no action can do once tiled.
+      size up or down, a cache block halved or doubled, which no action can do once tiled;
+    * with threads > 1, ``parallel`` moved, dropped or added (``mutate.parallel_mutations``).
 
     Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 16]``.
     After: e.g. ``k`` split by 128, or the tile 8 x 32, or ``m.o`` 48 instead of 96.
@@ -80,14 +101,17 @@ def refine_candidates(policy, problem: MatmulProblem, schedule: Schedule, count:
     state = AgentState.initial(schedule)
     nbrs = neighbors(state, problem)
     ranked: list[Schedule] = []
-    if nbrs:
+    if nbrs and policy is None:
+        random.Random(f"{seed}:{canonical_key(schedule.nest)}").shuffle(nbrs)
+        ranked = [canonical_schedule(n.nest) for _, _, n in nbrs]
+    elif nbrs:
         cursors = sorted({c for c, _, _ in nbrs})
         row = {c: i for i, c in enumerate(cursors)}
         q = policy.q_values([observe(AgentState(state.schedule, c), problem, 0.5) for c in cursors])
         ranked = [n for _, _, n in sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))]
         ranked = [canonical_schedule(n.nest) for n in ranked]
     out, seen = [], set(skip)
-    for cand in interleave([ranked, factor_mutations(schedule, problem)]):
+    for cand in interleave([ranked, factor_mutations(schedule, problem), parallel_mutations(schedule, problem)]):
         k = canonical_key(cand.nest)
         if k not in seen:
             seen.add(k)

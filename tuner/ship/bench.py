@@ -11,6 +11,12 @@ noisy moment hits all of them) until each has ``min_repeats`` samples and
 side: ``threads=`` for LoopTune, threadpoolctl for numpy's BLAS, ``torch.set_num_threads``.
 Each LoopTune result is checked against numpy before it is timed.
 
+Served against stored: for a problem with an exact record, ``stored_gflops`` is what the tuner
+measured and stored for what the runtime serves (the record's kernel; numpy's figure from the
+same run when the runtime hands the problem to numpy), and the row compares it with what
+``runtime.matmul`` delivers now, with a fresh output and with ``out=``; rows below
+``SERVED_FLAG_RATIO`` are flagged.
+
 With more than one thread the libraries are timed in phases instead (``time_phased``): each
 library's thread pool spins for a while after a call, and on a machine with as many cores as
 threads, taking turns sample by sample would time one library's kernel against the other
@@ -30,17 +36,37 @@ import numpy as np
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.protocol import default_tolerance
 
+SERVED_FLAG_RATIO = 0.9     # served/stored below this is flagged
+
 
 @dataclass(frozen=True)
 class BenchRow:
     problem: str                      # "M N K [options]" as in a shape file
     key: str
-    source: str                       # where runtime.matmul's schedule came from: exact | nearest | default | tuned
+    source: str                       # what serves runtime.matmul: exact | nearest | default | tuned | numpy
     looptune_gflops: float
     numpy_gflops: float
     torch_gflops: Optional[float]
     correct: bool
     max_rel_error: float              # max |error| over max |C|
+    looptune_out_gflops: Optional[float] = None   # runtime.matmul(a, b, out=c)
+    stored_gflops: Optional[float] = None         # the exact record's figure for what is served (None: no exact record)
+
+    @property
+    def served_vs_stored(self) -> Optional[float]:
+        """runtime.matmul (fresh output) over the stored GFLOPS; None without an exact record."""
+        return self.looptune_gflops / self.stored_gflops if self.stored_gflops else None
+
+    @property
+    def served_out_vs_stored(self) -> Optional[float]:
+        """runtime.matmul with ``out=`` over the stored GFLOPS; None without an exact record."""
+        return self.looptune_out_gflops / self.stored_gflops if self.stored_gflops and self.looptune_out_gflops else None
+
+    @property
+    def below_stored(self) -> bool:
+        """Served (fresh or ``out=``) under ``SERVED_FLAG_RATIO`` of the stored GFLOPS."""
+        ratios = [r for r in (self.served_vs_stored, self.served_out_vs_stored) if r is not None]
+        return any(r < SERVED_FLAG_RATIO for r in ratios)
 
     @property
     def vs_numpy(self) -> float:
@@ -152,6 +178,7 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
             if p.batch == 1:
                 a, b = a[0], b[0]
             c = runtime.matmul(a, b, threads=threads)
+            out = np.empty_like(c)
             ref = np.matmul(a.astype(np.float64), b.astype(np.float64))
             rtol, atol = default_tolerance(p.dtype, p.k)      # unit-normal operands, as the runner checks
             diff = np.abs(c - ref)
@@ -159,6 +186,7 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
             rel = float(np.max(diff) / max(float(np.max(np.abs(ref))), 1e-30)) if c.size else 0.0
             fns: dict[str, Callable[[], object]] = {
                 "looptune": lambda: runtime.matmul(a, b, threads=threads),
+                "looptune_out": lambda: runtime.matmul(a, b, out, threads=threads),
                 "numpy": lambda: np.matmul(a, b),
             }
             if torch is not None:
@@ -166,24 +194,56 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
                 fns["torch"] = lambda: torch.matmul(ta, tb)
             timer = time_phased if threads > 1 else time_interleaved
             seconds = timer(fns, min_time_s=min_time_s)
-            source = runtime.explain(a, b, threads=threads).source
+            resolution = runtime.explain(a, b, threads=threads)
             gf = {name: p.flops / s / 1e9 for name, s in seconds.items()}
-            row = BenchRow(str(p.with_threads(1)), p.with_threads(threads).key(), source, gf["looptune"],
-                           gf["numpy"], gf.get("torch"), correct, rel)
+            row = BenchRow(str(p.with_threads(1)), p.with_threads(threads).key(), resolution.source, gf["looptune"],
+                           gf["numpy"], gf.get("torch"), correct, rel, gf["looptune_out"], stored_gflops(resolution))
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
 
 
+def stored_gflops(resolution) -> Optional[float]:
+    """The GFLOPS the exact record stored for what the runtime serves: the tuned kernel's median,
+    or numpy's figure from the same tuning run where the record hands the problem to numpy;
+    None when no exact record of this machine serves the problem."""
+    if resolution.distance != 0.0 or resolution.record_problem is None:
+        return None
+    if resolution.source in ("exact", "tuned"):
+        return resolution.expected_gflops
+    if resolution.source == "numpy":
+        return resolution.numpy_gflops
+    return None
+
+
+def _ratio(value: Optional[float], flag: bool = False) -> str:
+    return "-" if value is None else f"{value:.2f}" + ("!" if flag and value < SERVED_FLAG_RATIO else "")
+
+
+def served_summary(rows: Sequence[BenchRow]) -> str:
+    """One line: geomean served/stored (fresh output, ``out=``) over the rows with an exact record."""
+    fresh = [r.served_vs_stored for r in rows if r.served_vs_stored is not None]
+    if not fresh:
+        return "served/stored: no problem has an exact record"
+    into = [r.served_out_vs_stored for r in rows if r.served_out_vs_stored is not None]
+    flagged = sum(r.below_stored for r in rows)
+    return (f"served/stored over {len(fresh)} exact records: geomean {geomean(fresh):.2f} (fresh output), "
+            f"{geomean(into):.2f} (out=); {flagged} below {SERVED_FLAG_RATIO:g} (marked !)")
+
+
 def table(rows: Sequence[BenchRow]) -> str:
-    """A plain-text table: GFLOPS of each library and LoopTune's ratio to each, geomean last."""
+    """A plain-text table: the stored GFLOPS of the exact record, what runtime.matmul serves now
+    (fresh output and ``out=``) and their ratios (``!`` below ``SERVED_FLAG_RATIO``), the other
+    libraries' GFLOPS and LoopTune's ratio to each; geomeans last, then ``served_summary``."""
     has_torch = any(r.torch_gflops for r in rows)
-    head = ["problem", "schedule", "looptune", "numpy", *(["torch"] if has_torch else []), "vs numpy",
-            *(["vs torch"] if has_torch else []), "check"]
+    head = ["problem", "source", "stored", "served", "out=", "srv/sto", "out/sto", "numpy",
+            *(["torch"] if has_torch else []), "vs numpy", *(["vs torch"] if has_torch else []), "check"]
     body = []
     for r in rows:
-        line = [r.problem, r.source, f"{r.looptune_gflops:.1f}", f"{r.numpy_gflops:.1f}"]
+        line = [r.problem, r.source, f"{r.stored_gflops:.1f}" if r.stored_gflops else "-", f"{r.looptune_gflops:.1f}",
+                f"{r.looptune_out_gflops:.1f}" if r.looptune_out_gflops else "-",
+                _ratio(r.served_vs_stored, True), _ratio(r.served_out_vs_stored, True), f"{r.numpy_gflops:.1f}"]
         if has_torch:
             line.append(f"{r.torch_gflops:.1f}" if r.torch_gflops else "-")
         line.append(f"{r.vs_numpy:.2f}x")
@@ -191,7 +251,11 @@ def table(rows: Sequence[BenchRow]) -> str:
             line.append(f"{r.vs_torch:.2f}x" if r.vs_torch else "-")
         line.append("ok" if r.correct else "WRONG")
         body.append(line)
-    foot = ["geomean", "", "", ""] + ([""] if has_torch else []) + [f"{geomean([r.vs_numpy for r in rows]):.2f}x"]
+    fresh = [r.served_vs_stored for r in rows if r.served_vs_stored is not None]
+    into = [r.served_out_vs_stored for r in rows if r.served_out_vs_stored is not None]
+    foot = ["geomean", "", "", "", "", _ratio(geomean(fresh) if fresh else None),
+            _ratio(geomean(into) if into else None), ""] + ([""] if has_torch else [])
+    foot.append(f"{geomean([r.vs_numpy for r in rows]):.2f}x")
     if has_torch:
         foot.append(f"{geomean([r.vs_torch or 0 for r in rows]):.2f}x")
     foot.append("")
@@ -201,15 +265,22 @@ def table(rows: Sequence[BenchRow]) -> str:
         return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(head), rule, *map(fmt, body), rule, fmt(foot)])
+    return "\n".join([fmt(head), rule, *map(fmt, body), rule, fmt(foot), served_summary(rows)])
 
 
-def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str) -> dict:
+def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str, numpy_handoff: bool = True) -> dict:
+    fresh = [r.served_vs_stored for r in rows if r.served_vs_stored is not None]
+    into = [r.served_out_vs_stored for r in rows if r.served_out_vs_stored is not None]
     return {
         "machine": machine, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "rows": [{**asdict(r), "vs_numpy": r.vs_numpy, "vs_torch": r.vs_torch} for r in rows],
+        "numpy_handoff": numpy_handoff,
+        "rows": [{**asdict(r), "vs_numpy": r.vs_numpy, "vs_torch": r.vs_torch, "served_vs_stored": r.served_vs_stored,
+                  "served_out_vs_stored": r.served_out_vs_stored, "below_stored": r.below_stored} for r in rows],
         "geomean_vs_numpy": geomean([r.vs_numpy for r in rows]),
         "geomean_vs_torch": geomean([r.vs_torch or 0 for r in rows]) if any(r.torch_gflops for r in rows) else None,
+        "geomean_served_vs_stored": geomean(fresh) if fresh else None,
+        "geomean_served_out_vs_stored": geomean(into) if into else None,
+        "served_flag_ratio": SERVED_FLAG_RATIO,
         "all_correct": all(r.correct for r in rows),
     }
 
