@@ -1,20 +1,31 @@
 """``matmul``: numpy.matmul semantics, served by tuned kernels.
 
-The fast path covers what our kernels compute: float32 and float64 (after numpy's type
-promotion), 1-D, 2-D and stacked operands with broadcast batch dimensions, any strides
-where one of each operand's two core strides is 1.  Everything else (other dtypes,
-array subclasses, mismatched shapes, zero-size problems, a bad ``out``) goes to
+Kernels serve what they compute: float32 and float64 (after numpy's type promotion), 1-D,
+2-D and stacked operands with broadcast batch dimensions, any strides (an operand without a
+unit core stride is copied first).  Everything else (other dtypes, array subclasses,
+mismatched shapes, zero-size problems, an ``out`` numpy would cast into or reject) goes to
 ``numpy.matmul`` itself, so results and exceptions are numpy's own.
+
+Three paths keep a call within about a microsecond of numpy's own.  The compiled trampoline's
+``serve`` (``looptune.runtime.compiler.trampoline``) runs the common calls whole in C: plain
+arrays numpy computes in float32/float64, batches that fold into one kernel call, whose kernel
+is in the dispatch table.  Else two 2-D arrays of one kernel dtype go straight to the kernel
+from Python; every other call looks its signature (shapes, strides, dtypes) up in
+``looptune.runtime.call_plan``, which works out once what the call needs (promotion, copies,
+views, the kernel problem).  The dispatch key is built the same way on every path, so
+``explain`` names the kernel any of them runs.  Misaligned operands and an ``out`` that
+overlaps an input are caught by the call path and computed from copies.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 
 import numpy as np
 
+from looptune.runtime.call_plan import KERNEL_DTYPES, PLANS, Plan, layout_char, plan_for, prepare
+from looptune.runtime.compiler import trampoline
 from looptune.runtime.compiler.abi import error_message
 from looptune.runtime.compiler.kernel import call_threads
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -23,8 +34,6 @@ from looptune.runtime.configuration import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 
-_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
-_KERNEL_DTYPES = {_F32: "float32", _F64: "float64"}
 _ndarray = np.ndarray
 _empty = np.empty
 
@@ -33,14 +42,21 @@ _settings: RuntimeSettings | None = None
 _resolver: Resolver | None = None
 
 
+# the compiled trampoline's ``serve`` (runtime.matmul's common calls, whole, in C); set with the
+# first resolver, None where no trampoline can be built
+_serve = None
+
+
 def _get_resolver() -> Resolver:
-    global _resolver, _settings
+    global _resolver, _settings, _serve
     r = _resolver
     if r is None:
         with _state_lock:
             if _resolver is None:
                 if _settings is None:
                     _settings = RuntimeSettings.from_env()
+                module = trampoline.load()
+                _serve = module.serve if module is not None else None
                 _resolver = Resolver(_settings)
             r = _resolver
     return r
@@ -84,19 +100,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _layout_char(rows: int, cols: int, s_row: int, s_col: int, item: int) -> str | None:
-    """From byte strides: 'n' when the column stride is one element (row-major), 't' when the row
-    stride is; None if neither, or if a stride is not a whole number of elements (a field of a
-    structured array), which the kernels cannot address."""
-    if s_row % item or s_col % item:
-        return None
-    if s_col == item or cols == 1:
-        return "n"
-    if s_row == item or rows == 1:
-        return "t"
-    return None
-
-
 def _delegate(a, b, out, why: str):
     log.debug("looptune: numpy.matmul handles this call (%s)", why)
     if out is None:
@@ -106,38 +109,49 @@ def _delegate(a, b, out, why: str):
 
 def matmul(a, b, out=None, *, threads: int | None = None):
     """Matrix product with numpy.matmul semantics; float32/float64 run LoopTune kernels."""
-    # ---- fast path: two 2-D arrays of one kernel dtype; a fresh output or a matching out= -------
-    if type(a) is _ndarray and type(b) is _ndarray and a.ndim == 2 and b.ndim == 2:
-        dt = a.dtype
-        if dt is b.dtype or dt == b.dtype:
-            name = _KERNEL_DTYPES.get(dt)
-            m, k = a.shape
-            k2, n = b.shape
-            if name is not None and k == k2 and m and n and k:
-                item = dt.itemsize
-                sa, sb = a.strides, b.strides
-                la = _layout_char(m, k, sa[0], sa[1], item)
-                lb = _layout_char(k, n, sb[0], sb[1], item)
-                if la and lb:
-                    if out is None:
-                        c = _empty((m, n), dt)
-                    elif type(out) is _ndarray and out.dtype == dt and out.shape == (m, n):
-                        c = out     # written in place; the call path answers -4 if it overlaps a or b
-                    else:
-                        return _general(a, b, out, threads)
-                    resolver = _resolver or _get_resolver()
-                    t = resolver.settings.threads if threads is None else _check_threads(threads)
-                    if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
-                        t = 1
-                    key = (name, m, n, k, 1, la + lb, t)
-                    hit = resolver.dispatch.get(key)
-                    if hit is None:
-                        hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, 1, name, la + lb, t))
-                    rc = hit[0].invoke(a, b, c, 0, t)
-                    if rc == 0:
-                        return c
-                    if rc != -3 and rc != -4:    # -3 misaligned, -4 overlap: the general path copies
-                        return _recover(resolver, key, hit[0], rc, a, b, c, t)
+    resolver = _resolver or _get_resolver()
+    if _serve is not None:      # the common calls, whole, in C; None: they take the paths below
+        c = _serve(a, b, out, resolver.dispatch, resolver.settings.threads if threads is None
+                   else _check_threads(threads), resolver.settings.small_flops)
+        if c is not None:
+            return c
+    if type(a) is _ndarray and type(b) is _ndarray:
+        # ---- fast path: two 2-D arrays of one kernel dtype; a fresh output or a matching out= ---
+        if a.ndim == 2 and b.ndim == 2:
+            dt = a.dtype
+            if dt is b.dtype or dt == b.dtype:
+                name = KERNEL_DTYPES.get(dt)
+                m, k = a.shape
+                k2, n = b.shape
+                if name is not None and k == k2 and m and n and k:
+                    item = dt.itemsize
+                    sa, sb = a.strides, b.strides
+                    # row-major operands, the common case, without a call (layout_char decides the rest)
+                    la = "n" if sa[1] == item else layout_char(m, k, sa[0], sa[1], item)
+                    lb = "n" if sb[1] == item else layout_char(k, n, sb[0], sb[1], item)
+                    if la and lb:
+                        if out is None:
+                            c = _empty((m, n), dt)
+                        elif type(out) is _ndarray and out.dtype == dt and out.shape == (m, n):
+                            c = out     # written in place; the call path answers -4 if it overlaps a or b
+                        else:
+                            return _general(a, b, out, threads)
+                        t = resolver.settings.threads if threads is None else _check_threads(threads)
+                        if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
+                            t = 1
+                        key = (name, m, n, k, 1, la + lb, t)
+                        hit = resolver.dispatch.get(key)
+                        if hit is None:
+                            hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, 1, name, la + lb, t))
+                        rc = hit[0].invoke(a, b, c, 0, t)
+                        if rc == 0:
+                            return c
+                        if rc != -3 and rc != -4:    # -3 misaligned, -4 overlap: the planned path copies
+                            return _recover(resolver, key, hit[0], rc, a, b, c, t)
+        # ---- every other plain-array call: its signature's cached plan --------------------------
+        plan = PLANS.get((a.shape, b.shape, a.strides, b.strides, a.dtype, b.dtype))
+        if type(plan) is Plan:
+            return _execute(plan, a, b, out, threads)
     return _general(a, b, out, threads)
 
 
@@ -160,37 +174,18 @@ def _check_threads(threads) -> int:
 
 
 def _general(a, b, out, threads):
-    """Every call the 2-D fast path does not take: promotion, 1-D operands, stacks and broadcast
-    batch dimensions, ``out=`` checks, views the kernels cannot read.  The common cases cost a
-    few attribute reads and tuple compares; ``numpy.matmul`` gets what the kernels do not serve."""
+    """Calls the fast paths do not take: other operand types, signatures not planned yet,
+    and calls numpy serves (its values, its exceptions)."""
     if type(a) is not _ndarray:
         a = _plain_array(a)
     if type(b) is not _ndarray:
         b = _plain_array(b)
     if a is None or b is None:
         return _delegate(a, b, out, "array subclass or foreign array")
-    plan = _plan(a, b)
+    plan = plan_for(a, b)
     if type(plan) is str:
         return _delegate(a, b, out, plan)
-    a2, b2, batch, shape, rdt = plan
-    if out is not None:
-        if (type(out) is not _ndarray or out.shape != shape or (out.dtype is not rdt and out.dtype != rdt)
-                or not out.flags.writeable):
-            return _delegate(a, b, out, "out= needs numpy's handling")
-        c = out
-    else:
-        c = _empty(shape, rdt)
-    m, k = a2.shape[-2:]
-    n = b2.shape[-1]
-    if not (m and n and k) or 0 in batch:
-        return _delegate(a, b, out, "zero-size operand")
-    a2, la = _kernel_operand(a2, rdt)
-    b2, lb = _kernel_operand(b2, rdt)
-    c2 = c if len(c.shape) == len(batch) + 2 else c.reshape(batch + (m, n))   # a view: 1-D operands add a 1
-    _run_batched(a2, b2, c2, batch, la + lb, threads)
-    if out is None and not shape:
-        return c[()]            # vector @ vector: numpy returns a scalar
-    return c
+    return _execute(plan, a, b, out, threads)
 
 
 def _plain_array(x):
@@ -201,135 +196,85 @@ def _plain_array(x):
     return np.asarray(x)
 
 
-_promotions: dict = {}      # (dtype of a, dtype of b) -> the kernel dtype numpy computes in, or None
-
-
-def _promoted(da: np.dtype, db: np.dtype):
-    """numpy's result dtype for ``da @ db`` when a kernel computes it (native float32/float64
-    from bool, integer or float inputs), else None; cached per pair (``np.result_type`` costs
-    a microsecond)."""
-    try:
-        return _promotions[da, db]
-    except KeyError:
-        pass
-    rdt = None
-    if da.kind in "biuf" and db.kind in "biuf":
+def _execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, threads):
+    """``a @ b`` as ``plan`` says, into ``out`` (written in place when it is a suitable array)
+    or a fresh array; an ``out`` numpy would cast into or reject goes to numpy."""
+    rdt, shape, pa, va, pb, vb, vc, name, m, n, k, count, layout, loop = plan
+    if out is None:
+        c = _empty(shape, rdt)
+    elif (type(out) is _ndarray and out.shape == shape and (out.dtype is rdt or out.dtype == rdt)
+          and out.flags.writeable):
+        c = out
+    else:
+        return _delegate(a, b, out, "out= needs numpy's handling")
+    x = prepare(a, pa, rdt) if pa else a
+    y = prepare(b, pb, rdt) if pb else b
+    if va is not None:
+        x = x.reshape(va)           # a view: make_plan checked the strides allow one
+    if vb is not None:
+        y = y.reshape(vb)
+    c3 = c
+    if vc is not None:
+        c3 = c.view()
         try:
-            rdt = np.result_type(da, db)
-        except TypeError:
-            rdt = None
-        rdt = rdt if rdt in _KERNEL_DTYPES else None
-    if len(_promotions) < 256:
-        _promotions[da, db] = rdt
-    return rdt
+            c3.shape = vc
+        except AttributeError:      # out's strides do not fold: compute into a fresh array
+            np.copyto(out, _execute(plan, a, b, None, threads))
+            return out
+    if loop is None:
+        # _run, inlined: this is every planned call's path
+        resolver = _resolver or _get_resolver()
+        t = resolver.settings.threads if threads is None else _check_threads(threads)
+        if 2.0 * count * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
+            t = 1
+        hit = resolver.dispatch.get((name, m, n, k, count, layout, t))
+        if hit is None or hit[0].invoke(x, y, c3, 0, t) != 0:
+            _run(plan, x, y, c3, count, threads)
+    else:
+        _run_looped(plan, x, y, c3, loop, threads)
+    if out is None and not shape:
+        return c[()]                # vector @ vector: numpy returns a scalar
+    return c
 
 
-def _plan(a: np.ndarray, b: np.ndarray):
-    """(a2, b2, batch shape, result shape, result dtype) for ``a @ b``, a2/b2 having 1-D
-    operands as a 1-row / 1-column matrix (views), or the reason numpy serves the call."""
-    if not a.ndim or not b.ndim:
-        return "scalar operand"
-    rdt = _promoted(a.dtype, b.dtype)
-    if rdt is None:
-        return f"dtypes {a.dtype} and {b.dtype}"
-    a2 = a[None] if a.ndim == 1 else a
-    b2 = b[:, None] if b.ndim == 1 else b
-    sa, sb = a2.shape, b2.shape
-    if sa[-1] != sb[-2]:
-        return "core dimensions differ"
-    ba, bb = sa[:-2], sb[:-2]
-    batch = ba if ba == bb or not bb else bb if not ba else _broadcast(ba, bb)
-    if batch is None:
-        return "batch dimensions do not broadcast"
-    shape = batch if a.ndim == 1 else batch + sa[-2:-1]
-    if b.ndim > 1:
-        shape += sb[-1:]
-    return a2, b2, batch, shape, rdt
-
-
-@functools.lru_cache(maxsize=256)
-def _broadcast(x: tuple, y: tuple):
-    """numpy's broadcast of two batch shapes, or None when they do not broadcast."""
-    if len(x) < len(y):
-        x, y = y, x
-    y = (1,) * (len(x) - len(y)) + y
-    out = []
-    for p, q in zip(x, y):
-        if p != q and p != 1 and q != 1:
-            return None
-        out.append(q if p == 1 else p)
-    return tuple(out)
-
-
-def _kernel_operand(x: np.ndarray, dtype: np.dtype):
-    """(x in ``dtype`` with strides a kernel can read, its layout character): cast as numpy's
-    loop would (a copy that keeps x's memory order), copied to C order when no core stride is
-    one element."""
-    if x.dtype is not dtype and x.dtype != dtype:
-        x = x.astype(dtype)
-    st = x.strides
-    layout = _layout_char(x.shape[-2], x.shape[-1], st[-2], st[-1], dtype.itemsize)
-    if layout is None:
-        return x.copy(order="C"), "n"
-    return x, layout
-
-
-def _as_batch(x: np.ndarray, batch: tuple, count: int):
-    """``x`` as an operand of one (count, r, c) kernel call without copying: 2-D when its batch
-    dimensions are all broadcast (the call path broadcasts it), else 3-D; None if its batch
-    strides do not flatten to one."""
-    xb = x.shape[:-2]
-    if xb == batch and len(xb) == 1:
-        return x
-    if not xb or count == 1 or all(d == 1 for d in xb):
-        return x.reshape(x.shape[-2:]) if xb else x
-    if xb != batch:
-        x = np.broadcast_to(x, batch + x.shape[-2:])
-    v = x.view()
-    try:
-        v.shape = (count,) + x.shape[-2:]
-    except AttributeError:
-        return None
-    return v
-
-
-def _run_batched(a: np.ndarray, b: np.ndarray, c: np.ndarray, batch: tuple, layout: str, threads) -> None:
-    """c = a @ b over ``batch`` (c has the full batch shape; a and b broadcast to it)."""
-    count = 1
-    for d in batch:
-        count *= d
-    a3, b3, c3 = _as_batch(a, batch, count), _as_batch(b, batch, count), _as_batch(c, batch, count)
-    if a3 is None or b3 is None or c3 is None:
-        # batch strides that do not flatten: one call per leading batch index (broadcasting is a view)
-        a = np.broadcast_to(a, batch + a.shape[-2:])
-        b = np.broadcast_to(b, batch + b.shape[-2:])
-        for i in range(batch[0]):
-            _run_batched(a[i], b[i], c[i], batch[1:], layout, threads)
-        return
-    m, k = a3.shape[-2:]
-    n = b3.shape[-1]
+def _run(plan: Plan, a: np.ndarray, b: np.ndarray, c: np.ndarray, count: int, threads) -> None:
+    """One kernel call: c (count, m, n) = a @ b (2-D a or b broadcast over the batch); resolves a
+    cold key, and copies or recovers when the call path refuses the operands."""
+    m, n, k = plan.m, plan.n, plan.k
     resolver = _resolver or _get_resolver()
     t = resolver.settings.threads if threads is None else _check_threads(threads)
     if 2.0 * count * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
         t = 1
-    key = (_KERNEL_DTYPES[c3.dtype], m, n, k, count, layout, t)
+    key = (plan.name, m, n, k, count, plan.layout, t)
     hit = resolver.dispatch.get(key)
     if hit is None:
-        hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, count, key[0], layout, t))
-    rc = hit[0].invoke(a3, b3, c3, 0, t)
+        hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, count, plan.name, plan.layout, t))
+    rc = hit[0].invoke(a, b, c, 0, t)
     if rc == -3 or rc == -4:
         # misaligned (-3) or an output overlapping an input (-4): aligned copies, a fresh output
-        tmp = _empty(c3.shape, c3.dtype)
-        rc = hit[0].invoke(a3.copy(order="K"), b3.copy(order="K"), tmp, 0, t)
+        tmp = _empty(c.shape, c.dtype)
+        rc = hit[0].invoke(a.copy(order="K"), b.copy(order="K"), tmp, 0, t)
         if rc == 0:
-            c3[...] = tmp
+            c[...] = tmp
             return
     if rc != 0:
-        _recover(resolver, key, hit[0], rc, a3, b3, c3, t)
+        _recover(resolver, key, hit[0], rc, a, b, c, t)
+
+
+def _run_looped(plan: Plan, a: np.ndarray, b: np.ndarray, c: np.ndarray, batch: tuple, threads) -> None:
+    """c = a @ b over a batch that does not fold into one call: one call per index of all but
+    the last batch dimension (broadcasting is a view; the call path reads 0 strides)."""
+    a = np.broadcast_to(a, batch + a.shape[-2:])
+    b = np.broadcast_to(b, batch + b.shape[-2:])
+    for index in np.ndindex(*batch[:-1]):
+        x, y, z = a[index], b[index], c[index]
+        if plan.count == 1:
+            x, y, z = x[0], y[0], z[0]
+        _run(plan, x, y, z, plan.count, threads)
 
 
 def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads):
-    """(kernel, resolution) for a problem, as ``_run_batched`` looks it up."""
+    """(kernel, resolution) for a problem, looked up as ``_run`` does."""
     resolver = _resolver or _get_resolver()
     t = call_threads(2.0 * batch * m * n * k, resolver.settings.threads if threads is None else _check_threads(threads),
                      resolver.settings.small_flops)
@@ -340,25 +285,15 @@ def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:
     """Where the schedule for ``a @ b`` (arrays) or ``explain((m, n, k), dtype=...)`` comes from:
     exact record, nearest record (with its distance), tuned, or the analytic default.  For
-    arrays it is the problem ``matmul(a, b)`` runs (after promotion, with the layout of the
-    operands the kernel reads); numpy-served calls raise TypeError."""
+    arrays it is the problem ``matmul(a, b)`` runs (its plan: promotion, layouts, batch); a
+    call numpy serves raises TypeError."""
     if b is None:
         m, n, k = a
         name = np.dtype(dtype or np.float32).name
         layout = "nn"
     else:
-        a, b = np.asarray(a), np.asarray(b)
-        plan = _plan(a, b)
+        plan = plan_for(np.asarray(a), np.asarray(b))
         if type(plan) is str:
-            raise TypeError(f"LoopTune kernels do not serve this call ({plan}); it goes to numpy.matmul")
-        a2, b2, batch_shape, _, rdt = plan
-        name = _KERNEL_DTYPES[rdt]
-        a2, la = _kernel_operand(a2, rdt)
-        b2, lb = _kernel_operand(b2, rdt)
-        m, k = a2.shape[-2:]
-        n = b2.shape[-1]
-        batch = 1
-        for d in batch_shape:
-            batch *= d
-        layout = la + lb
+            raise TypeError(f"LoopTune kernels do not serve this call ({plan}); numpy.matmul does")
+        name, m, n, k, batch, layout = plan.name, plan.m, plan.n, plan.k, plan.count, plan.layout
     return _resolve(name, m, n, k, batch, layout, threads)[1]

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Per-call overhead of runtime.matmul on cached kernels against numpy.matmul, one table row per
 call path (fresh output, out=, 1-D operands, stacks, broadcast, transposed and strided views,
-mixed dtypes), at one thread on both sides; medians of many calls.
+mixed dtypes), at one thread on both sides; medians over blocks of calls, alternating
+between the two so that a shared machine's load changes hit both alike.  "kernel alone" is
+the kernel call the path makes (on operands prepared beforehand), "call path" what the path
+adds to it (the kernel's speed against OpenBLAS is the rest of the difference).
 
     python tools/bench_overhead.py [--reps 20000] [--sizes 8 64] [--dtype float32]
 """
@@ -20,6 +23,8 @@ os.environ["LOOPTUNE_NUM_THREADS"] = "1"
 import numpy as np  # noqa: E402
 
 from looptune import runtime  # noqa: E402
+from looptune.runtime.api import current_resolver  # noqa: E402
+from looptune.runtime.call_plan import plan_for, prepare  # noqa: E402
 
 try:  # optional: pins every BLAS/OpenMP pool numpy may have loaded, whatever the variables said
     from threadpoolctl import threadpool_limits  # noqa: E402
@@ -29,16 +34,40 @@ except ImportError:  # pragma: no cover - threadpoolctl is not a dependency
 STACK = 8     # batch size of the stacked paths
 
 
-def median_us(fn, reps: int) -> float:
-    for _ in range(min(reps, 500)):
-        fn()
-    samples = []
+def paired_us(ours, ref, reps: int, block: int = 50) -> tuple[float, float]:
+    """Median per-call times (us) of ``ours`` and ``ref``, measured in alternating blocks of
+    ``block`` calls so that load changes on a shared machine hit both alike."""
+    for fn in (ours, ref):
+        for _ in range(min(reps, 500)):
+            fn()
     clock = time.perf_counter
-    for _ in range(reps):
-        t = clock()
-        fn()
-        samples.append(clock() - t)
-    return statistics.median(samples) * 1e6
+    times: tuple[list, list] = ([], [])
+    for _ in range(max(1, reps // block)):
+        for fn, samples in zip((ours, ref), times):
+            t = clock()
+            for _ in range(block):
+                fn()
+            samples.append((clock() - t) / block)
+    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
+
+
+def kernel_call(operands: tuple):
+    """A no-argument call of just the kernel ``runtime.matmul(*operands)`` runs, on operands
+    prepared as its plan says (cast, copied, viewed): its time is the part no call path can
+    remove.  None when the call has no plan that folds into one kernel call."""
+    a, b = operands
+    plan = plan_for(a, b)
+    if isinstance(plan, str) or plan.batch is not None:
+        return None
+    runtime.matmul(a, b)                 # resolves (and compiles) the problem first
+    p = runtime.explain(a, b).problem
+    kernel = current_resolver().dispatch[(p.dtype, p.m, p.n, p.k, p.batch, p.layout, p.threads)][0]
+    x = prepare(a, plan.prep_a, plan.dtype) if plan.prep_a else a
+    y = prepare(b, plan.prep_b, plan.dtype) if plan.prep_b else b
+    x = x.reshape(plan.view_a) if plan.view_a is not None else x
+    y = y.reshape(plan.view_b) if plan.view_b is not None else y
+    c = np.empty(plan.view_c or plan.shape, plan.dtype)
+    return lambda: kernel.invoke(x, y, c, 0, p.threads)
 
 
 def call_paths(n: int, dtype: str):
@@ -62,10 +91,12 @@ def call_paths(n: int, dtype: str):
         (f"stack {STACK} @ stack out=", (sa, sb), np.empty((STACK, n, n), dtype)),
         (f"stack {STACK} @ 2-D", (sa, b), None),
         (f"stack {STACK} @ 2-D out=", (sa, b), np.empty((STACK, n, n), dtype)),
+        (f"stack (2, {STACK // 2}) @ 2-D", (sa.reshape(2, STACK // 2, n, n), b), None),
         ("A transposed", (a.T, b), None),
         ("A column step [:, ::2]", (wide[:, ::2], b), None),
         ("A row step [::2]", (arr(2 * n, n)[::2], b), None),
         ("float32 @ float64", (a.astype("float32"), b.astype("float64")), None),
+        ("int32 @ float32", (a.astype("int32"), b.astype("float32")), None),
     ]
 
 
@@ -78,17 +109,23 @@ def main() -> None:
     runtime.configure(threads=1)
     if threadpool_limits is not None:
         threadpool_limits(1)
-    print(f"| size | path | runtime.matmul (us) | numpy.matmul (us) | difference (us) |   ({args.dtype}, 1 thread)")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| size | path | runtime.matmul (us) | numpy.matmul (us) | difference (us) | kernel alone (us) "
+          f"| call path (us) |   ({args.dtype}, 1 thread)")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in args.sizes:
         for name, operands, out in call_paths(n, args.dtype):
             if out is None:
-                ours = median_us(lambda: runtime.matmul(*operands), args.reps)
-                ref = median_us(lambda: np.matmul(*operands), args.reps)
+                ours, ref = paired_us(lambda: runtime.matmul(*operands), lambda: np.matmul(*operands), args.reps)
             else:
-                ours = median_us(lambda: runtime.matmul(*operands, out=out), args.reps)
-                ref = median_us(lambda: np.matmul(*operands, out=out), args.reps)
-            print(f"| {n}^3 | {name} | {ours:.2f} | {ref:.2f} | {ours - ref:+.2f} |", flush=True)
+                ours, ref = paired_us(lambda: runtime.matmul(*operands, out=out),
+                                      lambda: np.matmul(*operands, out=out), args.reps)
+            kernel = kernel_call(operands)
+            if kernel is None:
+                alone = path = "-"
+            else:
+                k_us, ours2 = paired_us(kernel, lambda: runtime.matmul(*operands), args.reps)
+                alone, path = f"{k_us:.2f}", f"{ours2 - k_us:.2f}"
+            print(f"| {n}^3 | {name} | {ours:.2f} | {ref:.2f} | {ours - ref:+.2f} | {alone} | {path} |", flush=True)
 
 
 if __name__ == "__main__":

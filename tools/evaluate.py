@@ -4,7 +4,8 @@
 For each problem: the environment's initial schedule (natural loop order, no splits) is measured
 once; then, each with a fresh measurement cache and (unless ``--warm-cache``) an empty kernel
 cache, so every compile is paid, the greedy policy rollout (1 candidate), ``looptune tune`` (policy beam +
-analytic default, 2 s budget), and each search run once for its largest budget, reporting the
+analytic default, 2 s budget), ``tune-nopolicy`` (the same tune() without the policy: default,
+templates and a random-order hill-climb, the ablation; ``--tune-nopolicy 0`` skips it), and each search run once for its largest budget, reporting the
 best found by 1, 2, 10, 30 and 60 s of wall clock (compiles included).  Every method's pick
 at every checkpoint is finally re-timed in one session with a longer protocol, in alternating
 order, so a method that measured more candidates does not win by having taken the maximum of
@@ -43,7 +44,7 @@ from looptune.tuner.measure.protocol import Candidate
 from looptune.tuner.measure.runner import LocalRunner
 from looptune.tuner.search.loop import run
 from looptune.tuner.search.strategies import STRATEGIES, PolicyBeamSearch
-from looptune.tuner.search.tune import analytic_default, tune
+from looptune.tuner.search.tune import NO_POLICY, analytic_default, tune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (1.0, 2.0, 10.0, 30.0, 60.0)
@@ -94,11 +95,16 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
 POLICY_FREE = ("random", "greedy", "beam")      # searches that do not depend on the policy
 
 
+TUNES = ("tune", "tune-nopolicy")               # tune() with the policy, and without it (the ablation)
+
+
 def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: int, cold: bool = True,
-                     final_runner=None, reuse: dict | None = None, reuse_policy_beam: bool = False) -> dict:
+                     final_runner=None, reuse: dict | None = None, reuse_policy_beam: bool = False,
+                     nopolicy_budget_s: float = 2.0) -> dict:
     """One JSON row.  ``reuse``: an earlier row for this problem whose policy-free searches
     (and its policy-beam search with ``reuse_policy_beam``, when it ran with the same policy)
-    are taken as they are (their picks are re-timed with everything else at the end)."""
+    are taken as they are (their picks are re-timed with everything else at the end).
+    ``nopolicy_budget_s``: the budget of tune() without the policy (0: not run)."""
     fresh = lambda: Evaluator(runner)        # a fresh memo: every method measures for itself
     row: dict = {"problem": problem.key()}
     [init] = fresh().evaluate([(problem, LoopNest.initial())])
@@ -116,12 +122,15 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
                      "trace": canonical_schedule(final.nest).to_json()}
     finalists = {row["policy"]["trace"]: canonical_schedule(final.nest)}
 
-    with _KernelCache(cold):
-        res = tune(problem, budget_s=2.0, policy=policy, evaluator=fresh())
-    row["tune"] = {"gflops": res.gflops if res.ok else None, "seconds": res.seconds, "candidates": res.candidates,
-                   "found_by": res.found_by, "trace": res.schedule.to_json()}
-    if res.ok:
-        finalists[res.schedule.to_json()] = res.schedule
+    for name, tune_policy, budget_s in (("tune", policy, 2.0), ("tune-nopolicy", NO_POLICY, nopolicy_budget_s)):
+        if budget_s <= 0:
+            continue
+        with _KernelCache(cold):
+            res = tune(problem, budget_s=budget_s, policy=tune_policy, seed=seed, evaluator=fresh())
+        row[name] = {"gflops": res.gflops if res.ok else None, "seconds": res.seconds, "candidates": res.candidates,
+                     "found_by": res.found_by, "trace": res.schedule.to_json()}
+        if res.ok:
+            finalists[res.schedule.to_json()] = res.schedule
 
     for name, budget in budgets.items():
         if reuse is not None and name in reuse and (name in POLICY_FREE or reuse_policy_beam):
@@ -151,7 +160,9 @@ def evaluate_problem(problem, runner, policy, budgets: dict[str, float], seed: i
         re = remeasure(problem, final_runner, finalists)
         row["default_re"] = re.get(dflt_sched.to_json())
         row["policy"]["re"] = re.get(row["policy"]["trace"])
-        row["tune"]["re"] = re.get(row["tune"]["trace"])
+        for name in TUNES:
+            if name in row:
+                row[name]["re"] = re.get(row[name]["trace"])
         for name in budgets:
             if name in row:
                 row[name]["at_re"] = {c: re.get(t) for c, t in row[name]["at_trace"].items()}
@@ -171,6 +182,9 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
     methods = [("policy (greedy rollout, 1 candidate)", lambda r: r["policy"]["gflops"], lambda r: r["policy"]["seconds"]),
                ("tune (policy, default, templates, hill-climb), 2 s", lambda r: r["tune"]["gflops"], lambda r: r["tune"]["seconds"]),
                ("analytic default (1 candidate)", lambda r: r["default_gflops"], lambda r: None)]
+    if all("tune-nopolicy" in r for r in rows):
+        methods.insert(2, ("tune without the policy (default, templates, random-order hill-climb), 2 s",
+                           lambda r: r["tune-nopolicy"]["gflops"], lambda r: r["tune-nopolicy"]["seconds"]))
     for s in ("random", "greedy", "beam", "policy-beam"):
         if s not in rows[0]:
             continue
@@ -196,6 +210,10 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
     out.append(f"{n} problems. tune (2 s) vs the best of beam/random at full budget: >= 0.95x on "
                f"{sum(x >= 0.95 for x in tune_vs)}/{len(tune_vs)} problems, >= 0.9x on {sum(x >= 0.9 for x in tune_vs)}/"
                f"{len(tune_vs)}, min {min(tune_vs, default=float('nan')):.3f}, geomean {geomean(tune_vs):.3f}.")
+    if all("tune-nopolicy" in r for r in rows):
+        ratios = [(r["tune"]["gflops"] or 0) / max(r["tune-nopolicy"]["gflops"] or 1e-9, 1e-9) for r in rows]
+        out.append(f"tune vs tune without the policy (the ablation): geomean {geomean(ratios):.3f}x; tune ahead on "
+                   f"{sum(x > 1 for x in ratios)}/{n}, within 1 % or ahead on {sum(x >= 0.99 for x in ratios)}/{n}.")
     for s in ("random", "greedy", "beam", "policy-beam"):
         if s in rows[0] and "2" in rows[0][s]["at"]:
             ratios = [(r["tune"]["gflops"] or 0) / max(r[s]["at"].get("2") or 1e-9, 1e-9) for r in rows]
@@ -216,7 +234,9 @@ def per_problem(rows: list[dict]) -> str:
     """One line per problem (GFLOPS, finalists re-measured): what each method's pick reached."""
     rows = [_use_remeasured(r) for r in rows]
     searches = [s for s in ("random", "greedy", "beam", "policy-beam") if s in rows[0]]
+    nopolicy = all("tune-nopolicy" in r for r in rows)
     head = ["problem", "numpy", "initial", "default", "policy (1 cand.)", "tune 2 s (s, cands, from)"]
+    head += ["tune without policy 2 s (s, cands, from)"] if nopolicy else []
     head += [f"{s} 2 s" for s in searches] + ["best of beam/random 60 s", "tune / 60 s best"]
     out = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     f = lambda x: f"{x:.1f}" if x else "-"
@@ -224,7 +244,9 @@ def per_problem(rows: list[dict]) -> str:
         b60 = max((r[s]["gflops"] or 0) for s in ("beam", "random") if s in r)
         t = r["tune"]
         cells = [_label(r["problem"]), f(r["numpy_gflops"]), f(r["initial_gflops"]), f(r["default_gflops"]),
-                 f(r["policy"]["gflops"]), f"{f(t['gflops'])} ({t['seconds']:.2f}, {t['candidates']}, {t['found_by']})"]
+                 f(r["policy"]["gflops"])]
+        cells += [f"{f(x['gflops'])} ({x['seconds']:.2f}, {x['candidates']}, {x['found_by']})"
+                  for x in [t] + ([r["tune-nopolicy"]] if nopolicy else [])]
         cells += [f(r[s]["at"].get("2")) for s in searches]
         cells += [f(b60), f"{(t['gflops'] or 0) / b60:.3f}" if b60 else "-"]
         out.append("| " + " | ".join(cells) + " |")
@@ -234,7 +256,9 @@ def per_problem(rows: list[dict]) -> str:
 def _use_remeasured(r: dict) -> dict:
     r = json.loads(json.dumps(r))
     r["policy"]["gflops"] = r["policy"].get("re")
-    r["tune"]["gflops"] = r["tune"].get("re")
+    for name in TUNES:
+        if name in r:
+            r[name]["gflops"] = r[name].get("re")
     r["default_gflops"] = r.get("default_re")
     for s in ("random", "greedy", "beam", "policy-beam"):
         if s in r:
@@ -251,6 +275,8 @@ def main() -> None:
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (another seed: another sample)")
     ap.add_argument("--pick", default="", help="comma-separated line indices (after comments) of the shape file")
     ap.add_argument("--policy", default=None, help="policy weights (default: shipped)")
+    ap.add_argument("--tune-nopolicy", type=float, default=2.0,
+                    help="budget (s) of tune() without the policy (the ablation, method tune-nopolicy); 0 skips")
     ap.add_argument("--random", type=float, default=60.0, help="budget (s) for random search; 0 skips")
     ap.add_argument("--greedy", type=float, default=30.0)
     ap.add_argument("--beam", type=float, default=60.0)
@@ -303,14 +329,15 @@ def main() -> None:
         for p in problems:
             row = evaluate_problem(p, runner, policy, budgets, args.seed, cold=not args.warm_cache,
                                    final_runner=final_runner, reuse=reuse.get(p.key()) if args.reuse else None,
-                                   reuse_policy_beam=args.reuse_policy_beam)
+                                   reuse_policy_beam=args.reuse_policy_beam, nopolicy_budget_s=args.tune_nopolicy)
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
             b60 = max(row.get(s, {}).get("gflops") or 0 for s in ("beam", "random"))
             print(f"{p}: init {row['initial_gflops'] or 0:.1f}, numpy {row['numpy_gflops'] or 0:.1f}, "
                   f"policy {row['policy']['gflops'] or 0:.1f}, tune {row['tune']['gflops'] or 0:.1f} "
-                  f"({row['tune']['seconds']:.2f} s), best search {b60:.1f}", flush=True)
+                  f"({row['tune']['seconds']:.2f} s), tune without policy "
+                  f"{row.get('tune-nopolicy', {}).get('gflops') or 0:.1f}, best search {b60:.1f}", flush=True)
     print(summarize(rows))
 
 

@@ -44,9 +44,11 @@ THREAD_VARIABLES = ("LOOPTUNE_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THR
 DEFAULT_DB_NAME = "schedules.h5"
 
 # libgomp's idle threads spin this many pause-loop iterations after a parallel region before they
-# sleep (its default is 300000: 3 ms by libgomp's estimate, 10-20 ms on CPUs whose pause takes
-# ~140 cycles), long enough to take a core from numpy's BLAS threads between our calls
-OPENMP_SPIN_COUNT = "10000"
+# sleep.  Its default, 300000 ("3 ms" by libgomp's estimate, 10-20 ms where a pause takes ~140
+# cycles, as on Skylake-SP and later Xeons), holds a core long after our call returns, and numpy's
+# OpenBLAS threads wait for the scheduler to take it back.  1000 (10-50 us) still covers
+# back-to-back calls and the barrier at the end of a region, then the core is free again.
+OPENMP_SPIN_COUNT = "1000"
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 Environ = Mapping[str, str]

@@ -42,6 +42,18 @@ _libs_lock = threading.Lock()
 _copies = itertools.count(1)
 
 
+def _renew_libs_lock() -> None:
+    """In a forked child: a fresh ``_libs_lock``.  Only the forking thread survives a fork, so a
+    lock another thread held then (say, inside dlopen) would never be released in the child, and
+    its first kernel load would deadlock."""
+    global _libs_lock
+    _libs_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):     # POSIX
+    os.register_at_fork(after_in_child=_renew_libs_lock)
+
+
 class KernelLoadError(BuildError):
     """A shared object or a kernel symbol in it could not be loaded."""
 

@@ -4,7 +4,12 @@ From Python, just reading an array's address costs 1-2 us (``a.ctypes.data``) an
 libffi call with 18 arguments another 1.3 us, which is more than a whole 8x8 matmul.
 This module compiles (once per Python and numpy version, cached like kernels) a
 small CPython extension that reads the array fields directly and calls the kernel
-function pointer with the GIL released.  When no Python headers or compiler are
+function pointer with the GIL released (``call``, behind ``Kernel.invoke``).  Its ``serve``
+runs a whole ``runtime.matmul`` call for the common cases (arrays numpy computes in float32 or
+float64, batch dimensions that fold into one stride, casts and copies as
+``looptune.runtime.call_plan`` makes them) when the kernel is already in the
+dispatch table, building the very dispatch key the Python paths build; anything else it
+answers None and the Python paths take the call.  When no Python headers or compiler are
 available, or the module cannot be built, verified and loaded, ``load()`` returns None and
 callers keep the cffi path.
 
@@ -88,14 +93,18 @@ static int overlaps(const void *pc, const int64_t cs[3], const int64_t sc[3], co
     return clo < xhi && xlo < chi;
 }
 
-static PyObject *call(PyObject *self, PyObject *args)
+/* METH_FASTCALL: no argument tuple to build or parse (a partial binding fn and typenum calls it directly) */
+static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    unsigned long long fn; int typenum, accumulate, nthreads; PyObject *A, *B, *C;
-    if (!PyArg_ParseTuple(args, "KiOOOii", &fn, &typenum, &A, &B, &C, &accumulate, &nthreads)) return NULL;
+    if (nargs != 7) { PyErr_SetString(PyExc_TypeError, "call(fn, typenum, A, B, C, accumulate, nthreads)"); return NULL; }
+    unsigned long long fn = PyLong_AsUnsignedLongLong(args[0]);
+    long typenum = PyLong_AsLong(args[1]), accumulate = PyLong_AsLong(args[5]), nthreads = PyLong_AsLong(args[6]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *A = args[2], *B = args[3], *C = args[4];
     int64_t sc[3], cs[3], sa[3], as[3], sb[3], bs[3]; void *pa, *pb, *pc;
-    int ec = operand(C, typenum, 1, 1, cs, sc, &pc), ea, eb;
+    int ec = operand(C, (int)typenum, 1, 1, cs, sc, &pc), ea, eb;
     if (ec < 0) return NULL;
-    if ((ea = operand(A, typenum, 0, cs[0], as, sa, &pa)) < 0 || (eb = operand(B, typenum, 0, cs[0], bs, sb, &pb)) < 0) return NULL;
+    if ((ea = operand(A, (int)typenum, 0, cs[0], as, sa, &pa)) < 0 || (eb = operand(B, (int)typenum, 0, cs[0], bs, sb, &pb)) < 0) return NULL;
     if (ec || ea || eb) return PyLong_FromLong(-3);
     if (as[0] != cs[0] || bs[0] != cs[0] || as[1] != cs[1] || bs[2] != cs[2] || as[2] != bs[1]) {
         PyErr_SetString(PyExc_ValueError, "operand shapes do not match"); return NULL;
@@ -108,18 +117,202 @@ static PyObject *call(PyObject *self, PyObject *args)
     if (work > 32768) {
         Py_BEGIN_ALLOW_THREADS
         rc = ((gemm_fn)(uintptr_t)fn)(cs[0], cs[1], cs[2], as[2], pa, sa[0], sa[1], sa[2], pb, sb[0], sb[1], sb[2],
-                                      pc, sc[0], sc[1], sc[2], accumulate, nthreads);
+                                      pc, sc[0], sc[1], sc[2], (int32_t)accumulate, (int32_t)nthreads);
         Py_END_ALLOW_THREADS
     } else {
         rc = ((gemm_fn)(uintptr_t)fn)(cs[0], cs[1], cs[2], as[2], pa, sa[0], sa[1], sa[2], pb, sb[0], sb[1], sb[2],
-                                      pc, sc[0], sc[1], sc[2], accumulate, nthreads);
+                                      pc, sc[0], sc[1], sc[2], (int32_t)accumulate, (int32_t)nthreads);
     }
     return PyLong_FromLong(rc);
 }
 
-static PyMethodDef methods[] = {{"call", call, METH_VARARGS, "call(fn, typenum, A, B, C, accumulate, nthreads) -> rc"}, {NULL, NULL, 0, NULL}};
+/* 'n' (0) when the column stride is one element, 't' (1) when the row stride is, else -1 (the
+   rule of looptune.runtime.call_plan.layout_char; byte strides) */
+static int layout_of(npy_intp rows, npy_intp cols, npy_intp s_row, npy_intp s_col, npy_intp item)
+{
+    if (s_row % item || s_col % item) return -1;
+    if (s_col == item || cols == 1) return 0;
+    if (s_row == item || rows == 1) return 1;
+    return -1;
+}
+
+static PyObject *dtype_names[2], *layout_names[4], *address_name;
+
+/* an operand's core (rows, cols) in d[1], d[2] with byte strides s[1], s[2] (d[0], s[0]: 1, 0);
+   a 1-D operand is a row (A) or a column (B) */
+static void core(PyArrayObject *x, int is_a, npy_intp d[3], npy_intp s[3])
+{
+    int nd = PyArray_NDIM(x);
+    npy_intp *dims = PyArray_DIMS(x), *st = PyArray_STRIDES(x);
+    d[0] = 1; s[0] = 0;
+    if (nd == 1) {
+        if (is_a) { d[1] = 1; s[1] = st[0]; d[2] = dims[0]; s[2] = st[0]; }
+        else { d[1] = dims[0]; s[1] = st[0]; d[2] = 1; s[2] = st[0]; }
+    } else { d[1] = dims[nd - 2]; s[1] = st[nd - 2]; d[2] = dims[nd - 1]; s[2] = st[nd - 1]; }
+}
+
+/* the byte stride of x's batch dimensions (those before its last core_nd) folded into one, into
+   *stride: 0 when they are all 1 (broadcast) or the batch has one entry; -1 when they are not
+   `batch` (a partial broadcast: call_plan loops) or their strides do not fold */
+static int batch_stride(PyArrayObject *x, int core_nd, int nb, const npy_intp *batch, npy_intp count, npy_intp *stride)
+{
+    int nbx = PyArray_NDIM(x) - core_nd, ones = 1;
+    npy_intp *dims = PyArray_DIMS(x), *st = PyArray_STRIDES(x);
+    for (int i = 0; i < nbx; i++) if (dims[i] != 1) ones = 0;
+    *stride = 0;
+    if (ones || count == 1) return 0;
+    if (nbx != nb) return -1;
+    for (int i = 0; i < nb; i++) if (dims[i] != batch[i]) return -1;
+    for (int i = 0; i + 1 < nb; i++) if (st[i] != st[i + 1] * batch[i + 1]) return -1;
+    *stride = st[nb - 1];
+    return 0;
+}
+
+/* x as the kernel reads it (a new reference; NULL on error), as looptune.runtime.call_plan.prepare
+   makes it: cast to typenum in x's memory order, then copied to C order when no core stride is one element */
+static PyArrayObject *prepared(PyArrayObject *x, int typenum, int is_a, npy_intp item)
+{
+    npy_intp d[3], s[3];
+    if (PyArray_TYPE(x) != typenum) {
+        PyArrayObject *y = (PyArrayObject *)PyArray_NewLikeArray(x, NPY_KEEPORDER, PyArray_DescrFromType(typenum), 0);
+        if (y == NULL) return NULL;
+        if (PyArray_CopyInto(y, x) < 0) { Py_DECREF(y); return NULL; }
+        x = y;
+    } else {
+        Py_INCREF(x);
+    }
+    core(x, is_a, d, s);
+    if (layout_of(d[1], d[2], s[1], s[2], item) < 0) {
+        PyArrayObject *y = (PyArrayObject *)PyArray_NewCopy(x, NPY_CORDER);
+        Py_DECREF(x);
+        return y;
+    }
+    return x;
+}
+
+/* serve(A, B, out, dispatch, threads, small_flops) -> the result, or None for "take the Python path".
+   runtime.matmul's whole call for the common cases: plain arrays of bool, integer or float dtypes
+   that numpy promotes to float32 or float64, 1-D and up, each operand's batch either all broadcast
+   or all its own and folding into one stride, any strides (cast and copied as call_plan does), a
+   fresh output or a matching aligned out= that overlaps no input, a kernel already in the dispatch
+   table under the key runtime.matmul builds.  All else, and any non-zero kernel code, takes the
+   Python path. */
+static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "serve(A, B, out, dispatch, threads, small_flops)"); return NULL; }
+    PyObject *O = args[2], *dispatch = args[3];
+    if (!PyArray_CheckExact(args[0]) || !PyArray_CheckExact(args[1]) || !PyDict_CheckExact(dispatch)) Py_RETURN_NONE;
+    PyArrayObject *a = (PyArrayObject *)args[0], *b = (PyArrayObject *)args[1];
+    int ta = PyArray_TYPE(a), tb = PyArray_TYPE(b), nda = PyArray_NDIM(a), ndb = PyArray_NDIM(b), typenum = ta;
+    if (!PyArray_ISNOTSWAPPED(a) || !PyArray_ISNOTSWAPPED(b) || nda < 1 || ndb < 1 || (nda == 1 && ndb == 1))
+        Py_RETURN_NONE;
+    if (ta != tb || (ta != NPY_FLOAT && ta != NPY_DOUBLE)) {
+        /* bool, integer and float inputs: numpy's promotion, served when it is float32 or float64 */
+        if (!(PyTypeNum_ISBOOL(ta) || PyTypeNum_ISINTEGER(ta) || PyTypeNum_ISFLOAT(ta))
+            || !(PyTypeNum_ISBOOL(tb) || PyTypeNum_ISINTEGER(tb) || PyTypeNum_ISFLOAT(tb))) Py_RETURN_NONE;
+        PyArray_Descr *r = PyArray_PromoteTypes(PyArray_DESCR(a), PyArray_DESCR(b));
+        if (r == NULL) { PyErr_Clear(); Py_RETURN_NONE; }
+        typenum = r->type_num;
+        Py_DECREF(r);
+        if (typenum != NPY_FLOAT && typenum != NPY_DOUBLE) Py_RETURN_NONE;
+    }
+    long threads = PyLong_AsLong(args[4]);
+    double small_flops = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    npy_intp item = typenum == NPY_DOUBLE ? 8 : 4, ad[3], as_[3], bd[3], bs[3];
+    core(a, 1, ad, as_);
+    core(b, 0, bd, bs);
+    npy_intp m = ad[1], k = ad[2], n = bd[2], count = 1, cd[NPY_MAXDIMS];
+    if (bd[1] != k) Py_RETURN_NONE;
+    /* numpy's result shape: the broadcast batch, m (if A is not 1-D), n (if B is not 1-D) */
+    int nba = nda > 2 ? nda - 2 : 0, nbb = ndb > 2 ? ndb - 2 : 0, nb = nba > nbb ? nba : nbb;
+    if (nb + 2 > NPY_MAXDIMS) Py_RETURN_NONE;
+    for (int i = 0; i < nb; i++) {
+        npy_intp x = i >= nb - nba ? PyArray_DIMS(a)[i - (nb - nba)] : 1, y = i >= nb - nbb ? PyArray_DIMS(b)[i - (nb - nbb)] : 1;
+        if (x != y && x != 1 && y != 1) Py_RETURN_NONE;
+        cd[i] = x == 1 ? y : x;
+        count *= cd[i];
+    }
+    if (!(count && m && n && k)) Py_RETURN_NONE;
+    int ndc = nb, c_m = -1, c_n = -1;
+    if (nda > 1) { c_m = ndc; cd[ndc++] = m; }
+    if (ndb > 1) { c_n = ndc; cd[ndc++] = n; }
+    if (O != Py_None) {
+        if (!PyArray_CheckExact(O)) Py_RETURN_NONE;
+        PyArrayObject *o = (PyArrayObject *)O;
+        if (PyArray_TYPE(o) != typenum || !PyArray_ISNOTSWAPPED(o) || !PyArray_ISWRITEABLE(o) || PyArray_NDIM(o) != ndc)
+            Py_RETURN_NONE;
+        for (int i = 0; i < ndc; i++) if (PyArray_DIMS(o)[i] != cd[i]) Py_RETURN_NONE;
+    }
+    /* the operands as the kernel reads them (casts and copies as call_plan makes them), then the output */
+    PyObject *result = Py_None, *key = NULL, *address = NULL;
+    PyArrayObject *xa = prepared(a, typenum, 1, item), *xb = xa ? prepared(b, typenum, 0, item) : NULL, *c = NULL;
+    if (xb == NULL) goto fail;
+    core(xa, 1, ad, as_);
+    core(xb, 0, bd, bs);
+    if (batch_stride(xa, nda == 1 ? 1 : 2, nb, cd, count, &as_[0]) < 0
+        || batch_stride(xb, ndb == 1 ? 1 : 2, nb, cd, count, &bs[0]) < 0) goto done;
+    int la = layout_of(m, k, as_[1], as_[2], item), lb = layout_of(k, n, bs[1], bs[2], item);
+    if (la < 0 || lb < 0) goto done;
+    if (O == Py_None) {
+        c = (PyArrayObject *)PyArray_SimpleNew(ndc, cd, typenum);
+        if (c == NULL) goto fail;
+    } else {
+        c = (PyArrayObject *)O;
+        Py_INCREF(c);
+    }
+    npy_intp *cst = PyArray_STRIDES(c);
+    int64_t shc[3] = {count, m, n}, sc[3], sha[3] = {count, m, k}, sa[3], shb[3] = {count, k, n}, sb[3];
+    npy_intp cb, cm = c_m >= 0 ? cst[c_m] : 0, cn = c_n >= 0 ? cst[c_n] : 0;
+    if (batch_stride(c, ndc - nb, nb, cd, count, &cb) < 0) goto done;
+    void *pa = PyArray_DATA(xa), *pb = PyArray_DATA(xb), *pc = PyArray_DATA(c);
+    if (cb % item || cm % item || cn % item || as_[0] % item || bs[0] % item
+        || (uintptr_t)pa % item || (uintptr_t)pb % item || (uintptr_t)pc % item) goto done;
+    for (int i = 0; i < 3; i++) { sa[i] = as_[i] / item; sb[i] = bs[i] / item; }
+    sc[0] = cb / item; sc[1] = cm / item; sc[2] = cn / item;
+    if (O != Py_None && (overlaps(pc, shc, sc, pa, sha, sa, item) || overlaps(pc, shc, sc, pb, shb, sb, item))) goto done;
+    if (2.0 * (double)count * (double)m * (double)n * (double)k < small_flops) threads = 1;
+    key = Py_BuildValue("(OnnnnOl)", dtype_names[typenum == NPY_DOUBLE], m, n, k, count, layout_names[2 * la + lb], threads);
+    if (key == NULL) goto fail;
+    PyObject *hit = PyDict_GetItemWithError(dispatch, key);     /* borrowed */
+    if (hit == NULL) { if (PyErr_Occurred()) goto fail; goto done; }
+    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) < 1) goto done;
+    address = PyObject_GetAttr(PyTuple_GET_ITEM(hit, 0), address_name);   /* a NumpyKernel has none */
+    if (address == NULL) { PyErr_Clear(); goto done; }
+    gemm_fn fn = (gemm_fn)(uintptr_t)PyLong_AsUnsignedLongLong(address);
+    if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
+    int rc;
+    if (count * m * n * k > 32768) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fn(count, m, n, k, pa, sa[0], sa[1], sa[2], pb, sb[0], sb[1], sb[2], pc, sc[0], sc[1], sc[2], 0, (int32_t)threads);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = fn(count, m, n, k, pa, sa[0], sa[1], sa[2], pb, sb[0], sb[1], sb[2], pc, sc[0], sc[1], sc[2], 0, (int32_t)threads);
+    }
+    if (rc == 0) { result = (PyObject *)c; c = NULL; }
+done:
+    Py_XDECREF(key); Py_XDECREF(address); Py_XDECREF(c); Py_XDECREF(xa); Py_XDECREF(xb);
+    if (result == Py_None) Py_INCREF(Py_None);
+    return result;
+fail:
+    Py_XDECREF(key); Py_XDECREF(address); Py_XDECREF(c); Py_XDECREF(xa); Py_XDECREF(xb);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "call(fn, typenum, A, B, C, accumulate, nthreads) -> rc"},
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, "serve(A, B, out, dispatch, threads, small_flops) -> C or None"},
+    {NULL, NULL, 0, NULL}};
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "MODNAME", NULL, -1, methods};
-PyMODINIT_FUNC PyInit_MODNAME(void) { import_array(); return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit_MODNAME(void)
+{
+    import_array();
+    const char *names[] = {"float32", "float64"}, *layouts[] = {"nn", "nt", "tn", "tt"};
+    for (int i = 0; i < 2; i++) if (!(dtype_names[i] = PyUnicode_InternFromString(names[i]))) return NULL;
+    for (int i = 0; i < 4; i++) if (!(layout_names[i] = PyUnicode_InternFromString(layouts[i]))) return NULL;
+    if (!(address_name = PyUnicode_InternFromString("address"))) return NULL;
+    return PyModule_Create(&module);
+}
 """
 
 

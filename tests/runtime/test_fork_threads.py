@@ -1,10 +1,12 @@
-"""Fork safety and threads: fork after (or during) multi-threaded use, fork-based pools, one compile
-per cold key under concurrency, no per-thread workspace leak, more threads than cores.
+"""Fork safety and threads: fork after (or during) multi-threaded use, compiles or kernel loads,
+fork-based pools, one compile per cold key under concurrency, no per-thread workspace leak (nor a
+per-process limit on workspace reuse), more threads than cores.
 
 Anything that could hang (a child stuck in libgomp) runs in a subprocess with a timeout, so a
 regression fails the test instead of hanging the suite.
 """
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -112,6 +114,30 @@ def test_fork_while_another_thread_compiles(cache_dir):
     """, cache_dir)
 
 
+def test_fork_while_another_thread_loads_a_kernel(cache_dir):
+    """A fork while another thread is inside ``load_library`` (holding the loader's lock): the
+    child's first kernel load must not wait for a lock no thread of the child will release."""
+    run_script("""
+        import ctypes
+        real_cdll, loading = ctypes.CDLL, threading.Event()
+        def slow_cdll(*args, **kwargs):      # holds the loader's lock for a while
+            loading.set()
+            time.sleep(1.0)
+            return real_cdll(*args, **kwargs)
+        ctypes.CDLL = slow_cdll
+        b = rng.standard_normal((131, 77)).astype(np.float32)
+        t = threading.Thread(target=runtime.matmul, args=(b, b.T))
+        t.start()
+        assert loading.wait(50)
+        pid = os.fork()
+        if pid == 0:
+            good = np.allclose(runtime.matmul(b, b.T), b.astype(np.float64) @ b.T, rtol=1e-3, atol=1e-2)
+            os._exit(0 if good and ok(runtime.matmul(a, a)) else 1)
+        t.join()
+        assert child_status(pid) == 0
+    """, cache_dir)
+
+
 def test_fork_pool_workers_use_matmul(cache_dir):
     run_script("""
         import multiprocessing as mp
@@ -141,6 +167,52 @@ def test_no_workspace_leak_per_thread(cache_dir):
         print(rss_mb() - first)
     """, cache_dir, timeout_s=120)
     assert float(out) < 30, f"RSS grew by {float(out):.0f} MB over 200 threads"
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="reads glibc's malloc statistics (mallinfo2)")
+def test_workspace_is_reused_in_every_one_of_1100_kernel_libraries(tmp_path):
+    """A tuning worker loads thousands of kernel libraries: each keeps its workspace across calls
+    (no free at the end of a call), with no per-process limit such as PTHREAD_KEYS_MAX (1024).
+    The libraries are 1100 copies of one built kernel: distinct libraries to the dynamic loader,
+    each with its own workspace state, without 1100 compiles."""
+    out = run_script(f"""
+        import ctypes, shutil
+        from looptune.runtime.compiler.build import build
+        from looptune.runtime.compiler.codegen import render
+        from looptune.runtime.compiler.kernel import Kernel
+        from looptune.runtime.compiler.schedule import Schedule
+        from looptune.runtime.compiler.trace import Step, Trace
+
+        class Mallinfo2(ctypes.Structure):
+            _fields_ = [(f, ctypes.c_size_t) for f in ("arena ordblks smblks hblks hblkhd usmblks fsmblks "
+                                                       "uordblks fordblks keepcost").split()]
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = Mallinfo2
+        def in_use_bytes():
+            info = libc.mallinfo2()
+            return info.uordblks + info.hblkhd
+
+        # a 4x8 register tile loading B unpacked: its workspace holds an 8 x K edge panel
+        trace = Trace((Step.make("split", loop="m", factor=4), Step.make("split", loop="n", factor=8),
+                       Step.make("reorder", order=["b", "m.o", "n.o", "k", "m.i", "n.i"]),
+                       Step.make("register_tile", m="m.i", n="n.i")))
+        built = build(render(Schedule.from_trace(trace), "float32"))
+        assert built.ok, built.error
+        m, n, k = 4, 8, 4000
+        workspace_bytes = 8 * k * 4
+        x, y, z = np.ones((m, k), np.float32), np.ones((k, n), np.float32), np.zeros((m, n), np.float32)
+        freed_after_call = 0
+        for i in range(1100):
+            path = os.path.join({str(tmp_path)!r}, f"kernel{{i}}.so")
+            shutil.copyfile(built.so_path, path)
+            kernel = Kernel(path, built.symbol, "float32")
+            before = in_use_bytes()
+            kernel(x, y, z)
+            freed_after_call += in_use_bytes() - before < workspace_bytes // 2
+            assert z[0, 0] == k
+        print(freed_after_call)
+    """, str(tmp_path), timeout_s=120)
+    assert int(out) == 0, f"{int(out)} of 1100 kernel libraries freed their workspace after a call"
 
 
 def test_sixteen_cold_threads_compile_one_key_once(monkeypatch, tmp_path):

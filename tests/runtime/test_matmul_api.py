@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from looptune import runtime
+from looptune.runtime.compiler import trampoline
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -218,3 +219,41 @@ def test_stored_schedule_that_fails_to_build_falls_back_to_the_default(monkeypat
     a, b = np.ones((23, 17), np.float32), np.ones((17, 9), np.float32)
     check_same(runtime.matmul(a, b), a @ b, 17)
     assert runtime.explain(a, b).source == "default"
+
+
+@pytest.mark.parametrize("case", ["2d", "transposed", "1d_2d", "2d_1d", "stack", "stack_2d", "deep", "deep_2d", "mixed",
+                                  "int_float", "step"])
+def test_explain_names_the_problem_matmul_runs(case):
+    """explain(a, b) resolves the very dispatch key matmul(a, b) serves (promotion, layouts, batch)."""
+    from looptune.runtime import api
+    rng = np.random.default_rng(4)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    a, b = {"2d": (f32(9, 7), f32(7, 5)), "transposed": (f32(7, 9).T, f32(5, 7).T), "1d_2d": (f32(7), f32(7, 5)),
+            "2d_1d": (f32(9, 7), f32(7)), "stack": (f32(3, 9, 7), f32(3, 7, 5)), "stack_2d": (f32(3, 9, 7), f32(7, 5)),
+            "deep": (f32(2, 3, 9, 7), f32(3, 7, 5)), "deep_2d": (f32(2, 3, 9, 7), f32(7, 5)),
+            "mixed": (f32(9, 7), rng.standard_normal((7, 5))), "int_float": (np.arange(63).reshape(9, 7), f32(7, 5)),
+            "step": (f32(9, 14)[:, ::2], f32(7, 5))}[case]
+    runtime.configure()
+    for _ in range(2):          # cold, then warm (the compiled path where there is one)
+        check_same(runtime.matmul(a, b), np.matmul(a, b), 7)
+    p = runtime.explain(a, b).problem
+    resolver = api.current_resolver()
+    assert list(resolver.dispatch) == [(p.dtype, p.m, p.n, p.k, p.batch, p.layout, p.threads)]
+    module = trampoline.load()
+    if module is not None and case != "deep":     # a partly broadcast batch takes the Python path
+        got = module.serve(a, b, None, resolver.dispatch, 1, resolver.settings.small_flops)
+        assert got is not None
+        check_same(got, np.matmul(a, b), 7)
+
+
+def test_planned_paths_check_threads_and_out():
+    a, b = np.ones((3, 4, 5), np.float32), np.ones((5, 2), np.float32)
+    with pytest.raises(ValueError):
+        runtime.matmul(a, b, threads=0)
+    out = np.empty((3, 4, 2), np.float32)
+    assert runtime.matmul(a, b, out=out) is out
+    np.testing.assert_array_equal(out, 5)
+    wrong = np.empty((3, 4, 2), np.float64)      # numpy casts into an out of another float dtype
+    assert runtime.matmul(a, b, out=wrong) is wrong
+    np.testing.assert_array_equal(wrong, 5)
+    assert runtime.matmul(np.ones(3), np.ones(3)) == 3.0 and type(runtime.matmul(np.ones(3), np.ones(3))) is np.float64

@@ -16,12 +16,9 @@ from looptune.database import Record, save
 from looptune.runtime import api
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.resolve import current_machine
+from looptune.runtime.resolve import Resolver, current_machine
 from looptune.runtime.configuration import RuntimeSettings
 
-VEC_M_UNPACKED = Trace((Step.make("split", loop="m", factor=16), Step.make("split", loop="n", factor=4),
-                        Step.make("reorder", order=["b", "m.o", "n.o", "k", "m.i", "n.i"]),
-                        Step.make("register_tile", m="m.i", n="n.i"), Step.make("vectorize", loop="m.i")))
 
 
 @pytest.fixture
@@ -56,11 +53,24 @@ def test_handoff_switch_is_read_from_the_environment():
     assert RuntimeSettings.from_env({}).numpy_handoff is True
 
 
-def test_kernel_refusing_a_larger_shape_hands_it_to_numpy(user_db, caplog):
-    """A schedule that vectorizes m without packing A needs A's m stride to be 1: tuned where
-    M is below the vector width, it refuses (-2) larger M of its family served by nearest
-    lookup.  The call computes anyway and the key goes to numpy."""
-    save(user_db, [record(MatmulProblem(4, 64, 64), trace=VEC_M_UNPACKED)])
+class RefusesLargeM:
+    """A kernel that refuses (-2, its layout precondition) operands of 16 rows or more, as a
+    kernel with a precondition on strides would refuse larger shapes of its family."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.symbol = kernel, kernel.symbol
+
+    def invoke(self, a, b, c, accumulate, nthreads):
+        return -2 if a.shape[-2] >= 16 else self.kernel.invoke(a, b, c, accumulate, nthreads)
+
+
+def test_kernel_refusing_a_larger_shape_hands_it_to_numpy(user_db, caplog, monkeypatch):
+    """A kernel that refuses (-2) a larger shape of its family served by nearest lookup, even
+    from contiguous copies: the call computes anyway and the key goes to numpy."""
+    real_kernel = Resolver.kernel
+    monkeypatch.setattr(Resolver, "kernel",
+                        lambda self, schedule, dtype: RefusesLargeM(real_kernel(self, schedule, dtype)))
+    save(user_db, [record(MatmulProblem(4, 64, 64))])
     runtime.configure(user_db=user_db, fallback="nearest")
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((300, 64)).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32)

@@ -3,7 +3,7 @@ from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
-from looptune.tuner.search.mutate import factor_mutations, interleave
+from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations
 from looptune.tuner.search.spaces import tile_options
 from looptune.runtime.compiler.machine import detect_cpu
 
@@ -61,3 +61,25 @@ def test_untiled_and_default_schedules():
 
 def test_interleave():
     assert interleave([[1, 2, 3], ["a"], []]) == [1, "a", 2, 3]
+
+
+def test_parallel_mutations_move_drop_or_add_the_parallel_loop():
+    p = MatmulProblem(200, 300, 400, threads=2)
+    d = canonical_schedule(default_schedule(p).nest)
+    assert d.nest.parallel is not None and parallel_mutations(d, MatmulProblem(200, 300, 400)) == []
+    muts = parallel_mutations(d, p)
+    assert len({canonical_key(m.nest) for m in muts}) == len(muts) and canonical_key(d.nest) not in \
+        {canonical_key(m.nest) for m in muts}
+    assert None in [m.nest.parallel for m in muts[:2]]                 # dropping it comes early
+    sizes = {"b": p.batch, "m": p.m, "n": p.n, "k": p.k}
+    for m in muts:
+        assert Schedule.from_json(m.to_json()).nest == m.nest
+        assert m.nest.loops == d.nest.loops and m.nest.pack == d.nest.pack and m.nest.tile == d.nest.tile
+        if m.nest.parallel is not None:
+            i = m.nest.index(m.nest.parallel)
+            assert m.nest.parallel != d.nest.parallel and m.nest.loops[i].dim != "k"
+            assert i < m.nest.kernel_start() and m.nest.trip_counts(sizes)[i][0] >= 2
+    sequential = next(m for m in muts if m.nest.parallel is None)
+    added = parallel_mutations(sequential, p)
+    assert added and all(m.nest.parallel is not None for m in added)
+    assert d.nest.parallel in [m.nest.parallel for m in added]

@@ -9,7 +9,7 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.search.spaces import blocking_candidates
 
 PROBLEMS = [MatmulProblem(5, 300, 77), MatmulProblem(12, 200, 90, threads=2), MatmulProblem(1, 129, 50),
-            MatmulProblem(40, 70, 33, dtype="float64")]
+            MatmulProblem(40, 70, 33, dtype="float64"), MatmulProblem(100, 90, 40, threads=2)]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS, ids=str)
@@ -29,3 +29,17 @@ def test_templates_match_numpy(problem):
         out = np.zeros((1, problem.m, problem.n), problem.dtype)
         Kernel(r.so_path, r.symbol, problem.dtype)(a[None], b[None], out, nthreads=problem.threads)
         np.testing.assert_allclose(out[0], ref, rtol=0, atol=tol * np.sqrt(problem.k), err_msg=c.schedule().to_json())
+
+
+def test_templates_come_in_parallel_variants_for_threads():
+    p = MatmulProblem(256, 256, 128, threads=2)
+    cands = blocking_candidates(p, 8)
+    assert all(c.parallel for c in cands) and {"n.o", "m.o"} <= {c.parallel for c in cands}
+    sizes = {"b": p.batch, "m": p.m, "n": p.n, "k": p.k}
+    for c in cands:
+        nest = c.schedule().nest
+        trips = nest.trip_counts(sizes)[nest.index(c.parallel)][0]
+        assert trips >= 2 and (c is cands[0] or trips % p.threads == 0)    # every thread the same number of blocks
+    assert not any(c.parallel for c in blocking_candidates(MatmulProblem(256, 256, 128), 8))
+    tiny = MatmulProblem(4, 16, 16, threads=2)          # nothing to share: templates stay sequential
+    assert all(c.parallel is None for c in blocking_candidates(tiny, 6)[1:])

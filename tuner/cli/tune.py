@@ -1,4 +1,5 @@
-"""``looptune tune M N K``: tune one problem with the shipped policy and store the result."""
+"""``looptune tune M N K``: tune one problem with the shipped policy (or other weights, or none) and
+store the result.  ``--policy none`` runs the ablation baseline: tune() without the policy."""
 from __future__ import annotations
 
 import json
@@ -13,25 +14,27 @@ from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, problem_
 @click.option("--budget", type=BUDGET_S, default=2.0, show_default=True, help="seconds, compiles and measurements included")
 @click.option("--db", "db_path", type=DATABASE, default=None,
               help="schedule database (HDF5) to store the result in")
-@click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="policy weights (npz); default: the shipped policy")
+@click.option("--policy", "policy_path", metavar="PATH|none", default=None,
+              help="policy weights (npz); 'none': no policy (analytic default, templates and a "
+                   "random-order hill-climb: the ablation baseline); default: the shipped policy")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, as_json) -> None:
     """Tune one matmul problem: policy rollout plus a few measurements, keeping the best."""
     # imported here, not at the top: ``looptune --help`` and the other commands do not load the tuner
     from looptune.tuner.agent.policy import Policy, PolicyError
-    from looptune.tuner.search.tune import tune as run_tune
+    from looptune.tuner.search.tune import NO_POLICY, tune as run_tune
     from looptune.tuner.ship.builddb import store_result
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads)
-    try:
-        policy = Policy.load(policy_path)
-    except PolicyError as e:
-        if policy_path:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"warning: {e}; measuring the analytic default and templates only", err=True)
-        policy = False
-    res = run_tune(problem, budget_s=budget, policy=policy or None)
+    policy = NO_POLICY
+    if policy_path != NO_POLICY:
+        try:
+            policy = Policy.load(policy_path)
+        except (PolicyError, OSError) as e:       # OSError: a directory or an unreadable file
+            if policy_path:
+                raise click.ClickException(str(e)) from None
+            click.echo(f"warning: {e}; tuning without a policy (default, templates, hill-climb)", err=True)
+    res = run_tune(problem, budget_s=budget, policy=policy)
     stored = None
     if db_path and res.ok:
         with user_errors():

@@ -51,6 +51,7 @@ not measured at all (``TuneResult.over_budget``).  Importing this module does no
 """
 from __future__ import annotations
 
+import os
 import random
 import time
 from typing import Optional, Sequence, Union
@@ -75,6 +76,7 @@ TEMPLATES = 4          # template schedules measured next to the policy's and th
 REFINE = 4             # neighbours of the best schedule measured per hill-climbing round
 CONFIRM = 3            # finalists timed a second time when the budget allows
 MAX_BEAM_WIDTH = 64
+MAX_NEIGHBOURS = 1 << 20   # no cap: without a policy, a best schedule's whole neighbourhood is ordered at once
 
 
 def analytic_default(problem: MatmulProblem) -> Schedule:
@@ -125,24 +127,27 @@ class PolicyTune(Strategy):
     """``tune()``'s strategy: the policy's rollout and beam, the default and templates first, then
     a hill-climb from the best measured schedule and, when that finds nothing new, a wider beam.
 
-    Without a policy it proposes the analytic default and the templates only.
+    Without a policy (None) it proposes the analytic default and the templates, then hill-climbs
+    in a seeded random order through the whole neighbourhood of each best schedule.
     """
 
     name = "tune"
 
     def __init__(self, problem: MatmulProblem, policy: Optional[Policy], *, include_default: bool = True,
-                 first_width: int = 4, refine: int = REFINE) -> None:
+                 first_width: int = 4, refine: int = REFINE, seed: int = 0) -> None:
         super().__init__(problem)
         self.policy = policy
         self.policy_name = getattr(policy, "name", "") if policy is not None else ""
         self.include_default = include_default or policy is None
         self.width = first_width
         self.refine = refine
+        self.seed = seed
         self.sources: dict[str, str] = {}        # canonical key -> how it was found
         self.refined: set[str] = set()           # schedules whose neighbourhood has been proposed
         self.best: Optional[tuple[float, Schedule]] = None
         self.beam_s = 0.0
         self.started = False
+        self.climb: tuple[str, list[Schedule]] = ("", [])    # without a policy: best's key, its untried neighbours
 
     def _add(self, sched: Schedule, how: str, out: list[Schedule]) -> None:
         k = canonical_key(sched.nest)
@@ -158,16 +163,22 @@ class PolicyTune(Strategy):
 
     def _first(self) -> list[Schedule]:
         """In priority order (the loop cuts the first batch short on large problems): the policy's
-        rollout, the analytic default, then the policy's beam and the template schedules
-        alternately.  Templates are structures that won sweeps (GEMV-like streaming and
-        register-resident panels for skinny M, in-place A for small problems, wide packed tiles
-        for large ones); kernels are size-free, so they are often kernel-cache hits."""
+        rollout (and, with threads > 1, the rollout made parallel if it is not), the analytic
+        default, then the policy's beam and the template schedules alternately.  Templates are
+        structures that won sweeps (GEMV-like streaming and register-resident panels for skinny M,
+        in-place A for small problems, wide packed tiles for large ones), in parallel variants
+        with threads > 1; kernels are size-free, so they are often kernel-cache hits."""
         out: list[Schedule] = []
         beam = self._beam() if self.policy is not None else []
-        templates = [c.schedule() for c in blocking_candidates(self.problem, TEMPLATES)[1:]] \
+        count = TEMPLATES * (2 if self.problem.threads > 1 else 1)     # over the n blocks and over the m blocks
+        templates = [c.schedule() for c in blocking_candidates(self.problem, count)[1:]] \
             if self.include_default else []
         if self.policy is not None:
-            self._add(self.policy.rollout(self.problem)[-1].schedule, "policy-rollout", out)
+            rollout = canonical_schedule(self.policy.rollout(self.problem)[-1].nest)
+            self._add(rollout, "policy-rollout", out)
+            if self.problem.threads > 1 and rollout.nest.parallel is None:
+                for sched in parallel_mutations(rollout, self.problem)[:1]:
+                    self._add(sched, "policy-rollout+parallel", out)
         if self.include_default:
             self._add(analytic_default(self.problem), "default", out)
         for i in range(max(len(beam), len(templates))):
@@ -177,20 +188,42 @@ class PolicyTune(Strategy):
                 self._add(templates[i], "template", out)
         return out
 
+    def _neighbours(self, schedule: Schedule) -> list[Schedule]:
+        """The next ``refine`` untried schedules next to ``schedule``.  Without a policy the whole
+        neighbourhood is ordered once per schedule (later rounds take the next ones from it)."""
+        if self.policy is not None:
+            return refine_candidates(self.policy, self.problem, schedule, self.refine, set(self.sources))
+        key = canonical_key(schedule.nest)
+        if self.climb[0] != key:
+            self.climb = (key, refine_candidates(None, self.problem, schedule, MAX_NEIGHBOURS, set(self.sources),
+                                                 self.seed))
+        untried = [s for s in self.climb[1] if canonical_key(s.nest) not in self.sources]
+        self.climb = (key, untried[self.refine:])
+        return untried[:self.refine]
+
     def ask(self, budget: Optional[Budget] = None) -> list[Schedule]:
         if not self.started:
             self.started = True
             return self._first()
         out: list[Schedule] = []
         while not out:
-            if self.policy is None or (budget is not None and not budget.fits(2)):
+            if budget is not None and not budget.fits(2):
                 return []
             best_key = canonical_key(self.best[1].nest) if self.best is not None else None
-            if self.refine and best_key is not None and best_key not in self.refined:
-                self.refined.add(best_key)
-                for s in refine_candidates(self.policy, self.problem, self.best[1], self.refine, set(self.sources)):
-                    self._add(s, "refine", out)
-                continue
+            if self.refine and best_key is not None:
+                if best_key not in self.refined:
+                    self.refined.add(best_key)
+                    for s in self._neighbours(self.best[1]):
+                        self._add(s, "refine", out)
+                    continue
+                if self.policy is None:
+                    # no beam to widen: the hill-climb goes on through the rest of the neighbourhood
+                    for s in self._neighbours(self.best[1]):
+                        self._add(s, "refine", out)
+                    if out:
+                        continue
+            if self.policy is None:
+                return []
             # a beam twice as wide costs about twice the last one (numpy, no measuring)
             if self.width >= MAX_BEAM_WIDTH or (budget is not None and not budget.fits(2, 2.2 * self.beam_s)):
                 return []
@@ -209,28 +242,40 @@ class PolicyTune(Strategy):
         return self.sources[canonical_key(candidate.nest)]
 
 
-def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Optional[Policy] = None,
+def resolve_policy(policy: Union[Policy, str, os.PathLike, None]) -> Optional[Policy]:
+    """``tune()``'s ``policy`` argument as the policy to follow, or None for none: a ``Policy`` as
+    it is; None: the shipped weights (None if they cannot be loaded); ``NO_POLICY`` ("none"):
+    None; any other string or path: a weights file (``PolicyError`` if there is none)."""
+    if policy is None:
+        try:
+            return Policy.load()
+        except PolicyError:
+            return None
+    if isinstance(policy, (str, os.PathLike)):
+        return None if policy == NO_POLICY else Policy.load(os.fspath(policy))
+    return policy
+
+
+def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Union[Policy, str, os.PathLike, None] = None,
          evaluator: Optional[Evaluator] = None, include_default: bool = True, first_width: int = 4,
-         batch: int = 4, refine: int = REFINE, callbacks: Sequence[Callback] = ()) -> TuneResult:
+         batch: int = 4, refine: int = REFINE, seed: int = 0, callbacks: Sequence[Callback] = ()) -> TuneResult:
     """Tune ``problem`` within ``budget_s`` seconds (wall clock, compiles and measurements included).
 
-    ``policy``: a ``policy.Policy``, or None to load the shipped weights; if none can be loaded
-    the tuner measures the analytic default and the templates only.  ``evaluator``: where
-    measurements go (default: a fresh isolated ``LocalRunner``, closed on return).
-    ``callbacks``: called after every measured batch (see ``loop.run``).
+    ``policy``: a ``policy.Policy``; None to load the shipped weights (if none can be loaded,
+    the tuner goes on without a policy); ``NO_POLICY`` ("none") for the ablation baseline
+    without one; or the path of other weights (see ``resolve_policy``).  ``seed``: the order
+    of the hill-climb's neighbours without a policy.  ``evaluator``: where measurements go
+    (default: a fresh isolated ``LocalRunner``, closed on return).  ``callbacks``: called after
+    every measured batch (see ``loop.run``).
     """
     t0 = time.perf_counter()
+    followed = resolve_policy(policy)
     own = evaluator is None
     if own:
         evaluator = Evaluator.local()
     try:
-        if policy is None:
-            try:
-                policy = Policy.load()
-            except PolicyError:
-                policy = None
-        strategy = PolicyTune(problem, policy, include_default=include_default, first_width=first_width,
-                              refine=refine)
+        strategy = PolicyTune(problem, followed, include_default=include_default, first_width=first_width,
+                              refine=refine, seed=seed)
         return run(strategy, evaluator, budget_s, batch=batch, confirm=CONFIRM, callbacks=callbacks, start=t0)
     finally:
         if own:

@@ -29,12 +29,15 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.protocol import default_tolerance
+
+if TYPE_CHECKING:       # the runtime loads when a bench runs, not when this module is imported
+    from looptune.runtime.resolve import Resolution
 
 SERVED_FLAG_RATIO = 0.9     # served/stored below this is flagged
 
@@ -204,7 +207,7 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
     return rows
 
 
-def stored_gflops(resolution) -> Optional[float]:
+def stored_gflops(resolution: Resolution) -> Optional[float]:
     """The GFLOPS the exact record stored for what the runtime serves: the tuned kernel's median,
     or numpy's figure from the same tuning run where the record hands the problem to numpy;
     None when no exact record of this machine serves the problem."""
@@ -296,7 +299,7 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     has_torch = any(r.torch_gflops for r in rows)
-    labels = [r.problem.replace(" dtype=float64", " f64").replace(" ", "\u00d7", 2) + ("" if r.source == "exact" else " *")
+    labels = [r.problem.replace(" dtype=float64", " f64").replace(" ", "\u00d7", 2) + ("" if r.stored_gflops else " *")
               for r in rows]
     x = np.arange(len(rows))
     width = 0.4 if has_torch else 0.6

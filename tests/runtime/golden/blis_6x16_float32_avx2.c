@@ -10,13 +10,9 @@
 #define LT_MIN(a, b) ((a) < (b) ? (a) : (b))
 #ifndef LT_WORKSPACE_DEFINED
 #define LT_WORKSPACE_DEFINED
-#include <pthread.h>
-/* A kernel's packing workspace for one calling thread.  A thread's workspaces are chained on
-   the value of lt_ws_key, whose destructor frees them when the thread exits. */
-typedef struct lt_ws { void *base; int64_t bytes; struct lt_ws **slot; struct lt_ws *next; } lt_ws;
-static pthread_once_t lt_ws_once = PTHREAD_ONCE_INIT;
-static pthread_key_t lt_ws_key;
-static int lt_ws_keyed;     /* 0: no key could be created; workspaces are freed after each call */
+/* A kernel's packing workspace for one calling thread.  A thread's workspaces in this library
+   are chained together, and the chain is freed when the thread exits. */
+typedef struct lt_ws { void *base; int64_t bytes; struct lt_ws **slot; struct lt_ws *next; int chained; } lt_ws;
 
 static void lt_ws_free_all(void *head)
 {
@@ -28,10 +24,52 @@ static void lt_ws_free_all(void *head)
     }
 }
 
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 18))
+/* glibc: the thread-exit destructor of C++ thread_local objects, registered per thread and
+   library (no process-wide limit; the library stays mapped until the destructors have run) */
+extern int __cxa_thread_atexit_impl(void (*dtor)(void *), void *obj, void *dso_symbol);
+extern void *__dso_handle;
+static _Thread_local lt_ws *lt_ws_head;    /* this thread's chain */
+static _Thread_local int lt_ws_hooked;     /* its destructor is registered */
+
+static void lt_ws_thread_exit(void *head)
+{
+    lt_ws_free_all(*(lt_ws **)head);
+    *(lt_ws **)head = 0;
+    lt_ws_hooked = 0;       /* a kernel called by a later destructor registers anew */
+}
+
+/* chain w to this thread's workspaces; 0 if nothing would free it at thread exit */
+static int lt_ws_chain(lt_ws *w)
+{
+    if (!lt_ws_hooked)
+        lt_ws_hooked = __cxa_thread_atexit_impl(lt_ws_thread_exit, &lt_ws_head, &__dso_handle) == 0;
+    if (!lt_ws_hooked) return 0;
+    w->next = lt_ws_head;
+    lt_ws_head = w;
+    return 1;
+}
+#else
+/* elsewhere: the chain is the value of one pthread key per library, whose destructor frees it.
+   Should the process run out of keys (PTHREAD_KEYS_MAX), workspaces are freed after each call. */
+#include <pthread.h>
+static pthread_once_t lt_ws_once = PTHREAD_ONCE_INIT;
+static pthread_key_t lt_ws_key;
+static int lt_ws_keyed;     /* 0: no key could be created */
+
 static void lt_ws_make_key(void) { lt_ws_keyed = pthread_key_create(&lt_ws_key, lt_ws_free_all) == 0; }
 
 /* unloading the library must not leave a thread-exit destructor pointing into unmapped code */
 static void __attribute__((destructor)) lt_ws_unload(void) { if (lt_ws_keyed) pthread_key_delete(lt_ws_key); }
+
+static int lt_ws_chain(lt_ws *w)
+{
+    pthread_once(&lt_ws_once, lt_ws_make_key);
+    if (!lt_ws_keyed) return 0;
+    w->next = (lt_ws *)pthread_getspecific(lt_ws_key);
+    return pthread_setspecific(lt_ws_key, w) == 0;
+}
+#endif
 
 /* this thread's workspace *slot, 64-byte aligned with room for `bytes`; NULL without memory */
 static void *lt_ws_get(lt_ws **slot, int64_t bytes)
@@ -39,13 +77,9 @@ static void *lt_ws_get(lt_ws **slot, int64_t bytes)
     lt_ws *w = *slot;
     if (w && w->bytes >= bytes) return w->base;
     if (!w) {
-        pthread_once(&lt_ws_once, lt_ws_make_key);
         if (!(w = (lt_ws *)calloc(1, sizeof *w))) return 0;
         w->slot = slot;
-        if (lt_ws_keyed) {
-            w->next = (lt_ws *)pthread_getspecific(lt_ws_key);
-            if (pthread_setspecific(lt_ws_key, w)) { free(w); return 0; }
-        }
+        w->chained = lt_ws_chain(w);
         *slot = w;
     }
     free(w->base);
@@ -54,10 +88,10 @@ static void *lt_ws_get(lt_ws **slot, int64_t bytes)
     return w->base;
 }
 
-/* end of a call: without a key nothing would free the workspace at thread exit, so free it now */
+/* end of a call: a workspace nothing would free at thread exit is freed now */
 static void lt_ws_end(lt_ws **slot)
 {
-    if (!*slot || lt_ws_keyed) return;
+    if (!*slot || (*slot)->chained) return;
     free((*slot)->base);
     free(*slot);
     *slot = 0;

@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Mixed-application benchmark: runtime.matmul inside code that also calls numpy's BLAS.
+
+A kernel benchmark times one library at a time.  An application alternates: our matmul, then a
+small numpy BLAS call and element-wise numpy, then our matmul again.  Both libraries keep a thread
+pool (ours libgomp, numpy's OpenBLAS) whose idle threads spin for a while after each call before
+they sleep; on a machine with as many cores as threads, one pool's spinning threads take the cores
+the other pool's call needs.  This tool measures that, each workload once with ``runtime.matmul``
+and once with ``np.matmul`` in its place (everything else identical):
+
+    alone   y = matmul(x, W)                       x 128x768, W 768x1024 float32 (no interference)
+    mixed   y = matmul(x, W); np.dot(s, s) (64x64); y += bias          (issue "Served speed", a)
+    mlp     h = matmul(x, W1) (768x3072); np.maximum(h, 0); o = matmul(h, W2) (3072x768);
+            softmax over o's rows; one numpy BLAS call (o[:, :64] @ o[:, :64].T)      (b)
+    small   y = matmul(p, q), 96x128 @ 128x128 float32, back to back: the wake-up cost of a pool
+            for a small multi-threaded problem (just above the runtime's small_flops)
+
+Threads are pinned on both sides: threadpoolctl for numpy's BLAS, ``threads=`` for runtime.matmul
+(LOOPTUNE_NUM_THREADS is set too).  Each (workload, threads, library) is timed ``--repeats`` times
+in alternating order, each time after ``--idle`` seconds of quiet and a short warm-up, as
+``--iters`` back-to-back iterations; the table gives the median milliseconds per iteration and
+runtime.matmul / np.matmul.
+
+    python tools/bench_mixed.py [--threads 1 2] [--iters 40] [--repeats 7] [--json]
+
+``--policies`` compares thread-pool wait policies, each in a fresh process (libgomp and OpenBLAS
+read their environment once, when loaded):
+
+    python tools/bench_mixed.py --threads 2 --policies looptune gomp-default passive spin-1000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from looptune import runtime
+
+# libgomp's and OpenBLAS's environment for each candidate policy; "looptune" leaves both unset, so
+# the runtime's own choice applies (runtime/compiler/environment.py, set_openmp_wait_policy)
+POLICIES = {
+    "looptune": {},
+    "gomp-default": {"GOMP_SPINCOUNT": "300000"},           # libgomp's built-in spin count
+    "passive": {"OMP_WAIT_POLICY": "passive"},              # sleep at once after a parallel region
+    "active": {"OMP_WAIT_POLICY": "active"},                # spin (for minutes)
+    "spin-1000": {"GOMP_SPINCOUNT": "1000"},
+    "spin-10000": {"GOMP_SPINCOUNT": "10000"},
+    "spin-100000": {"GOMP_SPINCOUNT": "100000"},
+    "gomp-default+openblas-4": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"},
+    "looptune+openblas-4": {"OPENBLAS_THREAD_TIMEOUT": "4"},  # OpenBLAS workers sleep after 2^4 cycles
+}
+WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+WORKLOADS = ("alone", "mixed", "mlp", "small")
+
+
+def make_workloads(mm, rng) -> dict:
+    """name -> one iteration, with ``mm(a, b)`` the matmul under test; operands made once."""
+    f32 = np.float32
+    x = rng.standard_normal((128, 768), dtype=f32)
+    w = rng.standard_normal((768, 1024), dtype=f32) / 28
+    bias = rng.standard_normal(1024, dtype=f32)
+    s = rng.standard_normal((64, 64), dtype=f32)
+    w1 = rng.standard_normal((768, 3072), dtype=f32) / 28
+    w2 = rng.standard_normal((3072, 768), dtype=f32) / 55
+    p = rng.standard_normal((96, 128), dtype=f32)
+    q = rng.standard_normal((128, 128), dtype=f32)
+
+    def alone():
+        return mm(x, w)
+
+    def mixed():
+        y = mm(x, w)
+        np.dot(s, s)
+        y += bias
+        return y
+
+    def mlp():
+        h = mm(x, w1)
+        np.maximum(h, 0, out=h)
+        o = mm(h, w2)
+        o -= o.max(axis=1, keepdims=True)
+        np.exp(o, out=o)
+        o /= o.sum(axis=1, keepdims=True)
+        head = o[:, :64]
+        return np.dot(head, head.T)
+
+    def small():
+        return mm(p, q)
+
+    return {"alone": alone, "mixed": mixed, "mlp": mlp, "small": small}
+
+
+def per_iteration_s(fn, iters: int, idle_s: float) -> float:
+    """Seconds per iteration of ``iters`` back-to-back iterations, after ``idle_s`` of quiet (every
+    pool asleep, as after other work) and two warm-up iterations."""
+    time.sleep(idle_s)
+    fn()
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def measure(threads_list, workloads, *, iters: int, repeats: int, idle_s: float) -> list[dict]:
+    """One row per (workload, threads): median ms per iteration with each library."""
+    rows = []
+    for threads in threads_list:
+        os.environ["LOOPTUNE_NUM_THREADS"] = str(threads)
+        with threadpool_limits(limits=threads):
+            libs = {
+                "looptune": make_workloads(lambda a, b: runtime.matmul(a, b, threads=threads), np.random.default_rng(0)),
+                "numpy": make_workloads(np.matmul, np.random.default_rng(0)),
+            }
+            for name in workloads:
+                for lib in libs.values():       # compile and resolve before any timing
+                    lib[name]()
+                samples = {lib: [] for lib in libs}
+                order = list(libs)
+                for r in range(repeats):
+                    for lib in (order if r % 2 == 0 else order[::-1]):
+                        samples[lib].append(per_iteration_s(libs[lib][name], iters, idle_s))
+                ms = {lib: 1e3 * statistics.median(s) for lib, s in samples.items()}
+                rows.append({"workload": name, "threads": threads, "looptune_ms": ms["looptune"],
+                             "numpy_ms": ms["numpy"], "ratio": ms["looptune"] / ms["numpy"],
+                             "source": runtime.explain(*_operands(name), threads=threads).source})
+    return rows
+
+
+def _operands(workload: str):
+    """Operands of the shape the workload's (first) runtime.matmul call has, for ``explain``."""
+    m, k, n = {"small": (96, 128, 128), "mlp": (128, 768, 3072)}.get(workload, (128, 768, 1024))
+    return np.empty((m, k), np.float32), np.empty((k, n), np.float32)
+
+
+def markdown(rows: list[dict], policy: str | None = None) -> str:
+    head = ("| policy " if policy is not None else "") + "| workload | threads | source | runtime.matmul ms | np.matmul ms | ratio |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append((f"| {policy} " if policy is not None else "") +
+                     f"| {r['workload']} | {r['threads']} | {r['source']} | {r['looptune_ms']:.3f} | "
+                     f"{r['numpy_ms']:.3f} | {r['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def compare_policies(args) -> None:
+    """Run this tool once per policy in a fresh process; one markdown table over all of them."""
+    tables = []
+    results = {}
+    for policy in args.policies:
+        env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
+        env.update(POLICIES[policy])
+        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--iters", str(args.iters), "--repeats",
+               str(args.repeats), "--idle", str(args.idle), "--threads", *map(str, args.threads),
+               "--workloads", *args.workloads]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"policy {policy}: {done.stderr[-2000:]}")
+        rows = json.loads(done.stdout)["rows"]
+        results[policy] = rows
+        tables.append(markdown(rows, policy).splitlines()[2 if tables else 0:])
+        print(f"# {policy}: done", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"policies": results}))
+    else:
+        print("\n".join(line for t in tables for line in t))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    ap.add_argument("--iters", type=int, default=40, help="back-to-back iterations per sample")
+    ap.add_argument("--repeats", type=int, default=7, help="samples per library (the median is kept)")
+    ap.add_argument("--idle", type=float, default=0.1, help="seconds of quiet before each sample")
+    ap.add_argument("--policies", nargs="+", choices=list(POLICIES), help="compare wait policies (fresh processes)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.policies:
+        compare_policies(args)
+        return
+    policy = {name: os.environ[name] for name in WAIT_VARIABLES if name in os.environ}   # the user's, not ours
+    rows = measure(args.threads, args.workloads, iters=args.iters, repeats=args.repeats, idle_s=args.idle)
+    if args.json:
+        print(json.dumps({"environment": policy, "rows": rows}))
+    else:
+        print(f"# mixed-application benchmark; wait policy environment: {policy or 'as LoopTune sets it'}")
+        print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
