@@ -28,6 +28,7 @@ class NumpyKernel:
     __slots__ = ("dtype", "reason")
     symbol = "numpy.matmul"
     so_path = None
+    address = 0        # no kernel function: the compiled call path calls numpy.matmul for this key itself
 
     def __init__(self, dtype: str, reason: str) -> None:
         self.dtype = dtype

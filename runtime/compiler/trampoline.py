@@ -136,7 +136,7 @@ static int layout_of(npy_intp rows, npy_intp cols, npy_intp s_row, npy_intp s_co
     return -1;
 }
 
-static PyObject *dtype_names[2], *layout_names[4], *address_name;
+static PyObject *dtype_names[2], *layout_names[4], *address_name, *np_matmul;
 
 /* an operand's core (rows, cols) in d[1], d[2] with byte strides s[1], s[2] (d[0], s[0]: 1, 0);
    a 1-D operand is a row (A) or a column (B) */
@@ -254,6 +254,26 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         || batch_stride(xb, ndb == 1 ? 1 : 2, nb, cd, count, &bs[0]) < 0) goto done;
     int la = layout_of(m, k, as_[1], as_[2], item), lb = layout_of(k, n, bs[1], bs[2], item);
     if (la < 0 || lb < 0) goto done;
+    if (2.0 * (double)count * (double)m * (double)n * (double)k < small_flops) threads = 1;
+    key = Py_BuildValue("(OnnnnOl)", dtype_names[typenum == NPY_DOUBLE], m, n, k, count, layout_names[2 * la + lb], threads);
+    if (key == NULL) goto fail;
+    PyObject *hit = PyDict_GetItemWithError(dispatch, key);     /* borrowed */
+    if (hit == NULL) { if (PyErr_Occurred()) goto fail; goto done; }
+    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) < 1) goto done;
+    address = PyObject_GetAttr(PyTuple_GET_ITEM(hit, 0), address_name);
+    if (address == NULL) { PyErr_Clear(); goto done; }
+    gemm_fn fn = (gemm_fn)(uintptr_t)PyLong_AsUnsignedLongLong(address);
+    if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
+    if (fn == NULL) {          /* address 0: numpy serves this key (the hand-off, or a failed kernel) */
+        PyObject *args = PyTuple_Pack(2, (PyObject *)a, (PyObject *)b), *kwargs = NULL;
+        if (args == NULL) goto fail;
+        if (O != Py_None && (kwargs = Py_BuildValue("{s:O}", "out", O)) == NULL) { Py_DECREF(args); goto fail; }
+        result = PyObject_Call(np_matmul, args, kwargs);
+        Py_DECREF(args);
+        Py_XDECREF(kwargs);
+        if (result == NULL) goto fail;
+        goto done;
+    }
     if (O == Py_None) {
         c = (PyArrayObject *)PyArray_SimpleNew(ndc, cd, typenum);
         if (c == NULL) goto fail;
@@ -271,16 +291,6 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     for (int i = 0; i < 3; i++) { sa[i] = as_[i] / item; sb[i] = bs[i] / item; }
     sc[0] = cb / item; sc[1] = cm / item; sc[2] = cn / item;
     if (O != Py_None && (overlaps(pc, shc, sc, pa, sha, sa, item) || overlaps(pc, shc, sc, pb, shb, sb, item))) goto done;
-    if (2.0 * (double)count * (double)m * (double)n * (double)k < small_flops) threads = 1;
-    key = Py_BuildValue("(OnnnnOl)", dtype_names[typenum == NPY_DOUBLE], m, n, k, count, layout_names[2 * la + lb], threads);
-    if (key == NULL) goto fail;
-    PyObject *hit = PyDict_GetItemWithError(dispatch, key);     /* borrowed */
-    if (hit == NULL) { if (PyErr_Occurred()) goto fail; goto done; }
-    if (!PyTuple_Check(hit) || PyTuple_GET_SIZE(hit) < 1) goto done;
-    address = PyObject_GetAttr(PyTuple_GET_ITEM(hit, 0), address_name);   /* a NumpyKernel has none */
-    if (address == NULL) { PyErr_Clear(); goto done; }
-    gemm_fn fn = (gemm_fn)(uintptr_t)PyLong_AsUnsignedLongLong(address);
-    if (PyErr_Occurred()) { PyErr_Clear(); goto done; }
     int rc;
     if (count * m * n * k > 32768) {
         Py_BEGIN_ALLOW_THREADS
@@ -311,6 +321,11 @@ PyMODINIT_FUNC PyInit_MODNAME(void)
     for (int i = 0; i < 2; i++) if (!(dtype_names[i] = PyUnicode_InternFromString(names[i]))) return NULL;
     for (int i = 0; i < 4; i++) if (!(layout_names[i] = PyUnicode_InternFromString(layouts[i]))) return NULL;
     if (!(address_name = PyUnicode_InternFromString("address"))) return NULL;
+    PyObject *numpy = PyImport_ImportModule("numpy");
+    if (numpy == NULL) return NULL;
+    np_matmul = PyObject_GetAttrString(numpy, "matmul");
+    Py_DECREF(numpy);
+    if (np_matmul == NULL) return NULL;
     return PyModule_Create(&module);
 }
 """

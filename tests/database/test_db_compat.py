@@ -7,12 +7,17 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from looptune.database import Record, load, save
 from looptune.database.records import problem_from_dict, problem_from_key
 from looptune.runtime.compiler.workload import MatmulProblem
 
 SHIPPED = Path(__file__).resolve().parents[2] / "runtime" / "data" / "default.h5"
+# The shipped database as the code before the layout change wrote it (code generator 2): kept
+# as a fixture so "files made before still load, and are written back the same" stays proven
+# after the shipped file is regenerated.
+BEFORE = Path(__file__).resolve().parent / "data" / "default-before-layout.h5"
 
 # One record as the previous code (ProblemKey, ``Record.budget``) wrote it with ``to_json``.
 OLD_JSON = (
@@ -35,8 +40,9 @@ def test_old_record_json_loads_and_is_written_back_identically():
     assert record.to_json() == OLD_JSON
 
 
-def test_shipped_database_problems_round_trip_through_the_one_type():
-    db = load(SHIPPED)
+@pytest.mark.parametrize("path", [SHIPPED, BEFORE], ids=["shipped", "before-layout"])
+def test_shipped_database_problems_round_trip_through_the_one_type(path):
+    db = load(path)
     assert len(db) > 0
     for record in db.records[::max(1, len(db) // 12)]:
         p = record.problem
@@ -49,10 +55,11 @@ def test_shipped_database_problems_round_trip_through_the_one_type():
         assert Record.from_json(record.to_json()).to_json() == record.to_json()
 
 
-def test_shipped_database_is_rewritten_with_identical_columns(tmp_path):
+@pytest.mark.parametrize("path", [SHIPPED, BEFORE], ids=["shipped", "before-layout"])
+def test_shipped_database_is_rewritten_with_identical_columns(tmp_path, path):
     copy = tmp_path / "copy.h5"
-    save(copy, load(SHIPPED).records)
-    with h5py.File(SHIPPED, "r") as old, h5py.File(copy, "r") as new:
+    save(copy, load(path).records)
+    with h5py.File(path, "r") as old, h5py.File(copy, "r") as new:
         assert dict(old.attrs) == dict(new.attrs)
         for table in ("steps", "traces", "machines", "records"):
             assert sorted(old[table]) == sorted(new[table])

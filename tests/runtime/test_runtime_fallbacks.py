@@ -40,6 +40,8 @@ def test_numpy_handoff_when_no_candidate_beat_numpy(user_db, caplog):
     runtime.configure(user_db=user_db)
     a, b = np.ones((64, 32), np.float32), np.ones((32, 48), np.float32)
     np.testing.assert_array_equal(runtime.matmul(a, b), a @ b)
+    out = np.empty((64, 48), np.float32)
+    assert runtime.matmul(a, b, out=out) is out and np.array_equal(out, a @ b)     # the compiled path calls numpy
     slow = runtime.explain(a, b)
     assert slow.source == "numpy" and "20.0 vs 60.0" in slow.reason and "why:" in slow.describe()
     fast = runtime.explain(np.ones((64, 40), np.float32), np.ones((40, 48), np.float32))

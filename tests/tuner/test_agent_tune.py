@@ -13,11 +13,12 @@ from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent.policy import DEFAULT_WEIGHTS, Policy
+from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS
 from looptune.tuner.cli import main
 from looptune.tuner.measure.evaluator import TUNE_MEASURE, Evaluator
-from looptune.tuner.search.loop import run
+from looptune.tuner.search.loop import OVER_BUDGET_FACTOR, prior_timing_s, run
 from looptune.tuner.search.strategies import BlockingSearch, PolicyBeamSearch
-from looptune.tuner.search.tune import TuneResult, refine_candidates, tune
+from looptune.tuner.search.tune import PolicyTune, TuneResult, analytic_default, refine_candidates, tune
 
 
 def test_tune_api_on_synthetic_measurements():
@@ -82,6 +83,28 @@ def test_a_problem_too_large_for_the_budget_is_not_measured():
     res = tune(MatmulProblem(8192, 8192, 8192), budget_s=0.5, policy=Policy.load(), evaluator=Evaluator(runner))
     assert not res.ok and res.over_budget and res.found_by == "none" and res.candidates == 0
     assert runner.calls == 0 and res.seconds < 0.5 and "budget" in res.error
+
+
+def test_a_problem_one_measurement_over_the_budget_gets_its_default_measured_once():
+    """2048^3 at 2.5 s (a shipped-database problem): one measurement takes longer than the budget
+    but not several budgets, so the analytic default is measured alone and stored verified."""
+    runner = SyntheticRunner()
+    problem = MatmulProblem(2048, 2048, 2048)
+    assert 2.5 < prior_timing_s(problem) < OVER_BUDGET_FACTOR * 2.5
+    res = tune(problem, budget_s=2.5, policy=Policy.load(), evaluator=Evaluator(runner))
+    assert res.ok and not res.over_budget and res.found_by == "default" and res.candidates == 1
+    assert res.schedule.to_json() == canonical_schedule(default_schedule(problem).nest).to_json()
+
+
+@pytest.mark.parametrize("shape, default_first", [((512, 4096, 1024), True), ((96, 80, 112), False)])
+def test_the_default_leads_beyond_the_policys_training_sizes(shape, default_first):
+    """On a large problem the loop may measure only the first candidate or two: an extrapolated
+    rollout must not be the only one (it was: 512x4096x1024 stored at a third of numpy)."""
+    problem = MatmulProblem(*shape)
+    assert (problem.flops > MAX_TRAIN_FLOPS) == default_first
+    first = PolicyTune(problem, Policy.load()).ask()
+    is_default = first[0].to_json() == analytic_default(problem).to_json()
+    assert is_default == default_first
 
 
 def test_every_batch_reaches_the_callbacks():

@@ -17,8 +17,8 @@ accounting:
   (``over_budget``) in milliseconds instead of timing out for a minute;
 * later batches are small, and none is started that the remaining budget cannot pay for by a
   cost model fitted to the batches so far (``BatchCost``), with a margin before the end;
-* no single measurement call may run longer than the budget (``Evaluator.time_limit``; the
-  runner kills the worker of a kernel that overruns, a TIMEOUT result);
+* no single measurement call may run longer than twice the budget (``Evaluator.time_limit``;
+  the runner kills the worker of a kernel that overruns, a TIMEOUT result);
 * after every batch the ``callbacks`` hear ``(problem, candidates, results)``: persistence and
   logging are callbacks, never the search's business; ``history`` keeps (seconds, best GFLOPS
   so far), so one run answers "what would a 1 s, 10 s, 60 s budget have found".
@@ -99,10 +99,17 @@ class TuneResult:
         return next((s for t, s in reversed(self.best_schedules) if t <= seconds), None)
 
 
+SETUP_S_PER_ELEMENT = 2e-8   # random operands, their float64 reference product, guarded copies (~1.3 s at 1x32000x4096)
+OVER_BUDGET_FACTOR = 4.0     # a problem whose one measurement takes longer than this many budgets fails fast
+
+
 def prior_timing_s(problem: MatmulProblem) -> float:
-    """A pessimistic guess of the time to time one candidate, before anything is measured: about
-    nine calls (verification, warm-up, samples) at 40 GFLOPS per thread."""
-    return 9 * problem.flops / (40e9 * problem.threads)
+    """A pessimistic guess of the time to time one candidate, before anything is measured: the
+    operands' set-up in the worker plus about nine calls (verification, warm-up, samples) at 40
+    float32 GFLOPS per thread (20 in float64)."""
+    p = problem
+    setup_s = SETUP_S_PER_ELEMENT * p.batch * (p.m * p.k + p.k * p.n + p.m * p.n)
+    return setup_s + 9 * p.flops / (40e9 * p.threads * 4 / p.itemsize)     # float64: half the rate
 
 
 def prior_cost_s(problem: MatmulProblem) -> float:
@@ -206,11 +213,32 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
     best: Optional[tuple[float, Any, RunResult]] = None
     history: list[tuple[float, float]] = []
     best_schedules: list[tuple[float, Schedule]] = []
-    too_large = timing_s > budget_s        # not even asked: proposing can take longer than the budget too
-    with evaluator.time_limit(max(MIN_CALL_TIMEOUT_S, budget_s)):
-        if not too_large:
+    # Not even asked when one measurement takes several budgets (8192^3 in 0.5 s): that fails fast.
+    # When it takes more than the budget but not that much (2048^3 in 2.5 s), the analytic default
+    # is measured alone, once, and the run overruns its budget by that measurement: a database
+    # gets a verified record for every problem it can time at all.
+    too_large = timing_s > OVER_BUDGET_FACTOR * budget_s
+    default_only = not too_large and timing_s > budget_s
+    # The per-call limit is a safety net against hangs, not the budget (the batch planning holds
+    # that): a first call also builds the operands and their reference, which for a large operand
+    # (16x11008x4096: 180 MB of B) is most of a 2.5 s budget on its own.
+    call_limit_s = max(MIN_CALL_TIMEOUT_S, 2 * budget_s, 1.5 * timing_s)
+    with evaluator.time_limit(call_limit_s):
+        if default_only:
+            default = default_schedule(problem)
+            by_key[canonical_key(default.nest)] = default
+            first = [default]
+            (r,) = evaluator.evaluate([(problem, default.nest)])
+            measured[canonical_key(default.nest)] = r
+            if gflops_of(r) is not None:
+                best = (gflops_of(r), default, r)
+                history.append((budget.elapsed_s(), best[0]))
+                best_schedules.append((budget.elapsed_s(), canonical_schedule(default.nest)))
+            for callback in callbacks:
+                callback(problem, [default], [r])
+        elif not too_large:
             evaluator.prefetch(problem)    # worker start and numpy timing overlap the first proposals
-        while not too_large:
+        while not too_large and not default_only:
             if not queue:
                 proposed = strategy.ask(budget)
                 first = first or proposed[:1]
@@ -258,7 +286,8 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
                   history=tuple(history), best_schedules=tuple(best_schedules))
     if best is not None:
         g, c, r = best
-        return TuneResult(problem, canonical_schedule(c.nest), r, strategy.found_by(c), **common)
+        found_by = "default" if default_only else strategy.found_by(c)
+        return TuneResult(problem, canonical_schedule(c.nest), r, found_by, **common)
     schedule = canonical_schedule(first[0].nest) if first else canonical_schedule(default_schedule(problem).nest)
     return TuneResult(problem, schedule, _failure(problem, schedule, measured, too_large, timing_s, budget_s),
                       "none", **common)

@@ -62,6 +62,7 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent.actions import AgentState, neighbors
 from looptune.tuner.agent.observe import observe
 from looptune.tuner.agent.policy import Policy, PolicyError
+from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
 from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
@@ -164,7 +165,7 @@ class PolicyTune(Strategy):
     def _first(self) -> list[Schedule]:
         """In priority order (the loop cuts the first batch short on large problems): the policy's
         rollout (and, with threads > 1, the rollout made parallel if it is not), the analytic
-        default, then the policy's beam and the template schedules alternately.  Templates are
+        default (first instead, beyond the policy's training sizes), then the policy's beam and the template schedules alternately.  Templates are
         structures that won sweeps (GEMV-like streaming and register-resident panels for skinny M,
         in-place A for small problems, wide packed tiles for large ones), in parallel variants
         with threads > 1; kernels are size-free, so they are often kernel-cache hits."""
@@ -173,13 +174,19 @@ class PolicyTune(Strategy):
         count = TEMPLATES * (2 if self.problem.threads > 1 else 1)     # over the n blocks and over the m blocks
         templates = [c.schedule() for c in blocking_candidates(self.problem, count)[1:]] \
             if self.include_default else []
+        # Beyond the sizes the policy was trained on, the analytic default leads: on a large
+        # problem the loop may measure only one or two candidates, and an extrapolated rollout
+        # (512x4096x1024: an unpacked nest at a third of numpy's speed) must not be the only one.
+        default_first = self.include_default and self.problem.flops > MAX_TRAIN_FLOPS
+        if default_first:
+            self._add(analytic_default(self.problem), "default", out)
         if self.policy is not None:
             rollout = canonical_schedule(self.policy.rollout(self.problem)[-1].nest)
             self._add(rollout, "policy-rollout", out)
             if self.problem.threads > 1 and rollout.nest.parallel is None:
                 for sched in parallel_mutations(rollout, self.problem)[:1]:
                     self._add(sched, "policy-rollout+parallel", out)
-        if self.include_default:
+        if self.include_default and not default_first:
             self._add(analytic_default(self.problem), "default", out)
         for i in range(max(len(beam), len(templates))):
             if i < len(beam):
