@@ -57,6 +57,9 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
         cand = replace(base, mr=mr, nr=nr, kc=min(kc, max(16, problem.k)), mc=mc, nc=nc,
                        unroll_k=rng.choice([1, 2, 4, 8]),
                        pack_a=rng.random() < 0.7, pack_b=rng.random() < 0.85)
+        # the default's parallel loop (if it has one), with its blocks cut so every thread gets some
+        if base.parallel is not None:
+            cand = parallel_variants(problem, cand, base.parallel)[0]
         key = cand.schedule().to_json()
         if key not in seen:
             seen.add(key)
