@@ -110,9 +110,11 @@ def _delegate(a, b, out, why: str):
 def matmul(a, b, out=None, *, threads: int | None = None):
     """Matrix product with numpy.matmul semantics; float32/float64 run LoopTune kernels."""
     resolver = _resolver or _get_resolver()
+    if threads is not None:     # checked on every path alike, whether a kernel or numpy serves the call
+        threads = _check_threads(threads)
     if _serve is not None:      # the common calls, whole, in C; None: they take the paths below
-        c = _serve(a, b, out, resolver.dispatch, resolver.settings.threads if threads is None
-                   else _check_threads(threads), resolver.settings.small_flops)
+        c = _serve(a, b, out, resolver.dispatch, resolver.settings.threads if threads is None else threads,
+                   resolver.settings.small_flops)
         if c is not None:
             return c
     if type(a) is _ndarray and type(b) is _ndarray:
@@ -136,7 +138,7 @@ def matmul(a, b, out=None, *, threads: int | None = None):
                             c = out     # written in place; the call path answers -4 if it overlaps a or b
                         else:
                             return _general(a, b, out, threads)
-                        t = resolver.settings.threads if threads is None else _check_threads(threads)
+                        t = resolver.settings.threads if threads is None else threads    # checked on entry
                         if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
                             t = 1
                         key = (name, m, n, k, 1, la + lb, t)
@@ -176,12 +178,11 @@ def _check_threads(threads) -> int:
 def _general(a, b, out, threads):
     """Calls the fast paths do not take: other operand types, signatures not planned yet,
     and calls numpy serves (its values, its exceptions)."""
-    if type(a) is not _ndarray:
-        a = _plain_array(a)
-    if type(b) is not _ndarray:
-        b = _plain_array(b)
-    if a is None or b is None:
+    pa = a if type(a) is _ndarray else _plain_array(a)
+    pb = b if type(b) is _ndarray else _plain_array(b)
+    if pa is None or pb is None:      # numpy sees the originals: subclasses keep their own matmul
         return _delegate(a, b, out, "array subclass or foreign array")
+    a, b = pa, pb
     plan = plan_for(a, b)
     if type(plan) is str:
         return _delegate(a, b, out, plan)

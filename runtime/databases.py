@@ -133,7 +133,9 @@ class Databases:
         self._watcher = None
 
     def reset_after_fork(self) -> None:
-        """In a forked child: fresh locks, and no watcher (the parent's thread does not exist here)."""
+        """In a forked child: fresh locks, no watcher (the parent's thread does not exist here),
+        and the indexes reloaded on next use, which starts the child's own watcher."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher = None
+        self._indexes = None

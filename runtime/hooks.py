@@ -13,6 +13,7 @@ stores the winning record in ``user_db`` (when given) and returns the schedule t
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,6 +23,7 @@ from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 
 ENTRY_POINT_GROUP = "looptune.live_tuner"
+log = logging.getLogger("looptune.runtime")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ def live_tuner() -> Optional[LiveTuner]:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 _registered = ep.load()
-            except Exception:      # a broken plugin must not take the caller down
+            except Exception as e:      # a broken plugin must not take the caller down
+                log.warning("looptune: the live tuner %s (%s) does not load: %s", ep.name, ep.value, e)
                 continue
             return _registered
         return None

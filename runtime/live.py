@@ -92,6 +92,7 @@ class LiveTuningQueue:
     def reset_after_fork(self) -> None:
         """In a forked child the worker thread does not exist: forget the queue."""
         self._lock = threading.Lock()
+        self._seen.difference_update(key for key, _ in self._queue)     # still to tune: the child may queue them
         self._queue.clear()
         self._worker = None
         self._idle = threading.Event()

@@ -371,8 +371,10 @@ def _build(name: str, settings: BuildSettings, cache: Path, includes: list[str])
         src.write_text(_SOURCE.replace("MODNAME", name))
         out = Path(tmp) / f"{name}.so"
         tool = BuildSettings(compiler=settings.compiler, flags=("-O2", "-shared", "-fPIC"), arch_flags=())
-        subprocess.run(tool.shared_library_command([src], out, includes), check=True, capture_output=True,
-                       timeout=settings.timeout_s)
+        done = subprocess.run(tool.shared_library_command([src], out, includes), capture_output=True, text=True,
+                              timeout=settings.timeout_s)
+        if done.returncode != 0:
+            raise OSError(f"the compiler failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         size, sha256 = disk.sha256_of(out)
         path = disk.publish_file(out, cache, sha256, importlib.machinery.EXTENSION_SUFFIXES[0], prefix=f"{name}-")
         return {"so": path.name, "size": size, "sha256": sha256}

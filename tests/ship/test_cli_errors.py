@@ -135,3 +135,9 @@ def test_good_build_still_works(tmp_path, shapes):
     assert result.exit_code == 0, result.output
     assert len(load(db)) == 1
     assert not [p for p in db.parent.iterdir() if p.name.startswith(".looptune-probe-")]
+
+
+@pytest.mark.parametrize("tuner", ["foo", "no_such_module_xyz:tune"])
+def test_bad_tuner_is_one_line_in_this_process(tmp_path, shapes, tuner):
+    out = build(tmp_path / "db.h5", shapes, "--tuner", tuner, code=1)
+    assert "tuner" in out or "no_such_module_xyz" in out

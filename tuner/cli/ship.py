@@ -70,7 +70,8 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     the same command after Ctrl-C, a kill or a crash.  Workers return records; this
     process alone commits them, each within about a second of finishing.
     """
-    from looptune.tuner.ship.builddb import build_db as run_build, plan, target_machine
+    from looptune.tuner.agent.policy import PolicyError
+    from looptune.tuner.ship.builddb import SerialExecutor, build_db as run_build, plan, target_machine
 
     problems = _problems(shapes, preset, threads)
     db_path = database_path(db_path)
@@ -98,8 +99,9 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
             executor = PoolExecutor(workers, budget_s=budget_s, machine=machine, tuner=tuner_spec, cores_per_worker=cores)
             where = f"{workers} pinned local workers"
         else:
+            executor = SerialExecutor(budget_s, machine, tuner_spec)     # a bad --tuner fails here, in one line
             where = "this process"
-    except (ImportError, ValueError, OSError) as e:
+    except (ImportError, ValueError, OSError, AttributeError, PolicyError) as e:
         raise click.ClickException(str(e)) from None
     if not quiet and not as_json:
         click.echo(f"building {db_path} for {machine.short()}", err=True)

@@ -17,8 +17,9 @@ accounting:
   (``over_budget``) in milliseconds instead of timing out for a minute;
 * later batches are small, and none is started that the remaining budget cannot pay for by a
   cost model fitted to the batches so far (``BatchCost``), with a margin before the end;
-* no single measurement call may run longer than twice the budget (``Evaluator.time_limit``;
-  the runner kills the worker of a kernel that overruns, a TIMEOUT result);
+* no single measurement call may run longer than max(1 s, twice the budget, 1.5 x the prior
+  timing) (``Evaluator.time_limit``; the runner kills the worker of a kernel that overruns, a
+  TIMEOUT result);
 * after every batch the ``callbacks`` hear ``(problem, candidates, results)``: persistence and
   logging are callbacks, never the search's business; ``history`` keeps (seconds, best GFLOPS
   so far), so one run answers "what would a 1 s, 10 s, 60 s budget have found".
