@@ -161,8 +161,13 @@ def _recover(resolver: Resolver, key: tuple, kernel, rc: int, a, b, c, t: int):
     """A kernel refused these operands (-2: its layout precondition) or failed: retry with
     contiguous copies, then hand the key to numpy for good (one warning naming the cause)."""
     if rc == -2:
-        rc = kernel.invoke(np.ascontiguousarray(a), np.ascontiguousarray(b), c, 0, t)
+        # aligned, contiguous copies (an unaligned ``out`` gets the product through a temporary), so
+        # that only the kernel itself can refuse again: a one-off odd operand never demotes the key
+        target = c if c.flags.aligned else np.empty_like(c, order="C")
+        rc = kernel.invoke(np.ascontiguousarray(a), np.ascontiguousarray(b), target, 0, t)
         if rc == 0:
+            if target is not c:
+                np.copyto(c, target)
             return c
     fallback = resolver.demote(key, f"{kernel.symbol} returned {rc}: {error_message(rc)}")
     fallback.invoke(a, b, c, 0, t)

@@ -84,6 +84,33 @@ def test_kernel_refusing_a_larger_shape_hands_it_to_numpy(user_db, caplog, monke
     assert caplog.text.count("numpy.matmul serves") == 1      # warned once, then served quietly
 
 
+class RefusesStridedA:
+    """A kernel whose precondition is a contiguous A (it refuses a row-step view with -2)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.symbol = kernel, kernel.symbol
+
+    def invoke(self, a, b, c, accumulate, nthreads):
+        return self.kernel.invoke(a, b, c, accumulate, nthreads) if a.flags.c_contiguous else -2
+
+
+def test_a_refusal_with_a_misaligned_out_does_not_demote_the_shape(user_db, monkeypatch):
+    """The retry after -2 computes into an aligned temporary when ``out`` is misaligned, so an odd
+    ``out`` on one call does not hand the shape to numpy for the rest of the process."""
+    real_kernel = Resolver.kernel
+    monkeypatch.setattr(Resolver, "kernel",
+                        lambda self, schedule, dtype: RefusesStridedA(real_kernel(self, schedule, dtype)))
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((96, 48)).astype(np.float32)[::2]           # 48 x 48, row step 2
+    b = rng.standard_normal((48, 40)).astype(np.float32)
+    raw = np.zeros(48 * 40 * 4 + 1, np.uint8)
+    out = np.frombuffer(raw.data, np.float32, 48 * 40, offset=1).reshape(48, 40)   # misaligned
+    assert not out.flags.aligned
+    assert runtime.matmul(a, b, out=out, threads=1) is out
+    np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-5)
+    assert runtime.explain(a, b, threads=1).source != "numpy"
+
+
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
