@@ -28,6 +28,7 @@ import time
 from typing import Callable, Iterator
 
 from looptune.database.errors import DatabaseError, LockTimeoutError
+from looptune.runtime.compiler.cache import fsync_path
 
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -103,14 +104,6 @@ def remove_stale_temporaries(path: str) -> None:
                     os.unlink(os.path.join(directory, name))
 
 
-def _fsync_path(path: str, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_atomically(path: str, write: Callable[[str], None], *, fsync: bool = True) -> None:
     """Call ``write(temp_path)`` to produce the complete new content, then make it ``path``."""
     temp = f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}"
@@ -119,11 +112,11 @@ def replace_atomically(path: str, write: Callable[[str], None], *, fsync: bool =
         with contextlib.suppress(FileNotFoundError):    # a shared database stays as shared as it was
             os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode))
         if fsync:
-            _fsync_path(temp, os.O_RDONLY)
+            fsync_path(temp)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
     if fsync:
-        _fsync_path(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+        fsync_path(os.path.dirname(os.path.abspath(path)))

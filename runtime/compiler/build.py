@@ -230,7 +230,7 @@ def _publish(chunk: list[KernelSource], so_tmp: Path, cache: Path, settings: Bui
     for s in chunk:
         disk.write_ref(_ref_path(cache, cache_key(s, settings)),
                        {"so": final.name, "symbol": s.symbol, "size": size, "sha256": sha256}, sync_dir=False)
-    disk.fsync_dir(cache)
+    disk.fsync_path(cache)
     return [BuildResult(s.symbol, str(final), None, seconds) for s in chunk]
 
 

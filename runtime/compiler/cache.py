@@ -55,15 +55,9 @@ def sha256_of(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's contents to disk (for a directory: the renames in it).
+    The one fsync helper: the kernel cache and the database's atomic commits both use it."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -82,9 +76,9 @@ def publish_file(tmp: Path, cache: Path, sha256: str, suffix: str, prefix: str =
     if entry_problem(final, {"size": tmp.stat().st_size, "sha256": sha256}) is None:
         tmp.unlink(missing_ok=True)
         return final
-    _fsync_file(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    fsync_dir(cache)
+    fsync_path(cache)
     return final
 
 
@@ -97,7 +91,7 @@ def write_ref(ref: Path, data: dict[str, Any], *, sync_dir: bool = True) -> None
         os.fsync(f.fileno())
     os.replace(tmp, ref)
     if sync_dir:
-        fsync_dir(ref.parent)
+        fsync_path(ref.parent)
 
 
 def read_ref(ref: Path) -> dict[str, Any] | None:
