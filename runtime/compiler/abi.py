@@ -6,8 +6,12 @@ worker and the exported C library use these definitions::
     int NAME(int64_t batch, int64_t M, int64_t N, int64_t K,
              const T *A, int64_t sAb, int64_t sAm, int64_t sAk,
              const T *B, int64_t sBb, int64_t sBk, int64_t sBn,
-             T *C, int64_t sCb, int64_t sCm, int64_t sCn,
+             TC *C, int64_t sCb, int64_t sCm, int64_t sCn,
              int32_t accumulate, int32_t nthreads);
+
+``T`` is the inputs' element type and ``TC`` the output's: the same for float32 and float64;
+bfloat16 inputs (``uint16_t`` bit patterns) give a float32 ``C``, as ``np.matmul`` does on
+ml_dtypes arrays, accumulated in float32 over the whole of K.
 
 Strides are in elements, so transposed and sliced views need no copy.  A kernel computes
 ``C = (accumulate ? C : 0) + A @ B`` per batch entry and returns 0 or one of ``ERRORS``.
@@ -20,10 +24,16 @@ from looptune.runtime.compiler.errors import LoopTuneError
 ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "
             "const {T} *A, int64_t sAb, int64_t sAm, int64_t sAk, "
             "const {T} *B, int64_t sBb, int64_t sBk, int64_t sBn, "
-            "{T} *C, int64_t sCb, int64_t sCm, int64_t sCn, "
+            "{TC} *C, int64_t sCb, int64_t sCm, int64_t sCn, "
             "int32_t accumulate, int32_t nthreads")
 
-C_TYPE = {"float32": "float", "float64": "double"}
+C_TYPE = {"float32": "float", "float64": "double", "bfloat16": "uint16_t"}    # the inputs' element type
+OUTPUT_DTYPE = {"float32": "float32", "float64": "float64", "bfloat16": "float32"}   # np.matmul's result dtype
+
+
+def abi_args(dtype: str) -> str:
+    """The kernel's C parameter list for inputs of ``dtype``."""
+    return ABI_ARGS.format(T=C_TYPE[dtype], TC=C_TYPE[OUTPUT_DTYPE[dtype]])
 
 # Non-zero return codes.  -3 and -4 come from the call path (the trampoline and the cffi path),
 # never from a kernel; the caller then copies (-3) or computes into a temporary (-4).
@@ -32,6 +42,7 @@ ERRORS = {
     -2: "operand strides do not meet this kernel's layout precondition",
     -3: "an operand is not aligned to its element size (address or strides)",
     -4: "the output overlaps an input operand",
+    -5: "the operating system refused this process the AMX tile registers",
 }
 
 
@@ -39,9 +50,10 @@ def error_message(code: int) -> str:
     return ERRORS.get(code, "unknown error code")
 
 
-def function_type(name: str, element_type: str) -> str:
-    """A C typedef of a pointer to a kernel over ``element_type`` (``void`` for any dtype)."""
-    return f"typedef int (*{name})({ABI_ARGS.format(T=element_type)});"
+def function_type(name: str, dtype: str) -> str:
+    """A C typedef of a pointer to a kernel for inputs of ``dtype`` (``"void"``: any dtype)."""
+    args = ABI_ARGS.format(T="void", TC="void") if dtype == "void" else abi_args(dtype)
+    return f"typedef int (*{name})({args});"
 
 
 class KernelError(LoopTuneError, RuntimeError):

@@ -117,7 +117,7 @@ def cache_key(source: KernelSource, settings: BuildSettings) -> str:
         "src": hashlib.sha256(source.text.encode()).hexdigest(),
         "flags": settings.flags + settings.arch_flags,
         "cc": compiler_identity(settings.compiler),
-        "cpu": [cpu.arch, cpu.model_name, cpu.features],
+        "cpu": [cpu.arch, cpu.model_name, cpu.features, cpu.extensions],
         "codegen": CODEGEN_VERSION,
     }, sort_keys=True)
     return hashlib.sha256(ident.encode()).hexdigest()[:24]

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from looptune.runtime.compiler.abi import ABI_ARGS, C_TYPE
+from looptune.runtime.compiler import codegen_bf16 as bf16
+from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, abi_args
+from looptune.runtime.compiler.codegen_tiles import TileWriter
 from looptune.runtime.compiler.codegen_threads import WORKSPACE_C, abi_variables, outline_parallel
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 
@@ -27,6 +29,7 @@ from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
 from looptune.runtime.compiler.schedule import Schedule
 
 CODEGEN_VERSION = "3"      # 3: parallel loop outlined (no OpenMP at 1 thread), workspace freed at thread exit
+# (bfloat16 kernels came with version 3; float32 and float64 text did not change)
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,16 @@ class Target:
 
     isa: str = "portable"        # avx512 | avx2 | neon | portable
     vector_bytes: int = 16
+    bf16: str = "convert"        # how bfloat16 kernels compute: codegen_bf16.MODES
 
     @classmethod
     def detect(cls, cpu: CpuInfo | None = None) -> "Target":
         cpu = cpu or detect_cpu()
-        return cls(cpu.vector_isa, cpu.vector_bytes)
+        return cls(cpu.vector_isa, cpu.vector_bytes, cpu.bf16_isa)
+
+    def key(self, dtype: str) -> str:
+        """What of the target a kernel of ``dtype`` depends on."""
+        return f"{self.isa}/{self.vector_bytes}" + (f"/{self.bf16}" if dtype == "bfloat16" else "")
 
 
 @dataclass(frozen=True)
@@ -49,31 +57,51 @@ class KernelSource:
     text: str           # a complete translation unit exporting `symbol`
 
 
-def kernel_symbol(schedule: Schedule, dtype: str, target: Target) -> str:
-    digest = hashlib.sha256(f"{CODEGEN_VERSION}|{dtype}|{target}|{schedule.to_json()}".encode()).hexdigest()
-    return f"lt_{'s' if dtype == 'float32' else 'd'}gemm_{digest[:16]}"
+SYMBOL_LETTER = {"float32": "s", "float64": "d", "bfloat16": "b"}
 
 
-def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol: str | None = None) -> KernelSource:
+def kernel_symbol(schedule: Schedule, dtype: str, target: Target, inputs: str | None = None) -> str:
+    inputs = inputs or dtype
+    digest = hashlib.sha256(f"{CODEGEN_VERSION}|{dtype}|{inputs}|{target.key(dtype)}|{schedule.to_json()}".encode()).hexdigest()
+    letters = SYMBOL_LETTER[dtype] if inputs == dtype else SYMBOL_LETTER[inputs] + SYMBOL_LETTER[dtype]
+    return f"lt_{letters}gemm_{digest[:16]}"
+
+
+def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol: str | None = None,
+           inputs: str | None = None) -> KernelSource:
+    """C text of ``schedule``'s kernel computing in ``dtype``.  ``inputs="float32"`` with dtype
+    bfloat16: the kernel reads float32 and rounds it to bf16 while packing (its ABI is float32's,
+    and so is the returned ``KernelSource.dtype``)."""
     target = target or Target.detect()
-    symbol = symbol or kernel_symbol(schedule, dtype, target)
-    body = _KernelWriter(schedule.nest, dtype, target, symbol).write()
-    return KernelSource(symbol, dtype, body)
+    inputs = inputs or dtype
+    if inputs != dtype and (dtype, inputs) != ("bfloat16", "float32"):
+        raise ValueError(f"a {dtype} kernel cannot read {inputs} inputs")
+    symbol = symbol or kernel_symbol(schedule, dtype, target, inputs)
+    body = _KernelWriter(schedule.nest, dtype, target, symbol, inputs).write()
+    return KernelSource(symbol, inputs, body)
 
 
-class _KernelWriter:
-    def __init__(self, nest: LoopNest, dtype: str, target: Target, symbol: str) -> None:
+class _KernelWriter(TileWriter):
+    def __init__(self, nest: LoopNest, dtype: str, target: Target, symbol: str, inputs: str) -> None:
         self.nest, self.dtype, self.target, self.symbol = nest, dtype, target, symbol
-        self.T = C_TYPE[dtype]
-        self.itemsize = 4 if dtype == "float32" else 8
+        self.abi = abi_args(inputs)
+        self.T = C_TYPE[inputs]                       # the inputs' elements
+        self.TC = C_TYPE[OUTPUT_DTYPE[dtype]]         # C's, the accumulators' and the vectors'
+        self.itemsize = 4 if self.TC == "float" else 8
         self.prefix = symbol
         self.lines: list[str] = []
         self.depth = 1
-        self.visible = abi_variables(ABI_ARGS.format(T=self.T))    # (type, name) of the kernel's variables so far
+        self.visible = abi_variables(self.abi)    # (type, name) of the kernel's variables so far
         self.outlined: list[str] = []      # the parallel loop's body as a function, if there is one
         self.uses_workspace = False
         self.start = nest.kernel_start()
         self.packs = dict(nest.pack)
+        self.bf16 = None                   # for bfloat16: codegen_bf16.MODES, chosen for this nest
+        self.TP = self.T                   # packed panels' elements
+        if dtype == "bfloat16":
+            self.bf16 = bf16.choose_mode(nest, target.bf16, target.vector_bytes // 4)
+            self.packs = {op: at for op, at in bf16.pack_positions(nest).items()} if nest.tile else {}
+            self.TP = "float" if self.bf16 == "convert" else "uint16_t"
         if nest.tile:
             self.mr, self.nr = nest.tile_sizes  # type: ignore[misc]
             self.vdim = nest.vector_dim
@@ -97,153 +125,30 @@ class _KernelWriter:
         self.depth = 1
         self._prologue()
         self._loops()
+        if self.bf16 == "amx":
+            self.emit("_tile_release();")
         if self.uses_workspace:
             self.emit("lt_ws_end(&ws_slot);")
         self.emit("return 0;")
+        mode = f", {self.bf16} ({self.T} inputs)" if self.bf16 else ""
         out = [
-            f"/* generated by looptune codegen v{CODEGEN_VERSION}: {self.dtype}, target {self.target.isa} */",
+            f"/* generated by looptune codegen v{CODEGEN_VERSION}: {self.dtype}{mode}, target {self.target.isa} */",
             "#include <stdint.h>", "#include <stdlib.h>", "#include <string.h>",
             "#ifdef _OPENMP", "#include <omp.h>", "#else", "#define omp_get_thread_num() 0", "#endif",
             "#define LT_MIN(a, b) ((a) < (b) ? (a) : (b))",
         ]
+        if self.bf16:
+            out += bf16.prelude(self.bf16, self.T == "uint16_t")
         if self.uses_workspace:
             out += WORKSPACE_C
         if self.nest.tile:
             out += self._vector_types() + self._pack_functions() + self._micro_kernel()
         out += self.outlined
-        out.append(f"int {self.symbol}({ABI_ARGS.format(T=self.T)})")
+        out.append(f"int {self.symbol}({self.abi})")
         out.append("{")
         out += self.lines
         out.append("}")
         return "\n".join(out) + "\n"
-
-    def _vector_types(self) -> list[str]:
-        if self.W == 1:
-            return [f"typedef {self.T} {self.prefix}_v;"]
-        vb = self.W * self.itemsize
-        return [
-            f"typedef {self.T} {self.prefix}_v __attribute__((vector_size({vb})));",
-            f"typedef {self.T} {self.prefix}_vu __attribute__((vector_size({vb}), aligned({self.itemsize}), may_alias));",
-        ]
-
-    def _load(self, ptr: str) -> str:
-        return f"(*(const {self.prefix}_vu *)({ptr}))" if self.W > 1 else f"(*({ptr}))"
-
-    def _store(self, ptr: str, value: str) -> str:
-        return f"*({self.prefix}_vu *)({ptr}) = {value};" if self.W > 1 else f"*({ptr}) = {value};"
-
-    # ---- packing: panels of R along the tile dimension, k-major inside a panel -----------------
-    def _pack_functions(self) -> list[str]:
-        T, out = self.T, []
-        for operand in sorted(self.packs):
-            R = self.mr if TILE_DIM_FOR_OPERAND[operand] == "m" else self.nr
-            out += f"""
-/* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of {R}: dst[p*klen*{R} + k*{R} + r] */
-static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, {T} *restrict dst)
-{{
-    for (int64_t p = 0; p < tlen; p += {R}) {{
-        const int64_t r = LT_MIN({R}, tlen - p);
-        const {T} *s = src + p * st;
-        {T} *d = dst + p * klen;
-        if (r == {R} && st == 1) {{
-            for (int64_t k = 0; k < klen; k++)
-                for (int64_t i = 0; i < {R}; i++) d[k * {R} + i] = s[k * sk + i];
-        }} else if (r == {R} && sk == 1) {{
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {{
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < {R}; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * {R} + i] = s[i * st + k];
-            }}
-        }} else {{
-            for (int64_t k = 0; k < klen; k++) {{
-                for (int64_t i = 0; i < r; i++) d[k * {R} + i] = s[i * st + k * sk];
-                for (int64_t i = r; i < {R}; i++) d[k * {R} + i] = 0;
-            }}
-        }}
-    }}
-}}""".splitlines()
-        return out
-
-    # ---- the register-tiled micro-kernel ------------------------------------------------------
-    def _row_variants(self) -> list[int]:
-        """Row counts with their own micro-kernel: the full tile and a few smaller ones, so an
-        edge of any height is a few vectorized calls instead of scalar code (more variants would
-        cost compile time for code that runs once per block edge)."""
-        return [self.U] + [r for r in (16, 4, 1) if r < self.U]
-
-    def _micro_kernel(self) -> list[str]:
-        T, p = self.T, self.prefix
-        L: list[str] = [
-            f"/* a finished tile t (rows x cols, row-major) into C with any strides */",
-            f"static __attribute__((noinline)) void {p}_scatter(const {T} *t, int64_t rows, int64_t cols, {T} *c, int64_t cu, int64_t cv, int overwrite)",
-            "{",
-            "    for (int64_t u = 0; u < rows; u++) for (int64_t v = 0; v < cols; v++) {",
-            "        if (overwrite) c[u * cu + v * cv] = t[u * cols + v]; else c[u * cu + v * cv] += t[u * cols + v];",
-            "    }",
-            "}",
-        ]
-        for rows in self._row_variants():
-            L += self._tile_function(rows)
-        return L
-
-    def _tile_function(self, rows: int) -> list[str]:
-        """acc[rows][V] over kc steps: X supplies vectors along V, Y scalars along U.
-
-        Operand addressing (relative to the tile's corner): a packed operand is a panel,
-        element (k, t) at [k*R + t] (R is the full tile side even for a partial-row variant);
-        an unpacked X has unit stride along V (the caller gathers its tile otherwise) unless read as scalars.
-        """
-        T, p, U, V, W = self.T, self.prefix, self.U, self.V, self.W
-        nvec = V // W
-        x_packed, y_packed = self.X in self.packs, self.Y in self.packs
-        x_step = f"{V}" if x_packed else "xk"
-        y_at = (lambda u: f"y[{u}]") if y_packed else (lambda u: f"y[{u} * yu]")
-        y_step = f"{U}" if y_packed else "yk"
-        unroll = self._kernel_unroll()
-        name = f"{p}_tile" if rows == U else f"{p}_tile{rows}"
-        L = [
-            "",
-            f"/* {rows}x{V} register tile, {nvec} vector(s) of {W} per row; c(u, v) at c[u*cu + v*cv] */",
-            f"static __attribute__((noinline)) void {name}(int64_t kc,",
-            f"    const {T} *restrict x, int64_t xk, int64_t xv, const {T} *restrict y, int64_t yu, int64_t yk,",
-            f"    {T} *restrict c, int64_t cu, int64_t cv, int overwrite)",
-            "{",
-            "    (void)xk; (void)xv; (void)yu; (void)yk;",
-        ]
-        U = rows
-        L += [f"    {p}_v " + ", ".join(f"c{u}_{j} = {{0}}" for j in range(nvec)) + ";" for u in range(U)]
-        if unroll > 1 and rows == self.U:      # edge variants stay compact: they run rarely
-            L.append(f"    #pragma GCC unroll {unroll}")
-        L.append("    for (int64_t kk = 0; kk < kc; kk++) {")
-        for j in range(nvec):
-            # an unpacked X read with scalar "vectors" may have any stride along V; wider vectors need 1
-            at = f"x + {j} * xv" if (W == 1 and not x_packed) else f"x + {j * W}"
-            L.append(f"        const {p}_v x{j} = {self._load(at)};")
-        for u in range(U):
-            L.append(f"        {{ const {T} yv = {y_at(u)};")
-            L += [f"          c{u}_{j} += yv * x{j};" for j in range(nvec)]
-            L.append("        }")
-        L.append(f"        x += {x_step}; y += {y_step};")
-        L.append("    }")
-        L.append("    if (cv == 1) {")
-        for u in range(U):
-            for j in range(nvec):
-                ptr = f"c + {u} * cu + {j * W}"
-                L.append(f"        if (overwrite) {{ {self._store(ptr, f'c{u}_{j}')} }} "
-                         f"else {{ {self._store(ptr, f'{self._load(ptr)} + c{u}_{j}')} }}")
-        L.append("    } else {")
-        L.append(f"        {T} t[{U} * {V}] __attribute__((aligned(64)));")
-        for u in range(U):
-            for j in range(nvec):
-                L.append(f"        {self._store(f't + {u * V + j * W}', f'c{u}_{j}')}")
-        L.append(f"        {p}_scatter(t, {U}, {V}, c, cu, cv, overwrite);")
-        L.append("    }")
-        L.append("}")
-        return L
-
-    def _kernel_unroll(self) -> int:
-        absorbed = self.nest.loops[self.start:-2]
-        return max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
 
     # ---- kernel body ---------------------------------------------------------------------------
     def _prologue(self) -> None:
@@ -258,7 +163,11 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         e("}")
         if not self.nest.tile:
             return
+        if self.bf16 == "amx":
+            e("if (!lt_amx_granted()) return -5;")
         self._workspace()
+        if self.bf16 == "amx":
+            e("lt_amx_configure();")
 
     def _block_extent(self, at_index: int, dim: str, size: str) -> str:
         """The largest range of `dim` seen inside the body of loop number `at_index`."""
@@ -271,7 +180,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         """One scratch area per kernel and calling thread, grown on demand, reused across calls and
         freed when the thread exits (``lt_ws_get``, see ``codegen_threads``); a parallel loop's
         threads each use their own copy of what they pack."""
-        e, T = self.emit, self.T
+        e, T = self.emit, self.TP
         edge_panel = self.X not in self.packs
         if not self.packs and not edge_panel:
             return
@@ -289,6 +198,8 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
             R = self.mr if tdim == "m" else self.nr
             tsize = self._block_extent(at, tdim, "M" if tdim == "m" else "N")
             ksize = self._block_extent(at, "k", "K")
+            if self.bf16:
+                ksize = f"({ksize} + {bf16.k_group(self.bf16, operand)[1]})"    # k padded to whole groups
             copies = "nthreads" if par is not None and at >= par else "1"
             e(f"const int64_t ws{operand} = (({tsize} + {R - 1}) / {R}) * {R} * {ksize} + 16;  /* per copy */")
             e(f"const int64_t ws{operand}_copies = {copies};")
@@ -322,6 +233,8 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
                 # the rest of the nest is written as the body of a function over one iteration
                 kernel_part = (self.lines, self.depth, opened, header, v, list(self.visible))
                 self.lines, self.depth, opened = [], 1, 0
+                if self.bf16 == "amx":
+                    e("lt_amx_configure();    /* tile configuration is per thread */")
             else:
                 if loop.name in unroll:
                     e(f"#pragma GCC unroll {unroll[loop.name]}")
@@ -343,10 +256,17 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
             self._emit_tile_call(rng)
         else:
             b, m, n, k = (rng[d][0] for d in "bmnk")
-            e(f"C[{b} * sCb + {m} * sCm + {n} * sCn] += A[{b} * sAb + {m} * sAm + {k} * sAk] * B[{b} * sBb + {k} * sBk + {n} * sBn];")
+            a, bb = f"A[{b} * sAb + {m} * sAm + {k} * sAk]", f"B[{b} * sBb + {k} * sBk + {n} * sBn]"
+            if self.bf16 and self.T == "uint16_t":
+                a, bb = f"lt_bf16_to_f32({a})", f"lt_bf16_to_f32({bb})"
+            elif self.bf16:
+                a, bb = f"lt_bf16_to_f32(lt_f32_to_bf16({a}))", f"lt_bf16_to_f32(lt_f32_to_bf16({bb}))"
+            e(f"C[{b} * sCb + {m} * sCm + {n} * sCn] += {a} * {bb};")
         for _ in range(opened):
             self.depth -= 1
             e("}")
+        if self.bf16 == "amx" and kernel_part is not None:
+            e("_tile_release();")
         if kernel_part is not None:
             lines, depth, opened, header, v, visible = kernel_part
             self.outlined, at = outline_parallel(self.prefix, visible, self.lines, header, v, "    " * depth)
@@ -369,10 +289,14 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
             src, st, sk = f"A + {b_lo} * sAb + {t_lo} * sAm + {k_lo} * sAk", "sAm", "sAk"
         else:
             src, st, sk = f"B + {b_lo} * sBb + {t_lo} * sBn + {k_lo} * sBk", "sBn", "sBk"
-        e(f"{self.T} *const p{operand} = {base};")
+        e(f"{self.TP} *const p{operand} = {base};")
         e(f"{self.prefix}_pack{operand}({src}, {st}, {sk}, {t_len}, {k_len}, p{operand});")
-        e(f"const int64_t p{operand}_t0 = {t_lo}, p{operand}_k0 = {k_lo}, p{operand}_klen = {k_len};")
-        self.visible += [(f"{self.T} *", f"p{operand}")] + [("int64_t", f"p{operand}_{x}") for x in ("t0", "k0", "klen")]
+        klen = k_len
+        if self.bf16:       # panels hold k padded to whole groups
+            P = bf16.k_group(self.bf16, operand)[1]
+            klen = f"({k_len} + {P - 1}) / {P} * {P}" if P > 1 else k_len
+        e(f"const int64_t p{operand}_t0 = {t_lo}, p{operand}_k0 = {k_lo}, p{operand}_klen = {klen};")
+        self.visible += [(f"{self.TP} *", f"p{operand}")] + [("int64_t", f"p{operand}_{x}") for x in ("t0", "k0", "klen")]
 
     def _operand_pointer(self, operand: str, rng: dict[str, tuple[str, str]]) -> str:
         tdim = TILE_DIM_FOR_OPERAND[operand]
@@ -393,10 +317,16 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         yu, yk = ("sAm", "sAk") if Y == "A" else ("sBn", "sBk")
         cu, cv = ("sCm", "sCn") if self.vdim == "n" else ("sCn", "sCm")
         u_len, v_len = (m_len, n_len) if self.vdim == "n" else (n_len, m_len)
-        e(f"const {self.T} *const tx = {self._operand_pointer(X, rng)};")
-        e(f"const {self.T} *const ty = {self._operand_pointer(Y, rng)};")
-        e(f"{self.T} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
+        if self.bf16 != "amx":
+            e(f"const {self.TP if X in self.packs else self.T} *const tx = {self._operand_pointer(X, rng)};")
+            e(f"const {self.TP if Y in self.packs else self.T} *const ty = {self._operand_pointer(Y, rng)};")
+        e(f"{self.TC} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
         e(f"const int ow = ({k_lo} == 0) && !accumulate;")
+        if self.bf16 == "amx":
+            for line in bf16.amx_tile_call(p, self.mr, self.nr, self._operand_pointer("A", rng),
+                                           self._operand_pointer("B", rng), m_len, n_len, k_len):
+                e(line)
+            return
         # An unpacked X read with vector loads needs unit stride along V; where the family's
         # layout does not give it (vectorizing m of a row-major A, n of a column-major B), its
         # tile is gathered into a panel first, like an edge.
@@ -408,8 +338,8 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         # narrower than the tile is computed into a scratch tile (from zero-padded panels; an
         # unpacked X edge is copied into one first) and only its valid part is stored.
         T, V = self.T, self.V
-        e(f"    const {T} *ex = tx; int64_t exk = {xk}, exv = {xv};")
-        e(f"    {T} tt[{self.U} * {V}] __attribute__((aligned(64)));")
+        e(f"    const {self.TP if X in self.packs else T} *ex = tx; int64_t exk = {xk}, exv = {xv};")
+        e(f"    {self.TC} tt[{self.U} * {V}] __attribute__((aligned(64)));")
         e(f"    const int narrow = {v_len} < {V};")
         if X not in self.packs:
             tid = "(int64_t)tid" if self.nest.parallel else "0"
@@ -421,11 +351,11 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
             e("        }")
             e(f"        ex = xe; exk = {V}; exv = 1;")
             e("    }")
-        e(f"    {T} *const dst = narrow ? tt : tc;")
+        e(f"    {self.TC} *const dst = narrow ? tt : tc;")
         e(f"    const int64_t du = narrow ? {V} : {cu}, dv = narrow ? 1 : {cv};")
         e("    const int dow = narrow ? 1 : ow;")
         e("    int64_t u0 = 0;")
-        y_row = "1" if Y in self.packs else yu
+        y_row = (str(bf16.k_group(self.bf16, Y)[0]) if self.bf16 else "1") if Y in self.packs else yu
         for r in self._row_variants():
             name = f"{p}_tile" if r == self.U else f"{p}_tile{r}"
             e(f"    for (; {u_len} - u0 >= {r}; u0 += {r})")

@@ -67,7 +67,14 @@ class BlockingParams:
         return s
 
 
+# bfloat16 by how its kernels compute (``machine.BF16_LEVELS``): four 16x16 AMX tiles; on vdpbf16ps
+# the float32 tile (the accumulators are float32); converted to float32 while packing, float32's.
+_BF16_TILES = {"amx": (32, 32), "avx512bf16": (12, 32)}
+
+
 def default_tile(cpu: CpuInfo, dtype: str) -> tuple[int, int]:
+    if dtype == "bfloat16":
+        return _BF16_TILES.get(cpu.bf16_isa) or _TILES[(cpu.vector_isa, "float32")]
     return _TILES[(cpu.vector_isa, dtype)]
 
 

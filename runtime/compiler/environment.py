@@ -18,6 +18,8 @@ Variables (each function below names the one it reads):
     LOOPTUNE_CACHE_DIR       where compiled kernels are cached
     LOOPTUNE_ISA             cap the generated code's vector ISA (portable, neon, avx2, avx512);
                              LOOPTUNE_NO_AVX512=1 is the older spelling of avx2
+    LOOPTUNE_BF16            cap how bfloat16 kernels compute (convert, avx512bf16, amx; see
+                             ``machine.BF16_LEVELS``): convert forces the portable path
     LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
     LOOPTUNE_NO_NUMPY_HANDOFF  1: serve generated kernels even where the record says numpy was
                              faster (benchmarks of the generated code alone)

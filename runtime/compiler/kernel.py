@@ -26,16 +26,17 @@ import numpy as np
 from cffi import FFI
 
 from looptune.runtime.compiler import environment, trampoline
-from looptune.runtime.compiler.abi import C_TYPE, KernelError, function_type
+from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, KernelError, function_type
 from looptune.runtime.compiler.build import BuildError
 from looptune.runtime.compiler.cache import TEMP_PREFIX
+from looptune.runtime.compiler.workload import numpy_dtype
 
 __all__ = ["Kernel", "KernelError", "KernelLoadError", "call_threads", "load_library"]
 
 log = logging.getLogger("looptune.runtime")
 
 _ffi = FFI()
-_ffi.cdef("\n".join(function_type(f"lt_{t}_fn", t) for t in C_TYPE.values()))
+_ffi.cdef("\n".join(function_type(f"lt_{d}_fn", d) for d in C_TYPE))
 
 _libs: dict[str, tuple[tuple[int, int, int], ctypes.CDLL]] = {}   # realpath -> (file identity, library)
 _libs_lock = threading.Lock()
@@ -136,7 +137,7 @@ class Kernel:
 
     def __init__(self, so_path: str, symbol: str, dtype: str) -> None:
         if dtype not in C_TYPE:
-            raise ValueError(f"kernels are float32 or float64, not {dtype!r}")
+            raise ValueError(f"kernels are {', '.join(C_TYPE)}, not {dtype!r}")
         if not symbol.isidentifier():
             raise KernelLoadError(f"not a C identifier: {symbol!r}")
         lib = load_library(so_path)
@@ -146,11 +147,10 @@ class Kernel:
             raise KernelLoadError(f"symbol {symbol!r} not found in {so_path}") from None
         self.so_path, self.symbol, self.dtype = so_path, symbol, dtype
         self.address: int = ctypes.cast(fn, ctypes.c_void_p).value  # type: ignore[assignment]
-        self._np_dtype = np.dtype(dtype)
+        self._np_dtype = numpy_dtype(dtype)
         self.typenum: int = self._np_dtype.num
-        t = C_TYPE[dtype]
-        self._cfn = _ffi.cast(f"lt_{t}_fn", self.address)
-        self._ptr_types = (f"const {t} *", f"{t} *")
+        self._cfn = _ffi.cast(f"lt_{dtype}_fn", self.address)
+        self._ptr_types = (f"const {C_TYPE[dtype]} *", f"{C_TYPE[OUTPUT_DTYPE[dtype]]} *")
         module = trampoline.load()
         # a partial of a C function: calling it runs no Python bytecode
         self.invoke = (functools.partial(module.call, self.address, self.typenum) if module is not None

@@ -32,6 +32,14 @@ def isa_cap() -> str | None:
 
 # Features that change generated code or its speed; everything else in /proc/cpuinfo is noise for us.
 RELEVANT_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512vl", "avx512bw", "avx512dq", "neon", "asimd", "sve")
+# bfloat16 instructions.  Kept apart from RELEVANT_FEATURES, which is part of every database record's
+# machine key (records written before bfloat16 existed still match); kernels' cache keys include both.
+BF16_FEATURES = ("avx512_bf16", "amx_bf16", "amx_tile")
+# How bfloat16 kernels compute, weakest first; ``LOOPTUNE_BF16`` caps it like ``LOOPTUNE_ISA``:
+#   convert     bf16 widened to float32 while packing, float32 micro-kernel (any CPU)
+#   avx512bf16  vdpbf16ps: pairs of bf16 products summed into float32 lanes (Zen 4, Cooper Lake, ...)
+#   amx         AMX tiles, tdpbf16ps (Sapphire Rapids and later), when the OS grants the tile state
+BF16_LEVELS = ("convert", "avx512bf16", "amx")
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,20 @@ class CpuInfo:
     l2_bytes: int
     l3_bytes: int
     machine_cores: int = 0         # logical CPUs of the machine, whatever this process is pinned to
+    extensions: tuple[str, ...] = ()   # sorted subset of BF16_FEATURES
+
+    @property
+    def bf16_isa(self) -> str:
+        """How bfloat16 kernels compute here: one of ``BF16_LEVELS`` (capped by ``LOOPTUNE_BF16``,
+        and by ``LOOPTUNE_ISA``: the BF16 instructions need the AVX-512 target)."""
+        cap = environment.choice("LOOPTUNE_BF16", BF16_LEVELS, "amx")
+        allowed = BF16_LEVELS[: BF16_LEVELS.index(cap) + 1]
+        f = set(self.extensions)
+        if self.vector_isa != "avx512" or "avx512_bf16" not in f:
+            return "convert"
+        if "amx" in allowed and {"amx_bf16", "amx_tile"} <= f and amx_permitted():
+            return "amx"
+        return "avx512bf16" if "avx512bf16" in allowed else "convert"
 
     @property
     def vector_isa(self) -> str:
@@ -71,6 +93,22 @@ class CpuInfo:
     def fma_units(self) -> int:
         """FMA pipes per core at the vector width above (2 on every recent x86 and big ARM core)."""
         return 2
+
+
+@functools.lru_cache(maxsize=1)
+def amx_permitted() -> bool:
+    """Ask Linux for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM)``; the grant is
+    process-wide and kept across fork).  Kernels ask again themselves before using tiles."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+        return libc.syscall(sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _cache_bytes(level_type: tuple[int, str], default: int) -> int:
@@ -127,4 +165,5 @@ def detect_cpu() -> CpuInfo:
         l2_bytes=_cache_bytes((2, "Unified"), 512 << 10),
         l3_bytes=_cache_bytes((3, "Unified"), 8 << 20),
         machine_cores=os.cpu_count() or cores,
+        extensions=tuple(sorted(f for f in BF16_FEATURES if f in flags)),
     )

@@ -84,16 +84,17 @@ static void extent(const void *data, const int64_t shape[3], const int64_t st[3]
     *hi = (uintptr_t)data + last + item;
 }
 
-static int overlaps(const void *pc, const int64_t cs[3], const int64_t sc[3], const void *px, const int64_t xs[3],
-                    const int64_t sx[3], int64_t item)
+static int overlaps(const void *pc, const int64_t cs[3], const int64_t sc[3], int64_t item_c, const void *px,
+                    const int64_t xs[3], const int64_t sx[3], int64_t item_x)
 {
     uintptr_t clo, chi, xlo, xhi;
-    extent(pc, cs, sc, item, &clo, &chi);
-    extent(px, xs, sx, item, &xlo, &xhi);
+    extent(pc, cs, sc, item_c, &clo, &chi);
+    extent(px, xs, sx, item_x, &xlo, &xhi);
     return clo < xhi && xlo < chi;
 }
 
-/* METH_FASTCALL: no argument tuple to build or parse (a partial binding fn and typenum calls it directly) */
+/* METH_FASTCALL: no argument tuple to build or parse (a partial binding fn and typenum calls it directly).
+   typenum is the inputs' type; C is of the same type, or float32 for any other (bfloat16) */
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 7) { PyErr_SetString(PyExc_TypeError, "call(fn, typenum, A, B, C, accumulate, nthreads)"); return NULL; }
@@ -102,16 +103,18 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred()) return NULL;
     PyObject *A = args[2], *B = args[3], *C = args[4];
     int64_t sc[3], cs[3], sa[3], as[3], sb[3], bs[3]; void *pa, *pb, *pc;
-    int ec = operand(C, (int)typenum, 1, 1, cs, sc, &pc), ea, eb;
+    int out_typenum = (typenum == NPY_FLOAT || typenum == NPY_DOUBLE) ? (int)typenum : NPY_FLOAT;
+    int ec = operand(C, out_typenum, 1, 1, cs, sc, &pc), ea, eb;
     if (ec < 0) return NULL;
     if ((ea = operand(A, (int)typenum, 0, cs[0], as, sa, &pa)) < 0 || (eb = operand(B, (int)typenum, 0, cs[0], bs, sb, &pb)) < 0) return NULL;
     if (ec || ea || eb) return PyLong_FromLong(-3);
     if (as[0] != cs[0] || bs[0] != cs[0] || as[1] != cs[1] || bs[2] != cs[2] || as[2] != bs[1]) {
         PyErr_SetString(PyExc_ValueError, "operand shapes do not match"); return NULL;
     }
-    int64_t item = PyArray_ITEMSIZE((PyArrayObject *)C);
+    int64_t item = PyArray_ITEMSIZE((PyArrayObject *)C), item_in = PyArray_ITEMSIZE((PyArrayObject *)A);
     if (cs[0] && cs[1] && cs[2] && as[2]
-        && (overlaps(pc, cs, sc, pa, as, sa, item) || overlaps(pc, cs, sc, pb, bs, sb, item))) return PyLong_FromLong(-4);
+        && (overlaps(pc, cs, sc, item, pa, as, sa, item_in) || overlaps(pc, cs, sc, item, pb, bs, sb, item_in)))
+        return PyLong_FromLong(-4);
     int rc;
     int64_t work = cs[0] * cs[1] * cs[2] * as[2];
     if (work > 32768) {
@@ -290,7 +293,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         || (uintptr_t)pa % item || (uintptr_t)pb % item || (uintptr_t)pc % item) goto done;
     for (int i = 0; i < 3; i++) { sa[i] = as_[i] / item; sb[i] = bs[i] / item; }
     sc[0] = cb / item; sc[1] = cm / item; sc[2] = cn / item;
-    if (O != Py_None && (overlaps(pc, shc, sc, pa, sha, sa, item) || overlaps(pc, shc, sc, pb, shb, sb, item))) goto done;
+    if (O != Py_None && (overlaps(pc, shc, sc, item, pa, sha, sa, item) || overlaps(pc, shc, sc, item, pb, shb, sb, item))) goto done;
     int rc;
     if (count * m * n * k > 32768) {
         Py_BEGIN_ALLOW_THREADS

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Mapping
 
 OPS = ("matmul",)
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")     # the inputs' dtype; bfloat16 is ml_dtypes' (result: float32)
+ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2}
 LAYOUTS = ("nn", "tn", "nt", "tt")   # t: that operand (A first, B second) is a transposed view
 MAX_DIM = 1 << 24
 MAX_THREADS = 1024
@@ -96,7 +97,7 @@ class MatmulProblem:
 
     @property
     def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 8
+        return ITEMSIZE[self.dtype]
 
     @property
     def family(self) -> tuple[str, str, str, int]:
@@ -163,7 +164,7 @@ class MatmulProblem:
         import numpy as np
 
         rng = np.random.default_rng(seed)
-        dt = np.dtype(self.dtype)
+        dt = numpy_dtype(self.dtype)
         b, m, n, k = self.batch, self.m, self.n, self.k
         a = rng.standard_normal((b, k, m) if self.layout[0] == "t" else (b, m, k)).astype(dt)
         bb = rng.standard_normal((b, n, k) if self.layout[1] == "t" else (b, k, n)).astype(dt)
@@ -171,8 +172,21 @@ class MatmulProblem:
             a = a.transpose(0, 2, 1)
         if self.layout[1] == "t":
             bb = bb.transpose(0, 2, 1)
-        c = np.empty((b, m, n), dtype=dt)
+        c = np.empty((b, m, n), dtype=np.float32 if self.dtype == "bfloat16" else dt)
         return a, bb, c
+
+
+def numpy_dtype(name: str):
+    """The numpy dtype of one of ``DTYPES``; bfloat16 needs ml_dtypes (the ``bf16`` extra)."""
+    import numpy as np
+
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ProblemError("bfloat16 needs ml_dtypes: pip install 'looptune[bf16]'") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def parse_shape_line(line: str, *, threads: int = 1) -> MatmulProblem | None:

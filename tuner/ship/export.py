@@ -201,7 +201,7 @@ def _dispatch_text(plan: Plan, dtype: str) -> str:
     entries = [e for e in plan.entries if e.dtype == dtype]
     fn = "looptune_" + p + "gemm"
     out = [f"/* ---- {dtype}: {len(entries)} shapes, {len(kernels)} kernels ---- */",
-           function_type(f"lt_{p}fn", T),
+           function_type(f"lt_{p}fn", dtype),
            f"static const lt_{p}fn lt_{p}_kernels[{len(kernels)}] = {{ {', '.join(k.symbol for _, k in kernels)} }};",
            f"static const char *const lt_{p}_names[{len(kernels)}] = {{ "
            + ", ".join(f'"{k.symbol}"' for _, k in kernels) + " };",

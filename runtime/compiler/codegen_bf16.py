@@ -1,0 +1,317 @@
+"""The bfloat16 parts of the code generator: how a schedule's kernel computes on bf16 inputs.
+
+bfloat16 kernels read ``uint16_t`` bit patterns (ml_dtypes' ``bfloat16``; with ``inputs="float32"``
+float32 values rounded to bf16 while packing) and write float32 ``C``, accumulated in float32 over
+the whole of K, as ``np.matmul`` returns for ml_dtypes arrays.  Both operands are always packed
+(where the schedule packs nothing, the panel of one register tile is packed just above it), in a
+layout the instruction reads, chosen per schedule from the best the target has:
+
+``amx``        AMX tiles (Sapphire Rapids and later).  The register tile is mr x nr in 16 x 16
+               float32 tiles (32 x 32: four C tiles, two of A, two of B); A panels keep 32
+               consecutive k of one row together, B panels pairs of k per column::
+
+                   A panel: dst[(k/32)*R*32 + r*32 + k%32]    B panel: dst[(k/2)*R*2 + r*2 + k%2]
+
+               both padded with zeros to a multiple of 32 in k; ``tdpbf16ps`` per 32 k.
+``avx512bf16`` ``vdpbf16ps``: each float32 lane sums two bf16 products.  Both panels are in pairs
+               of k (``dst[(k/2)*R*2 + r*2 + k%2]``, padded to even k); the micro-kernel loads 16
+               pairs of X as one vector and broadcasts one pair of Y as 32 bits.
+``convert``    any CPU: bf16 widened to float32 while packing (``dst[k*R + r]``, as for float32),
+               then the float32 micro-kernel.
+
+A schedule the faster forms cannot run (a tile that is not whole AMX tiles or 16-lane vectors,
+a k block below a pack that would split a k group) gets the next one, so every schedule of the
+family renders.  The loop nest itself is the schedule's, e.g. the default on an AMX machine::
+
+    for n.o / for k.o: pack B panels    ->   the same loops; the packs write the layouts above
+      for m.o: pack A panels                 and the 32x32 tile is four tdpbf16ps per 32 k
+        for n.i.o / m.i.o: 32x32 tile
+"""
+from __future__ import annotations
+
+from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
+
+MODES = ("convert", "avx512bf16", "amx")
+AMX_TILE_ROWS = 16          # float32 rows and columns of one AMX C tile
+AMX_TILE_REGISTERS = 8
+AMX_K_STEP = 32             # bf16 elements of k per tdpbf16ps
+
+
+def k_group(mode: str, operand: str) -> tuple[int, int]:
+    """(G, P) of a packed operand: k kept in groups of G per panel row, k padded to a multiple of P."""
+    if mode == "amx":
+        return (AMX_K_STEP if operand == "A" else 2), AMX_K_STEP
+    if mode == "avx512bf16":
+        return 2, 2
+    return 1, 1
+
+
+def amx_tile_fits(mr: int, nr: int) -> bool:
+    if mr % AMX_TILE_ROWS or nr % AMX_TILE_ROWS:
+        return False
+    a, b = mr // AMX_TILE_ROWS, nr // AMX_TILE_ROWS
+    return a * b + a + b <= AMX_TILE_REGISTERS
+
+
+def pack_positions(nest: LoopNest) -> dict[str, str | None]:
+    """Where each operand is packed in a bf16 kernel: the schedule's place, else the loop just above
+    the register tile (None: before every loop)."""
+    start = nest.kernel_start()
+    inner = nest.loops[start - 1].name if start > 0 else None
+    return {op: dict(nest.pack).get(op, inner) for op in ("A", "B")}
+
+
+def _k_blocks_fit(nest: LoopNest, mode: str) -> bool:
+    """Every k loop between a pack and the tile steps by whole k groups of that pack."""
+    start = nest.kernel_start()
+    for operand, at in pack_positions(nest).items():
+        g = max(k_group(mode, "A")[0], k_group(mode, "B")[0])
+        first = nest.index(at) + 1 if at is not None else 0
+        if any(l.dim == "k" and l.block % g for l in nest.loops[first:start]):
+            return False
+    return True
+
+
+def choose_mode(nest: LoopNest, best: str, lanes: int) -> str:
+    """The fastest of ``MODES`` up to ``best`` (the target's) that this nest can be rendered in;
+    ``lanes``: float32 lanes of the target's vectors."""
+    if nest.tile is None:
+        return "convert"
+    mr, nr = nest.tile_sizes  # type: ignore[misc]
+    v = nr if nest.vector_dim == "n" else mr
+    order = MODES[: MODES.index(best) + 1][::-1]
+    for mode in order:
+        if mode == "amx" and not (amx_tile_fits(mr, nr) and _k_blocks_fit(nest, mode)):
+            continue
+        if mode == "avx512bf16" and not (lanes == 16 and v % 16 == 0 and _k_blocks_fit(nest, mode)):
+            continue
+        return mode
+    return "convert"
+
+
+def prelude(mode: str, inputs_bf16: bool) -> list[str]:
+    """Headers and conversions every bf16 kernel file needs."""
+    out = []
+    if mode != "convert":
+        out += ["#ifndef __clang__",
+                f'#pragma GCC target("avx512f,avx512bf16{",amx-tile,amx-bf16" if mode == "amx" else ""}")',
+                "#endif",
+                "#include <immintrin.h>"]
+    if mode == "amx":
+        out += ["#include <unistd.h>", "#include <sys/syscall.h>"]
+    out += [
+        "/* bf16 bit patterns <-> float32: widening is exact; narrowing rounds to nearest even */",
+        "static inline float lt_bf16_to_f32(uint16_t h) { union { uint32_t u; float f; } v = { (uint32_t)h << 16 }; return v.f; }",
+        "static inline uint16_t lt_f32_to_bf16(float f)",
+        "{",
+        "    union { float f; uint32_t u; } v = { f };",
+        "    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);   /* quiet NaN */",
+        "    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);",
+        "}",
+    ]
+    if not inputs_bf16 and mode != "convert":
+        pass
+    if mode == "amx":
+        out += [
+            "/* AMX: the tile registers (eight of 16 rows x 64 bytes) need the OS's grant once per process */",
+            "static int lt_amx_granted(void)",
+            "{",
+            "    static volatile int granted = 0;     /* 0: not asked, 1: yes, -1: refused */",
+            "    if (!granted) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;",
+            "    return granted == 1;",
+            "}",
+            "static void lt_amx_configure(void)",
+            "{",
+            "    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }",
+            "        __attribute__((aligned(64))) cfg;",
+            "    memset(&cfg, 0, sizeof cfg);",
+            "    cfg.palette = 1;",
+            f"    for (int t = 0; t < {AMX_TILE_REGISTERS}; t++) {{ cfg.rows[t] = {AMX_TILE_ROWS}; cfg.colsb[t] = 64; }}",
+            "    _tile_loadconfig(&cfg);",
+            "}",
+        ]
+    return out
+
+
+def pack_function(prefix: str, operand: str, R: int, mode: str, source_type: str, panel_type: str) -> list[str]:
+    """The pack of one operand block into panels of R in the layout of ``mode`` (see the module doc)."""
+    G, P = k_group(mode, operand)
+    if source_type == panel_type:
+        conv = "{}"
+    elif panel_type == "float":
+        conv = "lt_bf16_to_f32({})"
+    else:
+        conv = "lt_f32_to_bf16({})"
+    c = conv.format
+    TS, TP = source_type, panel_type
+    if mode != "convert":
+        fast_k, fast_t = _vector_pack_paths(R, G, TS)
+    else:
+        fast_k = f"""for (; k0 < kg; k0 += {G})
+                for (int64_t i = 0; i < {R}; i++)
+                    for (int64_t g = 0; g < {G}; g++) d[k0 * {R} + i * {G} + g] = {c("s[i * st + k0 + g]")};"""
+        fast_t = f"""for (; k0 < kg; k0 += {G})
+                for (int64_t i = 0; i < {R}; i++)
+                    for (int64_t g = 0; g < {G}; g++) d[k0 * {R} + i * {G} + g] = {c("s[(k0 + g) * sk + i]")};"""
+    return f"""
+/* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of {R}, k in groups of {G}
+   padded to {P}: dst[p*kp*{R} + (k/{G})*{R * G} + r*{G} + k%{G}], kp = klen rounded up to {P} */
+static void {prefix}_pack{operand}(const {TS} *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, {TP} *restrict dst)
+{{
+    const int64_t kp = (klen + {P - 1}) / {P} * {P}, kg = klen / {G} * {G};
+    for (int64_t p = 0; p < tlen; p += {R}) {{
+        const int64_t r = LT_MIN({R}, tlen - p);
+        const {TS} *s = src + p * st;
+        {TP} *d = dst + p * kp;
+        int64_t k0 = 0;
+        if (r == {R} && sk == 1) {{
+            {fast_k}
+        }} else if (r == {R} && st == 1) {{
+            {fast_t}
+        }}
+        for (int64_t k = k0; k < kp; k++) {{
+            {TP} *dk = d + (k / {G}) * {R * G} + k % {G};
+            for (int64_t i = 0; i < {R}; i++) dk[i * {G}] = (i < r && k < klen) ? {c("s[i * st + k * sk]")} : 0;
+        }}
+    }}
+}}""".splitlines()
+
+
+def _vector_pack_paths(R: int, G: int, TS: str) -> tuple[str, str]:
+    """AVX-512 loops for the two common source layouts (k contiguous: rows of A; t contiguous: rows
+    of B), 32 bf16 per vector (read as bf16, or float32 rounded to nearest even by vcvtne2ps2bf16)."""
+    load = ("_mm512_loadu_si512({})" if TS == "uint16_t" else
+            "(__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(({}) + 16), _mm512_loadu_ps({}))")
+    ld = lambda p: load.format(*([p] * load.count("{}")))      # noqa: E731
+    conv = "{}" if TS == "uint16_t" else "lt_f32_to_bf16({})"
+    if G == 32:      # groups of 32 k per row: one vector per row and group
+        fast_k = f"""for (; k0 < kg; k0 += 32)
+                for (int64_t i = 0; i < {R}; i++) _mm512_storeu_si512(d + k0 * {R} + i * 32, {ld("s + i * st + k0")});"""
+    else:            # pairs of k: each row's pairs as 32-bit words, rows after rows
+        fast_k = f"""for (int64_t i = 0; i < {R}; i++)
+                for (int64_t k = 0; k < kg; k += 2) {{
+                    d[k * {R} + i * 2] = {conv.format("s[i * st + k]")};
+                    d[k * {R} + i * 2 + 1] = {conv.format("s[i * st + k + 1]")};
+                }}
+            k0 = kg;"""
+    if G == 2 and R % 32 == 0:    # rows k and k+1 interleaved: two permutes per 32 columns
+        fast_t = f"""const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+            const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+            for (; k0 < kg; k0 += 2)
+                for (int64_t i = 0; i < {R}; i += 32) {{
+                    const __m512i r0 = {ld("s + k0 * sk + i")}, r1 = {ld("s + (k0 + 1) * sk + i")};
+                    _mm512_storeu_si512(d + k0 * {R} + 2 * i, _mm512_permutex2var_epi16(r0, lo, r1));
+                    _mm512_storeu_si512(d + k0 * {R} + 2 * i + 32, _mm512_permutex2var_epi16(r0, hi, r1));
+                }}"""
+    else:
+        fast_t = f"""for (; k0 < kg; k0 += {G})
+                for (int64_t g = 0; g < {G}; g++)
+                    for (int64_t i = 0; i < {R}; i++) d[k0 * {R} + i * {G} + g] = {conv.format("s[(k0 + g) * sk + i]")};"""
+    return fast_k, fast_t
+
+
+def avx512bf16_tile(prefix: str, name: str, rows: int, full_rows: int, V: int, unroll: int) -> list[str]:
+    """A rows x V tile over packed pair panels: X gives 16 pairs per vector, Y one pair per row."""
+    nvec = V // 16
+    L = [
+        "",
+        f"/* {rows}x{V} register tile on vdpbf16ps, {nvec} vector(s) of 16 float32 per row; c(u, v) at c[u*cu + v*cv] */",
+        f"static __attribute__((noinline)) void {name}(int64_t kc,",
+        "    const uint16_t *restrict x, int64_t xk, int64_t xv, const uint16_t *restrict y, int64_t yu, int64_t yk,",
+        "    float *restrict c, int64_t cu, int64_t cv, int overwrite)",
+        "{",
+        "    (void)xk; (void)xv; (void)yu; (void)yk;",
+        "    typedef int32_t pair_t __attribute__((may_alias, aligned(4)));",
+    ]
+    L += ["    __m512 " + ", ".join(f"c{u}_{j} = _mm512_setzero_ps()" for j in range(nvec)) + ";" for u in range(rows)]
+    if unroll > 1 and rows == full_rows:
+        L.append(f"    #pragma GCC unroll {max(1, unroll // 2)}")
+    L.append("    for (int64_t kk = 0; kk < kc; kk += 2) {")
+    for j in range(nvec):
+        L.append(f"        const __m512bh x{j} = (__m512bh)_mm512_loadu_si512(x + {32 * j});")
+    for u in range(rows):
+        L.append(f"        {{ const __m512bh yv = (__m512bh)_mm512_set1_epi32(*(const pair_t *)(y + {2 * u}));")
+        L += [f"          c{u}_{j} = _mm512_dpbf16_ps(c{u}_{j}, yv, x{j});" for j in range(nvec)]
+        L.append("        }")
+    L.append(f"        x += {2 * V}; y += {2 * full_rows};")
+    L.append("    }")
+    L.append("    if (cv == 1) {")
+    for u in range(rows):
+        for j in range(nvec):
+            ptr = f"c + {u} * cu + {16 * j}"
+            L.append(f"        _mm512_storeu_ps({ptr}, overwrite ? c{u}_{j} : _mm512_add_ps(_mm512_loadu_ps({ptr}), c{u}_{j}));")
+    L.append("    } else {")
+    L.append(f"        float t[{rows} * {V}] __attribute__((aligned(64)));")
+    for u in range(rows):
+        for j in range(nvec):
+            L.append(f"        _mm512_store_ps(t + {u * V + 16 * j}, c{u}_{j});")
+    L.append(f"        {prefix}_scatter(t, {rows}, {V}, c, cu, cv, overwrite);")
+    L.append("    }")
+    L.append("}")
+    return L
+
+
+def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
+    """mr x nr of C in 16x16 AMX tiles: C tiles first, then A's, then B's."""
+    na, nb = mr // AMX_TILE_ROWS, nr // AMX_TILE_ROWS
+    c_t = lambda i, j: i * nb + j                  # noqa: E731
+    a_t = lambda i: na * nb + i                     # noqa: E731
+    b_t = lambda j: na * nb + na + j                # noqa: E731
+    R = AMX_TILE_ROWS
+    L = [
+        "",
+        f"/* {mr}x{nr} of C = {na}x{nb} AMX tiles over k (a multiple of {AMX_K_STEP} in the zero-padded panels);",
+        "   c(m, n) at c[m*cm + n*cn]; the caller has configured the tiles */",
+        f"static __attribute__((noinline)) void {prefix}_amx_tile(int64_t kc, const uint16_t *restrict a,",
+        "    const uint16_t *restrict b, float *restrict c, int64_t cm, int64_t cn, int overwrite)",
+        "{",
+        "    if (!overwrite && cn == 1) {",
+    ]
+    L += [f"        _tile_loadd({c_t(i, j)}, c + {i * R} * cm + {j * R}, cm * 4);" for i in range(na) for j in range(nb)]
+    L.append("    } else {")
+    L += [f"        _tile_zero({c_t(i, j)});" for i in range(na) for j in range(nb)]
+    L.append("    }")
+    L.append(f"    for (int64_t kk = 0; kk < kc; kk += {AMX_K_STEP}) {{")
+    # Tile registers are not renamed: a load waits for the products reading its register.  Each
+    # operand is loaded right before its first product, so the next step's loads overlap this
+    # step's last products.
+    for i in range(na):
+        L.append(f"        _tile_loadd({a_t(i)}, a + {i * R * AMX_K_STEP}, {AMX_K_STEP * 2});")
+        for j in range(nb):
+            if i == 0:
+                L.append(f"        _tile_loadd({b_t(j)}, b + {j * R * 2}, {nr * 4});")
+            L.append(f"        _tile_dpbf16ps({c_t(i, j)}, {a_t(i)}, {b_t(j)});")
+    L.append(f"        a += {AMX_K_STEP * mr}; b += {AMX_K_STEP * nr};")
+    L.append("    }")
+    L.append("    if (cn == 1) {")
+    L += [f"        _tile_stored({c_t(i, j)}, c + {i * R} * cm + {j * R}, cm * 4);" for i in range(na) for j in range(nb)]
+    L.append("    } else {")
+    L.append(f"        float t[{mr} * {nr}] __attribute__((aligned(64)));")
+    L += [f"        _tile_stored({c_t(i, j)}, t + {i * R * nr + j * R}, {nr * 4});" for i in range(na) for j in range(nb)]
+    L.append(f"        {prefix}_scatter(t, {mr}, {nr}, c, cm, cn, overwrite);")
+    L.append("    }")
+    L.append("}")
+    return L
+
+
+def amx_tile_call(prefix: str, mr: int, nr: int, a_ptr: str, b_ptr: str, m_len: str, n_len: str,
+                  k_len: str) -> list[str]:
+    """The call of the AMX tile at one tile position: whole tiles straight into C, edges through a
+    scratch tile (the panels are zero-padded, so a whole tile is always computed)."""
+    return [
+        f"const uint16_t *const ta = {a_ptr};",
+        f"const uint16_t *const tb = {b_ptr};",
+        f"if ({m_len} == {mr} && {n_len} == {nr}) {{",
+        f"    {prefix}_amx_tile({k_len}, ta, tb, tc, sCm, sCn, ow);",
+        "} else {",
+        f"    float tt[{mr} * {nr}] __attribute__((aligned(64)));",
+        f"    {prefix}_amx_tile({k_len}, ta, tb, tt, {nr}, 1, 1);",
+        f"    for (int64_t u = 0; u < {m_len}; u++)",
+        f"        {prefix}_scatter(tt + u * {nr}, 1, {n_len}, tc + u * sCm, sCm, sCn, ow);",
+        "}",
+    ]
+
+
+def tile_dim_of(operand: str) -> str:
+    return TILE_DIM_FOR_OPERAND[operand]

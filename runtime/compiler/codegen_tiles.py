@@ -1,0 +1,154 @@
+"""The register-tiled micro-kernels and the packing routines of the code generator.
+
+``TileWriter`` is the part of ``codegen``'s kernel writer that renders file-scope functions:
+packing an operand block into panels, and the micro-kernel that computes one register tile
+(``U x V`` accumulators over a k range) with any edge size.  The float micro-kernel is written
+with GCC/Clang vector extensions; the bfloat16 ones are in ``codegen_bf16``.
+"""
+from __future__ import annotations
+
+from looptune.runtime.compiler import codegen_bf16 as bf16
+from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
+
+
+class TileWriter:
+    """Mixin of ``codegen._KernelWriter`` (reads its nest, types and tile attributes)."""
+
+    def _vector_types(self) -> list[str]:
+        if self.W == 1:
+            return [f"typedef {self.TC} {self.prefix}_v;"]
+        vb = self.W * self.itemsize
+        return [
+            f"typedef {self.TC} {self.prefix}_v __attribute__((vector_size({vb})));",
+            f"typedef {self.TC} {self.prefix}_vu __attribute__((vector_size({vb}), aligned({self.itemsize}), may_alias));",
+        ]
+
+    def _load(self, ptr: str) -> str:
+        return f"(*(const {self.prefix}_vu *)({ptr}))" if self.W > 1 else f"(*({ptr}))"
+
+    def _store(self, ptr: str, value: str) -> str:
+        return f"*({self.prefix}_vu *)({ptr}) = {value};" if self.W > 1 else f"*({ptr}) = {value};"
+
+    # ---- packing: panels of R along the tile dimension, k-major inside a panel -----------------
+    def _pack_functions(self) -> list[str]:
+        T, out = self.T, []
+        for operand in sorted(self.packs):
+            R = self.mr if TILE_DIM_FOR_OPERAND[operand] == "m" else self.nr
+            if self.bf16:
+                out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP)
+                continue
+            out += f"""
+/* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of {R}: dst[p*klen*{R} + k*{R} + r] */
+static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, {T} *restrict dst)
+{{
+    for (int64_t p = 0; p < tlen; p += {R}) {{
+        const int64_t r = LT_MIN({R}, tlen - p);
+        const {T} *s = src + p * st;
+        {T} *d = dst + p * klen;
+        if (r == {R} && st == 1) {{
+            for (int64_t k = 0; k < klen; k++)
+                for (int64_t i = 0; i < {R}; i++) d[k * {R} + i] = s[k * sk + i];
+        }} else if (r == {R} && sk == 1) {{
+            for (int64_t k0 = 0; k0 < klen; k0 += 64) {{
+                const int64_t kn = LT_MIN(64, klen - k0);
+                for (int64_t i = 0; i < {R}; i++)
+                    for (int64_t k = k0; k < k0 + kn; k++) d[k * {R} + i] = s[i * st + k];
+            }}
+        }} else {{
+            for (int64_t k = 0; k < klen; k++) {{
+                for (int64_t i = 0; i < r; i++) d[k * {R} + i] = s[i * st + k * sk];
+                for (int64_t i = r; i < {R}; i++) d[k * {R} + i] = 0;
+            }}
+        }}
+    }}
+}}""".splitlines()
+        return out
+
+    # ---- the register-tiled micro-kernel ------------------------------------------------------
+    def _row_variants(self) -> list[int]:
+        """Row counts with their own micro-kernel: the full tile and a few smaller ones, so an
+        edge of any height is a few vectorized calls instead of scalar code (more variants would
+        cost compile time for code that runs once per block edge)."""
+        return [self.U] + [r for r in (16, 4, 1) if r < self.U]
+
+    def _micro_kernel(self) -> list[str]:
+        T, p = self.TC, self.prefix
+        L: list[str] = [
+            "/* a finished tile t (rows x cols, row-major) into C with any strides */",
+            f"static __attribute__((noinline)) void {p}_scatter(const {T} *t, int64_t rows, int64_t cols, {T} *c, int64_t cu, int64_t cv, int overwrite)",
+            "{",
+            "    for (int64_t u = 0; u < rows; u++) for (int64_t v = 0; v < cols; v++) {",
+            "        if (overwrite) c[u * cu + v * cv] = t[u * cols + v]; else c[u * cu + v * cv] += t[u * cols + v];",
+            "    }",
+            "}",
+        ]
+        if self.bf16 == "amx":
+            return L + bf16.amx_tile(p, self.mr, self.nr)
+        for rows in self._row_variants():
+            if self.bf16 == "avx512bf16":
+                name = f"{p}_tile" if rows == self.U else f"{p}_tile{rows}"
+                L += bf16.avx512bf16_tile(p, name, rows, self.U, self.V, self._kernel_unroll())
+            else:
+                L += self._tile_function(rows)
+        return L
+
+    def _tile_function(self, rows: int) -> list[str]:
+        """acc[rows][V] over kc steps: X supplies vectors along V, Y scalars along U.
+
+        Operand addressing (relative to the tile's corner): a packed operand is a panel,
+        element (k, t) at [k*R + t] (R is the full tile side even for a partial-row variant);
+        an unpacked X has unit stride along V (the caller gathers its tile otherwise) unless read as scalars.
+        """
+        T, p, U, V, W = self.TC, self.prefix, self.U, self.V, self.W
+        TX = self.TP if self.X in self.packs else self.T
+        TY = self.TP if self.Y in self.packs else self.T
+        nvec = V // W
+        x_packed, y_packed = self.X in self.packs, self.Y in self.packs
+        x_step = f"{V}" if x_packed else "xk"
+        y_at = (lambda u: f"y[{u}]") if y_packed else (lambda u: f"y[{u} * yu]")
+        y_step = f"{U}" if y_packed else "yk"
+        unroll = self._kernel_unroll()
+        name = f"{p}_tile" if rows == U else f"{p}_tile{rows}"
+        L = [
+            "",
+            f"/* {rows}x{V} register tile, {nvec} vector(s) of {W} per row; c(u, v) at c[u*cu + v*cv] */",
+            f"static __attribute__((noinline)) void {name}(int64_t kc,",
+            f"    const {TX} *restrict x, int64_t xk, int64_t xv, const {TY} *restrict y, int64_t yu, int64_t yk,",
+            f"    {T} *restrict c, int64_t cu, int64_t cv, int overwrite)",
+            "{",
+            "    (void)xk; (void)xv; (void)yu; (void)yk;",
+        ]
+        U = rows
+        L += [f"    {p}_v " + ", ".join(f"c{u}_{j} = {{0}}" for j in range(nvec)) + ";" for u in range(U)]
+        if unroll > 1 and rows == self.U:      # edge variants stay compact: they run rarely
+            L.append(f"    #pragma GCC unroll {unroll}")
+        L.append("    for (int64_t kk = 0; kk < kc; kk++) {")
+        for j in range(nvec):
+            # an unpacked X read with scalar "vectors" may have any stride along V; wider vectors need 1
+            at = f"x + {j} * xv" if (W == 1 and not x_packed) else f"x + {j * W}"
+            L.append(f"        const {p}_v x{j} = {self._load(at)};")
+        for u in range(U):
+            L.append(f"        {{ const {T} yv = {y_at(u)};")
+            L += [f"          c{u}_{j} += yv * x{j};" for j in range(nvec)]
+            L.append("        }")
+        L.append(f"        x += {x_step}; y += {y_step};")
+        L.append("    }")
+        L.append("    if (cv == 1) {")
+        for u in range(U):
+            for j in range(nvec):
+                ptr = f"c + {u} * cu + {j * W}"
+                L.append(f"        if (overwrite) {{ {self._store(ptr, f'c{u}_{j}')} }} "
+                         f"else {{ {self._store(ptr, f'{self._load(ptr)} + c{u}_{j}')} }}")
+        L.append("    } else {")
+        L.append(f"        {T} t[{U} * {V}] __attribute__((aligned(64)));")
+        for u in range(U):
+            for j in range(nvec):
+                L.append(f"        {self._store(f't + {u * V + j * W}', f'c{u}_{j}')}")
+        L.append(f"        {p}_scatter(t, {U}, {V}, c, cu, cv, overwrite);")
+        L.append("    }")
+        L.append("}")
+        return L
+
+    def _kernel_unroll(self) -> int:
+        absorbed = self.nest.loops[self.start:-2]
+        return max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
