@@ -35,6 +35,7 @@ MODES = ("convert", "avx512bf16", "amx")
 AMX_TILE_ROWS = 16          # float32 rows and columns of one AMX C tile
 AMX_TILE_REGISTERS = 8
 AMX_K_STEP = 32             # bf16 elements of k per tdpbf16ps
+AMX_PREFETCH_STEPS = 2      # how many k steps ahead the AMX tile prefetches its B panel
 
 
 def k_group(mode: str, operand: str) -> tuple[int, int]:
@@ -136,12 +137,9 @@ def prelude(mode: str, inputs_bf16: bool) -> list[str]:
 def pack_function(prefix: str, operand: str, R: int, mode: str, source_type: str, panel_type: str) -> list[str]:
     """The pack of one operand block into panels of R in the layout of ``mode`` (see the module doc)."""
     G, P = k_group(mode, operand)
-    if source_type == panel_type:
-        conv = "{}"
-    elif panel_type == "float":
-        conv = "lt_bf16_to_f32({})"
-    else:
-        conv = "lt_f32_to_bf16({})"
+    conv = {("uint16_t", "uint16_t"): "{}", ("uint16_t", "float"): "lt_bf16_to_f32({})",
+            ("float", "uint16_t"): "lt_f32_to_bf16({})",       # float32 inputs are rounded to bf16 ...
+            ("float", "float"): "lt_bf16_to_f32(lt_f32_to_bf16({}))"}[(source_type, panel_type)]   # ... always
     c = conv.format
     TS, TP = source_type, panel_type
     if mode != "convert":
@@ -282,7 +280,12 @@ def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
             if i == 0:
                 L.append(f"        _tile_loadd({b_t(j)}, b + {j * R * 2}, {nr * 4});")
             L.append(f"        _tile_dpbf16ps({c_t(i, j)}, {a_t(i)}, {b_t(j)});")
-    L.append(f"        a += {AMX_K_STEP * mr}; b += {AMX_K_STEP * nr};")
+    # The B panel, reused by the next tiles down the same columns, is pulled into L1 two steps
+    # ahead (the streamer brings it to L2 only); A streams and is left to the hardware.
+    step_b = AMX_K_STEP * nr
+    L += [f"        _mm_prefetch((const char *)(b + {AMX_PREFETCH_STEPS * step_b + line * 32}), _MM_HINT_T0);"
+          for line in range(step_b * 2 // 64)]
+    L.append(f"        a += {AMX_K_STEP * mr}; b += {step_b};")
     L.append("    }")
     L.append("    if (cn == 1) {")
     L += [f"        _tile_stored({c_t(i, j)}, c + {i * R} * cm + {j * R}, cm * 4);" for i in range(na) for j in range(nb)]

@@ -86,7 +86,11 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     mr, nr = default_tile(cpu, problem.dtype)
     size = problem.itemsize
     kc = max(64, min(512, cpu.l1d_bytes // ((mr + nr) * size) // 16 * 16 * 2))
-    kc = min(kc, _round_up(problem.k, 16))
+    if problem.dtype == "bfloat16" and cpu.bf16_isa == "amx":
+        # AMX: C stays in tile registers over the whole k block, and reloading C costs more than
+        # panels that outgrow L1 (measured), so k blocks are long, in whole 32-k steps
+        kc = 1024
+    kc = min(kc, _round_up(problem.k, 32 if problem.dtype == "bfloat16" else 16))
     mc = max(mr, (cpu.l2_bytes // 2 // (kc * size)) // mr * mr)
     mc = min(mc, _round_up(problem.m, mr))
     nc = max(nr, (cpu.l3_bytes // 4 // (kc * size)) // nr * nr)
