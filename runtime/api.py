@@ -1,8 +1,9 @@
 """``matmul``: numpy.matmul semantics, served by tuned kernels.
 
-Kernels serve what they compute: float32 and float64 (after numpy's type promotion), 1-D,
-2-D and stacked operands with broadcast batch dimensions, any strides (an operand without a
-unit core stride is copied first).  Everything else (other dtypes, array subclasses,
+Kernels serve what they compute: float32 and float64 (after numpy's type promotion) and
+ml_dtypes' bfloat16 (a float32 result, as numpy's; ``looptune.runtime.bf16``); 1-D, 2-D and
+stacked operands with broadcast batch dimensions, any strides (an operand without a unit core
+stride is copied first).  Everything else (other dtypes, array subclasses,
 mismatched shapes, zero-size problems, an ``out`` numpy would cast into or reject) goes to
 ``numpy.matmul`` itself, so results and exceptions are numpy's own.
 
@@ -24,6 +25,7 @@ import threading
 
 import numpy as np
 
+from looptune.runtime import bf16
 from looptune.runtime.call_plan import KERNEL_DTYPES, PLANS, Plan, layout_char, plan_for, prepare
 from looptune.runtime.compiler import trampoline
 from looptune.runtime.compiler.abi import error_message
@@ -68,8 +70,9 @@ def current_resolver() -> Resolver:
 
 
 def configure(**changes) -> RuntimeSettings:
-    """Change runtime settings (fallback=, max_distance=, tune_budget_s=, threads=, user_db=, embedded_db=).
-    Cached kernel choices are dropped; compiled kernels stay cached on disk."""
+    """Change runtime settings (fallback=, max_distance=, tune_budget_s=, threads=, user_db=, embedded_db=,
+    float32_via_bfloat16= ...; see ``RuntimeSettings``).  Cached kernel choices are dropped; compiled
+    kernels stay cached on disk."""
     global _settings, _resolver
     with _state_lock:
         base = _settings or RuntimeSettings.from_env()
@@ -108,7 +111,7 @@ def _delegate(a, b, out, why: str):
 
 
 def matmul(a, b, out=None, *, threads: int | None = None):
-    """Matrix product with numpy.matmul semantics; float32/float64 run LoopTune kernels."""
+    """Matrix product with numpy.matmul semantics; float32/float64 and bfloat16 run LoopTune kernels."""
     resolver = _resolver or _get_resolver()
     if threads is not None:     # checked on every path alike, whether a kernel or numpy serves the call
         threads = _check_threads(threads)
@@ -204,17 +207,21 @@ def _plain_array(x):
 
 def _execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, threads):
     """``a @ b`` as ``plan`` says, into ``out`` (written in place when it is a suitable array)
-    or a fresh array; an ``out`` numpy would cast into or reject goes to numpy."""
-    rdt, shape, pa, va, pb, vb, vc, name, m, n, k, count, layout, loop = plan
+    or a fresh array; an ``out`` numpy would cast into or reject goes to numpy, except that a
+    bfloat16 kernel's result is cast into an ``out`` as numpy would (its 'same_kind' rule)."""
+    rdt, shape, pa, va, pb, vb, vc, name, m, n, k, count, layout, loop, odt = plan
     if out is None:
         c = _empty(shape, rdt)
     elif (type(out) is _ndarray and out.shape == shape and (out.dtype is rdt or out.dtype == rdt)
           and out.flags.writeable):
         c = out
+    elif name == bf16.BFLOAT16 and bf16.out_casts(out, shape, rdt):
+        np.copyto(out, _execute(plan, a, b, None, threads), casting="same_kind")
+        return out
     else:
         return _delegate(a, b, out, "out= needs numpy's handling")
-    x = prepare(a, pa, rdt) if pa else a
-    y = prepare(b, pb, rdt) if pb else b
+    x = prepare(a, pa, odt) if pa else a
+    y = prepare(b, pb, odt) if pb else b
     if va is not None:
         x = x.reshape(va)           # a view: make_plan checked the strides allow one
     if vb is not None:
@@ -292,10 +299,12 @@ def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None
     """Where the schedule for ``a @ b`` (arrays) or ``explain((m, n, k), dtype=...)`` comes from:
     exact record, nearest record (with its distance), tuned, or the analytic default.  For
     arrays it is the problem ``matmul(a, b)`` runs (its plan: promotion, layouts, batch); a
-    call numpy serves raises TypeError."""
+    call numpy serves raises TypeError.  ``dtype`` is the inputs' ("bfloat16" needs no
+    ml_dtypes); with ``float32_via_bfloat16`` a float32 problem says it computes in bfloat16."""
     if b is None:
         m, n, k = a
-        name = np.dtype(dtype or np.float32).name
+        bfloat16 = isinstance(dtype, str) and dtype == bf16.BFLOAT16     # np.dtype() may not know the name
+        name = bf16.BFLOAT16 if bfloat16 else np.dtype(dtype or np.float32).name
         layout = "nn"
     else:
         plan = plan_for(np.asarray(a), np.asarray(b))

@@ -4,8 +4,10 @@ A signature is what the decision depends on: both operands' shapes, strides and 
 ``Plan`` says whether numpy serves the call (and why), or which kernel problem runs it: the
 dtype numpy computes in, the result shape, how each operand becomes what a kernel reads (a cast,
 a copy, a reshaping view that adds the 1 of a 1-D operand or folds the batch dimensions into
-one) and the kernel's layout.  Working this out costs several microseconds (``np.result_type``,
-broadcasting, trial reshapes); looking a signature up costs a few hundred nanoseconds.
+one) and the kernel's layout.  A bfloat16 kernel reads bfloat16 operands and writes float32
+(``looptune.runtime.bf16`` decides which kernel serves a call with a bfloat16 operand).
+Working this out costs several microseconds (``np.result_type``, broadcasting, trial
+reshapes); looking a signature up costs a few hundred nanoseconds.
 Addresses are not part of a signature: misaligned operands and an ``out`` that overlaps an
 input are caught by the call path (codes -3 and -4) on every call.
 """
@@ -16,9 +18,11 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
+from looptune.runtime import bf16
+
 KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
 
-# operand preparation codes (bits): cast to the result dtype, copy to C order
+# operand preparation codes (bits): cast to the dtype the kernel reads, copy to C order
 CAST, COPY = 1, 2
 _MAX_PLANS = 1024
 
@@ -41,6 +45,8 @@ class Plan(NamedTuple):
     layout: str                     # "nn", "nt", "tn" or "tt"
     batch: Optional[tuple]          # set when the batch does not fold into one call: one call per
                                     # index of all but its last dimension (count: that one)
+    operands: np.dtype              # what the operands are cast to: ``dtype``, or bfloat16 for a
+                                    # bfloat16 kernel (whose result ``dtype`` is float32)
 
 
 def layout_char(rows: int, cols: int, s_row: int, s_col: int, item: int) -> Optional[str]:
@@ -120,9 +126,14 @@ def make_plan(a: np.ndarray, b: np.ndarray) -> Union[Plan, str]:
     numpy's own exception for an invalid call)."""
     if not a.ndim or not b.ndim:
         return "scalar operand"
-    rdt = promoted(a.dtype, b.dtype)
-    if rdt is None:
-        return f"dtypes {a.dtype} and {b.dtype}"
+    rdt = odt = promoted(a.dtype, b.dtype)
+    if rdt is not None:
+        name = KERNEL_DTYPES[rdt]
+    else:
+        typed = bf16.kernel_dtypes(a.dtype, b.dtype)
+        if typed is None:
+            return f"dtypes {a.dtype} and {b.dtype}"
+        odt, rdt, name = typed
     sa = (1,) + a.shape if a.ndim == 1 else a.shape
     sb = b.shape + (1,) if b.ndim == 1 else b.shape
     m, k = sa[-2:]
@@ -143,13 +154,13 @@ def make_plan(a: np.ndarray, b: np.ndarray) -> Union[Plan, str]:
         return "zero-size operand"
     preps, views, chars = [], [], ""
     for x, core in ((a, (m, k)), (b, (k, n))):
-        prep = 0 if x.dtype == rdt else CAST
-        y = prepare(x, prep, rdt) if prep else x
+        prep = 0 if x.dtype == odt else CAST
+        y = prepare(x, prep, odt) if prep else x
         st = y.strides * 2 if y.ndim == 1 else y.strides[-2:]   # a 1-D operand: its stride for both
-        char = layout_char(core[0], core[1], st[0], st[1], rdt.itemsize)
+        char = layout_char(core[0], core[1], st[0], st[1], odt.itemsize)
         if char is None:        # no unit core stride: a C-order copy has one
             prep |= COPY
-            y, char = prepare(x, prep, rdt), "n"
+            y, char = prepare(x, prep, odt), "n"
         preps.append(prep)
         views.append(_kernel_view(y, core, batch, count))
         chars += char
@@ -161,8 +172,8 @@ def make_plan(a: np.ndarray, b: np.ndarray) -> Union[Plan, str]:
     if not folds:               # one call per index of all but the last batch dimension
         c_core, count = batch + (m, n), batch[-1]
     view_c = None if shape == c_core else c_core
-    return Plan(rdt, shape, pa, va, pb, vb, view_c, KERNEL_DTYPES[rdt], m, n, k, count, chars,
-                None if folds else batch)
+    return Plan(rdt, shape, pa, va, pb, vb, view_c, name, m, n, k, count, chars,
+                None if folds else batch, odt)
 
 
 # signature (a.shape, b.shape, a.strides, b.strides, a.dtype, b.dtype) -> Plan or reason; read

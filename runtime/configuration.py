@@ -72,12 +72,17 @@ class RuntimeSettings:
     small_flops: float = 1.5e6            # problems below this run single-threaded whatever is asked
     db_recheck_s: float = 1.0             # how often a running process looks for changed databases (0: never)
     numpy_handoff: bool = True            # serve numpy where the exact record says no kernel beat it
+    # opt-in: float32 problems compute in bfloat16 (inputs rounded to bf16, float32 accumulation;
+    # about 3 significant digits, faster where the CPU has AMX or AVX512-BF16); results stay float32
+    float32_via_bfloat16: bool = False
 
     def __post_init__(self) -> None:
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
         if isinstance(self.threads, bool) or not (isinstance(self.threads, int) and 1 <= self.threads <= MAX_THREADS):
             raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {self.threads!r}")
+        if not isinstance(self.float32_via_bfloat16, bool):
+            raise ValueError(f"float32_via_bfloat16 must be True or False, got {self.float32_via_bfloat16!r}")
         if not 0 < self.tune_budget_s < float("inf"):
             raise ValueError(f"tune_budget_s must be a positive number of seconds, got {self.tune_budget_s!r}")
 

@@ -12,8 +12,9 @@ Two cases put it in the dispatch table in place of a compiled kernel:
   directory, a full disk ...).  numpy would just compute, so we do, after one warning that
   names the cause.
 
-It has ``Kernel``'s call interface (``invoke`` returning 0, ``__call__``, ``error``), so the
-call path needs no special case.
+For a bfloat16 problem numpy.matmul reads the bf16 operands and writes the float32 ``C`` (its
+float32 loop), as the bf16 kernel would.  It has ``Kernel``'s call interface (``invoke``
+returning 0, ``__call__``, ``error``), so the call path needs no special case.
 """
 from __future__ import annotations
 

@@ -8,6 +8,12 @@ Resolution for a problem the process has not seen yet:
    default when the family is empty), ``tune`` serves that too while a background thread
    tunes the problem and swaps in the result, ``off`` uses the analytic default.
 
+bfloat16 problems (ml_dtypes inputs, float32 results) resolve like the others, within their own
+family.  With ``float32_via_bfloat16`` (off by default) a float32 problem resolves as its bfloat16
+twin (``looptune.runtime.bf16.arithmetic_problem``) and is served by that schedule's kernel
+reading float32 (``render(..., inputs="float32")``: inputs rounded to bf16 while packing, float32
+accumulation); its dispatch key stays float32's, so every call path serves it unchanged.
+
 Records are traces: they are replayed and checked against the schedule grammar, then
 compiled here (kernels are never loaded from a database).  A record whose trace does
 not replay is skipped.  Kernels are cached by schedule (every shape of a family shares
@@ -33,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from looptune.database.records import MachineKey
+from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, render
 from looptune.runtime.compiler.defaults import default_schedule
@@ -77,11 +84,18 @@ class Resolution:
     numpy_gflops: Optional[float] = None
     tuning: bool = False               # a live tuning of this problem is under way
     reason: Optional[str] = None       # why numpy serves it (source "numpy")
+    inputs: Optional[str] = None       # "float32": a bfloat16 problem's kernel reads float32 inputs
+                                       # (``float32_via_bfloat16``); None: the problem's own dtype
 
     def describe(self) -> str:
         lines = [f"problem:   {self.problem}", f"source:    {self.source}"]
         if self.reason:
             lines.append(f"why:       {self.reason}")
+        if self.inputs:
+            lines.append(f"computes:  in bfloat16: {self.inputs} inputs rounded to bfloat16, float32 accumulation "
+                         f"(float32_via_bfloat16)")
+        elif self.problem.dtype == "bfloat16":
+            lines.append("computes:  bfloat16 inputs, float32 accumulation and result")
         if self.record_problem:
             lines.append(f"record:    {self.record_problem} from {self.database} (distance {self.distance:.3f})")
         if self.expected_gflops:
@@ -124,10 +138,13 @@ class Resolver:
             hit = self.dispatch.get(key)
             if hit is None:
                 generation = self.databases.generation
-                problem = problem_factory()
-                if problem.threads > 1:
+                asked = problem_factory()
+                if asked.threads > 1:
                     _parallel_resolved = True
+                problem = arithmetic_problem(asked, self.settings.float32_via_bfloat16)
                 resolution = self.resolve(problem)
+                if problem is not asked:
+                    resolution = replace(resolution, inputs=asked.dtype)
                 hit = self._serve(resolution)
                 if self.databases.generation == generation:   # else a database changed meanwhile: resolve again next call
                     self.dispatch[key] = hit
@@ -138,23 +155,31 @@ class Resolver:
     def _serve(self, resolution: Resolution) -> tuple:
         """The kernel for a resolution; never raises over a kernel that cannot be had: a stored
         schedule that fails to build gives way to the analytic default, and that to numpy."""
-        problem = resolution.problem
+        problem, inputs = resolution.problem, resolution.inputs
         if resolution.source == "numpy":
-            return NumpyKernel(problem.dtype, resolution.reason or ""), resolution
+            return NumpyKernel(inputs or problem.dtype, resolution.reason or ""), resolution
         try:
-            return self.kernel(resolution.schedule, problem.dtype), resolution
+            return self._kernel_for(resolution), resolution
         except (LoopTuneError, OSError) as e:
             first = e
         if resolution.source != "default":
             log.warning("looptune: schedule for %s failed to build, using the default: %s", problem, first)
-            resolution = Resolution(problem, "default", default_schedule(problem), tuning=resolution.tuning)
+            resolution = Resolution(problem, "default", default_schedule(problem), tuning=resolution.tuning,
+                                    inputs=inputs)
             try:
-                return self.kernel(resolution.schedule, problem.dtype), resolution
+                return self._kernel_for(resolution), resolution
             except (LoopTuneError, OSError) as e:
                 first = e
         reason = f"no kernel could be built or loaded: {first}"
         log.warning("looptune: numpy.matmul serves %s (%s)", problem, reason)
-        return NumpyKernel(problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
+        return NumpyKernel(inputs or problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
+
+    def _kernel_for(self, resolution: Resolution) -> Kernel:
+        """``kernel`` for a resolution; called with two arguments unless the kernel reads other
+        inputs than its problem's dtype (``kernel(schedule, dtype)`` is the interface stubs replace)."""
+        if resolution.inputs is None:
+            return self.kernel(resolution.schedule, resolution.problem.dtype)
+        return self.kernel(resolution.schedule, resolution.problem.dtype, resolution.inputs)
 
     def demote(self, key: tuple, reason: str) -> NumpyKernel:
         """Hand ``key`` to numpy for good: its kernel refused operands of this shape or failed."""
@@ -162,9 +187,10 @@ class Resolver:
         hit = self.dispatch.get(key)
         problem = hit[1].problem if hit else MatmulProblem(m, n, k, batch, name, layout, threads)
         schedule = hit[1].schedule if hit else default_schedule(problem)
+        inputs = hit[1].inputs if hit else None
         log.warning("looptune: numpy.matmul serves %s from now on (%s)", problem, reason)
-        kernel = NumpyKernel(problem.dtype, reason)
-        self.dispatch[key] = (kernel, Resolution(problem, "numpy", schedule, reason=reason))
+        kernel = NumpyKernel(inputs or problem.dtype, reason)
+        self.dispatch[key] = (kernel, Resolution(problem, "numpy", schedule, reason=reason, inputs=inputs))
         return kernel
 
     # ---- resolution --------------------------------------------------------------------------
@@ -205,14 +231,16 @@ class Resolver:
                                   tuning=(not close and mode == "tune"))
         return Resolution(problem, "default", default_schedule(problem), tuning=(mode == "tune"))
 
-    def kernel(self, schedule: Schedule, dtype: str) -> Kernel:
-        key = (schedule.to_json(), dtype)
+    def kernel(self, schedule: Schedule, dtype: str, inputs: Optional[str] = None) -> Kernel:
+        """``schedule``'s kernel computing in ``dtype``, reading ``inputs`` (default: ``dtype``)."""
+        key = (schedule.to_json(), dtype, inputs)
         k = self._kernels.get(key)
         if k is None:
-            result = build(render(schedule, dtype), self.build_settings)
+            source = render(schedule, dtype, inputs=inputs)
+            result = build(source, self.build_settings)
             if not result.ok:
                 raise BuildError(f"looptune kernel build failed: {result.error}")
-            k = self._kernels[key] = Kernel(result.so_path, result.symbol, dtype)
+            k = self._kernels[key] = Kernel(result.so_path, result.symbol, source.dtype)
         return k
 
     # ---- live tuning ----------------------------------------------------------------------------
@@ -221,8 +249,9 @@ class Resolver:
 
     def _tuned(self, key: tuple, problem: MatmulProblem, outcome: LiveTuneResult) -> None:
         """The live tuner's result: serve it from now on (the database watcher reloads the record too)."""
+        inputs = key[0] if key[0] != problem.dtype else None     # float32_via_bfloat16's key
         resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), self.live.user_db,
-                                outcome.gflops, outcome.numpy_gflops)
+                                outcome.gflops, outcome.numpy_gflops, inputs=inputs)
         if self.settings.numpy_handoff and outcome.numpy_gflops and outcome.gflops < outcome.numpy_gflops:
             resolution = replace(resolution, source="numpy", reason=f"no candidate beat numpy when tuned "
                                  f"({outcome.gflops:.1f} vs {outcome.numpy_gflops:.1f} GFLOPS)")

@@ -138,7 +138,7 @@ class _KernelWriter(TileWriter):
             "#define LT_MIN(a, b) ((a) < (b) ? (a) : (b))",
         ]
         if self.bf16:
-            out += bf16.prelude(self.bf16, self.T == "uint16_t")
+            out += bf16.prelude(self.bf16)
         if self.uses_workspace:
             out += WORKSPACE_C
         if self.nest.tile:

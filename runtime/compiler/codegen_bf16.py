@@ -90,17 +90,13 @@ def choose_mode(nest: LoopNest, best: str, lanes: int) -> str:
     return "convert"
 
 
-def prelude(mode: str, inputs_bf16: bool) -> list[str]:
-    """Headers and conversions every bf16 kernel file needs."""
-    out = []
-    if mode != "convert":
-        out += ["#ifndef __clang__",
-                f'#pragma GCC target("avx512f,avx512bf16{",amx-tile,amx-bf16" if mode == "amx" else ""}")',
-                "#endif",
-                "#include <immintrin.h>"]
-    if mode == "amx":
-        out += ["#include <unistd.h>", "#include <sys/syscall.h>"]
-    out += [
+def prelude(mode: str) -> list[str]:
+    """Headers and conversions every bf16 kernel file needs.  The helpers are guarded, so several
+    kernels can share one translation unit (``looptune export``); the conversions come before any
+    target pragma, so they are plain C wherever they are called from."""
+    out = [
+        "#ifndef LT_BF16_CONVERSIONS_DEFINED",
+        "#define LT_BF16_CONVERSIONS_DEFINED",
         "/* bf16 bit patterns <-> float32: widening is exact; narrowing rounds to nearest even */",
         "static inline float lt_bf16_to_f32(uint16_t h) { union { uint32_t u; float f; } v = { (uint32_t)h << 16 }; return v.f; }",
         "static inline uint16_t lt_f32_to_bf16(float f)",
@@ -109,11 +105,19 @@ def prelude(mode: str, inputs_bf16: bool) -> list[str]:
         "    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);   /* quiet NaN */",
         "    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);",
         "}",
+        "#endif",
     ]
-    if not inputs_bf16 and mode != "convert":
-        pass
+    if mode != "convert":
+        out += ["#ifndef __clang__",
+                f'#pragma GCC target("avx512f,avx512bf16{",amx-tile,amx-bf16" if mode == "amx" else ""}")',
+                "#endif",
+                "#include <immintrin.h>"]
     if mode == "amx":
         out += [
+            "#ifndef LT_AMX_DEFINED",
+            "#define LT_AMX_DEFINED",
+            "#include <unistd.h>",
+            "#include <sys/syscall.h>",
             "/* AMX: the tile registers (eight of 16 rows x 64 bytes) need the OS's grant once per process */",
             "static int lt_amx_granted(void)",
             "{",
@@ -130,6 +134,7 @@ def prelude(mode: str, inputs_bf16: bool) -> list[str]:
             f"    for (int t = 0; t < {AMX_TILE_REGISTERS}; t++) {{ cfg.rows[t] = {AMX_TILE_ROWS}; cfg.colsb[t] = 64; }}",
             "    _tile_loadconfig(&cfg);",
             "}",
+            "#endif",
         ]
     return out
 

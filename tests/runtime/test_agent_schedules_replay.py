@@ -21,7 +21,8 @@ from looptune.runtime.compiler.codegen import render
 from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
 from looptune.runtime.compiler.trace import Step, Trace
-from looptune.runtime.compiler.workload import DTYPES, LAYOUTS, MatmulProblem
+from looptune.runtime.compiler.abi import OUTPUT_DTYPE
+from looptune.runtime.compiler.workload import DTYPES, LAYOUTS, MatmulProblem, numpy_dtype
 from looptune.tuner.agent.actions import STOP, AgentState, apply, legal_mask
 from looptune.tuner.measure.protocol import default_tolerance
 
@@ -58,6 +59,7 @@ def operand(rng, shape, dtype, transposed: bool, view: str) -> np.ndarray:
     b, r, c = shape
     if transposed:
         return operand(rng, (b, c, r), dtype, False, view).transpose(0, 2, 1)
+    dtype = numpy_dtype(dtype)
     if view == "padded":
         return rng.standard_normal((b, r + 3, c + 5)).astype(dtype)[:, 2:r + 2, 1:c + 1]
     if view == "stepped":
@@ -68,6 +70,7 @@ def operand(rng, shape, dtype, transposed: bool, view: str) -> np.ndarray:
 def c_in_sentinels(shape, dtype, view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """C as a strided view inside a larger sentinel-filled buffer: (buffer, C view, mask of C's cells)."""
     b, m, n = shape
+    dtype = OUTPUT_DTYPE[dtype]      # bfloat16 inputs give a float32 C
     buf = np.full((b + 1, m + 4, 2 * n + 6), SENTINEL, dtype)
     owned = np.zeros(buf.shape, bool)
     pick = {"rows": np.s_[1:, 2:m + 2, 3:n + 3], "stepped": np.s_[1:, 2:m + 2, 3:2 * n + 3:2]}

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from looptune.runtime.compiler.codegen import Target, render
+from looptune.runtime.compiler.build import BuildSettings, build_many
+from looptune.runtime.compiler.codegen import KernelSource, Target, render
 from looptune.runtime.compiler.defaults import BlockingParams
 from looptune.runtime.compiler.schedule import Schedule
 
@@ -20,6 +21,10 @@ CASES = {
         BlockingParams(16, 6, 64, 128, 96, unroll_k=1, pack_a=False, parallel="n.o", vector="m").schedule(),
         "float32", Target("avx512", 64)),
 }
+# bfloat16: one schedule whose 32x32 tile each mode can run, in each mode (codegen_bf16.MODES)
+BF16_SCHEDULE = BlockingParams(32, 32, 64, 128, 256, unroll_k=2).schedule()
+CASES.update({f"blis_32x32_bfloat16_{mode}_avx512": (BF16_SCHEDULE, "bfloat16", Target("avx512", 64, mode))
+              for mode in ("amx", "avx512bf16", "convert")})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -34,13 +39,22 @@ def test_generated_c_matches_golden(name, update_golden):
 
 def test_golden_files_compile(tmp_path):
     """The golden kernels are real C: they build with the system compiler."""
-    from looptune.runtime.compiler.build import BuildSettings, build_many
-    from looptune.runtime.compiler.codegen import KernelSource
-
     sources = [KernelSource(f"golden_{n}", CASES[n][1], (GOLDEN / f"{n}.c").read_text()) for n in sorted(CASES)
                if CASES[n][2].isa in ("portable", "avx2")]
     results = build_many(sources, BuildSettings(cache_dir=tmp_path, arch_flags=()))
     for r in results:
         if "avx2" in r.symbol:
             continue   # may need -mavx2 on machines without it; covered by the differential tests where supported
+        assert r.ok, r.error
+
+
+def test_bf16_golden_files_with_target_pragmas_compile(tmp_path):
+    """The AMX and vdpbf16ps kernels name their ISA in a target pragma: they build without -m flags
+    (with GCC; clang takes the flags instead)."""
+    settings = BuildSettings(cache_dir=tmp_path, arch_flags=())
+    if "clang" in settings.compiler:
+        pytest.skip("clang ignores the GCC target pragma")
+    names = [n for n in sorted(CASES) if CASES[n][1] == "bfloat16" and CASES[n][2].bf16 != "convert"]
+    sources = [KernelSource(f"golden_{n}", "bfloat16", (GOLDEN / f"{n}.c").read_text()) for n in names]
+    for r in build_many(sources, settings):
         assert r.ok, r.error

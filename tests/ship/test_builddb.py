@@ -151,6 +151,18 @@ def test_cli_json_report(tmp_path):
     assert result.exit_code == 2 and "nope" in result.output
 
 
+def test_cli_shape_file_with_bfloat16_lines(tmp_path):
+    shapes = tmp_path / "shapes.txt"
+    shapes.write_text("64 64 64 dtype=bfloat16\n32 48 80 dtype=bfloat16 layout=tn batch=2\n64 64 64\n")
+    db = tmp_path / "s.h5"
+    result = CliRunner().invoke(main, ["build-db", "--shapes", str(shapes), "--db", str(db), "--tuner",
+                                       "ship_fakes:fake_tune", "--json", "--no-bench"])
+    assert result.exit_code == 0, result.output
+    keys = sorted(r.problem.key() for r in load(db))
+    assert keys == ["matmul:bfloat16:nn:t1:b1:64x64x64", "matmul:bfloat16:tn:t1:b2:32x48x80",
+                    "matmul:float32:nn:t1:b1:64x64x64"]
+
+
 def _record_count(db: Path) -> int:
     try:
         return len(load(db))

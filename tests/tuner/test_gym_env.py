@@ -151,3 +151,18 @@ def test_gymnasium_stays_optional():
             "try:\n    import looptune.tuner.agent.gym_env\nexcept ImportError:\n    print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_bfloat16_problems_are_episodes_too():
+    """bfloat16 (dtype feature 0.5, 2-byte A and B footprints) stays in the observation space."""
+    bf16 = [MatmulProblem(96, 64, 128, dtype="bfloat16"), MatmulProblem(MAX_DIM, 1, MAX_DIM, dtype="bfloat16")]
+    env = make_env(problems=bf16, max_steps=8)
+    rng = np.random.default_rng(3)
+    for seed in range(4):
+        obs, info = env.reset(seed=seed)
+        assert info["problem"].dtype == "bfloat16" and obs in env.observation_space
+        for _ in range(8):
+            obs, reward, terminated, truncated, _ = env.step(int(rng.choice(np.flatnonzero(obs["action_mask"]))))
+            assert obs in env.observation_space and np.isfinite(reward)
+            if terminated or truncated:
+                break

@@ -15,6 +15,13 @@ annotations, and the bytes the loop's body touches (its footprint, which says wh
 which cache).  Tensor nodes: operand, dtype, footprint, packed.  ``OBSERVATION_VERSION``
 names this encoding; a trained policy is only valid for it.
 
+The dtype is one feature (tensor node feature 23 and global feature 4), ``DTYPE_FEATURE``:
+float32 0, float64 1 and bfloat16 0.5 (between them, like its element size, and inside the
+[0, 1] range of flags, so the gym observation bounds hold).  Footprints count each tensor's own
+element size (bfloat16: 2 bytes for A and B, 4 for the float32 C).  Adding bfloat16 this way left
+the shapes and every float32 / float64 observation unchanged, so policies trained before stay
+valid; one trained before has never seen 0.5, so on bfloat16 it extrapolates.
+
 The graph is returned dense (``adj[r]`` row-normalized adjacency per relation, ``eagg[r]``
 the mean stride label of the edges into each node), because graphs are tiny (<= 27 nodes) and
 dense batched matmuls are the fastest thing on a CPU in both numpy and torch.
@@ -26,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.ir import DIMS, MAX_LOOPS, TENSOR_DIMS
-from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 from looptune.tuner.agent.actions import AgentState, sizes_of
 
@@ -39,6 +47,7 @@ GLOBAL_FEATURES = 8
 RELATIONS = 4            # 0: parent -> child, 1: child -> parent, 2: loop -> tensor, 3: tensor -> loop
 FLAT_FEATURES = N_NODES * NODE_FEATURES + GLOBAL_FEATURES
 TENSORS = tuple(TENSOR_DIMS)     # A, B, C: the tensor nodes, in this order after the loop nodes
+DTYPE_FEATURE = {"float32": 0.0, "float64": 1.0, "bfloat16": 0.5}
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,9 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
     start = nest.kernel_start()
     unroll = dict(nest.unroll)
     packs = dict(nest.pack)
-    item = problem.itemsize
+    item = problem.itemsize                              # A and B
+    out_item = ITEMSIZE[OUTPUT_DTYPE[problem.dtype]]     # C
+    dtype_feature = DTYPE_FEATURE[problem.dtype]
     x = np.zeros((N_NODES, NODE_FEATURES), dtype=np.float32)
     span = dict(sizes)
     for i, l in enumerate(loops):
@@ -106,16 +117,17 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
         f[17] = float(l.extent is not None)
         f[18] = 1.0
         span[l.dim] = min(span[l.dim], l.block)     # one iteration of loop i covers `block` of its dim
-        touched = span["b"] * (span["m"] * span["k"] + span["k"] * span["n"] + span["m"] * span["n"]) * item
+        inputs = span["m"] * span["k"] + span["k"] * span["n"]
+        touched = span["b"] * (inputs * item + span["m"] * span["n"] * out_item)
         f[24] = _log2(touched) / 24
     strides = _element_strides(problem)
     for t, name in enumerate(TENSORS):
         f = x[MAX_LOOPS + t]
         f[19] = 1.0
         f[20 + t] = 1.0
-        f[23] = float(problem.dtype == "float64")
+        f[23] = dtype_feature
         d = TENSOR_DIMS[name]
-        f[24] = _log2(np.prod([sizes[q] for q in d]) * item) / 24
+        f[24] = _log2(np.prod([sizes[q] for q in d]) * (out_item if name == "C" else item)) / 24
         f[25] = float(name in packs)
     edges = []
     for i in range(1, L):
@@ -140,7 +152,7 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
     node_mask[:L] = 1.0
     node_mask[MAX_LOOPS:] = 1.0
     glob = np.array([_log2(problem.m) / 12, _log2(problem.n) / 12, _log2(problem.k) / 12, _log2(problem.batch) / 12,
-                     float(problem.dtype == "float64"), _log2(problem.threads) / 4, step_fraction,
+                     dtype_feature, _log2(problem.threads) / 4, step_fraction,
                      float(nest.tile is not None)], dtype=np.float32)
     return Graph(x, adj, eagg, node_mask, glob, state.cursor, tuple(edges))
 

@@ -146,8 +146,9 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
 def export(db_path, out_dir, shapes, threads, do_build) -> None:
     """Write the tuned kernels as a standalone C library (no Python at run time).
 
-    looptune_sgemm / looptune_dgemm compute C = A B (row-major) with a kernel chosen by
-    shape, falling back to the nearest tuned kernel or a general one for other shapes.
+    looptune_sgemm / looptune_dgemm (and looptune_bgemm for bfloat16 records) compute C = A B
+    (row-major) with a kernel chosen by shape, falling back to the nearest tuned kernel or a
+    general one for other shapes.
     """
     from looptune.tuner.ship.export import ExportError, export_library
 
@@ -162,7 +163,8 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
         raise click.ClickException(str(e)) from None
     plan = files.plan
     kernels = sum(1 for k in plan.kernels if not k.general)
-    click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + 2 general) for "
+    general = len(plan.kernels) - kernels
+    click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + {general} general) for "
                f"{plan.machine.short()} to {files.out_dir}/")
     click.echo(f"  {files.c_file.name}, {files.h_file.name}, {files.makefile.name}, {files.manifest.name}")
     click.echo(f"  build: (cd {files.out_dir} && make)   or   {files.build_line()}")

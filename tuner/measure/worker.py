@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np   # the parent set the thread variables before this process started
 
-from looptune.runtime.compiler.abi import error_message
+from looptune.runtime.compiler.abi import OUTPUT_DTYPE, error_message
 from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -61,12 +61,12 @@ class _Failure(Exception):
 class Operands:
     """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel call
     on them: ``Kernel.invoke``, the call ``runtime.matmul`` makes, with the thread count matmul
-    would pass for this problem."""
+    would pass for this problem.  C has the kernel's output dtype (float32 for bfloat16 inputs)."""
 
     def __init__(self, problem, a0, b0, kernel: Kernel):
         self.a, self.b = _copy_keeping_layout(a0), _copy_keeping_layout(b0)
         size = problem.batch * problem.m * problem.n
-        self.buf = np.full(size + 2 * _GUARD, _SENTINEL, dtype=a0.dtype)
+        self.buf = np.full(size + 2 * _GUARD, _SENTINEL, dtype=OUTPUT_DTYPE[problem.dtype])
         self.c = self.buf[_GUARD:_GUARD + size].reshape(problem.batch, problem.m, problem.n)
         self.threads = call_threads(problem.flops, problem.threads, RuntimeSettings.small_flops)
         self.invoke = kernel.invoke
@@ -102,6 +102,8 @@ def verify(kernel: Kernel, problem, config: MeasureConfig, reference) -> Operand
     is then checked on the kernel's own result (expect 2 * A @ B).  The guard zones around C
     and the inputs are checked too: writing outside C, or into A or B, is a wrong answer.
     ``reference(seed)`` returns pristine (A, B, A @ B in float64); the kernel gets copies.
+    bfloat16 products are exact in float64 (and in float32), so for bf16 inputs the tolerance is
+    float32's: what remains is the kernel's float32 accumulation.
     """
     rtol, atol = config.tolerance(problem.dtype, problem.k)
     ops = None
@@ -258,7 +260,8 @@ class Worker:
             return {"status": RunStatus.RUNNER_ERROR.value, "error": f"{type(e).__name__}: {e}"}
 
     def reference(self, problem, config: MeasureConfig) -> tuple[list[float], int, float]:
-        """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel."""
+        """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel (for
+        bfloat16, on the ml_dtypes arrays into a float32 C: what a numpy user gets)."""
         a, b, c = problem.make_operands(0)
 
         def call() -> int:

@@ -34,10 +34,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
+from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
-from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 from looptune.tuner.measure.evaluator import EvalStats, Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult, RunStatus
 
@@ -107,10 +108,12 @@ OVER_BUDGET_FACTOR = 4.0     # a problem whose one measurement takes longer than
 def prior_timing_s(problem: MatmulProblem) -> float:
     """A pessimistic guess of the time to time one candidate, before anything is measured: the
     operands' set-up in the worker plus about nine calls (verification, warm-up, samples) at 40
-    float32 GFLOPS per thread (20 in float64)."""
+    float32 GFLOPS per thread (20 in float64; bfloat16 as float32, the rate of its portable
+    kernels, which widen to float32)."""
     p = problem
     setup_s = SETUP_S_PER_ELEMENT * p.batch * (p.m * p.k + p.k * p.n + p.m * p.n)
-    return setup_s + 9 * p.flops / (40e9 * p.threads * 4 / p.itemsize)     # float64: half the rate
+    accumulator_bytes = ITEMSIZE[OUTPUT_DTYPE[p.dtype]]
+    return setup_s + 9 * p.flops / (40e9 * p.threads * 4 / accumulator_bytes)     # float64: half the rate
 
 
 def prior_cost_s(problem: MatmulProblem) -> float:

@@ -15,20 +15,32 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from looptune.runtime.compiler.abi import OUTPUT_DTYPE
+from looptune.runtime.compiler.codegen_bf16 import AMX_TILE_ROWS, amx_tile_fits
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.defaults import BlockingParams, default_params
-from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
+
+
+def accumulator_lanes(cpu: CpuInfo, dtype: str) -> int:
+    """Lanes of one vector register of accumulators for inputs of ``dtype``: the output's element
+    type counts (bfloat16 inputs accumulate in float32, so 16 lanes on AVX-512, not 32)."""
+    return cpu.vector_bytes // ITEMSIZE[OUTPUT_DTYPE[dtype]]
 
 
 def tile_options(cpu: CpuInfo, dtype: str) -> list[tuple[int, int]]:
-    """Register tiles whose accumulators fit the register file with room for operands."""
-    lanes = cpu.vector_bytes // (4 if dtype == "float32" else 8)
+    """Register tiles whose accumulators fit the register file with room for operands; for
+    bfloat16 on an AMX machine also the tiles made of whole AMX tiles (16 x 16 .. 32 x 32)."""
+    lanes = accumulator_lanes(cpu, dtype)
     regs = cpu.vector_registers
     out = []
     for nvec in (1, 2, 3, 4):
         for mr in range(2, 17):
             if mr * nvec + nvec + 1 <= regs:
                 out.append((mr, nvec * lanes))
+    if dtype == "bfloat16" and cpu.bf16_isa == "amx":
+        sides = range(AMX_TILE_ROWS, 4 * AMX_TILE_ROWS + 1, AMX_TILE_ROWS)
+        out += [(mr, nr) for mr in sides for nr in sides if amx_tile_fits(mr, nr) and (mr, nr) not in out]
     return out
 
 
@@ -117,7 +129,7 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
     """Structures that won sweeps on x86 (AVX2 and AVX-512) and ARM, expressed in vector widths so
     they carry over between ISAs: tall-narrow tiles with A read in place for small problems, wide
     tiles with both operands packed for large ones."""
-    lanes = cpu.vector_bytes // problem.itemsize
+    lanes = accumulator_lanes(cpu, problem.dtype)
     k = max(16, min(problem.k, 512))
     small = problem.m * problem.k * problem.itemsize <= cpu.l2_bytes // 2
     out = [
@@ -130,6 +142,10 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
     ]
     if not small:
         out = out[3:] + out[:3]
+    if problem.dtype == "bfloat16" and cpu.bf16_isa == "amx":
+        # AMX: the other shapes of whole tiles first, with the default's long k blocks
+        out = [replace(base, mr=mr, nr=nr, mc=max(mr, base.mc // mr * mr), nc=max(nr, base.nc // nr * nr))
+               for mr, nr in ((16, 32), (32, 16), (16, 48))] + out
     if problem.m <= 64:
         # Skinny M (decode, GEMV-like): little to reuse in A, so stream B rows in place: a few k
         # rows at a time outside wide n tiles keeps every B row contiguous (axpy order), no packing.

@@ -168,6 +168,14 @@ def _torch():
     return torch
 
 
+def _torch_operand(torch, x: np.ndarray):
+    """``x`` as a torch tensor sharing its memory; torch cannot take ml_dtypes' bfloat16 arrays, so
+    those go over as their uint16 bit patterns, reinterpreted as torch.bfloat16."""
+    if x.dtype.name == "bfloat16":
+        return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
 def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch: bool = True,
               min_time_s: float = 0.1, on_row: Optional[Callable[[BenchRow], None]] = None) -> list[BenchRow]:
     """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``."""
@@ -193,7 +201,7 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
                 "numpy": lambda: np.matmul(a, b),
             }
             if torch is not None:
-                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                ta, tb = _torch_operand(torch, a), _torch_operand(torch, b)
                 fns["torch"] = lambda: torch.matmul(ta, tb)
             timer = time_phased if threads > 1 else time_interleaved
             seconds = timer(fns, min_time_s=min_time_s)
@@ -299,7 +307,7 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     has_torch = any(r.torch_gflops for r in rows)
-    labels = [r.problem.replace(" dtype=float64", " f64").replace(" ", "\u00d7", 2) + ("" if r.stored_gflops else " *")
+    labels = [r.problem.replace(" dtype=float64", " f64").replace(" dtype=bfloat16", " bf16").replace(" ", "\u00d7", 2) + ("" if r.stored_gflops else " *")
               for r in rows]
     x = np.arange(len(rows))
     width = 0.4 if has_torch else 0.6
