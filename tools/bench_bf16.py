@@ -4,7 +4,7 @@ bf16 matmul and ``np.matmul`` on the same arrays, plus our own float32 for the b
 
 One process per thread count, numpy imported first like an application; every library pinned to
 the same thread count (torch.set_num_threads, threadpoolctl for numpy's BLAS, ``threads=`` for us);
-each figure the median of 9 runs of at least 20 ms, after one call (which compiles our kernel,
+each figure the median of 9 runs of at least 20 ms, the libraries timed in turns, after one call (which compiles our kernel,
 from a cold cache unless --warm-cache).  ``--db`` serves the records of a database built with
 ``looptune build-db --dtype bfloat16 ...``; without it the analytic default schedule is served.
 
@@ -34,17 +34,22 @@ TIMER = textwrap.dedent("""
     torch.set_num_threads(threads)
     bf16 = ml_dtypes.bfloat16
 
-    def timed(fn):
-        fn()
-        t0 = time.perf_counter(); fn(); once = max(time.perf_counter() - t0, 1e-7)
-        reps = max(1, int(0.02 / once))
-        runs = []
+    def timed(fns):
+        # median seconds per call of each of fns, timed in turns (runs of >= 20 ms each), so a
+        # change of machine speed during the measurement hits all of them alike
+        reps = []
+        for fn in fns:
+            fn()
+            t0 = time.perf_counter(); fn(); once = max(time.perf_counter() - t0, 1e-7)
+            reps.append(max(1, int(0.02 / once)))
+        runs = [[] for _ in fns]
         for _ in range(9):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            runs.append((time.perf_counter() - t0) / reps)
-        return statistics.median(runs)
+            for fn, r, out in zip(fns, reps, runs):
+                t0 = time.perf_counter()
+                for _ in range(r):
+                    fn()
+                out.append((time.perf_counter() - t0) / r)
+        return [statistics.median(x) for x in runs]
 
     out = []
     with threadpool_limits(limits=threads):
@@ -59,13 +64,14 @@ TIMER = textwrap.dedent("""
             ref = np.matmul(a.astype(np.float32), bb.astype(np.float32))
             assert c.dtype == np.float32 and np.allclose(c, ref, rtol=1e-4, atol=1e-4 * k ** 0.5)
             flops = 2.0 * b * m * n * k
-            row = {"shape": [b, m, n, k],
-                   "ours": flops / timed(lambda: runtime.matmul(a, bb, threads=threads)) / 1e9,
-                   "torch": flops / timed(lambda: torch.matmul(ta, tb)) / 1e9,
-                   "numpy": flops / timed(lambda: np.matmul(a, bb)) / 1e9,
-                   "source": runtime.explain(a, bb, threads=threads).source}
+            fns = [lambda: runtime.matmul(a, bb, threads=threads), lambda: torch.matmul(ta, tb),
+                   lambda: np.matmul(a, bb)]
             if with_fp32:
-                row["ours_fp32"] = flops / timed(lambda: runtime.matmul(a32, b32, threads=threads)) / 1e9
+                fns.append(lambda: runtime.matmul(a32, b32, threads=threads))
+            seconds = timed(fns)
+            row = {"shape": [b, m, n, k], "source": runtime.explain(a, bb, threads=threads).source}
+            for name, sec in zip(("ours", "torch", "numpy", "ours_fp32"), seconds):
+                row[name] = flops / sec / 1e9
             out.append(row)
     print(json.dumps({"cpu": detect_cpu().model_name, "bf16": detect_cpu().bf16_isa, "rows": out}))
 """)

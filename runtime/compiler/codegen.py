@@ -102,6 +102,11 @@ class _KernelWriter(TileWriter):
             self.bf16 = bf16.choose_mode(nest, target.bf16, target.vector_bytes // 4)
             self.packs = {op: at for op, at in bf16.pack_positions(nest).items()} if nest.tile else {}
             self.TP = "float" if self.bf16 == "convert" else "uint16_t"
+        # AMX on bf16 inputs reads an A the schedule leaves unpacked straight from memory (its rows
+        # hold consecutive k), packing only tiles that cannot be read so into a scratch panel ("Q")
+        self.amx_direct_a = self.bf16 == "amx" and self.T == "uint16_t" and "A" not in dict(nest.pack)
+        if self.amx_direct_a:
+            del self.packs["A"]
         if nest.tile:
             self.mr, self.nr = nest.tile_sizes  # type: ignore[misc]
             self.vdim = nest.vector_dim
@@ -181,8 +186,8 @@ class _KernelWriter(TileWriter):
         freed when the thread exits (``lt_ws_get``, see ``codegen_threads``); a parallel loop's
         threads each use their own copy of what they pack."""
         e, T = self.emit, self.TP
-        edge_panel = self.X not in self.packs
-        if not self.packs and not edge_panel:
+        edge_panel = self.X not in self.packs and not self.bf16
+        if not self.packs and not edge_panel and not self.amx_direct_a:
             return
         par = self.nest.index(self.nest.parallel) if self.nest.parallel else None
         offsets = []
@@ -192,6 +197,11 @@ class _KernelWriter(TileWriter):
             e(f"const int64_t wsE = {self.V} * {ksize} + 16;  /* per copy */")
             e(f"const int64_t wsE_copies = {'nthreads' if par is not None else '1'};")
             offsets.append("E")
+        if self.amx_direct_a:
+            ksize = self._block_extent(self.start - 1, "k", "K")
+            e(f"const int64_t wsQ = {self.mr} * ({ksize} + {bf16.AMX_K_STEP}) + 16;  /* per copy */")
+            e(f"const int64_t wsQ_copies = {'nthreads' if par is not None else '1'};")
+            offsets.append("Q")
         for operand in sorted(self.packs):
             at = self.nest.index(self.packs[operand])
             tdim = TILE_DIM_FOR_OPERAND[operand]
@@ -323,8 +333,9 @@ class _KernelWriter(TileWriter):
         e(f"{self.TC} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
         e(f"const int ow = ({k_lo} == 0) && !accumulate;")
         if self.bf16 == "amx":
+            tid = ("(int64_t)tid" if self.nest.parallel else "0") if self.amx_direct_a else None
             for line in bf16.amx_tile_call(p, self.mr, self.nr, self._operand_pointer("A", rng),
-                                           self._operand_pointer("B", rng), m_len, n_len, k_len):
+                                           self._operand_pointer("B", rng), m_len, n_len, k_len, tid):
                 e(line)
             return
         # An unpacked X read with vector loads needs unit stride along V; where the family's

@@ -256,7 +256,9 @@ def avx512bf16_tile(prefix: str, name: str, rows: int, full_rows: int, V: int, u
 
 
 def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
-    """mr x nr of C in 16x16 AMX tiles: C tiles first, then A's, then B's."""
+    """mr x nr of C in 16x16 AMX tiles: C tiles first, then A's, then B's.  A is read with row
+    stride ``ars`` and advances ``aks`` per 32 k (a packed panel: 32 and 32*mr; A in memory: its
+    row stride and 32); B is a packed panel of pairs."""
     na, nb = mr // AMX_TILE_ROWS, nr // AMX_TILE_ROWS
     c_t = lambda i, j: i * nb + j                  # noqa: E731
     a_t = lambda i: na * nb + i                     # noqa: E731
@@ -264,10 +266,10 @@ def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
     R = AMX_TILE_ROWS
     L = [
         "",
-        f"/* {mr}x{nr} of C = {na}x{nb} AMX tiles over k (a multiple of {AMX_K_STEP} in the zero-padded panels);",
-        "   c(m, n) at c[m*cm + n*cn]; the caller has configured the tiles */",
-        f"static __attribute__((noinline)) void {prefix}_amx_tile(int64_t kc, const uint16_t *restrict a,",
-        "    const uint16_t *restrict b, float *restrict c, int64_t cm, int64_t cn, int overwrite)",
+        f"/* {mr}x{nr} of C = {na}x{nb} AMX tiles over k (a multiple of {AMX_K_STEP}: zero-padded panels, or whole",
+        "   steps of an A read in place); c(m, n) at c[m*cm + n*cn]; the caller has configured the tiles */",
+        f"static __attribute__((noinline)) void {prefix}_amx_tile(int64_t kc, const uint16_t *restrict a, int64_t ars,",
+        "    int64_t aks, const uint16_t *restrict b, float *restrict c, int64_t cm, int64_t cn, int overwrite)",
         "{",
         "    if (!overwrite && cn == 1) {",
     ]
@@ -275,22 +277,29 @@ def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
     L.append("    } else {")
     L += [f"        _tile_zero({c_t(i, j)});" for i in range(na) for j in range(nb)]
     L.append("    }")
+    # C's lines are requested for writing while the products run (two per k step), so the stores
+    # at the end do not wait for them; the rows of C are far apart, no prefetcher would guess them.
+    L.append("    int64_t row = 0;")
     L.append(f"    for (int64_t kk = 0; kk < kc; kk += {AMX_K_STEP}) {{")
+    L.append(f"        if (cn == 1 && row < {mr}) {{")
+    L += [f"            __builtin_prefetch(c + row * cm + {16 * j}, 1, 3);" for j in range(0, nb, 1)]
+    L.append("            row++;")
+    L.append("        }")
     # Tile registers are not renamed: a load waits for the products reading its register.  Each
     # operand is loaded right before its first product, so the next step's loads overlap this
     # step's last products.
     for i in range(na):
-        L.append(f"        _tile_loadd({a_t(i)}, a + {i * R * AMX_K_STEP}, {AMX_K_STEP * 2});")
+        L.append(f"        _tile_loadd({a_t(i)}, a + {i * R} * ars, ars * 2);")
         for j in range(nb):
             if i == 0:
                 L.append(f"        _tile_loadd({b_t(j)}, b + {j * R * 2}, {nr * 4});")
             L.append(f"        _tile_dpbf16ps({c_t(i, j)}, {a_t(i)}, {b_t(j)});")
     # The B panel, reused by the next tiles down the same columns, is pulled into L1 two steps
-    # ahead (the streamer brings it to L2 only); A streams and is left to the hardware.
+    # ahead (the streamer brings it to L2 only); every other line: the pair prefetcher adds its twin.
     step_b = AMX_K_STEP * nr
     L += [f"        _mm_prefetch((const char *)(b + {AMX_PREFETCH_STEPS * step_b + line * 32}), _MM_HINT_T0);"
-          for line in range(step_b * 2 // 64)]
-    L.append(f"        a += {AMX_K_STEP * mr}; b += {step_b};")
+          for line in range(0, step_b * 2 // 64, 2)]
+    L.append(f"        a += aks; b += {step_b};")
     L.append("    }")
     L.append("    if (cn == 1) {")
     L += [f"        _tile_stored({c_t(i, j)}, c + {i * R} * cm + {j * R}, cm * 4);" for i in range(na) for j in range(nb)]
@@ -304,17 +313,28 @@ def amx_tile(prefix: str, mr: int, nr: int) -> list[str]:
 
 
 def amx_tile_call(prefix: str, mr: int, nr: int, a_ptr: str, b_ptr: str, m_len: str, n_len: str,
-                  k_len: str) -> list[str]:
+                  k_len: str, direct_tid: str | None) -> list[str]:
     """The call of the AMX tile at one tile position: whole tiles straight into C, edges through a
-    scratch tile (the panels are zero-padded, so a whole tile is always computed)."""
-    return [
-        f"const uint16_t *const ta = {a_ptr};",
+    scratch tile (the panels are zero-padded, so a whole tile is always computed).  With
+    ``direct_tid`` (the thread's scratch copy), ``a_ptr`` is A in memory, read in place when its k
+    are consecutive and the tile is whole, else packed into the thread's scratch panel first."""
+    if direct_tid is None:
+        L = [f"const uint16_t *const ta = {a_ptr};", f"const int64_t ars = {AMX_K_STEP}, aks = {AMX_K_STEP * mr};"]
+    else:
+        L = [f"const uint16_t *ta = {a_ptr};",
+             f"int64_t ars = sAm, aks = {AMX_K_STEP};",
+             f"if (!(sAk == 1 && {m_len} == {mr} && {k_len} % {AMX_K_STEP} == 0)) {{",
+             f"    uint16_t *const q = wsQ_base + wsQ * {direct_tid};",
+             f"    {prefix}_packA(ta, sAm, sAk, {m_len}, {k_len}, q);",
+             f"    ta = q; ars = {AMX_K_STEP}; aks = {AMX_K_STEP * mr};",
+             "}"]
+    return L + [
         f"const uint16_t *const tb = {b_ptr};",
         f"if ({m_len} == {mr} && {n_len} == {nr}) {{",
-        f"    {prefix}_amx_tile({k_len}, ta, tb, tc, sCm, sCn, ow);",
+        f"    {prefix}_amx_tile({k_len}, ta, ars, aks, tb, tc, sCm, sCn, ow);",
         "} else {",
         f"    float tt[{mr} * {nr}] __attribute__((aligned(64)));",
-        f"    {prefix}_amx_tile({k_len}, ta, tb, tt, {nr}, 1, 1);",
+        f"    {prefix}_amx_tile({k_len}, ta, ars, aks, tb, tt, {nr}, 1, 1);",
         f"    for (int64_t u = 0; u < {m_len}; u++)",
         f"        {prefix}_scatter(tt + u * {nr}, 1, {n_len}, tc + u * sCm, sCm, sCn, ow);",
         "}",

@@ -32,7 +32,7 @@ class TileWriter:
     # ---- packing: panels of R along the tile dimension, k-major inside a panel -----------------
     def _pack_functions(self) -> list[str]:
         T, out = self.T, []
-        for operand in sorted(self.packs):
+        for operand in sorted(set(self.packs) | ({"A"} if self.amx_direct_a else set())):
             R = self.mr if TILE_DIM_FOR_OPERAND[operand] == "m" else self.nr
             if self.bf16:
                 out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP)

@@ -25,6 +25,9 @@ CASES = {
 BF16_SCHEDULE = BlockingParams(32, 32, 64, 128, 256, unroll_k=2).schedule()
 CASES.update({f"blis_32x32_bfloat16_{mode}_avx512": (BF16_SCHEDULE, "bfloat16", Target("avx512", 64, mode))
               for mode in ("amx", "avx512bf16", "convert")})
+# AMX reading an A the schedule leaves unpacked in place (packing only tiles it cannot read so)
+CASES["blis_32x32_bfloat16_amx_direct_a_avx512"] = (
+    BlockingParams(32, 32, 64, 128, 256, unroll_k=2, pack_a=False).schedule(), "bfloat16", Target("avx512", 64, "amx"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

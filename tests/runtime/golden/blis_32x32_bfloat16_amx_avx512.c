@@ -203,10 +203,10 @@ static __attribute__((noinline)) void golden_blis_32x32_bfloat16_amx_avx512_scat
     }
 }
 
-/* 32x32 of C = 2x2 AMX tiles over k (a multiple of 32 in the zero-padded panels);
-   c(m, n) at c[m*cm + n*cn]; the caller has configured the tiles */
-static __attribute__((noinline)) void golden_blis_32x32_bfloat16_amx_avx512_amx_tile(int64_t kc, const uint16_t *restrict a,
-    const uint16_t *restrict b, float *restrict c, int64_t cm, int64_t cn, int overwrite)
+/* 32x32 of C = 2x2 AMX tiles over k (a multiple of 32: zero-padded panels, or whole
+   steps of an A read in place); c(m, n) at c[m*cm + n*cn]; the caller has configured the tiles */
+static __attribute__((noinline)) void golden_blis_32x32_bfloat16_amx_avx512_amx_tile(int64_t kc, const uint16_t *restrict a, int64_t ars,
+    int64_t aks, const uint16_t *restrict b, float *restrict c, int64_t cm, int64_t cn, int overwrite)
 {
     if (!overwrite && cn == 1) {
         _tile_loadd(0, c + 0 * cm + 0, cm * 4);
@@ -219,48 +219,38 @@ static __attribute__((noinline)) void golden_blis_32x32_bfloat16_amx_avx512_amx_
         _tile_zero(2);
         _tile_zero(3);
     }
+    int64_t row = 0;
     for (int64_t kk = 0; kk < kc; kk += 32) {
-        _tile_loadd(4, a + 0, 64);
+        if (cn == 1 && row < 32) {
+            __builtin_prefetch(c + row * cm + 0, 1, 3);
+            __builtin_prefetch(c + row * cm + 16, 1, 3);
+            row++;
+        }
+        _tile_loadd(4, a + 0 * ars, ars * 2);
         _tile_loadd(6, b + 0, 128);
         _tile_dpbf16ps(0, 4, 6);
         _tile_loadd(7, b + 32, 128);
         _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(5, a + 512, 64);
+        _tile_loadd(5, a + 16 * ars, ars * 2);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
         _mm_prefetch((const char *)(b + 2048), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2080), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2112), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2144), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2176), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2208), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2240), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2272), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2304), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2336), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2368), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2400), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2432), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2464), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2496), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2528), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2560), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2592), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2624), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2656), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2688), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2720), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2752), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2784), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2816), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2848), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2880), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2912), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 2944), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 2976), _MM_HINT_T0);
         _mm_prefetch((const char *)(b + 3008), _MM_HINT_T0);
-        _mm_prefetch((const char *)(b + 3040), _MM_HINT_T0);
-        a += 1024; b += 1024;
+        a += aks; b += 1024;
     }
     if (cn == 1) {
         _tile_stored(0, c + 0 * cm + 0, cm * 4);
@@ -331,12 +321,13 @@ int golden_blis_32x32_bfloat16_amx_avx512(int64_t batch, int64_t M, int64_t N, i
                             float *const tc = C + lo_b * sCb + lo_m_i_o * sCm + lo_n_i_o * sCn;
                             const int ow = (lo_k_o == 0) && !accumulate;
                             const uint16_t *const ta = pA + (lo_m_i_o - pA_t0) * pA_klen + (lo_k_o - pA_k0) * 32;
+                            const int64_t ars = 32, aks = 1024;
                             const uint16_t *const tb = pB + (lo_n_i_o - pB_t0) * pB_klen + (lo_k_o - pB_k0) * 32;
                             if (len_m_i_o == 32 && len_n_i_o == 32) {
-                                golden_blis_32x32_bfloat16_amx_avx512_amx_tile(len_k_o, ta, tb, tc, sCm, sCn, ow);
+                                golden_blis_32x32_bfloat16_amx_avx512_amx_tile(len_k_o, ta, ars, aks, tb, tc, sCm, sCn, ow);
                             } else {
                                 float tt[32 * 32] __attribute__((aligned(64)));
-                                golden_blis_32x32_bfloat16_amx_avx512_amx_tile(len_k_o, ta, tb, tt, 32, 1, 1);
+                                golden_blis_32x32_bfloat16_amx_avx512_amx_tile(len_k_o, ta, ars, aks, tb, tt, 32, 1, 1);
                                 for (int64_t u = 0; u < len_m_i_o; u++)
                                     golden_blis_32x32_bfloat16_amx_avx512_scatter(tt + u * 32, 1, len_n_i_o, tc + u * sCm, sCm, sCn, ow);
                             }
