@@ -14,6 +14,12 @@ versions installed:
 * anything else (complex, a bfloat16 result in some other ml_dtypes version, a pair numpy
   refuses) is left to numpy.matmul, which then raises its own exceptions.
 
+Subnormals: the AMX and AVX512-BF16 instructions treat subnormal bf16 inputs as zero (and
+flush subnormal products), as every bf16 BLAS on these CPUs does; a product of a subnormal
+and a huge value then differs from numpy's.  The portable form (``LOOPTUNE_BF16=convert``)
+widens exactly and matches numpy there too.  The float32 opt-in rounds subnormal float32
+inputs to zero in every form.
+
 This module never imports ml_dtypes: it recognizes the dtype by its name and its scalar
 type's module, so a process that never meets a bfloat16 array never loads it.
 """

@@ -17,13 +17,13 @@ How kernels use threads (the parallel loop, the per-thread packing workspace) is
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, abi_args
 from looptune.runtime.compiler.codegen_tiles import TileWriter
 from looptune.runtime.compiler.codegen_threads import WORKSPACE_C, abi_variables, outline_parallel
-from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
+from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
 from looptune.runtime.compiler.schedule import Schedule
@@ -72,7 +72,12 @@ def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol:
     """C text of ``schedule``'s kernel computing in ``dtype``.  ``inputs="float32"`` with dtype
     bfloat16: the kernel reads float32 and rounds it to bf16 while packing (its ABI is float32's,
     and so is the returned ``KernelSource.dtype``)."""
-    target = target or Target.detect()
+    if target is None:
+        target = Target.detect()
+        if dtype == "bfloat16" and target.bf16 == "amx" and not amx_permitted():
+            # asked only now, when a bf16 kernel is wanted: the grant enlarges every signal frame
+            # of the process, which a float-only application should not pay for
+            target = replace(target, bf16="avx512bf16")
     inputs = inputs or dtype
     if inputs != dtype and (dtype, inputs) != ("bfloat16", "float32"):
         raise ValueError(f"a {dtype} kernel cannot read {inputs} inputs")
@@ -100,7 +105,7 @@ class _KernelWriter(TileWriter):
         self.TP = self.T                   # packed panels' elements
         if dtype == "bfloat16":
             self.bf16 = bf16.choose_mode(nest, target.bf16, target.vector_bytes // 4)
-            self.packs = {op: at for op, at in bf16.pack_positions(nest).items()} if nest.tile else {}
+            self.packs = dict(bf16.pack_positions(nest)) if nest.tile else {}
             self.TP = "float" if self.bf16 == "convert" else "uint16_t"
         # AMX on bf16 inputs reads an A the schedule leaves unpacked straight from memory (its rows
         # hold consecutive k), packing only tiles that cannot be read so into a scratch panel ("Q")
@@ -153,6 +158,8 @@ class _KernelWriter(TileWriter):
         out.append("{")
         out += self.lines
         out.append("}")
+        if self.bf16:
+            out += bf16.postlude(self.bf16)
         return "\n".join(out) + "\n"
 
     # ---- kernel body ---------------------------------------------------------------------------
@@ -199,7 +206,7 @@ class _KernelWriter(TileWriter):
             offsets.append("E")
         if self.amx_direct_a:
             ksize = self._block_extent(self.start - 1, "k", "K")
-            e(f"const int64_t wsQ = {self.mr} * ({ksize} + {bf16.AMX_K_STEP}) + 16;  /* per copy */")
+            e(f"const int64_t wsQ = ({self.mr} * ({ksize} + {bf16.AMX_K_STEP}) + 47) / 32 * 32;  /* per copy, 64-byte multiple */")
             e(f"const int64_t wsQ_copies = {'nthreads' if par is not None else '1'};")
             offsets.append("Q")
         for operand in sorted(self.packs):
@@ -211,7 +218,10 @@ class _KernelWriter(TileWriter):
             if self.bf16:
                 ksize = f"({ksize} + {bf16.k_group(self.bf16, operand)[1]})"    # k padded to whole groups
             copies = "nthreads" if par is not None and at >= par else "1"
-            e(f"const int64_t ws{operand} = (({tsize} + {R - 1}) / {R}) * {R} * {ksize} + 16;  /* per copy */")
+            size = f"(({tsize} + {R - 1}) / {R}) * {R} * {ksize} + 16"
+            if self.bf16:      # 2-byte panels: keep every copy 64-byte aligned for pair and tile loads
+                size = f"({size} + 31) / 32 * 32"
+            e(f"const int64_t ws{operand} = {size};  /* per copy */")
             e(f"const int64_t ws{operand}_copies = {copies};")
             offsets.append(operand)
         total = " + ".join(f"ws{o} * ws{o}_copies" for o in offsets)

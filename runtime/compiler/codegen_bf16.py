@@ -63,10 +63,10 @@ def pack_positions(nest: LoopNest) -> dict[str, str | None]:
 
 
 def _k_blocks_fit(nest: LoopNest, mode: str) -> bool:
-    """Every k loop between a pack and the tile steps by whole k groups of that pack."""
-    start = nest.kernel_start()
-    for operand, at in pack_positions(nest).items():
-        g = max(k_group(mode, "A")[0], k_group(mode, "B")[0])
+    """Every k loop between a pack and the tile steps by whole k groups (the larger of the two
+    operands' groups: the tile steps through both panels together)."""
+    start, g = nest.kernel_start(), max(k_group(mode, "A")[0], k_group(mode, "B")[0])
+    for at in pack_positions(nest).values():
         first = nest.index(at) + 1 if at is not None else 0
         if any(l.dim == "k" and l.block % g for l in nest.loops[first:start]):
             return False
@@ -103,15 +103,22 @@ def prelude(mode: str) -> list[str]:
         "{",
         "    union { float f; uint32_t u; } v = { f };",
         "    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);   /* quiet NaN */",
+        "    if ((v.u & 0x7f800000u) == 0) return (uint16_t)((v.u >> 16) & 0x8000u);   /* subnormal: signed zero, as vcvtne2ps2bf16 */",
         "    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);",
         "}",
         "#endif",
     ]
     if mode != "convert":
-        out += ["#ifndef __clang__",
-                f'#pragma GCC target("avx512f,avx512bf16{",amx-tile,amx-bf16" if mode == "amx" else ""}")',
-                "#endif",
-                "#include <immintrin.h>"]
+        # the instructions are enabled for this kernel's functions only (push here, pop in
+        # ``postlude``): kernels after it in one file (an export) are compiled as the flags say
+        features = "avx512f,avx512bw,avx512bf16" + (",amx-tile,amx-bf16" if mode == "amx" else "")
+        out += ["#include <immintrin.h>",
+                "#if defined(__clang__)",
+                f'#pragma clang attribute push (__attribute__((target("{features}"))), apply_to = function)',
+                "#else",
+                "#pragma GCC push_options",
+                f'#pragma GCC target("{features}")',
+                "#endif"]
     if mode == "amx":
         out += [
             "#ifndef LT_AMX_DEFINED",
@@ -137,6 +144,13 @@ def prelude(mode: str) -> list[str]:
             "#endif",
         ]
     return out
+
+
+def postlude(mode: str) -> list[str]:
+    """Closes what ``prelude`` opened, after the kernel's last function."""
+    if mode == "convert":
+        return []
+    return ["#if defined(__clang__)", "#pragma clang attribute pop", "#else", "#pragma GCC pop_options", "#endif"]
 
 
 def pack_function(prefix: str, operand: str, R: int, mode: str, source_type: str, panel_type: str) -> list[str]:
@@ -339,7 +353,3 @@ def amx_tile_call(prefix: str, mr: int, nr: int, a_ptr: str, b_ptr: str, m_len: 
         f"        {prefix}_scatter(tt + u * {nr}, 1, {n_len}, tc + u * sCm, sCm, sCn, ow);",
         "}",
     ]
-
-
-def tile_dim_of(operand: str) -> str:
-    return TILE_DIM_FOR_OPERAND[operand]

@@ -63,8 +63,8 @@ class CpuInfo:
         f = set(self.extensions)
         if self.vector_isa != "avx512" or "avx512_bf16" not in f:
             return "convert"
-        if "amx" in allowed and {"amx_bf16", "amx_tile"} <= f and amx_permitted():
-            return "amx"
+        if "amx" in allowed and {"amx_bf16", "amx_tile"} <= f:
+            return "amx"      # if Linux grants the tile state: asked when a bf16 kernel is rendered
         return "avx512bf16" if "avx512bf16" in allowed else "convert"
 
     @property
@@ -102,7 +102,7 @@ def amx_permitted() -> bool:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
-        import ctypes
+        import ctypes     # lazily: only processes that render a bf16 kernel ask
 
         libc = ctypes.CDLL(None, use_errno=True)
         sys_arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18

@@ -178,11 +178,11 @@ class MatmulProblem:
 
 def numpy_dtype(name: str):
     """The numpy dtype of one of ``DTYPES``; bfloat16 needs ml_dtypes (the ``bf16`` extra)."""
-    import numpy as np
+    import numpy as np     # lazily, as everywhere in this module: the workload type is imported without numpy
 
     if name == "bfloat16":
         try:
-            import ml_dtypes
+            import ml_dtypes   # the bf16 extra; only when a bf16 problem meets numpy
         except ImportError:
             raise ProblemError("bfloat16 needs ml_dtypes: pip install 'looptune[bf16]'") from None
         return np.dtype(ml_dtypes.bfloat16)

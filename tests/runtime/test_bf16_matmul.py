@@ -242,3 +242,46 @@ def test_float_calls_do_not_import_ml_dtypes():
     done = _run(code, {})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["convert", "avx512bf16", "amx"])
+def test_subnormal_inputs_per_form(mode):
+    """The portable form widens subnormal bf16 exactly (numpy's result); the BF16 instructions
+    treat them as zero, as documented in ``looptune.runtime.bf16``."""
+    from looptune.runtime.compiler.build import build
+    from looptune.runtime.compiler.codegen import Target, render
+    from looptune.runtime.compiler.defaults import default_schedule
+    from looptune.runtime.compiler.kernel import Kernel
+    from looptune.runtime.compiler.machine import BF16_LEVELS, amx_permitted, detect_cpu
+
+    cpu = detect_cpu()
+    if BF16_LEVELS.index(mode) > BF16_LEVELS.index(cpu.bf16_isa) or (mode == "amx" and not amx_permitted()):
+        pytest.skip(f"this CPU has no {mode}")
+    problem = MatmulProblem(64, 64, 64, dtype="bfloat16")
+    target = Target(cpu.vector_isa, cpu.vector_bytes, mode)
+    source = render(default_schedule(problem, cpu), "bfloat16", target)
+    kernel = Kernel(build(source).so_path, source.symbol, "bfloat16")
+    a = np.full((64, 64), 3e-39, ml_dtypes.bfloat16)       # subnormal in bf16 (and float32)
+    b = np.full((64, 64), 1e30, ml_dtypes.bfloat16)
+    c = np.empty((64, 64), np.float32)
+    kernel(a, b, c)
+    expected = np.matmul(a, b) if mode == "convert" else np.zeros((64, 64), np.float32)
+    np.testing.assert_allclose(c, expected, rtol=1e-5)
+
+
+def test_float_only_process_never_asks_for_amx():
+    """The AMX grant enlarges every signal frame of the process (a small sigaltstack then fails),
+    so only rendering a bf16 kernel asks for it."""
+    code = textwrap.dedent("""
+        import ctypes, numpy as np
+        from looptune import runtime
+        a = np.ones((64, 64), np.float32)
+        runtime.matmul(a, a, threads=1)
+        perm = ctypes.c_uint64(0)
+        libc = ctypes.CDLL(None)
+        libc.syscall(158, 0x1022, ctypes.byref(perm))     # ARCH_GET_XCOMP_PERM
+        print(int(perm.value >> 18 & 1))                  # XTILEDATA
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"

@@ -16,13 +16,17 @@ static inline uint16_t lt_f32_to_bf16(float f)
 {
     union { float f; uint32_t u; } v = { f };
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);   /* quiet NaN */
+    if ((v.u & 0x7f800000u) == 0) return (uint16_t)((v.u >> 16) & 0x8000u);   /* subnormal: signed zero, as vcvtne2ps2bf16 */
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 #endif
-#ifndef __clang__
-#pragma GCC target("avx512f,avx512bf16")
-#endif
 #include <immintrin.h>
+#if defined(__clang__)
+#pragma clang attribute push (__attribute__((target("avx512f,avx512bw,avx512bf16"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16")
+#endif
 #ifndef LT_WORKSPACE_DEFINED
 #define LT_WORKSPACE_DEFINED
 /* A kernel's packing workspace for one calling thread.  A thread's workspaces in this library
@@ -755,9 +759,9 @@ int golden_blis_32x32_bfloat16_avx512bf16_avx512(int64_t batch, int64_t M, int64
                 C[b * sCb + m * sCm + n * sCn] = 0;
         if (K <= 0) return 0;
     }
-    const int64_t wsA = ((LT_MIN((int64_t)64, M) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 2) + 16;  /* per copy */
+    const int64_t wsA = (((LT_MIN((int64_t)64, M) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 2) + 16 + 31) / 32 * 32;  /* per copy */
     const int64_t wsA_copies = 1;
-    const int64_t wsB = ((LT_MIN((int64_t)256, N) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 2) + 16;  /* per copy */
+    const int64_t wsB = (((LT_MIN((int64_t)256, N) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 2) + 16 + 31) / 32 * 32;  /* per copy */
     const int64_t wsB_copies = 1;
     static _Thread_local lt_ws *ws_slot = 0;
     const int64_t ws_need = wsA * wsA_copies + wsB * wsB_copies;
@@ -830,3 +834,8 @@ int golden_blis_32x32_bfloat16_avx512bf16_avx512(int64_t batch, int64_t M, int64
     lt_ws_end(&ws_slot);
     return 0;
 }
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif

@@ -16,6 +16,7 @@ static inline uint16_t lt_f32_to_bf16(float f)
 {
     union { float f; uint32_t u; } v = { f };
     if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);   /* quiet NaN */
+    if ((v.u & 0x7f800000u) == 0) return (uint16_t)((v.u >> 16) & 0x8000u);   /* subnormal: signed zero, as vcvtne2ps2bf16 */
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 #endif
@@ -729,9 +730,9 @@ int golden_blis_32x32_bfloat16_convert_avx512(int64_t batch, int64_t M, int64_t 
                 C[b * sCb + m * sCm + n * sCn] = 0;
         if (K <= 0) return 0;
     }
-    const int64_t wsA = ((LT_MIN((int64_t)64, M) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 1) + 16;  /* per copy */
+    const int64_t wsA = (((LT_MIN((int64_t)64, M) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 1) + 16 + 31) / 32 * 32;  /* per copy */
     const int64_t wsA_copies = 1;
-    const int64_t wsB = ((LT_MIN((int64_t)256, N) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 1) + 16;  /* per copy */
+    const int64_t wsB = (((LT_MIN((int64_t)256, N) + 31) / 32) * 32 * (LT_MIN((int64_t)128, K) + 1) + 16 + 31) / 32 * 32;  /* per copy */
     const int64_t wsB_copies = 1;
     static _Thread_local lt_ws *ws_slot = 0;
     const int64_t ws_need = wsA * wsA_copies + wsB * wsB_copies;
