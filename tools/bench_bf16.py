@@ -53,11 +53,15 @@ TIMER = textwrap.dedent("""
 
     out = []
     with threadpool_limits(limits=threads):
-        for b, m, n, k in shapes:
+        for b, m, n, k, layout in shapes:
             rng = np.random.default_rng(0)
             lead = (b,) if b > 1 else ()
             a32 = rng.standard_normal(lead + (m, k)).astype(np.float32)
             b32 = rng.standard_normal(lead + (k, n)).astype(np.float32)
+            if layout[0] == "t":      # A a transposed view of a (k, m) array, as the layout says
+                a32 = np.ascontiguousarray(np.swapaxes(a32, -1, -2)); a32 = np.swapaxes(a32, -1, -2)
+            if layout[1] == "t":
+                b32 = np.ascontiguousarray(np.swapaxes(b32, -1, -2)); b32 = np.swapaxes(b32, -1, -2)
             a, bb = a32.astype(bf16), b32.astype(bf16)
             ta, tb = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16), torch.from_numpy(bb.astype(np.float32)).to(torch.bfloat16)
             c = runtime.matmul(a, bb, threads=threads)
@@ -69,7 +73,7 @@ TIMER = textwrap.dedent("""
             if with_fp32:
                 fns.append(lambda: runtime.matmul(a32, b32, threads=threads))
             seconds = timed(fns)
-            row = {"shape": [b, m, n, k], "source": runtime.explain(a, bb, threads=threads).source}
+            row = {"shape": [b, m, n, k, layout], "source": runtime.explain(a, bb, threads=threads).source}
             for name, sec in zip(("ours", "torch", "numpy", "ours_fp32"), seconds):
                 row[name] = flops / sec / 1e9
             out.append(row)
@@ -85,7 +89,8 @@ def parse_shapes(lines: list[str]) -> list[list[int]]:
             continue
         m, n, k = (int(w) for w in words[:3])
         batch = next((int(w.split("=")[1]) for w in words[3:] if w.startswith("batch=")), 1)
-        shapes.append([batch, m, n, k])
+        layout = next((w.split("=")[1] for w in words[3:] if w.startswith("layout=")), "nn")
+        shapes.append([batch, m, n, k, layout])
     return shapes
 
 
@@ -102,7 +107,7 @@ def main() -> None:
     if args.shapes_file:
         with open(args.shapes_file) as f:
             lines += f.read().splitlines()
-    shapes = parse_shapes(lines) or [[1, 1024, 1024, 1024]]
+    shapes = parse_shapes(lines) or [[1, 1024, 1024, 1024, "nn"]]
     env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
     if args.db:
         env["LOOPTUNE_DB"] = os.path.abspath(args.db)
@@ -120,8 +125,8 @@ def main() -> None:
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.fp32 else 0) + 1))
     r_torch, r_np = [], []
     for row in result["rows"]:
-        b, m, n, k = row["shape"]
-        shape = f"{m}x{n}x{k}" + (f" b{b}" if b > 1 else "")
+        b, m, n, k, layout = row["shape"]
+        shape = f"{m}x{n}x{k}" + (f" b{b}" if b > 1 else "") + (f" {layout}" if layout != "nn" else "")
         rt, rn = row["ours"] / row["torch"], row["ours"] / row["numpy"]
         r_torch.append(rt)
         r_np.append(rn)

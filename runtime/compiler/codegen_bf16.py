@@ -201,9 +201,10 @@ def _vector_pack_paths(R: int, G: int, TS: str) -> tuple[str, str]:
             "(__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(({}) + 16), _mm512_loadu_ps({}))")
     ld = lambda p: load.format(*([p] * load.count("{}")))      # noqa: E731
     conv = "{}" if TS == "uint16_t" else "lt_f32_to_bf16({})"
-    if G == 32:      # groups of 32 k per row: one vector per row and group
-        fast_k = f"""for (; k0 < kg; k0 += 32)
-                for (int64_t i = 0; i < {R}; i++) _mm512_storeu_si512(d + k0 * {R} + i * 32, {ld("s + i * st + k0")});"""
+    if G == 32:      # groups of 32 k per row: one vector per row and group, a row at a time (one read stream)
+        fast_k = f"""for (int64_t i = 0; i < {R}; i++)
+                for (int64_t k = 0; k < kg; k += 32) _mm512_storeu_si512(d + k * {R} + i * 32, {ld("s + i * st + k")});
+            k0 = kg;"""
     else:            # pairs of k: each row's pairs as 32-bit words, rows after rows
         fast_k = f"""for (int64_t i = 0; i < {R}; i++)
                 for (int64_t k = 0; k < kg; k += 2) {{

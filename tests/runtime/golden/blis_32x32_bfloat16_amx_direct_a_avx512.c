@@ -151,8 +151,9 @@ static void golden_blis_32x32_bfloat16_amx_direct_a_avx512_packA(const uint16_t 
         uint16_t *d = dst + p * kp;
         int64_t k0 = 0;
         if (r == 32 && sk == 1) {
-            for (; k0 < kg; k0 += 32)
-                for (int64_t i = 0; i < 32; i++) _mm512_storeu_si512(d + k0 * 32 + i * 32, _mm512_loadu_si512(s + i * st + k0));
+            for (int64_t i = 0; i < 32; i++)
+                for (int64_t k = 0; k < kg; k += 32) _mm512_storeu_si512(d + k * 32 + i * 32, _mm512_loadu_si512(s + i * st + k));
+            k0 = kg;
         } else if (r == 32 && st == 1) {
             for (; k0 < kg; k0 += 32)
                 for (int64_t g = 0; g < 32; g++)
