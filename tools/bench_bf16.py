@@ -4,7 +4,8 @@ bf16 matmul and ``np.matmul`` on the same arrays, plus our own float32 for the b
 
 One process per thread count, numpy imported first like an application; every library pinned to
 the same thread count (torch.set_num_threads, threadpoolctl for numpy's BLAS, ``threads=`` for us);
-each figure the median of 9 runs of at least 20 ms, the libraries timed in turns, after one call (which compiles our kernel,
+each figure the median of 9 runs of at least 20 ms, the libraries timed in turns (at 2+ threads
+a quarter second apart, so no library's idle threads still spin), after one call (which compiles our kernel,
 from a cold cache unless --warm-cache).  ``--db`` serves the records of a database built with
 ``looptune build-db --dtype bfloat16 ...``; without it the analytic default schedule is served.
 
@@ -45,6 +46,11 @@ TIMER = textwrap.dedent("""
         runs = [[] for _ in fns]
         for _ in range(9):
             for fn, r, out in zip(fns, reps, runs):
+                if threads > 1:
+                    # let the previous library's idle threads go to sleep first (libgomp spins for
+                    # milliseconds, OpenBLAS yields for longer), or this run measures the two
+                    # pools fighting over the cores rather than this library
+                    time.sleep(0.25)
                 t0 = time.perf_counter()
                 for _ in range(r):
                     fn()
