@@ -38,3 +38,26 @@ class Interrupting:
         if self.calls == 3:
             raise KeyboardInterrupt
         return fake_tune(problem, budget_s)
+
+
+COMPILER = os.environ.get("LOOPTUNE_CC") or os.environ.get("CC") or "cc"
+
+
+def export_and_link(root, db, driver_source: str):
+    """``looptune export`` of ``db`` into ``root/lib``, built with its own Makefile, and a C driver
+    (``root/driver``) linked against the static library; returns ``root``."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from looptune.tuner.cli import main
+
+    result = CliRunner().invoke(main, ["export", "--db", str(db), "--out", str(root / "lib")])
+    assert result.exit_code == 0, result.output
+    assert "compiled cleanly" in result.output
+    lib = root / "lib"
+    subprocess.run(["make", "-s", f"CC={COMPILER}", "liblooptune.a"], cwd=lib, check=True, capture_output=True)
+    (root / "driver.c").write_text(driver_source)
+    subprocess.run([COMPILER, "-O1", "-std=gnu11", f"-I{lib}", str(root / "driver.c"), str(lib / "liblooptune.a"),
+                    "-fopenmp", "-lm", "-o", str(root / "driver")], check=True, capture_output=True, text=True)
+    return root

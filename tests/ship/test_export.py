@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from looptune.database import Record, commit
+from ship_fakes import export_and_link
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.ship.builddb import target_machine
-from looptune.tuner.cli import main
 from looptune.tuner.ship.export import ExportError, export_library, make_plan
 from looptune.tuner.search.spaces import blocking_candidates
 
@@ -77,15 +76,7 @@ def library(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     db = root / "s.h5"
     commit(db, _records())
-    result = CliRunner().invoke(main, ["export", "--db", str(db), "--out", str(root / "lib")])
-    assert result.exit_code == 0, result.output
-    assert "compiled cleanly" in result.output
-    lib = root / "lib"
-    subprocess.run(["make", "-s", f"CC={CC}", "liblooptune.a"], cwd=lib, check=True, capture_output=True)
-    (root / "driver.c").write_text(DRIVER)
-    subprocess.run([CC, "-O1", "-std=gnu11", f"-I{lib}", str(root / "driver.c"), str(lib / "liblooptune.a"),
-                    "-fopenmp", "-lm", "-o", str(root / "driver")], check=True, capture_output=True, text=True)
-    return root
+    return export_and_link(root, db, DRIVER)
 
 
 def run_driver(root: Path, m, n, k, dtype, pad=0):

@@ -8,13 +8,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from looptune.database import Record, commit
+from ship_fakes import export_and_link
 from looptune.runtime.compiler.defaults import BlockingParams, default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.cli import main
 from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
@@ -69,15 +68,7 @@ def library(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_bf16")
     db = root / "s.h5"
     commit(db, _records())
-    result = CliRunner().invoke(main, ["export", "--db", str(db), "--out", str(root / "lib")])
-    assert result.exit_code == 0, result.output
-    assert "compiled cleanly" in result.output
-    lib = root / "lib"
-    subprocess.run(["make", "-s", f"CC={CC}", "liblooptune.a"], cwd=lib, check=True, capture_output=True)
-    (root / "driver.c").write_text(DRIVER)
-    subprocess.run([CC, "-O1", "-std=gnu11", f"-I{lib}", str(root / "driver.c"), str(lib / "liblooptune.a"),
-                    "-fopenmp", "-lm", "-o", str(root / "driver")], check=True, capture_output=True, text=True)
-    return root
+    return export_and_link(root, db, DRIVER)
 
 
 def run_driver(root, m, n, k, pad=0):

@@ -22,6 +22,7 @@ from looptune.runtime.compiler.workload import MatmulProblem, parse_shapes
 from looptune.tuner.agent.actions import AgentState
 from looptune.tuner.agent.observe import DTYPE_FEATURE, observe
 from looptune.tuner.cli import main
+from looptune.runtime.compiler.abi import abi_args
 from looptune.tuner.measure.runner import Artifact, Candidate, LocalRunner, MeasureConfig, RunStatus, default_tolerance
 from looptune.tuner.search.mutate import factor_mutations
 from looptune.tuner.search.spaces import accumulator_lanes, blocking_candidates, tile_options
@@ -29,10 +30,7 @@ from looptune.tuner.search.spaces import accumulator_lanes, blocking_candidates,
 pytest.importorskip("ml_dtypes")
 needs_cc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
-SIGNATURE = """int {name}(int64_t batch, int64_t M, int64_t N, int64_t K,
-    const uint16_t *A, int64_t sAb, int64_t sAm, int64_t sAk,
-    const uint16_t *B, int64_t sBb, int64_t sBk, int64_t sBn,
-    float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads)"""
+SIGNATURE = "int {name}(" + abi_args("bfloat16") + ")"     # the one kernel ABI, for bf16 inputs
 
 NAIVE_BODY = """{
     (void)nthreads;
