@@ -194,7 +194,22 @@ def _general(a, b, out, threads):
     plan = plan_for(a, b)
     if type(plan) is str:
         return _delegate(a, b, out, plan)
+    if plan.name == bf16.BFLOAT16 and a.dtype == b.dtype and _bf16_typenum != a.dtype.num:
+        _register_bfloat16(a.dtype.num)
     return _execute(plan, a, b, out, threads)
+
+
+# ml_dtypes' bfloat16 type number, once this process has met it: the compiled ``serve`` then
+# takes calls on two bfloat16 arrays as well (it cannot know the number before ml_dtypes registers it)
+_bf16_typenum = -1
+
+
+def _register_bfloat16(typenum: int) -> None:
+    global _bf16_typenum
+    module = trampoline.load()
+    if module is not None and hasattr(module, "set_bfloat16"):
+        module.set_bfloat16(typenum)
+    _bf16_typenum = typenum
 
 
 def _plain_array(x):

@@ -139,7 +139,9 @@ static int layout_of(npy_intp rows, npy_intp cols, npy_intp s_row, npy_intp s_co
     return -1;
 }
 
-static PyObject *dtype_names[2], *layout_names[4], *address_name, *np_matmul;
+static PyObject *dtype_names[3], *layout_names[4], *address_name, *np_matmul;
+/* the type number numpy gave ml_dtypes' bfloat16 in this process (set_bfloat16), or -1 */
+static int bf16_typenum = -1;
 
 /* an operand's core (rows, cols) in d[1], d[2] with byte strides s[1], s[2] (d[0], s[0]: 1, 0);
    a 1-D operand is a row (A) or a column (B) */
@@ -199,7 +201,7 @@ static PyArrayObject *prepared(PyArrayObject *x, int typenum, int is_a, npy_intp
    or all its own and folding into one stride, any strides (cast and copied as call_plan does), a
    fresh output or a matching aligned out= that overlaps no input, a kernel already in the dispatch
    table under the key runtime.matmul builds.  All else, and any non-zero kernel code, takes the
-   Python path. */
+   Python path.  Two bfloat16 operands (the type set_bfloat16 named) are served too, into float32. */
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 6) { PyErr_SetString(PyExc_TypeError, "serve(A, B, out, dispatch, threads, small_flops)"); return NULL; }
@@ -209,7 +211,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int ta = PyArray_TYPE(a), tb = PyArray_TYPE(b), nda = PyArray_NDIM(a), ndb = PyArray_NDIM(b), typenum = ta;
     if (!PyArray_ISNOTSWAPPED(a) || !PyArray_ISNOTSWAPPED(b) || nda < 1 || ndb < 1 || (nda == 1 && ndb == 1))
         Py_RETURN_NONE;
-    if (ta != tb || (ta != NPY_FLOAT && ta != NPY_DOUBLE)) {
+    const int bf16 = ta == tb && ta == bf16_typenum;     /* bf16 inputs, float32 result */
+    if (!bf16 && (ta != tb || (ta != NPY_FLOAT && ta != NPY_DOUBLE))) {
         /* bool, integer and float inputs: numpy's promotion, served when it is float32 or float64 */
         if (!(PyTypeNum_ISBOOL(ta) || PyTypeNum_ISINTEGER(ta) || PyTypeNum_ISFLOAT(ta))
             || !(PyTypeNum_ISBOOL(tb) || PyTypeNum_ISINTEGER(tb) || PyTypeNum_ISFLOAT(tb))) Py_RETURN_NONE;
@@ -222,7 +225,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long threads = PyLong_AsLong(args[4]);
     double small_flops = PyFloat_AsDouble(args[5]);
     if (PyErr_Occurred()) return NULL;
-    npy_intp item = typenum == NPY_DOUBLE ? 8 : 4, ad[3], as_[3], bd[3], bs[3];
+    const int out_typenum = bf16 ? NPY_FLOAT : typenum;
+    npy_intp item = bf16 ? 2 : typenum == NPY_DOUBLE ? 8 : 4, item_c = bf16 ? 4 : item, ad[3], as_[3], bd[3], bs[3];
     core(a, 1, ad, as_);
     core(b, 0, bd, bs);
     npy_intp m = ad[1], k = ad[2], n = bd[2], count = 1, cd[NPY_MAXDIMS];
@@ -243,7 +247,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (O != Py_None) {
         if (!PyArray_CheckExact(O)) Py_RETURN_NONE;
         PyArrayObject *o = (PyArrayObject *)O;
-        if (PyArray_TYPE(o) != typenum || !PyArray_ISNOTSWAPPED(o) || !PyArray_ISWRITEABLE(o) || PyArray_NDIM(o) != ndc)
+        if (PyArray_TYPE(o) != out_typenum || !PyArray_ISNOTSWAPPED(o) || !PyArray_ISWRITEABLE(o) || PyArray_NDIM(o) != ndc)
             Py_RETURN_NONE;
         for (int i = 0; i < ndc; i++) if (PyArray_DIMS(o)[i] != cd[i]) Py_RETURN_NONE;
     }
@@ -258,7 +262,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int la = layout_of(m, k, as_[1], as_[2], item), lb = layout_of(k, n, bs[1], bs[2], item);
     if (la < 0 || lb < 0) goto done;
     if (2.0 * (double)count * (double)m * (double)n * (double)k < small_flops) threads = 1;
-    key = Py_BuildValue("(OnnnnOl)", dtype_names[typenum == NPY_DOUBLE], m, n, k, count, layout_names[2 * la + lb], threads);
+    key = Py_BuildValue("(OnnnnOl)", dtype_names[bf16 ? 2 : typenum == NPY_DOUBLE], m, n, k, count, layout_names[2 * la + lb], threads);
     if (key == NULL) goto fail;
     PyObject *hit = PyDict_GetItemWithError(dispatch, key);     /* borrowed */
     if (hit == NULL) { if (PyErr_Occurred()) goto fail; goto done; }
@@ -278,7 +282,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     if (O == Py_None) {
-        c = (PyArrayObject *)PyArray_SimpleNew(ndc, cd, typenum);
+        c = (PyArrayObject *)PyArray_SimpleNew(ndc, cd, out_typenum);
         if (c == NULL) goto fail;
     } else {
         c = (PyArrayObject *)O;
@@ -289,11 +293,11 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     npy_intp cb, cm = c_m >= 0 ? cst[c_m] : 0, cn = c_n >= 0 ? cst[c_n] : 0;
     if (batch_stride(c, ndc - nb, nb, cd, count, &cb) < 0) goto done;
     void *pa = PyArray_DATA(xa), *pb = PyArray_DATA(xb), *pc = PyArray_DATA(c);
-    if (cb % item || cm % item || cn % item || as_[0] % item || bs[0] % item
-        || (uintptr_t)pa % item || (uintptr_t)pb % item || (uintptr_t)pc % item) goto done;
+    if (cb % item_c || cm % item_c || cn % item_c || as_[0] % item || bs[0] % item
+        || (uintptr_t)pa % item || (uintptr_t)pb % item || (uintptr_t)pc % item_c) goto done;
     for (int i = 0; i < 3; i++) { sa[i] = as_[i] / item; sb[i] = bs[i] / item; }
-    sc[0] = cb / item; sc[1] = cm / item; sc[2] = cn / item;
-    if (O != Py_None && (overlaps(pc, shc, sc, item, pa, sha, sa, item) || overlaps(pc, shc, sc, item, pb, shb, sb, item))) goto done;
+    sc[0] = cb / item_c; sc[1] = cm / item_c; sc[2] = cn / item_c;
+    if (O != Py_None && (overlaps(pc, shc, sc, item_c, pa, sha, sa, item) || overlaps(pc, shc, sc, item_c, pb, shb, sb, item))) goto done;
     int rc;
     if (count * m * n * k > 32768) {
         Py_BEGIN_ALLOW_THREADS
@@ -312,16 +316,26 @@ fail:
     return NULL;
 }
 
+/* set_bfloat16(typenum): the type number of ml_dtypes' bfloat16, which serve then takes */
+static PyObject *set_bfloat16(PyObject *self, PyObject *arg)
+{
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    bf16_typenum = (int)t;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "call(fn, typenum, A, B, C, accumulate, nthreads) -> rc"},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL, "serve(A, B, out, dispatch, threads, small_flops) -> C or None"},
+    {"set_bfloat16", set_bfloat16, METH_O, "set_bfloat16(typenum): serve bfloat16 operands of this type"},
     {NULL, NULL, 0, NULL}};
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "MODNAME", NULL, -1, methods};
 PyMODINIT_FUNC PyInit_MODNAME(void)
 {
     import_array();
-    const char *names[] = {"float32", "float64"}, *layouts[] = {"nn", "nt", "tn", "tt"};
-    for (int i = 0; i < 2; i++) if (!(dtype_names[i] = PyUnicode_InternFromString(names[i]))) return NULL;
+    const char *names[] = {"float32", "float64", "bfloat16"}, *layouts[] = {"nn", "nt", "tn", "tt"};
+    for (int i = 0; i < 3; i++) if (!(dtype_names[i] = PyUnicode_InternFromString(names[i]))) return NULL;
     for (int i = 0; i < 4; i++) if (!(layout_names[i] = PyUnicode_InternFromString(layouts[i]))) return NULL;
     if (!(address_name = PyUnicode_InternFromString("address"))) return NULL;
     PyObject *numpy = PyImport_ImportModule("numpy");

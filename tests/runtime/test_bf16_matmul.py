@@ -285,3 +285,29 @@ def test_float_only_process_never_asks_for_amx():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "0"
+
+
+def test_compiled_serve_takes_bfloat16_calls():
+    """After the first bf16 call the compiled serve path takes two bf16 arrays whole (fresh output,
+    a float32 out=, stacks, views); an out= numpy would cast into is left to the Python path."""
+    from looptune.runtime.api import current_resolver
+    from looptune.runtime.compiler import trampoline
+
+    module = trampoline.load()
+    if module is None:
+        pytest.skip("no compiled trampoline here")
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((3, 40, 24)).astype(ml_dtypes.bfloat16)
+    b = rng.standard_normal((24, 56)).astype(ml_dtypes.bfloat16)[:, ::-1]
+    expected = np.matmul(a, b)
+    assert np.allclose(runtime.matmul(a, b, threads=1), expected, rtol=1e-5, atol=1e-4)   # plans and registers
+    resolver = current_resolver()
+    served = module.serve(a, b, None, resolver.dispatch, 1, resolver.settings.small_flops)
+    assert served is not None and served.dtype == np.float32
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-4)
+    out = np.full(expected.shape, np.nan, np.float32)
+    assert module.serve(a, b, out, resolver.dispatch, 1, resolver.settings.small_flops) is out
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+    out16 = np.empty(expected.shape, ml_dtypes.bfloat16)
+    assert module.serve(a, b, out16, resolver.dispatch, 1, resolver.settings.small_flops) is None
+    assert runtime.matmul(a, b, out=out16, threads=1) is out16
