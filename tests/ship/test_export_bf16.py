@@ -116,7 +116,7 @@ def test_fast_kernels_run_only_where_the_cpu_has_avx512_bf16(library):
         assert f"static int {convert_only}_convert(" not in source    # a tile no fast form runs: one rendering
         assert served == (amx_shaped if fast_cpu else amx_shaped + "_convert")
     else:
-        assert "_convert(" not in source and "lt_bf16_fast" not in source and served == amx_shaped
+        assert "_convert(" not in source and "lt_bf16_level" not in source and served == amx_shaped
     assert run_driver(library, 30, 20, 70) == convert_only
 
 
@@ -126,22 +126,29 @@ def test_no_bf16_records_no_bgemm(tmp_path):
     assert "bgemm" not in header_text(plan, "cc") and "bgemm" not in source_text(plan)
 
 
-def test_portable_twins_match_numpy(library, tmp_path):
-    """The library as a CPU without AVX512_BF16 runs it: CPUID's answer patched to no."""
+@pytest.mark.parametrize("level", [0, 1])
+def test_twins_for_lesser_cpus_match_numpy(library, tmp_path, level):
+    """The library as a CPU without AVX512_BF16 (level 0: the portable twins) or with it but no
+    AMX (level 1, Zen 4: vdpbf16ps twins of the AMX kernels) runs it: CPUID's answer patched."""
     source = (library / "lib" / "looptune.c").read_text()
-    if "lt_bf16_fast" not in source:
+    if "lt_bf16_level" not in source:
         pytest.skip("no fast bfloat16 kernels for this ISA")
+    if level == 1 and "avx512_bf16" not in detect_cpu().extensions:
+        pytest.skip("this CPU cannot run vdpbf16ps")
     for name in ("looptune.h", "Makefile"):
         shutil.copy(library / "lib" / name, tmp_path / name)
-    (tmp_path / "looptune.c").write_text(source.replace("fast = __get_cpuid_count(", "fast = 0 && __get_cpuid_count("))
+    decided = "level = vdp ? (amx ? 2 : 1) : 0;"
+    assert decided in source
+    (tmp_path / "looptune.c").write_text(source.replace(decided, f"level = {level}; (void)vdp; (void)amx;"))
     subprocess.run(["make", "-s", f"CC={CC}", "liblooptune.a"], cwd=tmp_path, check=True, capture_output=True)
     subprocess.run([CC, "-O1", "-std=gnu11", f"-I{tmp_path}", str(library / "driver.c"), str(tmp_path / "liblooptune.a"),
                     "-fopenmp", "-lm", "-o", str(library / "driver_portable")], check=True, capture_output=True)
     shutil.copy(library / "driver", library / "driver_fast")
     try:
         shutil.copy(library / "driver_portable", library / "driver")
-        for m, n, k, _ in TUNED:
-            assert run_driver(library, m, n, k, pad=1).endswith("_convert") or (m, n, k) == (30, 20, 70)
-        assert run_driver(library, 300, 7, 129) == "looptune_b_general_convert"
+        for m, n, k, _ in TUNED:     # level 1: an AMX kernel's vdpbf16ps twin, or a vdpbf16ps kernel itself
+            name = run_driver(library, m, n, k, pad=1)
+            assert name.endswith("_convert") == (level == 0) or (m, n, k) == (30, 20, 70)
+        assert run_driver(library, 300, 7, 129) == "looptune_b_general" + ("_convert" if level == 0 else "_vdp")
     finally:
         shutil.copy(library / "driver_fast", library / "driver")

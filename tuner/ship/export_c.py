@@ -8,12 +8,13 @@ only writes it out.  One entry point per dtype the plan holds::
     looptune_bgemm   bfloat16 A, B (uint16_t bit patterns) -> float C, accumulated in float32
                      (only when the plan has bfloat16 shapes)
 
-bfloat16 kernels are rendered twice when the library's ISA can do better than converting to
-float32 while packing (AVX-512): once in the fastest form the schedule allows (AMX tiles or
-vdpbf16ps, ``codegen_bf16.choose_mode`` for an AMX target) and once portable (``convert``).  The
-dispatcher runs the fast one when CPUID reports AVX512_BF16, and the portable one otherwise or
-when an AMX kernel reports that the OS refused the tile registers (-5), so the library runs
-on every CPU of its ISA, as the float kernels do.
+bfloat16 kernels are rendered in every form the library's ISA may have (AVX-512): the fastest
+the schedule allows (AMX tiles or vdpbf16ps, ``codegen_bf16.choose_mode`` for an AMX target),
+a vdpbf16ps twin of an AMX kernel where its tile allows one, and a portable twin (``convert``).
+The dispatcher asks CPUID once: AMX-BF16 and AMX-TILE run the AMX kernel (the vdpbf16ps twin
+when the OS refuses the tile registers, -5), AVX512_BF16 alone (Zen 4, Cooper Lake) the
+vdpbf16ps form, anything else the portable twin, so the library runs on every CPU of its ISA,
+as the float kernels do.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ PREFIX = {"float32": "s", "float64": "d", "bfloat16": "b"}
 DTYPE_ORDER = ("float32", "float64", "bfloat16")      # of the kernels and dispatchers in looptune.c
 AMX_REFUSED = -5                                      # abi.ERRORS: the OS refused AMX
 PORTABLE_SUFFIX = "_convert"                          # of a bfloat16 kernel's portable twin
+VDP_SUFFIX = "_vdp"                                   # of an AMX kernel's vdpbf16ps twin
 
 
 def library_dtypes(plan) -> list[str]:
@@ -44,19 +46,28 @@ def bf16_fast_mode(kernel, target: Target) -> str:
     return choose_mode(kernel.schedule.nest, target.bf16, target.vector_bytes // 4)
 
 
+def bf16_versions(kernel, target: Target) -> tuple[str, str, str]:
+    """The symbols a bfloat16 kernel runs under, for CPUs with AMX, with AVX512_BF16 only, and
+    with neither (a form the schedule or the ISA does not allow falls to the next one)."""
+    fast = bf16_fast_mode(kernel, target)
+    if fast == "convert":
+        return (kernel.symbol,) * 3
+    portable = kernel.symbol + PORTABLE_SUFFIX
+    if fast == "avx512bf16":
+        return kernel.symbol, kernel.symbol, portable
+    vdp = choose_mode(kernel.schedule.nest, "avx512bf16", target.vector_bytes // 4)
+    return kernel.symbol, (kernel.symbol + VDP_SUFFIX if vdp == "avx512bf16" else portable), portable
+
+
 def kernel_text(kernel, target: Target, symbol: str | None = None) -> str:
-    """The rendered kernel, made file-local: its symbol and helpers stay out of the library's ABI.
-    A bfloat16 kernel that sets a target pragma keeps it to itself (push/pop)."""
+    """The rendered kernel, made file-local: its symbol and helpers stay out of the library's ABI
+    (a bfloat16 kernel's target pragma is its own: ``codegen_bf16`` pushes and pops it)."""
     symbol = symbol or kernel.symbol
     text = render(kernel.schedule, kernel.dtype, target, symbol=symbol).text
     head = f"int {symbol}("
     if text.count("\n" + head) != 1:
         raise AssertionError(f"unexpected kernel text for {symbol}")
-    text = text.replace("\n" + head, "\nstatic int " + symbol + "(")
-    if kernel.dtype == "bfloat16" and "#pragma GCC target" in text:
-        text = ("#ifndef __clang__\n#pragma GCC push_options\n#endif\n" + text
-                + "\n#ifndef __clang__\n#pragma GCC pop_options\n#endif\n")
-    return text
+    return text.replace("\n" + head, "\nstatic int " + symbol + "(")
 
 
 def kernels_text(plan, target: Target) -> list[str]:
@@ -66,23 +77,29 @@ def kernels_text(plan, target: Target) -> list[str]:
     for dtype in DTYPE_ORDER:
         for kernel in (k for k in plan.kernels if k.dtype == dtype):
             out.append(kernel_text(kernel, target))
-            if dtype == "bfloat16" and bf16_fast_mode(kernel, target) != "convert":
-                portable = Target(target.isa, target.vector_bytes, "convert")
-                out.append(kernel_text(kernel, portable, kernel.symbol + PORTABLE_SUFFIX))
+            if dtype == "bfloat16":
+                fast, vdp, portable = bf16_versions(kernel, target)
+                if vdp != fast and vdp != portable:
+                    out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "avx512bf16"), vdp))
+                if portable != fast:
+                    out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "convert"), portable))
     return out
 
 
 _BF16_CPU = r"""
 #include <cpuid.h>
-/* 1 when this CPU has AVX512_BF16 (CPUID.(EAX=7,ECX=1):EAX bit 5): the fast bfloat16 kernels may run */
-static int lt_bf16_fast(void)
+/* this CPU's bfloat16 level: 2 with AMX-BF16 and AMX-TILE (CPUID.(7,0):EDX bits 22 and 24) and
+   AVX512_BF16 (CPUID.(7,1):EAX bit 5), 1 with AVX512_BF16 alone, else 0 */
+static int lt_bf16_level(void)
 {
-    static volatile int fast = -1;
-    if (fast < 0) {
-        unsigned a = 0, b = 0, c = 0, d = 0;
-        fast = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+    static volatile int level = -1;
+    if (level < 0) {
+        unsigned a = 0, b = 0, c = 0, d = 0, vdp = 0, amx = 0;
+        vdp = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
+        amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u) && ((d >> 24) & 1u);
+        level = vdp ? (amx ? 2 : 1) : 0;
     }
-    return fast;
+    return level;
 }
 """
 
@@ -94,18 +111,18 @@ def dispatch_text(plan, dtype: str, target: Target) -> str:
     general = next(local[i] for i, k in kernels if k.general)
     entries = [e for e in plan.entries if e.dtype == dtype]
     fn = "looptune_" + p + "gemm"
-    portable = [k.symbol + PORTABLE_SUFFIX if dtype == "bfloat16" and bf16_fast_mode(k, target) != "convert"
-                else k.symbol for _, k in kernels]
-    fast = [k.symbol for _, k in kernels] if portable != [k.symbol for _, k in kernels] else None
+    # per CPU level (see lt_bf16_level): the kernels' symbols; float kernels have one version
+    versions = [bf16_versions(k, target) if dtype == "bfloat16" else (k.symbol,) * 3 for _, k in kernels]
+    fast, vdp, portable = ([v[i] for v in versions] for i in range(3))
+    levels = fast != portable
     out = [f"/* ---- {dtype}: {len(entries)} shapes, {len(kernels)} kernels ---- */",
-           function_type(f"lt_{p}fn", dtype),
-           f"static const lt_{p}fn lt_{p}_kernels[{len(kernels)}] = {{ {', '.join(portable)} }};",
-           f"static const char *const lt_{p}_names[{len(kernels)}] = {{ " + ", ".join(f'"{s}"' for s in portable) + " };"]
-    if fast:
-        out += [_BF16_CPU,
-                f"static const lt_{p}fn lt_{p}_fast[{len(kernels)}] = {{ {', '.join(fast)} }};",
-                f"static const char *const lt_{p}_fast_names[{len(kernels)}] = {{ "
-                + ", ".join(f'"{s}"' for s in fast) + " };"]
+           function_type(f"lt_{p}fn", dtype)]
+    for suffix, symbols in ((("", portable),) + ((("_vdp", vdp), ("_fast", fast)) if levels else ())):
+        out += [f"static const lt_{p}fn lt_{p}{suffix or '_kernels'}[{len(kernels)}] = {{ {', '.join(symbols)} }};",
+                f"static const char *const lt_{p}{suffix}_names[{len(kernels)}] = {{ "
+                + ", ".join(f'"{s}"' for s in symbols) + " };"]
+    if levels:
+        out.append(_BF16_CPU)
     out += [f"#define LT_{p.upper()}_GENERAL {general}",
             f"#define LT_{p.upper()}_COUNT {len(entries)}"]
     if entries:
@@ -118,11 +135,13 @@ def dispatch_text(plan, dtype: str, target: Target) -> str:
         out.append(f"static const lt_entry lt_{p}_table[1] = {{{{0, 0, 0, LT_{p.upper()}_GENERAL}}}};")
     args = "(1, M, N, K, A, M * lda, lda, 1, B, K * ldb, ldb, 1,\n        C, M * ldc, ldc, 1, 0, t)"
     call = [f"    return lt_{p}_kernels[i]{args};"]
-    if fast:
-        call = ["    if (lt_bf16_fast()) {",
+    if levels:
+        call = ["    const int level = lt_bf16_level();",
+                "    if (level == 2) {",
                 f"        rc = lt_{p}_fast[i]{args};",
-                f"        if (rc != {AMX_REFUSED}) return rc;     /* the OS refused AMX: the portable kernel computes */",
-                "    }"] + call
+                f"        if (rc != {AMX_REFUSED}) return rc;     /* the OS refused AMX: vdpbf16ps computes */",
+                "    }",
+                f"    if (level >= 1) return lt_{p}_vdp[i]{args};"] + call
     out += [
         f"static int lt_{p}_choose(int64_t M, int64_t N, int64_t K)",
         "{",
@@ -143,7 +162,7 @@ def dispatch_text(plan, dtype: str, target: Target) -> str:
         "",
         f"const char *{fn}_kernel(int64_t M, int64_t N, int64_t K)",
         "{",
-        f"    return {f'(lt_bf16_fast() ? lt_{p}_fast_names : lt_{p}_names)' if fast else f'lt_{p}_names'}"
+        f"    return {f'(lt_bf16_level() == 2 ? lt_{p}_fast_names : lt_bf16_level() == 1 ? lt_{p}_vdp_names : lt_{p}_names)' if levels else f'lt_{p}_names'}"
         f"[lt_{p}_choose(M, N, K)];",
         "}",
     ]
