@@ -193,7 +193,7 @@ def summarize(rows: list[dict], remeasured: bool = True) -> str:
             if key in rows[0][s]["at"]:
                 methods.append((f"{s} search, {key} s", (lambda r, s=s, key=key: r[s]["at"].get(key)),
                                 (lambda r, s=s, c=c: min(c, r[s]["seconds"]))))
-    out.append(f"| method | speedup over initial | x numpy | x best of beam/random at full budget | time to tune (mean s) |")
+    out.append("| method | speedup over initial | x numpy | x best of beam/random at full budget | time to tune (mean s) |")
     out.append("| --- | ---: | ---: | ---: | ---: |")
     for name, g, t in methods:
         gs = [g(r) for r in rows]

@@ -29,7 +29,7 @@ family renders.  The loop nest itself is the schedule's, e.g. the default on an 
 """
 from __future__ import annotations
 
-from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
+from looptune.runtime.compiler.ir import LoopNest
 
 MODES = ("convert", "avx512bf16", "amx")
 AMX_TILE_ROWS = 16          # float32 rows and columns of one AMX C tile

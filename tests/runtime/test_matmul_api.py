@@ -1,5 +1,4 @@
 """runtime.matmul against numpy.matmul: values, shapes, dtypes, exception types, views, out=, threads."""
-import os
 import subprocess
 import sys
 import threading

@@ -13,7 +13,6 @@ import pytest
 
 from looptune import runtime
 from looptune.database import Record, save
-from looptune.runtime import api
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.resolve import Resolver, current_machine
