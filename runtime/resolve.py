@@ -24,11 +24,13 @@ record says no candidate beat numpy (the hand-off; ``numpy_handoff=False`` turns
 and when no kernel can be built or loaded for it, or its kernel refuses the operands: the
 call still computes, and one warning names the cause.
 
-Fork: a child of a process that ran kernels on several threads cannot use OpenMP (libgomp's
-pool threads did not survive the fork and a parallel region there would wait for them
-forever).  Such a child, and its own children, therefore run every kernel on one thread,
-whatever ``threads`` asks (``serial_after_fork``): a kernel called with one thread never
-enters OpenMP.  A child forked before any multi-threaded call keeps its threads.
+Fork: parallel kernels run on LoopTune's thread pool (``looptune.runtime.compiler.pool``),
+which starts afresh in a forked child, so a child keeps its threads.  Only where the pool is
+off (``LOOPTUNE_NO_POOL=1``, or it could not be built) do kernels run their parallel loops on
+OpenMP, and a child of a process that did so cannot (libgomp's pool threads did not survive the
+fork and a parallel region there would wait for them forever).  Such a child, and its own
+children, then run every kernel on one thread, whatever ``threads`` asks
+(``serial_after_fork``): a kernel called with one thread never enters OpenMP.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from looptune.runtime.compiler.codegen import CODEGEN_VERSION, render
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler import pool
 from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
@@ -56,8 +59,8 @@ from looptune.runtime.configuration import RuntimeSettings
 
 log = logging.getLogger("looptune.runtime")
 
-# True once this process resolved a kernel for more than one thread: from then on libgomp's thread
-# pool may exist, and a forked child must stay out of OpenMP.  Inherited by children (and theirs).
+# True once this process resolved a kernel for more than one thread without our thread pool: from
+# then on libgomp's thread pool may exist, and a forked child must stay out of OpenMP.  Inherited by children (and theirs).
 _parallel_resolved = False
 
 
@@ -139,7 +142,7 @@ class Resolver:
             if hit is None:
                 generation = self.databases.generation
                 asked = problem_factory()
-                if asked.threads > 1:
+                if asked.threads > 1 and not pool.active():
                     _parallel_resolved = True
                 problem = arithmetic_problem(asked, self.settings.float32_via_bfloat16)
                 resolution = self.resolve(problem)

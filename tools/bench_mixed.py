@@ -3,7 +3,7 @@
 
 A kernel benchmark times one library at a time.  An application alternates: our matmul, then a
 small numpy BLAS call and element-wise numpy, then our matmul again.  Both libraries keep a thread
-pool (ours libgomp, numpy's OpenBLAS) whose idle threads spin for a while after each call before
+pool (ours, numpy's OpenBLAS) whose idle threads spin for a while after each call before
 they sleep; on a machine with as many cores as threads, one pool's spinning threads take the cores
 the other pool's call needs.  This tool measures that, each workload once with ``runtime.matmul``
 and once with ``np.matmul`` in its place (everything else identical):
@@ -16,10 +16,13 @@ and once with ``np.matmul`` in its place (everything else identical):
             for a small multi-threaded problem (just above the runtime's small_flops)
 
 Threads are pinned on both sides: threadpoolctl for numpy's BLAS, ``threads=`` for runtime.matmul
-(LOOPTUNE_NUM_THREADS is set too).  Each (workload, threads, library) is timed ``--repeats`` times
-in alternating order, each time after ``--idle`` seconds of quiet and a short warm-up, as
-``--iters`` back-to-back iterations; the table gives the median milliseconds per iteration and
-runtime.matmul / np.matmul.
+(LOOPTUNE_NUM_THREADS is set too).  Each sample is a fresh process that runs every workload
+once, after ``--idle`` seconds of quiet and a short warm-up, as ``--iters`` back-to-back
+iterations; the two sides take turns ``--repeats`` times, and the table gives the median
+milliseconds per iteration and runtime.matmul / np.matmul.  The np.matmul side never loads
+LoopTune, so it is the program as it was: once LoopTune's pool is loaded, numpy's OpenBLAS runs
+its parallel calls on it (README "Threads next to numpy"), and timing np.matmul in the same
+process would time numpy on our pool, not the program without us.
 
     python tools/bench_mixed.py [--threads 1 2] [--iters 40] [--repeats 7] [--json]
 
@@ -41,12 +44,12 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from looptune import runtime
 
 # libgomp's and OpenBLAS's environment for each candidate policy; "looptune" leaves both unset, so
 # the runtime's own choice applies (runtime/compiler/environment.py, set_openmp_wait_policy)
 POLICIES = {
     "looptune": {},
+    "openmp": {"LOOPTUNE_NO_POOL": "1"},                     # our kernels on libgomp, not our pool
     "gomp-default": {"GOMP_SPINCOUNT": "300000"},           # libgomp's built-in spin count
     "passive": {"OMP_WAIT_POLICY": "passive"},              # sleep at once after a parallel region
     "active": {"OMP_WAIT_POLICY": "active"},                # spin (for minutes)
@@ -56,7 +59,7 @@ POLICIES = {
     "gomp-default+openblas-4": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"},
     "looptune+openblas-4": {"OPENBLAS_THREAD_TIMEOUT": "4"},  # OpenBLAS workers sleep after 2^4 cycles
 }
-WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "LOOPTUNE_NO_POOL")
 WORKLOADS = ("alone", "mixed", "mlp", "small")
 
 
@@ -109,28 +112,43 @@ def per_iteration_s(fn, iters: int, idle_s: float) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def side_seconds(side: str, threads: int, workloads, *, iters: int, idle_s: float) -> dict:
+    """In this process: seconds per iteration of each workload with one library's matmul.  The
+    numpy side never loads LoopTune (its OpenBLAS keeps its own threads: the program as it was
+    without us); the looptune side is the program with ``runtime.matmul`` in place."""
+    os.environ["LOOPTUNE_NUM_THREADS"] = str(threads)
+    with threadpool_limits(limits=threads):
+        if side == "looptune":
+            from looptune import runtime    # only on this side: the numpy side must not load our pool
+            mm = lambda a, b: runtime.matmul(a, b, threads=threads)     # noqa: E731
+        else:
+            mm = np.matmul
+        fns = make_workloads(mm, np.random.default_rng(0))
+        out = {name: per_iteration_s(fns[name], iters, idle_s) for name in workloads}
+        if side == "looptune":
+            out["sources"] = {name: runtime.explain(*_operands(name), threads=threads).source for name in workloads}
+        return out
+
+
 def measure(threads_list, workloads, *, iters: int, repeats: int, idle_s: float) -> list[dict]:
-    """One row per (workload, threads): median ms per iteration with each library."""
+    """One row per (workload, threads): median ms per iteration with each library, each sample
+    taken in a fresh process, the two sides taking turns."""
     rows = []
     for threads in threads_list:
-        os.environ["LOOPTUNE_NUM_THREADS"] = str(threads)
-        with threadpool_limits(limits=threads):
-            libs = {
-                "looptune": make_workloads(lambda a, b: runtime.matmul(a, b, threads=threads), np.random.default_rng(0)),
-                "numpy": make_workloads(np.matmul, np.random.default_rng(0)),
-            }
-            for name in workloads:
-                for lib in libs.values():       # compile and resolve before any timing
-                    lib[name]()
-                samples = {lib: [] for lib in libs}
-                order = list(libs)
-                for r in range(repeats):
-                    for lib in (order if r % 2 == 0 else order[::-1]):
-                        samples[lib].append(per_iteration_s(libs[lib][name], iters, idle_s))
-                ms = {lib: 1e3 * statistics.median(s) for lib, s in samples.items()}
-                rows.append({"workload": name, "threads": threads, "looptune_ms": ms["looptune"],
-                             "numpy_ms": ms["numpy"], "ratio": ms["looptune"] / ms["numpy"],
-                             "source": runtime.explain(*_operands(name), threads=threads).source})
+        samples = {"looptune": [], "numpy": []}
+        for r in range(repeats):
+            for side in (("looptune", "numpy") if r % 2 == 0 else ("numpy", "looptune")):
+                cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--threads", str(threads),
+                       "--iters", str(iters), "--idle", str(idle_s), "--workloads", *workloads]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"{side} side: {done.stderr[-2000:]}")
+                samples[side].append(json.loads(done.stdout))
+        sources = samples["looptune"][-1]["sources"]
+        for name in workloads:
+            ms = {side: 1e3 * statistics.median(s[name] for s in samples[side]) for side in samples}
+            rows.append({"workload": name, "threads": threads, "looptune_ms": ms["looptune"],
+                         "numpy_ms": ms["numpy"], "ratio": ms["looptune"] / ms["numpy"], "source": sources[name]})
     return rows
 
 
@@ -182,7 +200,11 @@ def main() -> None:
     ap.add_argument("--idle", type=float, default=0.1, help="seconds of quiet before each sample")
     ap.add_argument("--policies", nargs="+", choices=list(POLICIES), help="compare wait policies (fresh processes)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--side", choices=("looptune", "numpy"), help=argparse.SUPPRESS)   # one sample, in this process
     args = ap.parse_args()
+    if args.side:
+        print(json.dumps(side_seconds(args.side, args.threads[0], args.workloads, iters=args.iters, idle_s=args.idle)))
+        return
     if args.policies:
         compare_policies(args)
         return

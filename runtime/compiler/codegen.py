@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, abi_args
 from looptune.runtime.compiler.codegen_tiles import TileWriter
-from looptune.runtime.compiler.codegen_threads import WORKSPACE_C, abi_variables, outline_parallel
+from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C, abi_variables, outline_parallel
 from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
@@ -151,6 +151,8 @@ class _KernelWriter(TileWriter):
             out += bf16.prelude(self.bf16)
         if self.uses_workspace:
             out += WORKSPACE_C
+        if self.outlined:
+            out += POOL_DECLARATION_C
         if self.nest.tile:
             out += self._vector_types() + self._pack_functions() + self._micro_kernel()
         out += self.outlined
@@ -251,7 +253,7 @@ class _KernelWriter(TileWriter):
             header = f"for (int64_t {v} = {lo}; {v} < {lo} + {ln}; {v} += {loop.block})"
             if nest.parallel == loop.name:
                 # the rest of the nest is written as the body of a function over one iteration
-                kernel_part = (self.lines, self.depth, opened, header, v, list(self.visible))
+                kernel_part = (self.lines, self.depth, opened, (v, lo, ln, loop.block), list(self.visible))
                 self.lines, self.depth, opened = [], 1, 0
                 if self.bf16 == "amx":
                     e("lt_amx_configure();    /* tile configuration is per thread */")
@@ -288,8 +290,8 @@ class _KernelWriter(TileWriter):
         if self.bf16 == "amx" and kernel_part is not None:
             e("_tile_release();")
         if kernel_part is not None:
-            lines, depth, opened, header, v, visible = kernel_part
-            self.outlined, at = outline_parallel(self.prefix, visible, self.lines, header, v, "    " * depth)
+            lines, depth, opened, (v, lo, ln, step), visible = kernel_part
+            self.outlined, at = outline_parallel(self.prefix, visible, self.lines, v, lo, ln, step, "    " * depth)
             self.lines, self.depth = lines + at, depth
             for _ in range(opened):
                 self.depth -= 1

@@ -11,12 +11,12 @@ value of one pthread key per library; should the process run out of keys
 (``PTHREAD_KEYS_MAX``), a kernel frees its workspace at the end of every call instead.
 
 **Parallel loop.**  The body of the schedule's parallel loop is outlined into a static function
-over one iteration (``SYMBOL_par``), called from an OpenMP ``parallel for`` when ``nthreads >
-1`` and from a plain loop otherwise.  A call with ``nthreads == 1`` therefore never enters the
-OpenMP runtime, which is what keeps kernels usable in a process forked after libgomp started
-its thread pool (libgomp cannot run a parallel region there: its pool threads did not survive
-the fork; the runtime serves such a child with one thread, see ``looptune.runtime.resolve``).
-The body is emitted once, so code size does not double.
+over one iteration (``SYMBOL_par``).  With ``nthreads > 1`` the kernel hands the loop to
+LoopTune's thread pool (``lt_pool_for``, see ``looptune.runtime.compiler.pool``): the caller
+takes iterations itself and never waits for a worker that has not started.  Where no pool was
+loaded (the weak reference is NULL) an OpenMP ``parallel for`` runs it, and with ``nthreads ==
+1`` a plain loop.  The iteration's thread number ``tid`` (below ``nthreads``) picks the
+thread's workspace copies.  The body is emitted once, so code size does not double.
 """
 from __future__ import annotations
 
@@ -117,6 +117,18 @@ static void lt_ws_end(lt_ws **slot)
 """.strip("\n").splitlines()
 
 
+# The declaration a kernel's translation unit carries; LT_POOL_AVAILABLE says at run time
+# whether a pool was loaded (the weak reference is NULL otherwise).
+POOL_DECLARATION_C = r"""
+#ifndef LT_POOL_DECLARED
+#define LT_POOL_DECLARED
+typedef void (*lt_pool_task)(const void *ctx, int64_t iteration, int tid);
+extern int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const void *ctx) __attribute__((weak));
+#define LT_POOL_AVAILABLE (lt_pool_for != 0)
+#endif
+""".strip("\n").splitlines()
+
+
 def abi_variables(abi_args: str) -> list[tuple[str, str]]:
     """(type, name) of each parameter of a C parameter list such as the kernel ABI's."""
     out = []
@@ -131,36 +143,60 @@ def _const_declaration(ctype: str, name: str) -> str:
     return f"{ctype}const {name}" if ctype.endswith("*") else f"const {ctype} {name}"
 
 
-def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str], header: str,
-                     loop_var: str, indent: str) -> tuple[list[str], list[str]]:
+def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str], loop_var: str,
+                     start: str, length: str, step: int, indent: str) -> tuple[list[str], list[str]]:
     """Split a parallel loop into (file-scope C, the loop at its place in the kernel).
 
-    ``body`` is the loop's body as lines of a function at depth 1, reading ``loop_var`` and the
-    thread number ``tid``; ``visible`` the (type, name) of every variable the kernel has at the
-    loop (only those the body names are passed on); ``header`` the loop's ``for (...)``;
-    ``indent`` the loop's indentation in the kernel.
+    The loop is ``for (loop_var = start; loop_var < start + length; loop_var += step)``;
+    ``body`` is its body as lines of a function at depth 1, reading ``loop_var`` and the thread
+    number ``tid``; ``visible`` the (type, name) of every variable the kernel has at the loop
+    (only those the body names are passed on); ``indent`` the loop's indentation in the kernel.
+
+    Before (the kernel)::
+
+        for (i_m_o = 0; i_m_o < 0 + M; i_m_o += 96) { ...body... }
+
+    After::
+
+        static void SYMBOL_par(const SYMBOL_ctx *ctx, int64_t i_m_o, int tid) { ...body... }
+        static void SYMBOL_task(const void *ctx, int64_t it, int tid)    /* iteration it */
+        ...
+        if (nthreads > 1 && LT_POOL_AVAILABLE) lt_pool_for(nthreads, (M + 95) / 96, SYMBOL_task, &ctx);
+        else if (nthreads > 1) { #pragma omp parallel for ... SYMBOL_par(&ctx, i_m_o, omp_get_thread_num()); }
+        else for (...) SYMBOL_par(&ctx, i_m_o, 0);
     """
     text = "\n".join(body)
     used = [(t, n) for t, n in visible if re.search(rf"\b{re.escape(n)}\b", text)]
-    ctx, fn = f"{prefix}_ctx", f"{prefix}_par"
+    ctx, fn, task = f"{prefix}_ctx", f"{prefix}_par", f"{prefix}_task"
+    header = f"for (int64_t {loop_var} = {start}; {loop_var} < {start} + {length}; {loop_var} += {step})"
     scope = [
         "",
-        f"/* what the parallel loop's body reads of the kernel's variables */",
+        "/* what the parallel loop's body reads of the kernel's variables, and where the loop starts */",
         "typedef struct {",
         *(f"    {t}{'' if t.endswith('*') else ' '}{n};" for t, n in used),
+        "    int64_t lt_start;",
         f"}} {ctx};",
         "",
-        f"/* one iteration of the parallel loop, run by thread number tid (it picks the thread's workspace copies) */",
+        "/* one iteration of the parallel loop, run by thread number tid (it picks the thread's workspace copies) */",
         f"static __attribute__((noinline)) void {fn}(const {ctx} *ctx, int64_t {loop_var}, int tid)",
         "{",
         *([] if re.search(r"\btid\b", text) else ["    (void)tid;"]),
         *(f"    {_const_declaration(t, n)} = ctx->{n};" for t, n in used),
         *body,
         "}",
+        "",
+        "/* iteration number `it` of the parallel loop, as the thread pool calls it */",
+        f"static void {task}(const void *context, int64_t it, int tid)",
+        "{",
+        f"    const {ctx} *ctx = (const {ctx} *)context;",
+        f"    {fn}(ctx, ctx->lt_start + it * {step}, tid);",
+        "}",
     ]
     at = [
-        f"const {ctx} ctx = {{{', '.join(n for _, n in used)}}};",
-        "if (nthreads > 1) {",
+        f"const {ctx} ctx = {{{''.join(n + ', ' for _, n in used)}{start}}};",
+        "if (nthreads > 1 && LT_POOL_AVAILABLE) {",
+        f"    lt_pool_for(nthreads, ({length} + {step - 1}) / {step}, {task}, &ctx);",
+        "} else if (nthreads > 1) {",
         "    #pragma omp parallel for num_threads(nthreads) schedule(static)",
         f"    {header} {fn}(&ctx, {loop_var}, omp_get_thread_num());",
         "} else {",

@@ -21,6 +21,11 @@ Variables (each function below names the one it reads):
     LOOPTUNE_BF16            cap how bfloat16 kernels compute (convert, avx512bf16, amx; see
                              ``machine.BF16_LEVELS``): convert forces the portable path
     LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
+    LOOPTUNE_NO_POOL         1: parallel kernels run on OpenMP, not LoopTune's thread pool
+    LOOPTUNE_NO_BLAS_POOL    1: leave numpy's OpenBLAS on its own threads (by default its parallel
+                             calls run on LoopTune's pool, so the process has one pool)
+    LOOPTUNE_POOL_SPIN_US    microseconds the pool's idle workers spin before they sleep
+                             (default POOL_WORKER_SPIN_US; 0: sleep at once)
     LOOPTUNE_NO_NUMPY_HANDOFF  1: serve generated kernels even where the record says numpy was
                              faster (benchmarks of the generated code alone)
 
@@ -35,6 +40,7 @@ import logging
 import math
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -52,6 +58,13 @@ DEFAULT_DB_NAME = "schedules.h5"
 # back-to-back calls and the barrier at the end of a region, then the core is free again.
 OPENMP_SPIN_COUNT = "1000"
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+# The thread pool (``looptune.runtime.compiler.pool``): idle workers spin this long after a
+# parallel loop before sleeping.  Back-to-back calls (a layer's matmuls, a batch) find them
+# awake; a numpy call that follows ours gets the cores back after at most this long.
+POOL_WORKER_SPIN_US = 50.0
+# A caller whose last iterations run on other threads spins this long before sleeping.
+POOL_CALLER_SPIN_US = 2000.0
 
 Environ = Mapping[str, str]
 
@@ -107,6 +120,33 @@ def num_threads(env: Optional[Environ] = None) -> Optional[int]:
             return MAX_THREADS
         return count
     return None
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    worker_spin_ns: int
+    caller_spin_ns: int
+    serve_openblas: bool = True      # OpenBLAS's parallel calls run on the pool too
+
+
+def pool_settings(env: Optional[Environ] = None) -> Optional[PoolSettings]:
+    """The thread pool's settings; None when ``LOOPTUNE_NO_POOL=1`` turns it off.
+    ``LOOPTUNE_POOL_SPIN_US`` (a number >= 0) is the idle workers' spin; ``LOOPTUNE_NO_BLAS_POOL=1``
+    leaves OpenBLAS on its own threads."""
+    if flag("LOOPTUNE_NO_POOL", env):
+        return None
+    value = _environ(env).get("LOOPTUNE_POOL_SPIN_US", "")
+    spin_us = POOL_WORKER_SPIN_US
+    if value.strip():
+        try:
+            spin_us = float(value)
+        except ValueError:
+            spin_us = math.nan
+        if not (math.isfinite(spin_us) and 0 <= spin_us <= 1e6):
+            _unusable("LOOPTUNE_POOL_SPIN_US", value, f"is not a number of microseconds from 0 to 1e6; using {POOL_WORKER_SPIN_US:g}")
+            spin_us = POOL_WORKER_SPIN_US
+    return PoolSettings(worker_spin_ns=int(spin_us * 1000), caller_spin_ns=int(POOL_CALLER_SPIN_US * 1000),
+                        serve_openblas=not flag("LOOPTUNE_NO_BLAS_POOL", env))
 
 
 def positive_seconds(name: str, default_s: float, env: Optional[Environ] = None) -> float:

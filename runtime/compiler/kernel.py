@@ -25,7 +25,7 @@ import threading
 import numpy as np
 from cffi import FFI
 
-from looptune.runtime.compiler import environment, trampoline
+from looptune.runtime.compiler import environment, pool, trampoline
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, KernelError, function_type
 from looptune.runtime.compiler.build import BuildError
 from looptune.runtime.compiler.cache import TEMP_PREFIX
@@ -74,7 +74,9 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
     rebuilt in place would silently run the old code; such a file is loaded from a fresh copy
     (deleted once loaded).  Failures raise ``KernelLoadError``.
 
-    Kernel libraries link libgomp, which reads its environment once, when the first of them is
+    Kernels run their parallel loops on LoopTune's thread pool (``looptune.runtime.compiler.pool``),
+    loaded into the global symbol scope before the first kernel library, whose weak reference to
+    it is bound when it is loaded.  They also link libgomp (their fallback), which reads its environment once, when the first of them is
     loaded here: its idle-thread spin is bounded first (``environment.set_openmp_wait_policy``),
     so our pool and numpy's BLAS pool do not spin against each other between calls.
     """
@@ -89,6 +91,7 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
         if entry is not None and entry[0] == ident:
             return entry[1]
         path = real if entry is None else _fresh_copy(real)
+        pool.serve_new_openblas()   # loads the pool first: kernels bind their weak reference to it when loaded
         if environment.set_openmp_wait_policy() and _libgomp_loaded():
             log.debug("looptune: libgomp was loaded before the first kernel; GOMP_SPINCOUNT comes too late for it")
         try:

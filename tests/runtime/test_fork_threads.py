@@ -40,10 +40,10 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("fork-kernel-cache"))
 
 
-def run_script(body: str, cache_dir: str, timeout_s: float = 60) -> str:
+def run_script(body: str, cache_dir: str, timeout_s: float = 60, **extra_env: str) -> str:
     """Run PRELUDE + body in a fresh interpreter (its own session, so that a hung forked child is
     killed with it); return its stdout."""
-    env = dict(os.environ, LOOPTUNE_CACHE_DIR=cache_dir, PYTHONWARNINGS="ignore::DeprecationWarning")
+    env = dict(os.environ, LOOPTUNE_CACHE_DIR=cache_dir, PYTHONWARNINGS="ignore::DeprecationWarning", **extra_env)
     proc = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(body)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -62,6 +62,31 @@ def run_script(body: str, cache_dir: str, timeout_s: float = 60) -> str:
 
 
 def test_fork_after_multithreaded_call(cache_dir):
+    """Our thread pool starts afresh in a forked child: the child keeps its threads and runs
+    2-thread kernels (new workers), and so does its own child."""
+    run_script("""
+        from looptune.runtime.compiler import pool
+        assert ok(runtime.matmul(a, a)) and pool.load().lt_pool_workers() >= 1
+        pid = os.fork()
+        if pid == 0:
+            from looptune.runtime.api import settings
+            good = ok(runtime.matmul(a, a)) and ok(runtime.matmul(a, a, threads=2)) and settings().threads == 2
+            good = good and pool.load().lt_pool_workers() >= 1       # workers started in the child
+            part = runtime.matmul(a[:300], a)      # a key first seen in the child
+            good = good and np.allclose(part, want[:300], rtol=1e-3, atol=1e-2)
+            grand = os.fork()          # a child of the child inherits the same state
+            if grand == 0:
+                os._exit(0 if ok(runtime.matmul(a, a, threads=4)) else 1)
+            good = good and child_status(grand) == 0
+            os._exit(0 if good else 1)
+        assert child_status(pid) == 0
+        assert ok(runtime.matmul(a, a))      # the parent keeps its threads
+    """, cache_dir)
+
+
+def test_fork_after_multithreaded_openmp_call(cache_dir):
+    """Without our pool, kernels use OpenMP, which cannot run in a forked child: the child of a
+    process that ran 2-thread kernels runs every kernel on one thread."""
     run_script("""
         assert ok(runtime.matmul(a, a))
         pid = os.fork()
@@ -77,7 +102,7 @@ def test_fork_after_multithreaded_call(cache_dir):
             os._exit(0 if good else 1)
         assert child_status(pid) == 0
         assert ok(runtime.matmul(a, a))      # the parent keeps its threads
-    """, cache_dir)
+    """, cache_dir, LOOPTUNE_NO_POOL="1")
 
 
 def test_child_forked_before_any_parallel_call_keeps_its_threads(cache_dir):

@@ -97,6 +97,12 @@ static void lt_ws_end(lt_ws **slot)
     *slot = 0;
 }
 #endif
+#ifndef LT_POOL_DECLARED
+#define LT_POOL_DECLARED
+typedef void (*lt_pool_task)(const void *ctx, int64_t iteration, int tid);
+extern int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const void *ctx) __attribute__((weak));
+#define LT_POOL_AVAILABLE (lt_pool_for != 0)
+#endif
 typedef float golden_vector_m_parallel_float32_avx512_v __attribute__((vector_size(64)));
 typedef float golden_vector_m_parallel_float32_avx512_vu __attribute__((vector_size(64), aligned(4), may_alias));
 
@@ -249,7 +255,7 @@ static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_ti
     }
 }
 
-/* what the parallel loop's body reads of the kernel's variables */
+/* what the parallel loop's body reads of the kernel's variables, and where the loop starts */
 typedef struct {
     int64_t M;
     int64_t N;
@@ -272,6 +278,7 @@ typedef struct {
     int64_t wsB;
     float *wsB_base;
     int64_t lo_b;
+    int64_t lt_start;
 } golden_vector_m_parallel_float32_avx512_ctx;
 
 /* one iteration of the parallel loop, run by thread number tid (it picks the thread's workspace copies) */
@@ -357,6 +364,13 @@ static __attribute__((noinline)) void golden_vector_m_parallel_float32_avx512_pa
         }
     }
 }
+
+/* iteration number `it` of the parallel loop, as the thread pool calls it */
+static void golden_vector_m_parallel_float32_avx512_task(const void *context, int64_t it, int tid)
+{
+    const golden_vector_m_parallel_float32_avx512_ctx *ctx = (const golden_vector_m_parallel_float32_avx512_ctx *)context;
+    golden_vector_m_parallel_float32_avx512_par(ctx, ctx->lt_start + it * 96, tid);
+}
 int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N, int64_t K, const float *A, int64_t sAb, int64_t sAm, int64_t sAk, const float *B, int64_t sBb, int64_t sBk, int64_t sBn, float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads)
 {
     if (batch <= 0 || M <= 0 || N <= 0) return 0;
@@ -381,8 +395,10 @@ int golden_vector_m_parallel_float32_avx512(int64_t batch, int64_t M, int64_t N,
         const int64_t lo_b = i_b;
         const int64_t len_b = 1;
         (void)len_b;
-        const golden_vector_m_parallel_float32_avx512_ctx ctx = {M, N, K, A, sAb, sAm, sAk, B, sBb, sBk, sBn, C, sCb, sCm, sCn, accumulate, wsE, wsE_base, wsB, wsB_base, lo_b};
-        if (nthreads > 1) {
+        const golden_vector_m_parallel_float32_avx512_ctx ctx = {M, N, K, A, sAb, sAm, sAk, B, sBb, sBk, sBn, C, sCb, sCm, sCn, accumulate, wsE, wsE_base, wsB, wsB_base, lo_b, 0};
+        if (nthreads > 1 && LT_POOL_AVAILABLE) {
+            lt_pool_for(nthreads, (N + 95) / 96, golden_vector_m_parallel_float32_avx512_task, &ctx);
+        } else if (nthreads > 1) {
             #pragma omp parallel for num_threads(nthreads) schedule(static)
             for (int64_t i_n_o = 0; i_n_o < 0 + N; i_n_o += 96) golden_vector_m_parallel_float32_avx512_par(&ctx, i_n_o, omp_get_thread_num());
         } else {

@@ -1,0 +1,200 @@
+"""LoopTune's thread pool (``looptune.runtime.compiler.pool``): every iteration runs once, on a
+thread number below the thread count; a second caller is never queued behind a busy pool;
+kernels really run on it; numpy's OpenBLAS runs its parallel calls on it and stays right (from
+many threads at once, after a fork); the settings come from the environment."""
+import ctypes
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+from looptune import runtime
+from looptune.runtime.compiler import environment, pool
+
+TASK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    library = pool.load()
+    if library is None:
+        pytest.skip("no thread pool library here")
+    library.lt_pool_for.argtypes = [ctypes.c_int, ctypes.c_int64, TASK, ctypes.c_void_p]
+    return library
+
+
+def run_loop(lib, nthreads: int, count: int) -> list[tuple[int, int, int]]:
+    """(iteration, tid, OS thread) of each iteration the pool ran."""
+    seen: list[tuple[int, int, int]] = []
+
+    @TASK
+    def task(_ctx, it, tid):
+        seen.append((it, tid, threading.get_native_id()))
+
+    assert lib.lt_pool_for(nthreads, count, task, None) == 0
+    return seen
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 8, 16, 64])
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 300])
+def test_every_iteration_runs_once_on_a_thread_number_below_the_count(lib, nthreads, count):
+    seen = run_loop(lib, nthreads, count)
+    assert sorted(it for it, _, _ in seen) == list(range(count))
+    threads_of_tid: dict[int, set[int]] = {}
+    tids_of_thread: dict[int, set[int]] = {}
+    for _, tid, thread in seen:
+        assert 0 <= tid < max(1, min(nthreads, count))
+        threads_of_tid.setdefault(tid, set()).add(thread)
+        tids_of_thread.setdefault(thread, set()).add(tid)
+    # one thread per thread number, one number per thread: the kernel's per-thread copies never race
+    assert all(len(v) == 1 for v in threads_of_tid.values())
+    assert all(len(v) == 1 for v in tids_of_thread.values())
+
+
+def test_a_second_caller_runs_alone_while_the_pool_is_busy(lib):
+    started, release = threading.Event(), threading.Event()
+
+    @TASK
+    def blocking(_ctx, it, tid):
+        started.set()
+        release.wait(30)
+
+    first = threading.Thread(target=lib.lt_pool_for, args=(2, 2, blocking, None))
+    first.start()
+    assert started.wait(30)
+    try:
+        seen = run_loop(lib, 4, 50)          # the pool is taken: this caller runs its loop itself
+        assert sorted(it for it, _, _ in seen) == list(range(50))
+        assert {tid for _, tid, _ in seen} == {0}
+        assert {thread for _, _, thread in seen} == {threading.get_native_id()}
+    finally:
+        release.set()
+        first.join(30)
+    assert not first.is_alive()
+
+
+def test_loops_one_after_another_reuse_the_workers(lib):
+    for count in range(50):
+        assert sorted(it for it, _, _ in run_loop(lib, 3, count)) == list(range(count))
+    assert 2 <= lib.lt_pool_workers() <= 63      # workers are started on demand, up to the largest loop
+
+
+def test_parallel_kernels_run_on_the_pool(lib):
+    runtime.configure(user_db=None, embedded_db=None, fallback="off")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((400, 300)).astype(np.float32)
+    b = rng.standard_normal((300, 500)).astype(np.float32)
+    for threads in (2, 5):
+        np.testing.assert_allclose(runtime.matmul(a, b, threads=threads), a.astype(np.float64) @ b,
+                                   rtol=1e-3, atol=1e-3)
+    assert lib.lt_pool_workers() >= 1
+
+
+def test_pool_settings_from_the_environment(caplog):
+    assert environment.pool_settings({"LOOPTUNE_NO_POOL": "1"}) is None
+    default = environment.pool_settings({})
+    assert default.worker_spin_ns == int(environment.POOL_WORKER_SPIN_US * 1000)
+    assert environment.pool_settings({"LOOPTUNE_POOL_SPIN_US": "0"}).worker_spin_ns == 0
+    assert environment.pool_settings({"LOOPTUNE_POOL_SPIN_US": "12.5"}).worker_spin_ns == 12500
+    with caplog.at_level(logging.WARNING, logger="looptune.runtime"):
+        assert environment.pool_settings({"LOOPTUNE_POOL_SPIN_US": "-3 us"}) == default
+    assert any("LOOPTUNE_POOL_SPIN_US" in r.getMessage() for r in caplog.records)
+
+
+# ---- numpy's OpenBLAS on our pool ----------------------------------------------------------------
+
+SCRIPT_PRELUDE = """
+import os, sys, threading
+import numpy as np
+from threadpoolctl import threadpool_limits
+from looptune import runtime
+from looptune.runtime.compiler import pool
+runtime.configure(user_db=None, embedded_db=None, fallback="off")
+rng = np.random.default_rng(0)
+a = rng.standard_normal((300, 257)).astype(np.float32)
+b = rng.standard_normal((257, 400)).astype(np.float32)
+want = a.astype(np.float64) @ b
+def ok(c, w=want):
+    return bool(np.allclose(c, w, rtol=1e-3, atol=1e-3))
+assert ok(runtime.matmul(a, b, threads=2))       # loads the pool (and hands it to OpenBLAS)
+lib = pool.load()
+served = pool.openblas_served()
+"""
+
+
+def run_pool_script(body: str, timeout_s: float = 120, **env: str) -> str:
+    """PRELUDE + body in a fresh interpreter (a hang fails the test instead of the suite)."""
+    full = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", **env)
+    done = subprocess.run([sys.executable, "-c", SCRIPT_PRELUDE + textwrap.dedent(body)], env=full, text=True,
+                          capture_output=True, timeout=timeout_s)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_numpy_blas_runs_on_the_pool_and_stays_right():
+    out = run_pool_script("""
+        if not served:
+            print("SKIP"); sys.exit(0)
+        before = lib.lt_pool_openblas_calls()
+        for threads in (2, 3, 8):
+            with threadpool_limits(threads):
+                for m, n, k in ((512, 512, 512), (1000, 64, 300), (64, 2000, 700), (7, 900, 900)):
+                    x = rng.standard_normal((m, k)).astype(np.float32)
+                    y = rng.standard_normal((k, n))
+                    assert ok(x @ y.astype(np.float32), x.astype(np.float64) @ y), (threads, m, n, k)
+                    assert np.allclose(x.astype(np.float64) @ y, x.astype(np.float64) @ y.astype(np.float32).astype(np.float64), rtol=1e-4, atol=1e-3)
+        assert lib.lt_pool_openblas_calls() > before
+        print("OK", lib.lt_pool_workers())
+    """)
+    if out.startswith("SKIP"):
+        pytest.skip("numpy's BLAS is not an OpenBLAS with the threads callback")
+    assert out.startswith("OK")
+
+
+def test_kernels_and_numpy_blas_from_many_threads_at_once():
+    """Python threads calling our kernels and numpy's BLAS together: no deadlock, right answers."""
+    run_pool_script("""
+        errors = []
+        def ours():
+            for _ in range(30):
+                if not ok(runtime.matmul(a, b, threads=2)):
+                    errors.append("ours")
+        def theirs():
+            x = rng.standard_normal((400, 400))
+            for _ in range(30):
+                if not np.allclose(x @ x, np.einsum("ij,jk->ik", x, x)):
+                    errors.append("numpy")
+        with threadpool_limits(2):
+            threads = [threading.Thread(target=f) for f in (ours, theirs, ours, theirs)]
+            for t in threads: t.start()
+            for t in threads: t.join()
+        assert not errors, errors
+    """)
+
+
+def test_a_forked_child_runs_numpy_blas_and_kernels_on_a_fresh_pool():
+    run_pool_script("""
+        with threadpool_limits(2):
+            x = rng.standard_normal((500, 500))
+            x @ x
+            pid = os.fork()
+            if pid == 0:
+                good = np.allclose(x @ x, np.einsum("ij,jk->ik", x, x)) and ok(runtime.matmul(a, b, threads=2))
+                os._exit(0 if good else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    """)
+
+
+def test_no_blas_pool_leaves_openblas_alone():
+    out = run_pool_script("""
+        with threadpool_limits(2):
+            x = rng.standard_normal((500, 500))
+            x @ x
+        print(served, lib.lt_pool_openblas_calls())
+    """, LOOPTUNE_NO_BLAS_POOL="1")
+    assert out.strip() == "[] 0"
