@@ -92,7 +92,7 @@ def test_a_problem_one_measurement_over_the_budget_gets_its_default_measured_onc
     runner = SyntheticRunner()
     problem = MatmulProblem(2048, 2048, 2048)
     assert 2.5 < prior_timing_s(problem) < OVER_BUDGET_FACTOR * 2.5
-    res = tune(problem, budget_s=2.5, policy=Policy.load(), evaluator=Evaluator(runner))
+    res = tune(problem, budget_s=2.5, policy=Policy.load(), evaluator=Evaluator(runner), databases=False)
     assert res.ok and not res.over_budget and res.found_by == "default" and res.candidates == 1
     assert res.schedule.to_json() == canonical_schedule(default_schedule(problem).nest).to_json()
 

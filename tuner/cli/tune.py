@@ -55,6 +55,9 @@ def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, a
             ratio = f" ({r.speedup_vs_numpy:.2f}x numpy)" if r.speedup_vs_numpy else ""
             click.echo(f"{r.gflops:.1f} GFLOPS, numpy {r.numpy_gflops or float('nan'):.1f} GFLOPS{ratio}; "
                        f"{res.candidates} candidates in {res.seconds:.2f} s, found by {res.found_by}")
+            if res.searched_on is not None:
+                click.echo(f"# searched on {res.searched_on.m}x{res.searched_on.n}x{res.searched_on.k} "
+                           f"(batch {res.searched_on.batch}), the best timed again on the real size")
         else:
             click.echo(f"no candidate could be measured: {r.status.value}: {r.error}")
         if stored:

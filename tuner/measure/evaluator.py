@@ -96,6 +96,23 @@ class Evaluator:
         finally:
             self.runner.config = config
 
+    @contextlib.contextmanager
+    def protocol(self, config: MeasureConfig):
+        """While in this block, measure with ``config`` (e.g. the lighter real-size confirmation
+        of ``search.proxy``), keeping the current per-call time limit if it is lower.  Applies
+        to runners with a ``MeasureConfig``; numpy's time for a problem met first in the block
+        is taken with it too.  Results already in the memo are not measured again."""
+        current = getattr(self.runner, "config", None)
+        if not isinstance(current, MeasureConfig):
+            yield
+            return
+        self.wait()          # a background numpy timing goes on with the protocol it began with
+        self.runner.config = replace(config, timeout_seconds=min(config.timeout_seconds, current.timeout_seconds))
+        try:
+            yield
+        finally:
+            self.runner.config = current
+
     def prefetch(self, problem: MatmulProblem) -> None:
         """Start the measurement worker and time numpy for ``problem`` in the background, so both
         overlap with compiling the first candidates (worker start-up is ~0.3 s of Python + numpy)."""

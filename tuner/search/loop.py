@@ -17,6 +17,10 @@ accounting:
   (``over_budget``) in milliseconds instead of timing out for a minute;
 * later batches are small, and none is started that the remaining budget cannot pay for by a
   cost model fitted to the batches so far (``BatchCost``), with a margin before the end;
+* a problem whose one timing is expensive is searched on a smaller *proxy* of its family
+  (``proxy.proxy_problem``: 520x1024x512 for 1024^3) and its best few are then timed on the
+  real size (``proxy.confirm_on_real_size``); that confirmation's cost is reserved from the
+  batches from the start, and the result is a real-size measurement;
 * no single measurement call may run longer than max(1 s, twice the budget, 1.5 x the prior
   timing) (``Evaluator.time_limit``; the runner kills the worker of a kernel that overruns, a
   TIMEOUT result);
@@ -34,13 +38,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
-from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
-from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
+from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.evaluator import EvalStats, Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult, RunStatus
+from looptune.tuner.search.proxy import CONFIRM_MEASURE, Rates, confirm_cost_s, confirm_on_real_size, prior_timing_s
 
 MIN_CALL_TIMEOUT_S = 1.0     # a measurement call may always take this long (worker start-up, tiny budgets)
 
@@ -60,6 +64,7 @@ class TuneResult:
     seconds: float                          # wall time of the whole run
     history: tuple[tuple[float, float], ...] = ()   # (seconds, best GFLOPS so far) after each batch
     best_schedules: tuple[tuple[float, Schedule], ...] = ()   # (seconds, best schedule) whenever it changed
+    searched_on: Optional[MatmulProblem] = None   # the proxy the search measured on, if not the problem itself
 
     @property
     def ok(self) -> bool:
@@ -101,19 +106,7 @@ class TuneResult:
         return next((s for t, s in reversed(self.best_schedules) if t <= seconds), None)
 
 
-SETUP_S_PER_ELEMENT = 2e-8   # random operands, their float64 reference product, guarded copies (~1.3 s at 1x32000x4096)
 OVER_BUDGET_FACTOR = 4.0     # a problem whose one measurement takes longer than this many budgets fails fast
-
-
-def prior_timing_s(problem: MatmulProblem) -> float:
-    """A pessimistic guess of the time to time one candidate, before anything is measured: the
-    operands' set-up in the worker plus about nine calls (verification, warm-up, samples) at 40
-    float32 GFLOPS per thread (20 in float64; bfloat16 as float32, the rate of its portable
-    kernels, which widen to float32)."""
-    p = problem
-    setup_s = SETUP_S_PER_ELEMENT * p.batch * (p.m * p.k + p.k * p.n + p.m * p.n)
-    accumulator_bytes = ITEMSIZE[OUTPUT_DTYPE[p.dtype]]
-    return setup_s + 9 * p.flops / (40e9 * p.threads * 4 / accumulator_bytes)     # float64: half the rate
 
 
 def prior_cost_s(problem: MatmulProblem) -> float:
@@ -166,14 +159,20 @@ class Budget:
         self.t0 = clock() if start is None else start
         # keep a margin: cost estimates are noisy, and a VM can stall a process for 0.1-0.2 s
         self.deadline_s = budget_s - max(0.25, 0.125 * budget_s)
+        self.reserve_s = 0.0        # kept for later work (the real-size confirmation after a proxy search)
         self.cost = BatchCost()
 
     def elapsed_s(self) -> float:
         return self.clock() - self.t0
 
     def fits(self, n: int, extra_s: float = 0.0) -> bool:
-        """Can ``n`` more candidates (after ``extra_s`` of other work) be paid for before the deadline?"""
-        return self.elapsed_s() + extra_s + self.cost.estimate(n) <= self.deadline_s
+        """Can ``n`` more candidates (after ``extra_s`` of other work) be paid for before the
+        deadline, the reserve left untouched?"""
+        return self.elapsed_s() + extra_s + self.cost.estimate(n) <= self.deadline_s - self.reserve_s
+
+    def left_s(self) -> float:
+        """Seconds of the budget not spent or reserved."""
+        return self.budget_s - self.elapsed_s() - self.reserve_s
 
 
 class Strategy(abc.ABC):
@@ -200,16 +199,28 @@ class Strategy(abc.ABC):
 
 def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int = 4, confirm: int = 0,
         callbacks: Sequence[Callback] = (), clock: Callable[[], float] = time.perf_counter,
-        start: Optional[float] = None) -> TuneResult:
+        start: Optional[float] = None, proxy: Optional[MatmulProblem] = None,
+        rates: Callable[[], Optional[Rates]] = lambda: None) -> TuneResult:
     """Ask, measure, tell until the budget is spent or the strategy has nothing left.
 
     ``batch``: candidates per batch after the first.  ``confirm``: re-time this many finalists
     at the end when the budget allows (``_confirm``).  ``callbacks``: called with ``(problem,
     candidates, results)`` after every batch.  ``start``: when the run began on ``clock``, if
-    earlier than this call (set-up counts against the budget)."""
+    earlier than this call (set-up counts against the budget).
+
+    ``proxy``: measure the search on this smaller problem of the family (``proxy.proxy_problem``)
+    and time the best ``confirm`` (at least one) on the real problem at the end
+    (``proxy.confirm_on_real_size``): the result is a real-size measurement.  The cost of that
+    confirmation (``proxy.confirm_cost_s``, at ``rates()`` if known after the first ``ask``, else
+    the prior's, then at the proxy's measured rates) is reserved from the start; when it leaves
+    no room for a first proxy batch, the first candidate proposed is timed alone on the real size
+    (as the analytic default is without a proxy).  Callbacks hear the problem each batch ran on.
+    ``history`` holds proxy GFLOPS, then the real-size figure of the result."""
     problem = strategy.problem
+    target = proxy if proxy is not None and proxy != problem else problem
+    proxied = target != problem
     budget = Budget(budget_s, clock, start)
-    prior_s, timing_s = prior_cost_s(problem), prior_timing_s(problem)
+    prior_s, timing_s = prior_cost_s(target), prior_timing_s(target)
     queue: list[Any] = []
     first: list[Any] = []                  # the first candidate proposed: the result's schedule if nothing ran
     measured: dict[str, RunResult] = {}
@@ -217,35 +228,36 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
     best: Optional[tuple[float, Any, RunResult]] = None
     history: list[tuple[float, float]] = []
     best_schedules: list[tuple[float, Schedule]] = []
+    real: dict[str, RunResult] = {}        # with a proxy: real-size results
     # Not even asked when one measurement takes several budgets (8192^3 in 0.5 s): that fails fast.
-    # When it takes more than the budget but not that much (2048^3 in 2.5 s), the analytic default
-    # is measured alone, once, and the run overruns its budget by that measurement: a database
-    # gets a verified record for every problem it can time at all.
-    too_large = timing_s > OVER_BUDGET_FACTOR * budget_s
-    default_only = not too_large and timing_s > budget_s
+    # Without a proxy, when it takes more than the budget but not that much (2048^3 in 2.5 s), the
+    # analytic default is measured alone, once, with the light real-size protocol, and the run
+    # overruns its budget by that measurement: a database gets a verified record for every
+    # problem it can time at all.  (With a proxy, the same holds for the first candidate proposed
+    # when the confirmation leaves no room for a proxy batch: ``single``.)
+    too_large = prior_timing_s(problem) > OVER_BUDGET_FACTOR * budget_s
+    default_only = not too_large and not proxied and timing_s > budget_s
+    single: list[Any] = []                 # with a proxy, when no confirmation fits: the one candidate timed
+    known = Rates.prior(problem)
     # The per-call limit is a safety net against hangs, not the budget (the batch planning holds
     # that): a first call also builds the operands and their reference, which for a large operand
     # (16x11008x4096: 180 MB of B) is most of a 2.5 s budget on its own.
-    call_limit_s = max(MIN_CALL_TIMEOUT_S, 2 * budget_s, 1.5 * timing_s)
+    call_limit_s = max(MIN_CALL_TIMEOUT_S, 2 * budget_s, 1.5 * prior_timing_s(problem))
     with evaluator.time_limit(call_limit_s):
         if default_only:
-            default = default_schedule(problem)
-            by_key[canonical_key(default.nest)] = default
-            first = [default]
-            (r,) = evaluator.evaluate([(problem, default.nest)])
-            measured[canonical_key(default.nest)] = r
-            if gflops_of(r) is not None:
-                best = (gflops_of(r), default, r)
-                history.append((budget.elapsed_s(), best[0]))
-                best_schedules.append((budget.elapsed_s(), canonical_schedule(default.nest)))
-            for callback in callbacks:
-                callback(problem, [default], [r])
+            single = [default_schedule(problem)]
         elif not too_large:
-            evaluator.prefetch(problem)    # worker start and numpy timing overlap the first proposals
-        while not too_large and not default_only:
+            evaluator.prefetch(target)     # worker start and numpy timing overlap the first proposals
+        while not too_large and not single:
             if not queue:
                 proposed = strategy.ask(budget)
                 first = first or proposed[:1]
+                if proxied and not history:        # plan the real-size confirmation
+                    known = rates() or known
+                    budget.reserve_s = confirm_cost_s(problem, known, first=True)
+                    if budget.reserve_s + prior_s > budget.deadline_s - budget.elapsed_s():
+                        single = proposed[:1]      # no room for a proxy batch before the confirmation
+                        break
                 queue = []
                 for c in proposed:
                     k = canonical_key(c.nest)
@@ -255,7 +267,7 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
                 if not queue:
                     break
             if not history:                # the first batch: one compiler call, cut by the prior
-                left_s = budget_s - budget.elapsed_s()
+                left_s = budget.left_s()
                 n = min(len(queue), max(2, int(0.5 * budget_s / prior_s)))
                 while n > 1 and n * prior_s > left_s:
                     n -= 1                 # one candidate is timed whatever set-up cost: it fits the budget
@@ -268,7 +280,7 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
             chunk, queue = queue[:n], queue[n:]
             before = replace(evaluator.stats)
             t1 = clock()
-            results = evaluator.evaluate([(problem, c.nest) for c in chunk])
+            results = evaluator.evaluate([(target, c.nest) for c in chunk])
             budget.cost.observe(n, clock() - t1, before, evaluator.stats)
             strategy.tell(chunk, results)
             changed = False
@@ -277,24 +289,54 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
                 g = gflops_of(r)
                 if g is not None and (best is None or g > best[0]):
                     best, changed = (g, c, r), True
+            if proxied and best is not None:   # the proxy's rates, scaled to the real size, re-plan the reserve
+                known = Rates.measured(best[0], best[2].numpy_gflops, known)
+                budget.reserve_s = confirm_cost_s(problem, known, first=True)
             now = budget.elapsed_s()
             history.append((now, best[0] if best else 0.0))
             if changed:
                 best_schedules.append((now, canonical_schedule(best[1].nest)))
             for callback in callbacks:
-                callback(problem, chunk, results)
-        if best is not None and confirm:
+                callback(target, chunk, results)
+        if single:
+            # one real-size timing, with the light protocol: the budget does not pay for more
+            c = single[0]
+            by_key[canonical_key(c.nest)] = c
+            with evaluator.protocol(CONFIRM_MEASURE):
+                (r,) = evaluator.evaluate([(problem, c.nest)])
+            measured = {canonical_key(c.nest): r}
+            best = (gflops_of(r), c, r) if gflops_of(r) is not None else None
+            if best is not None:
+                history.append((budget.elapsed_s(), best[0]))
+                best_schedules.append((budget.elapsed_s(), canonical_schedule(c.nest)))
+            for callback in callbacks:
+                callback(problem, [c], [r])
+        elif best is not None and proxied:
+            budget.reserve_s = 0.0
+            best = confirm_on_real_size(problem, evaluator, measured, by_key, budget, max(1, confirm), known, real,
+                                        lambda cands, results: [cb(problem, cands, results) for cb in callbacks])
+            if best is not None:
+                history.append((budget.elapsed_s(), best[0]))
+                best_schedules.append((budget.elapsed_s(), canonical_schedule(best[1].nest)))
+        elif best is not None and confirm:
             best = _confirm(problem, evaluator, measured, by_key, best, budget, confirm)
+        evaluator.wait()
     seconds = budget.elapsed_s()
-    common = dict(policy=strategy.policy_name, candidates=len(measured), seconds=seconds,
-                  history=tuple(history), best_schedules=tuple(best_schedules))
+    common = dict(policy=strategy.policy_name, candidates=len(measured) + len(real), seconds=seconds,
+                  history=tuple(history), best_schedules=tuple(best_schedules),
+                  searched_on=target if proxied and not single else None)
     if best is not None:
         g, c, r = best
         found_by = "default" if default_only else strategy.found_by(c)
         return TuneResult(problem, canonical_schedule(c.nest), r, found_by, **common)
     schedule = canonical_schedule(first[0].nest) if first else canonical_schedule(default_schedule(problem).nest)
-    return TuneResult(problem, schedule, _failure(problem, schedule, measured, too_large, timing_s, budget_s),
-                      "none", **common)
+    failures = real or measured        # with a proxy: the real-size failures, if any ran
+    if proxied and not real and measured:
+        failures = {"": RunResult(RunStatus.TIMEOUT, problem.key(), schedule.to_json(),
+                                  error=f"no real-size timing fitted the {budget_s:g} s budget")} \
+            if any(gflops_of(r) for r in measured.values()) else measured
+    why = _failure(problem, schedule, failures, too_large, prior_timing_s(problem), budget_s)
+    return TuneResult(problem, schedule, why, "none", **common)
 
 
 def _failure(problem: MatmulProblem, schedule: Schedule, measured: dict[str, RunResult], too_large: bool,

@@ -22,19 +22,35 @@ How the 2 seconds are spent (compiles included):
    holds nothing better, the policy beam widens instead.  Batches are small, and none is started
    that the remaining budget cannot pay for.
 
+Before step 1, the nearest records of the user's and the embedded database are looked up in a
+background thread (``seeds``); their schedules join the first batch (the nearest one first on
+a large problem, when it is this machine's and within one doubling of each size).
+
+Large problems: when one timing is expensive, steps 2 and 3 measure on a smaller *proxy* of the
+problem's family (``proxy.proxy_problem``: whole cache blocks taken off the large sizes, 1024^3
+is searched on 520x1024x512), and the best few (``CONFIRM``, with the fastest parallel one when
+threads > 1) are then timed on the real size with a light protocol; the result, and what a
+database stores, is that real-size timing.  The loop reserves the confirmation's cost
+(``proxy.confirm_cost_s``) from the start; when nothing is left for a proxy batch (2048^3 at
+2 threads in 2 s), the first candidate (the nearest record, else the default) is timed alone.
+
 ``policy="none"`` (``NO_POLICY``) is the ablation baseline: the same tune() with the policy
 taken out.  Step 1 proposes nothing, step 2 measures the default and the templates, and the
 hill-climb of step 3 tries the one-edit neighbours in a random order (seeded by ``seed`` and
 the schedule) instead of by Q-value; where the policy would widen its beam, it goes on through
 the rest of the best schedule's neighbourhood instead.  Budget, batches, mutations and the
 re-timing of finalists are the same.  ``TuneResult.found_by`` names the winner's source in both
-modes: "policy-rollout", "policy-rollout+parallel", "policy-beam", "default", "template", "refine".
+modes: "policy-rollout", "policy-rollout+parallel", "policy-beam", "default", "template", "database",
+"refine" (a source + "+parallel": that candidate with ``parallel`` added or moved to the other loop).
 
 Threads: for a problem with threads > 1 the default is parallel, the templates come in parallel
 variants (over the n blocks, over the m blocks: ``spaces.parallel_variants``), a sequential
 policy rollout is measured with ``parallel`` added too, and the hill-climb's mutations move
-``parallel`` to another loop or drop it (``mutate.parallel_mutations``).  A schedule without
-``parallel`` wins such a problem only when it measured faster than the parallel ones.
+``parallel`` to another loop or drop it (``mutate.parallel_mutations``).  The first batch has a
+parallel candidate among its first two and, right after it, the same over the other loop (m
+blocks / n blocks), so even a batch cut short measures both.  A schedule without ``parallel``
+wins such a problem only when it measured faster than the parallel ones (on the real size too:
+the fastest parallel candidate is among the finalists confirmed there).
 
 The measured hill-climb matters most where the policy is least sure (shapes unlike its
 training set): the first batch lands near a good schedule, and the neighbours fix the one
@@ -54,7 +70,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
@@ -67,6 +83,8 @@ from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
 from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
 from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations
+from looptune.tuner.search.proxy import proxy_problem
+from looptune.tuner.search.seeds import DatabaseSeeds, Seed, seed_rates
 from looptune.tuner.search.spaces import blocking_candidates
 
 __all__ = ["NO_POLICY", "TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "resolve_policy", "tune"]
@@ -77,6 +95,7 @@ TEMPLATES = 4          # template schedules measured next to the policy's and th
 REFINE = 4             # neighbours of the best schedule measured per hill-climbing round
 CONFIRM = 3            # finalists timed a second time when the budget allows
 MAX_BEAM_WIDTH = 64
+NEAR_SEED = 1.0       # a record this near (log2 units) leads a large problem's first batch
 MAX_NEIGHBOURS = 1 << 20   # no cap: without a policy, a best schedule's whole neighbourhood is ordered at once
 
 
@@ -135,8 +154,10 @@ class PolicyTune(Strategy):
     name = "tune"
 
     def __init__(self, problem: MatmulProblem, policy: Optional[Policy], *, include_default: bool = True,
-                 first_width: int = 4, refine: int = REFINE, seed: int = 0) -> None:
+                 first_width: int = 4, refine: int = REFINE, seed: int = 0,
+                 seeds: Callable[[], Sequence[Seed]] = lambda: ()) -> None:
         super().__init__(problem)
+        self.seeds = seeds
         self.policy = policy
         self.policy_name = getattr(policy, "name", "") if policy is not None else ""
         self.include_default = include_default or policy is None
@@ -178,7 +199,11 @@ class PolicyTune(Strategy):
         # problem the loop may measure only one or two candidates, and an extrapolated rollout
         # (512x4096x1024: an unpacked nest at a third of numpy's speed) must not be the only one.
         default_first = self.include_default and self.problem.flops > MAX_TRAIN_FLOPS
+        seeds = [s.schedule for s in self.seeds()]
+        near = [s.schedule for s in self.seeds() if s.local and s.distance <= NEAR_SEED]
         if default_first:
+            for sched in near[:1]:
+                self._add(sched, "database", out)
             self._add(analytic_default(self.problem), "default", out)
         if self.policy is not None:
             rollout = canonical_schedule(self.policy.rollout(self.problem)[-1].nest)
@@ -188,11 +213,46 @@ class PolicyTune(Strategy):
                     self._add(sched, "policy-rollout+parallel", out)
         if self.include_default and not default_first:
             self._add(analytic_default(self.problem), "default", out)
-        for i in range(max(len(beam), len(templates))):
+        for i in range(max(len(beam), len(templates), len(seeds))):
+            if i < len(seeds):
+                self._add(seeds[i], "database", out)
             if i < len(beam):
                 self._add(beam[i], "policy-beam", out)
             if i < len(templates):
                 self._add(templates[i], "template", out)
+        return self._parallel_early(out)
+
+    def _parallel_early(self, out: list[Schedule]) -> list[Schedule]:
+        """With threads > 1, a first batch cut to two candidates still measures threads: the first
+        parallel candidate moves up to second place if neither of the first two is parallel, and
+        the first one over the other loop (m blocks / n blocks) follows it when the grammar allows
+        one (``mutate.parallel_mutations``)."""
+        if self.problem.threads <= 1 or not out:
+            return out
+        parallel = [s for s in out if s.nest.parallel]
+        if not parallel:
+            moved = parallel_mutations(out[0], self.problem)
+            extra = [m for m in moved if m.nest.parallel][:1]
+            for sched in extra:
+                self._add(sched, self.sources[canonical_key(out[0].nest)] + "+parallel", out)
+            parallel = [s for s in out if s.nest.parallel]
+            if not parallel:
+                return out
+        lead = parallel[0]
+        if not any(s.nest.parallel for s in out[:2]):
+            out.remove(lead)
+            out.insert(1, lead)
+        other = [m for m in parallel_mutations(lead, self.problem)
+                 if m.nest.parallel and m.nest.parallel != lead.nest.parallel][:1]
+        for sched in other:
+            key = canonical_key(sched.nest)
+            if key in self.sources:
+                sched = next(s for s in out if canonical_key(s.nest) == key)
+                out.remove(sched)
+            else:
+                self.sources[key] = self.sources[canonical_key(lead.nest)] + "+parallel"
+                sched = canonical_schedule(sched.nest)
+            out.insert(out.index(lead) + 1, sched)
         return out
 
     def _neighbours(self, schedule: Schedule) -> list[Schedule]:
@@ -265,7 +325,8 @@ def resolve_policy(policy: Union[Policy, str, os.PathLike, None]) -> Optional[Po
 
 def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Union[Policy, str, os.PathLike, None] = None,
          evaluator: Optional[Evaluator] = None, include_default: bool = True, first_width: int = 4,
-         batch: int = 4, refine: int = REFINE, seed: int = 0, callbacks: Sequence[Callback] = ()) -> TuneResult:
+         batch: int = 4, refine: int = REFINE, seed: int = 0, callbacks: Sequence[Callback] = (),
+         databases: bool = True, proxy: Optional[MatmulProblem] = None) -> TuneResult:
     """Tune ``problem`` within ``budget_s`` seconds (wall clock, compiles and measurements included).
 
     ``policy``: a ``policy.Policy``; None to load the shipped weights (if none can be loaded,
@@ -273,17 +334,22 @@ def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Union[Policy,
     without one; or the path of other weights (see ``resolve_policy``).  ``seed``: the order
     of the hill-climb's neighbours without a policy.  ``evaluator``: where measurements go
     (default: a fresh isolated ``LocalRunner``, closed on return).  ``callbacks``: called after
-    every measured batch (see ``loop.run``).
+    every measured batch (see ``loop.run``).  ``databases``: seed the first batch with the
+    nearest records of the user's and the embedded database (``seeds``).  ``proxy``: the problem
+    to search on (default ``proxy.proxy_problem(problem)``: ``problem`` itself unless one timing
+    is expensive); the best few are then timed on ``problem``, and the result is that timing.
     """
     t0 = time.perf_counter()
+    seeds: Callable[[], list[Seed]] = DatabaseSeeds(problem).get if databases else list
     followed = resolve_policy(policy)
     own = evaluator is None
     if own:
         evaluator = Evaluator.local()
     try:
         strategy = PolicyTune(problem, followed, include_default=include_default, first_width=first_width,
-                              refine=refine, seed=seed)
-        return run(strategy, evaluator, budget_s, batch=batch, confirm=CONFIRM, callbacks=callbacks, start=t0)
+                              refine=refine, seed=seed, seeds=seeds)
+        return run(strategy, evaluator, budget_s, batch=batch, confirm=CONFIRM, callbacks=callbacks, start=t0,
+                   proxy=proxy or proxy_problem(problem), rates=lambda: seed_rates(problem, seeds()))
     finally:
         if own:
             evaluator.close()

@@ -1,0 +1,94 @@
+"""Seeds from the schedule databases: what the nearest tuned problems of the family ran.
+
+``tune()`` starts from what is already known: the user's database and the one shipped in the
+package (the runtime's ``Databases``, the files ``looptune.runtime.matmul`` serves from) are
+asked for the records of the problem's family nearest to it (``ScheduleIndex.nearest``: log2
+sizes, other machines' records behind this machine's).  Their schedules are candidates (a
+schedule replays on any size of its family), and a near record of this machine says how fast
+kernels and numpy run at about this size, which the real-size cost model uses
+(``proxy.Rates``) before anything is measured.
+
+Loading takes ~0.3 s (h5py, the index), so ``DatabaseSeeds`` loads in a background thread
+started with the tune, while the measurement worker starts; ``get`` waits for it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.search.proxy import Rates
+
+SEEDS = 3                 # records asked of each database
+RATES_DISTANCE = 1.0      # a record this near (log2 units: one size doubled) tells the rates
+
+
+@dataclass(frozen=True)
+class Seed:
+    schedule: Schedule    # canonical
+    problem: MatmulProblem
+    distance: float       # as ``Match.distance``: log2 units, plus the penalty of another machine's record
+    local: bool
+    gflops: float
+    numpy_gflops: float
+
+
+def nearest_seeds(problem: MatmulProblem, count: int = SEEDS) -> list[Seed]:
+    """Up to ``count`` records from each of the runtime's databases, nearest first; [] when
+    there are none (or none can be read: seeding is an optimization, never an error)."""
+    # imported here, not at the top: the databases (and h5py) are loaded in a background thread,
+    # and ``looptune tune --help`` or a tune without seeds does not pay for them
+    from looptune.runtime.configuration import RuntimeSettings
+    from looptune.runtime.databases import Databases
+    from looptune.runtime.resolve import current_machine
+
+    settings = RuntimeSettings.from_env()
+    paths = [p for p in (settings.user_db, settings.embedded_db) if p is not None]
+    dbs = Databases(paths, current_machine, recheck_s=0)
+    out: list[Seed] = []
+    try:
+        for _, index in dbs.indexes():
+            for match in index.nearest(problem, count):
+                try:
+                    sched = canonical_schedule(Schedule.from_trace(match.record.trace).nest)
+                except ScheduleError:
+                    continue
+                rec = match.record
+                out.append(Seed(sched, rec.problem, match.distance, match.local, rec.gflops_median, rec.numpy_gflops))
+    finally:
+        dbs.close()
+    out.sort(key=lambda s: (s.distance, not s.local))
+    return out
+
+
+def seed_rates(problem: MatmulProblem, seeds: list[Seed]) -> Optional[Rates]:
+    """Kernel and numpy rates of this machine near ``problem`` (None if no record is that near)."""
+    near = [s for s in seeds if s.local and s.distance <= RATES_DISTANCE and s.problem.family == problem.family]
+    if not near:
+        return None
+    s = near[0]
+    return Rates.measured(s.gflops, s.numpy_gflops, Rates.prior(problem))
+
+
+class DatabaseSeeds:
+    """``nearest_seeds`` in a background thread, started on construction."""
+
+    def __init__(self, problem: MatmulProblem, count: int = SEEDS) -> None:
+        self.problem = problem
+        self._seeds: list[Seed] = []
+        self._thread = threading.Thread(target=self._load, args=(count,), daemon=True, name="looptune-seeds")
+        self._thread.start()
+
+    def _load(self, count: int) -> None:
+        try:
+            self._seeds = nearest_seeds(self.problem, count)
+        except Exception:      # an unreadable database, a missing h5py: tune without seeds
+            self._seeds = []
+
+    def get(self, timeout_s: float = 2.0) -> list[Seed]:
+        """The seeds, waiting up to ``timeout_s`` for the load ([] if it has not finished)."""
+        self._thread.join(timeout_s)
+        return [] if self._thread.is_alive() else list(self._seeds)
