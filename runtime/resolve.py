@@ -16,8 +16,11 @@ accumulation); its dispatch key stays float32's, so every call path serves it un
 
 Records are traces: they are replayed and checked against the schedule grammar, then
 compiled here (kernels are never loaded from a database).  A record whose trace does
-not replay is skipped.  Kernels are cached by schedule (every shape of a family shares
-one), in memory and on disk.
+not replay is skipped.  A problem served by its exact record (or by live tuning) runs the
+schedule's exact-size kernel (``render(..., sizes=...)``: the sizes are compile-time constants),
+the kernel the tuner timed for that record; every other problem runs the schedule's generic
+kernel, which every shape of the family shares.  Kernels are cached in memory by (schedule,
+dtype, inputs, sizes) and on disk by their text.
 
 numpy serves a problem (``source="numpy"``, ``looptune.runtime.numpy_kernel``) when its exact
 record says no candidate beat numpy (the hand-off; ``numpy_handoff=False`` turns it off),
@@ -43,7 +46,7 @@ from typing import Optional
 from looptune.database.records import MachineKey
 from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
-from looptune.runtime.compiler.codegen import CODEGEN_VERSION, render
+from looptune.runtime.compiler.codegen import CODEGEN_VERSION, FixedSizes, render
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
@@ -71,6 +74,10 @@ def serial_after_fork(settings: RuntimeSettings) -> RuntimeSettings:
     if not _parallel_resolved:
         return settings
     return settings.updated(threads=1, small_flops=math.inf)
+
+
+# resolution sources whose schedule was tuned for the problem's very sizes: served by exact-size kernels
+EXACT_SOURCES = ("exact", "tuned")
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,8 @@ class Resolution:
         if self.expected_gflops:
             ratio = f" ({self.expected_gflops / self.numpy_gflops:.2f}x numpy)" if self.numpy_gflops else ""
             lines.append(f"expected:  {self.expected_gflops:.1f} GFLOPS{ratio}")
+        if self.source in EXACT_SOURCES:
+            lines.append("kernel:    exact-size (these sizes are compile-time constants in it)")
         if self.tuning:
             lines.append("tuning:    in progress (calls use the schedule above meanwhile)")
         lines.append(f"trace:     {self.schedule.trace}")
@@ -127,7 +136,7 @@ class Resolver:
         self._lock = threading.Lock()
         self.dispatch: dict[tuple, tuple[Kernel, Resolution]] = {}   # key -> hit; read directly by matmul's fast path
         self._key_locks: dict[tuple, threading.Lock] = {}
-        self._kernels: dict[tuple[str, str], Kernel] = {}
+        self._kernels: dict[tuple, Kernel] = {}   # (schedule JSON, dtype, inputs, sizes) -> kernel
 
     # ---- the per-call entry: must stay cheap on a hit -------------------------------------
     def lookup(self, key: tuple, problem_factory) -> tuple[Kernel, Resolution]:
@@ -178,11 +187,16 @@ class Resolver:
         return NumpyKernel(inputs or problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
 
     def _kernel_for(self, resolution: Resolution) -> Kernel:
-        """``kernel`` for a resolution; called with two arguments unless the kernel reads other
-        inputs than its problem's dtype (``kernel(schedule, dtype)`` is the interface stubs replace)."""
-        if resolution.inputs is None:
-            return self.kernel(resolution.schedule, resolution.problem.dtype)
-        return self.kernel(resolution.schedule, resolution.problem.dtype, resolution.inputs)
+        """``kernel`` for a resolution: the exact-size kernel for a problem its own record (or live
+        tuning) serves, the generic one otherwise.  Called with two arguments for a generic kernel
+        of the problem's dtype (``kernel(schedule, dtype)`` is the interface stubs replace); the
+        others are passed by keyword when they apply."""
+        extra = {}
+        if resolution.inputs is not None:
+            extra["inputs"] = resolution.inputs
+        if resolution.source in EXACT_SOURCES:
+            extra["sizes"] = FixedSizes.of(resolution.problem)
+        return self.kernel(resolution.schedule, resolution.problem.dtype, **extra)
 
     def demote(self, key: tuple, reason: str) -> NumpyKernel:
         """Hand ``key`` to numpy for good: its kernel refused operands of this shape or failed."""
@@ -234,12 +248,14 @@ class Resolver:
                                   tuning=(not close and mode == "tune"))
         return Resolution(problem, "default", default_schedule(problem), tuning=(mode == "tune"))
 
-    def kernel(self, schedule: Schedule, dtype: str, inputs: Optional[str] = None) -> Kernel:
-        """``schedule``'s kernel computing in ``dtype``, reading ``inputs`` (default: ``dtype``)."""
-        key = (schedule.to_json(), dtype, inputs)
+    def kernel(self, schedule: Schedule, dtype: str, inputs: Optional[str] = None,
+               sizes: Optional[FixedSizes] = None) -> Kernel:
+        """``schedule``'s kernel computing in ``dtype``, reading ``inputs`` (default: ``dtype``);
+        with ``sizes``, the exact-size kernel for them (it refuses other sizes with -2)."""
+        key = (schedule.to_json(), dtype, inputs, sizes)
         k = self._kernels.get(key)
         if k is None:
-            source = render(schedule, dtype, inputs=inputs)
+            source = render(schedule, dtype, inputs=inputs, sizes=sizes)
             result = build(source, self.build_settings)
             if not result.ok:
                 raise BuildError(f"looptune kernel build failed: {result.error}")

@@ -18,7 +18,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.enviro
 # again with LOOPTUNE_ISA=avx2 and LOOPTUNE_ISA=portable (``pytest -m target``).
 TARGET_MODULES = {
     "test_codegen_vs_numpy.py", "test_agent_schedules_replay.py", "test_matmul_api.py", "test_mutate.py",
-    "test_templates.py", "test_kernel_cache.py", "test_fork_threads.py", "test_runner.py",
+    "test_templates.py", "test_kernel_cache.py", "test_fork_threads.py", "test_runner.py", "test_exact_size_kernels.py",
 }
 
 # Threads a test may leave behind: interpreter-wide pools started once per process.

@@ -39,7 +39,7 @@ def abi_args(dtype: str) -> str:
 # never from a kernel; the caller then copies (-3) or computes into a temporary (-4).
 ERRORS = {
     -1: "out of memory for packing buffers",
-    -2: "operand strides do not meet this kernel's layout precondition",
+    -2: "the operands do not meet this kernel's precondition (its layout, or an exact-size kernel's sizes)",
     -3: "an operand is not aligned to its element size (address or strides)",
     -4: "the output overlaps an input operand",
     -5: "the operating system refused this process the AMX tile registers",

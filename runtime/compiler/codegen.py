@@ -5,7 +5,10 @@ computing ``C = (accumulate ? C : 0) + A @ B`` per batch entry and returning 0, 
 -1 when scratch memory cannot be had.  Kernels take any strides: an operand the
 micro-kernel reads with vector loads straight from memory (not packed) but that lacks
 unit stride along the vector is gathered tile by tile, so a schedule runs on every
-shape and layout of its family (generated kernels never return the ABI's -2).
+shape and layout of its family.
+
+Exact-size kernels (``sizes=``: the sizes become compile-time constants, the ABI stays) are
+described in ``looptune.runtime.compiler.codegen_sizes``; the generic kernels never return -2.
 
 The micro-kernel is written with GCC/Clang vector extensions, so the same text
 becomes AVX-512, AVX2+FMA, NEON or SSE code depending on ``-march``; the vector width
@@ -22,7 +25,9 @@ from dataclasses import dataclass, replace
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, abi_args
 from looptune.runtime.compiler.codegen_tiles import TileWriter
-from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C, abi_variables, outline_parallel
+from looptune.runtime.compiler.codegen_sizes import FixedSizes, block_length, fixed_length
+from looptune.runtime.compiler.codegen_threads import (POOL_DECLARATION_C, WORKSPACE_C, abi_variables, outline_parallel,
+                                                      shared_pack, shared_pack_call)
 from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
@@ -60,18 +65,24 @@ class KernelSource:
 SYMBOL_LETTER = {"float32": "s", "float64": "d", "bfloat16": "b"}
 
 
-def kernel_symbol(schedule: Schedule, dtype: str, target: Target, inputs: str | None = None) -> str:
+def kernel_symbol(schedule: Schedule, dtype: str, target: Target, inputs: str | None = None,
+                  sizes: FixedSizes | None = None) -> str:
+    """The kernel's C name: a digest of everything its text depends on (an exact-size kernel's
+    sizes too, so it never shares a name, nor a cache entry, with the generic kernel)."""
     inputs = inputs or dtype
-    digest = hashlib.sha256(f"{CODEGEN_VERSION}|{dtype}|{inputs}|{target.key(dtype)}|{schedule.to_json()}".encode()).hexdigest()
+    fixed = f"|{sizes.key()}" if sizes is not None else ""
+    digest = hashlib.sha256(f"{CODEGEN_VERSION}|{dtype}|{inputs}|{target.key(dtype)}|{schedule.to_json()}{fixed}"
+                            .encode()).hexdigest()
     letters = SYMBOL_LETTER[dtype] if inputs == dtype else SYMBOL_LETTER[inputs] + SYMBOL_LETTER[dtype]
     return f"lt_{letters}gemm_{digest[:16]}"
 
 
 def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol: str | None = None,
-           inputs: str | None = None) -> KernelSource:
+           inputs: str | None = None, sizes: FixedSizes | None = None) -> KernelSource:
     """C text of ``schedule``'s kernel computing in ``dtype``.  ``inputs="float32"`` with dtype
     bfloat16: the kernel reads float32 and rounds it to bf16 while packing (its ABI is float32's,
-    and so is the returned ``KernelSource.dtype``)."""
+    and so is the returned ``KernelSource.dtype``).  ``sizes``: the exact-size kernel for those
+    sizes (``codegen_sizes``); None: the kernel for every size."""
     if target is None:
         target = Target.detect()
         if dtype == "bfloat16" and target.bf16 == "amx" and not amx_permitted():
@@ -81,14 +92,21 @@ def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol:
     inputs = inputs or dtype
     if inputs != dtype and (dtype, inputs) != ("bfloat16", "float32"):
         raise ValueError(f"a {dtype} kernel cannot read {inputs} inputs")
-    symbol = symbol or kernel_symbol(schedule, dtype, target, inputs)
-    body = _KernelWriter(schedule.nest, dtype, target, symbol, inputs).write()
+    if sizes is not None and min(sizes) < 1:
+        raise ValueError(f"an exact-size kernel needs positive sizes, not {sizes}")
+    symbol = symbol or kernel_symbol(schedule, dtype, target, inputs, sizes)
+    body = _KernelWriter(schedule.nest, dtype, target, symbol, inputs, sizes).write()
     return KernelSource(symbol, inputs, body)
 
 
 class _KernelWriter(TileWriter):
-    def __init__(self, nest: LoopNest, dtype: str, target: Target, symbol: str, inputs: str) -> None:
+    def __init__(self, nest: LoopNest, dtype: str, target: Target, symbol: str, inputs: str,
+                 sizes: FixedSizes | None = None) -> None:
         self.nest, self.dtype, self.target, self.symbol = nest, dtype, target, symbol
+        self.sizes = sizes
+        # each dimension's full range as the C text names it: the ABI's variables, or literals
+        self.extent = ({d: str(v) for d, v in sizes.extents().items()} if sizes
+                       else {"b": "batch", "m": "M", "n": "N", "k": "K"})
         self.abi = abi_args(inputs)
         self.T = C_TYPE[inputs]                       # the inputs' elements
         self.TC = C_TYPE[OUTPUT_DTYPE[dtype]]         # C's, the accumulators' and the vectors'
@@ -97,6 +115,7 @@ class _KernelWriter(TileWriter):
         self.lines: list[str] = []
         self.depth = 1
         self.visible = abi_variables(self.abi)    # (type, name) of the kernel's variables so far
+        self.shared_packs: dict[str, list[str]] = {}   # operand -> C of its pack shared by the threads
         self.outlined: list[str] = []      # the parallel loop's body as a function, if there is one
         self.uses_workspace = False
         self.start = nest.kernel_start()
@@ -141,6 +160,9 @@ class _KernelWriter(TileWriter):
             self.emit("lt_ws_end(&ws_slot);")
         self.emit("return 0;")
         mode = f", {self.bf16} ({self.T} inputs)" if self.bf16 else ""
+        if self.sizes:
+            b, m, n, k = self.sizes
+            mode += f", exact sizes {b} x {m}x{n}x{k} (batch x MxNxK)"
         out = [
             f"/* generated by looptune codegen v{CODEGEN_VERSION}: {self.dtype}{mode}, target {self.target.isa} */",
             "#include <stdint.h>", "#include <stdlib.h>", "#include <string.h>",
@@ -155,6 +177,7 @@ class _KernelWriter(TileWriter):
             out += POOL_DECLARATION_C
         if self.nest.tile:
             out += self._vector_types() + self._pack_functions() + self._micro_kernel()
+        out += [line for operand in sorted(self.shared_packs) for line in self.shared_packs[operand]]
         out += self.outlined
         out.append(f"int {self.symbol}({self.abi})")
         out.append("{")
@@ -166,15 +189,20 @@ class _KernelWriter(TileWriter):
 
     # ---- kernel body ---------------------------------------------------------------------------
     def _prologue(self) -> None:
-        e = self.emit
-        e("if (batch <= 0 || M <= 0 || N <= 0) return 0;")
+        e, (batch, M, N, K) = self.emit, (self.extent[d] for d in "bmnk")
+        if self.sizes:
+            e(f"if (batch != {batch} || M != {M} || N != {N} || K != {K}) return -2;  /* not the sizes compiled for */")
+        else:
+            e("if (batch <= 0 || M <= 0 || N <= 0) return 0;")
         e("if (nthreads < 1) nthreads = 1;")
-        e("if (K <= 0 || !(" + ("1" if self.nest.tile else "0") + ")) {")
-        e("    if (!accumulate)")
-        e("        for (int64_t b = 0; b < batch; b++) for (int64_t m = 0; m < M; m++) for (int64_t n = 0; n < N; n++)")
-        e("            C[b * sCb + m * sCm + n * sCn] = 0;")
-        e("    if (K <= 0) return 0;")
-        e("}")
+        if not (self.sizes and self.nest.tile):
+            e(f"if ({K} <= 0 || !(" + ("1" if self.nest.tile else "0") + ")) {")
+            e("    if (!accumulate)")
+            e(f"        for (int64_t b = 0; b < {batch}; b++) for (int64_t m = 0; m < {M}; m++) "
+              f"for (int64_t n = 0; n < {N}; n++)")
+            e("            C[b * sCb + m * sCm + n * sCn] = 0;")
+            e(f"    if ({K} <= 0) return 0;")
+            e("}")
         if not self.nest.tile:
             return
         if self.bf16 == "amx":
@@ -183,11 +211,14 @@ class _KernelWriter(TileWriter):
         if self.bf16 == "amx":
             e("lt_amx_configure();")
 
-    def _block_extent(self, at_index: int, dim: str, size: str) -> str:
+    def _block_extent(self, at_index: int, dim: str) -> str:
         """The largest range of `dim` seen inside the body of loop number `at_index`."""
+        size = self.extent[dim]
         for l in reversed(self.nest.loops[: at_index + 1]):
             if l.dim == dim:
-                return f"LT_MIN((int64_t){l.block}, {size})" if l.block > 1 else "(int64_t)1"
+                if l.block == 1:
+                    return "(int64_t)1"
+                return str(min(l.block, int(size))) if self.sizes else f"LT_MIN((int64_t){l.block}, {size})"
         return size
 
     def _workspace(self) -> None:
@@ -202,12 +233,12 @@ class _KernelWriter(TileWriter):
         offsets = []
         if edge_panel:
             # a zero-padded copy of an X tile (kc x V): a narrower-than-V edge, or one without unit stride along V
-            ksize = self._block_extent(self.start - 1, "k", "K")
+            ksize = self._block_extent(self.start - 1, "k")
             e(f"const int64_t wsE = {self.V} * {ksize} + 16;  /* per copy */")
             e(f"const int64_t wsE_copies = {'nthreads' if par is not None else '1'};")
             offsets.append("E")
         if self.amx_direct_a:
-            ksize = self._block_extent(self.start - 1, "k", "K")
+            ksize = self._block_extent(self.start - 1, "k")
             e(f"const int64_t wsQ = ({self.mr} * ({ksize} + {bf16.AMX_K_STEP}) + 47) / 32 * 32;  /* per copy, 64-byte multiple */")
             e(f"const int64_t wsQ_copies = {'nthreads' if par is not None else '1'};")
             offsets.append("Q")
@@ -215,8 +246,8 @@ class _KernelWriter(TileWriter):
             at = self.nest.index(self.packs[operand])
             tdim = TILE_DIM_FOR_OPERAND[operand]
             R = self.mr if tdim == "m" else self.nr
-            tsize = self._block_extent(at, tdim, "M" if tdim == "m" else "N")
-            ksize = self._block_extent(at, "k", "K")
+            tsize = self._block_extent(at, tdim)
+            ksize = self._block_extent(at, "k")
             if self.bf16:
                 ksize = f"({ksize} + {bf16.k_group(self.bf16, operand)[1]})"    # k padded to whole groups
             copies = "nthreads" if par is not None and at >= par else "1"
@@ -240,7 +271,9 @@ class _KernelWriter(TileWriter):
 
     def _loops(self) -> None:
         nest, e = self.nest, self.emit
-        rng = {"m": ("0", "M"), "n": ("0", "N"), "k": ("0", "K"), "b": ("0", "batch")}
+        rng = {d: ("0", self.extent[d]) for d in "mnkb"}
+        # an exact-size kernel: each range's length where it is the same constant on every iteration
+        known = {d: int(self.extent[d]) if self.sizes else None for d in "mnkb"}
         pack_at: dict[str, list[str]] = {}
         for operand, at in self.packs.items():
             pack_at.setdefault(at, []).append(operand)
@@ -265,10 +298,8 @@ class _KernelWriter(TileWriter):
                 opened += 1
             n_lo, n_len = f"lo_{self.cname(loop.name)}", f"len_{self.cname(loop.name)}"
             e(f"const int64_t {n_lo} = {v};")
-            if loop.block == 1:
-                e(f"const int64_t {n_len} = 1;")
-            else:
-                e(f"const int64_t {n_len} = LT_MIN((int64_t){loop.block}, {lo} + {ln} - {v});")
+            e(f"const int64_t {n_len} = {block_length(loop.block, known[loop.dim], lo, ln, v)};")
+            known[loop.dim] = fixed_length(loop.block, known[loop.dim])
             e(f"(void){n_len};")
             rng[loop.dim] = (n_lo, n_len)
             self.visible += [("int64_t", n_lo), ("int64_t", n_len)]
@@ -312,7 +343,15 @@ class _KernelWriter(TileWriter):
         else:
             src, st, sk = f"B + {b_lo} * sBb + {t_lo} * sBn + {k_lo} * sBk", "sBn", "sBk"
         e(f"{self.TP} *const p{operand} = {base};")
-        e(f"{self.prefix}_pack{operand}({src}, {st}, {sk}, {t_len}, {k_len}, p{operand});")
+        if self.nest.parallel and not inside_parallel and not self.bf16:
+            # one block every thread reads: every thread packs a share of it (codegen_threads.shared_pack)
+            R = self.mr if tdim == "m" else self.nr
+            if operand not in self.shared_packs:
+                self.shared_packs[operand] = shared_pack(self.prefix, operand, R, self.T)
+            for line in shared_pack_call(self.prefix, operand, R, (src, st, sk, t_len, k_len, f"p{operand}")):
+                e(line)
+        else:
+            e(f"{self.prefix}_pack{operand}({src}, {st}, {sk}, {t_len}, {k_len}, p{operand});")
         klen = k_len
         if self.bf16:       # panels hold k padded to whole groups
             P = bf16.k_group(self.bf16, operand)[1]

@@ -208,10 +208,10 @@ def test_stored_schedule_that_fails_to_build_falls_back_to_the_default(monkeypat
     def resolve(problem):        # pretend a database record matched exactly
         return Resolution(problem, "exact", real_resolve(problem).schedule.step("unroll", loop="b", factor=2))
 
-    def kernel(schedule, dtype):
+    def kernel(schedule, dtype, **more):     # more: the exact-size kernel's sizes
         if any(step.op == "unroll" and step["loop"] == "b" for step in schedule.trace):
             raise BuildError("compiler says no")
-        return real_kernel(schedule, dtype)
+        return real_kernel(schedule, dtype, **more)
 
     monkeypatch.setattr(resolver, "resolve", resolve)
     monkeypatch.setattr(resolver, "kernel", kernel)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from looptune.runtime.compiler.build import build_many
-from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.codegen import FixedSizes, render
 from looptune.runtime.compiler.ir import LoopNest
 from looptune.runtime.compiler.schedule import Schedule, canonical_key
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -155,13 +155,12 @@ class Evaluator:
             return results
         t0 = time.perf_counter()
         scheds = {k: Schedule.from_json(k) for _, k in todo}
-        by_dtype = sorted({(p.dtype, k) for p, k in todo})
-        builds = build_many([render(scheds[k], dt) for dt, k in by_dtype])
-        built = dict(zip(by_dtype, builds))
+        # each problem's exact-size kernels: what the runtime serves from the record (protocol.Candidate)
+        builds = build_many([render(scheds[k], p.dtype, sizes=FixedSizes.of(p)) for p, k in todo])
         self.stats.built += sum(1 for b in builds if not b.cached)
         self.wait()
         t1 = time.perf_counter()
-        cands = [Candidate.from_build(p, built[(p.dtype, k)], tag=k) for p, k in todo]
+        cands = [Candidate.from_build(p, b, tag=k) for (p, k), b in zip(todo, builds)]
         results = self.runner.run(cands)
         self.stats.build_seconds += t1 - t0
         self.stats.run_seconds += time.perf_counter() - t1

@@ -24,7 +24,7 @@ class RunStatus(str, enum.Enum):
     WRONG_ANSWER = "wrong_answer"    # verification against numpy failed (or wrote out of bounds)
     CRASH = "crash"                  # the worker died while running the kernel (signal, exit)
     TIMEOUT = "timeout"              # no answer within MeasureConfig.timeout_seconds; worker killed
-    KERNEL_ERROR = "kernel_error"    # the kernel returned a non-zero code (-1 OOM, -2 bad strides)
+    KERNEL_ERROR = "kernel_error"    # the kernel returned a non-zero code (-1 OOM, -2 not these operands)
     BUILD_ERROR = "build_error"      # no artifact, or the .so / symbol could not be loaded
     RUNNER_ERROR = "runner_error"    # our fault, not the kernel's (worker failed to start, ...)
 
@@ -99,7 +99,12 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What to measure.  ``artifact`` is None when the build failed (``build_error`` says why)."""
+    """What to measure.  ``artifact`` is None when the build failed (``build_error`` says why).
+
+    The artifact is the kernel ``runtime.matmul`` will serve for ``problem`` once its record is
+    stored: the schedule's exact-size kernel for the problem's sizes (``codegen.render(...,
+    sizes=FixedSizes.of(problem))``, as the runtime builds for an exact record), so the stored
+    GFLOPS is what is served.  The worker calls it with exactly those sizes."""
 
     problem: MatmulProblem
     artifact: Artifact | None

@@ -14,8 +14,11 @@ Protocol (one JSON object per line; the parent enforces every timeout)::
 
 Kernels are loaded by the runtime's loader (``looptune.runtime.compiler.kernel``: a file
 rebuilt in place is loaded from a fresh copy; a load failure is a BUILD_ERROR result) and
-called, for verification and timing, through ``Kernel.invoke`` with the thread count
-``runtime.matmul`` would pass, so a measured time is what the runtime will serve.
+verified through ``Kernel.invoke`` and timed through the call ``runtime.matmul(a, b, out=c)``
+makes, the compiled trampoline's ``serve`` (key, dispatch-table lookup, operand checks; without
+the trampoline, ``Kernel.invoke``), with the thread count matmul would pass, on operands of the
+problem's very sizes: the artifact is the kernel the runtime serves from the problem's record,
+its exact-size kernel (``protocol.Candidate``), so a measured time is what the runtime serves.
 
 The worker writes its answers to a private duplicate of fd 1 and points fd 1 at stderr, so a
 kernel that ``printf``s cannot corrupt the protocol.  Thread counts are pinned by the parent
@@ -37,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np   # the parent set the thread variables before this process started
 
+from looptune.runtime.compiler import trampoline
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE, error_message
 from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
 from looptune.runtime.compiler.machine import detect_cpu
@@ -59,9 +63,10 @@ class _Failure(Exception):
 # ----------------------------------------------------------------------------- operands
 
 class Operands:
-    """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel call
-    on them: ``Kernel.invoke``, the call ``runtime.matmul`` makes, with the thread count matmul
-    would pass for this problem.  C has the kernel's output dtype (float32 for bfloat16 inputs)."""
+    """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel calls
+    on them: ``Kernel.invoke`` (verification, accumulate) and the call ``runtime.matmul(a, b,
+    out=c)`` makes (timing), with the thread count matmul would pass for this problem.  C has
+    the kernel's output dtype (float32 for bfloat16 inputs)."""
 
     def __init__(self, problem, a0, b0, kernel: Kernel):
         self.a, self.b = _copy_keeping_layout(a0), _copy_keeping_layout(b0)
@@ -69,14 +74,34 @@ class Operands:
         self.buf = np.full(size + 2 * _GUARD, _SENTINEL, dtype=OUTPUT_DTYPE[problem.dtype])
         self.c = self.buf[_GUARD:_GUARD + size].reshape(problem.batch, problem.m, problem.n)
         self.threads = call_threads(problem.flops, problem.threads, RuntimeSettings.small_flops)
-        self.invoke = kernel.invoke
+        self.problem, self.kernel, self.invoke = problem, kernel, kernel.invoke
 
     def call(self, accumulate: int) -> int:
         return self.invoke(self.a, self.b, self.c, accumulate, self.threads)
 
-    def timed_call(self) -> Callable[[], int]:
-        """``call(0)`` as a C-level callable (a partial of the trampoline): no Python frame per call."""
-        return functools.partial(self.invoke, self.a, self.b, self.c, 0, self.threads)
+    def timed_call(self) -> tuple[Callable[[], Any], Callable[[Any, str], None]]:
+        """(``runtime.matmul(a, b, out=c)``'s compiled path as a C-level callable: a partial of the
+        trampoline's ``serve`` over a dispatch table that holds this kernel, no Python frame per
+        call; the check of what it returns).  Without the trampoline: ``call(0)`` and its code."""
+        module = trampoline.load()
+        if module is None:
+            return functools.partial(self.invoke, self.a, self.b, self.c, 0, self.threads), _check_rc
+        p = self.problem
+        if p.dtype == "bfloat16":       # serve takes bfloat16 operands once told their type number
+            module.set_bfloat16(self.a.dtype.num)
+        # under every layout's key: serve names a layout by the strides, and a core dimension of 1
+        # has both (the kernel takes any strides)
+        hit = (self.kernel, None)
+        dispatch = {(p.dtype, p.m, p.n, p.k, p.batch, la + lb, self.threads): hit for la in "nt" for lb in "nt"}
+        return (functools.partial(module.serve, self.a, self.b, self.c, dispatch, p.threads, RuntimeSettings.small_flops),
+                self.check_served)
+
+    def check_served(self, result: Any, when: str) -> None:
+        """``serve`` returns C, or None when it declines the call (the kernel's code, if any, says why)."""
+        if result is not self.c:
+            rc = self.call(0)
+            _check_rc(rc, when)
+            raise _Failure(RunStatus.RUNNER_ERROR, f"runtime.matmul's compiled path declined the call {when}")
 
     def guard_intact(self) -> bool:
         g = self.buf
@@ -88,6 +113,14 @@ def _copy_keeping_layout(x):
     y = np.empty_like(x, order="K")
     np.copyto(y, x)
     return y
+
+
+def _returned_c(c) -> Callable[[Any, str], None]:
+    """A ``time_calls`` check for a call that returns its output array ``c`` (numpy raises on failure)."""
+    def check(result: Any, when: str) -> None:
+        if result is not c:
+            raise _Failure(RunStatus.RUNNER_ERROR, f"numpy.matmul did not write into out= {when}")
+    return check
 
 
 def _check_rc(rc: int, when: str) -> None:
@@ -144,11 +177,13 @@ class _Flusher:
         self.buf += 1.0
 
 
-def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[], None] | None,
-               threads: int = 1, give_up_after: float | None = None) -> tuple[list[float], int, float]:
+def time_calls(call: Callable[[], Any], config: MeasureConfig, flush: Callable[[], None] | None,
+               threads: int = 1, give_up_after: float | None = None,
+               check: Callable[[Any, str], None] = _check_rc) -> tuple[list[float], int, float]:
     """Per-call seconds (one entry per sample), calls per sample, and the CPU share.
 
     ``give_up_after``: when the first timed call takes longer (seconds), it is the only sample.
+    ``check(what call returned, when)`` raises when a call failed (default: a non-zero code).
 
     The CPU share is process CPU time over wall time x threads while timing: ~1 when the
     kernel had its cores, well below 1 when other processes took them (the samples are then
@@ -157,11 +192,11 @@ def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[
     perf = time.perf_counter
     start = perf()
     for _ in range(config.warmup):   # a slow kernel is warm after one call; don't burn its timeout
-        _check_rc(call(), "during warm-up")
+        check(call(), "during warm-up")
         if perf() - start > config.min_total_seconds:
             break
     t0 = perf()
-    _check_rc(call(), "during warm-up")
+    check(call(), "during warm-up")
     once = max(perf() - t0, 1e-9)
     if give_up_after is not None and once > give_up_after:
         return [once], 1, 1.0
@@ -179,7 +214,7 @@ def time_calls(call: Callable[[], int], config: MeasureConfig, flush: Callable[[
             for _ in range(number):
                 rc = call()
             dt = perf() - t0
-            _check_rc(rc, "during timing")
+            check(rc, "during timing")
             samples.append(dt / number)
             total += dt
             if len(samples) >= config.min_repeats and total >= config.min_total_seconds:
@@ -247,8 +282,9 @@ class Worker:
                 ops = verify(kernel, problem, config, lambda s: self.reference_data(problem, s))
                 ref = req.get("reference_seconds")
                 give_up = config.slow_cutoff * ref if config.slow_cutoff > 0 and ref else None
-                samples, number, cpu = time_calls(ops.timed_call(), config, self.flusher(config),
-                                                  ops.threads, give_up_after=give_up)
+                call, check = ops.timed_call()
+                samples, number, cpu = time_calls(call, config, self.flusher(config), ops.threads,
+                                                  give_up_after=give_up, check=check)
             elif req["op"] == "reference":
                 samples, number, cpu = self.reference(problem, config)
             else:
@@ -263,12 +299,9 @@ class Worker:
         """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel (for
         bfloat16, on the ml_dtypes arrays into a float32 C: what a numpy user gets)."""
         a, b, c = problem.make_operands(0)
-
-        def call() -> int:
-            np.matmul(a, b, out=c)
-            return 0
-
-        result = time_calls(call, config, self.flusher(config), problem.threads)
+        # a C-level callable, as the kernel's call is: no Python frame per call on either side
+        call = functools.partial(np.matmul, a, b, out=c)
+        result = time_calls(call, config, self.flusher(config), problem.threads, check=_returned_c(c))
         if problem.threads > 1:
             time.sleep(0.05)   # let OpenBLAS's spinning workers go idle before the kernel runs
         return result
