@@ -204,3 +204,46 @@ def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str
         "}",
     ]
     return scope, [indent + line for line in at]
+
+
+def shared_pack(prefix: str, operand: str, panel: int, ctype: str) -> list[str]:
+    """File-scope C that lets every thread of a call pack one shared block together.
+
+    A pack above the parallel loop (B packed at ``k.o`` outside a parallel ``m.o``: BLIS's ic
+    loop sharing one packed B) is written once and read by every thread.  Packed by the calling
+    thread alone, it is the serial part of the call that grows with the core count; here it is
+    split into groups of whole ``panel``-wide panels that the pool's threads take like loop
+    iterations (``shared_pack_call``).  ``SYMBOL_pack{operand}`` is the one-thread pack.
+    """
+    job, task, pack = f"{prefix}_pack{operand}_job", f"{prefix}_pack{operand}_task", f"{prefix}_pack{operand}"
+    return [
+        "",
+        f"/* the shared {operand} block, packed by every thread of the call: panels of group `it` */",
+        f"typedef struct {{ const {ctype} *src; int64_t st, sk, tlen, klen; {ctype} *dst; int64_t groups; }} {job};",
+        "",
+        f"static void {task}(const void *context, int64_t it, int tid)",
+        "{",
+        f"    const {job} *j = (const {job} *)context;",
+        "    const int64_t panels = (j->tlen + " + str(panel - 1) + f") / {panel};",
+        f"    const int64_t t0 = it * panels / j->groups * {panel};",
+        f"    const int64_t t1 = LT_MIN(j->tlen, (it + 1) * panels / j->groups * {panel});",
+        "    (void)tid;",
+        f"    if (t1 > t0) {pack}(j->src + t0 * j->st, j->st, j->sk, t1 - t0, j->klen, j->dst + t0 * j->klen);",
+        "}",
+    ]
+
+
+def shared_pack_call(prefix: str, operand: str, panel: int, args: tuple[str, str, str, str, str, str]) -> list[str]:
+    """The kernel's lines that pack a shared block: on the pool's threads (groups of panels, a
+    few per thread so a late thread costs little) when the call has several, else alone."""
+    src, st, sk, tlen, klen, dst = args
+    job, task, pack = f"{prefix}_pack{operand}_job", f"{prefix}_pack{operand}_task", f"{prefix}_pack{operand}"
+    return [
+        f"if (nthreads > 1 && LT_POOL_AVAILABLE && {tlen} > {panel}) {{",
+        f"    const {job} job = {{{src}, {st}, {sk}, {tlen}, {klen}, {dst}, "
+        f"LT_MIN(({tlen} + {panel - 1}) / {panel}, 4 * (int64_t)nthreads)}};",
+        f"    lt_pool_for(nthreads, job.groups, {task}, &job);",
+        "} else {",
+        f"    {pack}({src}, {st}, {sk}, {tlen}, {klen}, {dst});",
+        "}",
+    ]

@@ -20,6 +20,9 @@ CASES = {
     "vector_m_parallel_float32_avx512": (
         BlockingParams(16, 6, 64, 128, 96, unroll_k=1, pack_a=False, parallel="n.o", vector="m").schedule(),
         "float32", Target("avx512", 64)),
+    # m blocks in parallel under one B block every thread packs a share of (BLIS's ic loop)
+    "blis_m_parallel_shared_b_float32_avx512": (
+        BlockingParams(8, 32, 64, 256, 512, parallel="m.o").schedule(), "float32", Target("avx512", 64)),
 }
 # bfloat16: one schedule whose 32x32 tile each mode can run, in each mode (codegen_bf16.MODES)
 BF16_SCHEDULE = BlockingParams(32, 32, 64, 128, 256, unroll_k=2).schedule()
