@@ -33,7 +33,7 @@ from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
 from looptune.runtime.compiler.schedule import Schedule
 
-CODEGEN_VERSION = "3"      # 3: parallel loop outlined (no OpenMP at 1 thread), workspace freed at thread exit
+CODEGEN_VERSION = "4"      # 4: parallel loops on our thread pool, shared packs by every thread, exact-size kernels
 # (bfloat16 kernels came with version 3; float32 and float64 text did not change)
 
 

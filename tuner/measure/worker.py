@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np   # the parent set the thread variables before this process started
 
-from looptune.runtime.compiler import trampoline
+from looptune.runtime.compiler import pool, trampoline
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE, error_message
 from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
 from looptune.runtime.compiler.machine import detect_cpu
@@ -302,7 +302,7 @@ class Worker:
         # a C-level callable, as the kernel's call is: no Python frame per call on either side
         call = functools.partial(np.matmul, a, b, out=c)
         result = time_calls(call, config, self.flusher(config), problem.threads, check=_returned_c(c))
-        if problem.threads > 1:
+        if problem.threads > 1 and not pool.openblas_served():
             time.sleep(0.05)   # let OpenBLAS's spinning workers go idle before the kernel runs
         return result
 
@@ -337,6 +337,9 @@ def main() -> None:
     threading.Thread(target=_orphan_watchdog, args=(os.getppid(),), daemon=True).start()
 
     limits = _pin_threads()
+    # the thread pool first, as in an application after its first kernel: numpy's OpenBLAS then
+    # runs its parallel calls on it for every timing of numpy, not just those after a kernel load
+    pool.serve_new_openblas()
     worker = Worker()
     hello = {"status": "ready", "pid": os.getpid(), "numpy": np.__version__,
              "threads": int(os.environ.get("OMP_NUM_THREADS", "1")), "threadpoolctl": limits is not None}
