@@ -28,6 +28,7 @@ typedef void (*lt_pool_task)(const void *ctx, int64_t iteration, int tid);
 /* the word iterations are taken from: generation (odd while a loop is being published),
    participants so far, next iteration */
 #define LT_GEN(s) ((s) >> 32)
+#define LT_GEN_MASK 0xffffffffu          /* generations wrap at 32 bits */
 #define LT_JOINED(s) (((s) >> 20) & 0xfffu)
 #define LT_NEXT(s) ((s) & 0xfffffu)
 #define LT_ONE_JOINED ((uint64_t)1 << 20)
@@ -45,7 +46,7 @@ static struct {
     _Atomic int sleepers;                  /* workers waiting on `wake` */
     _Atomic int caller_sleeping;
     _Atomic int64_t worker_spin_ns, caller_spin_ns;
-    int workers;                           /* started (changed by the pool's owner only) */
+    _Atomic int workers;                   /* started (changed by the pool's owner only) */
     pthread_mutex_t mu;
     pthread_cond_t wake, finished;
 } lt_pool = {
@@ -130,8 +131,8 @@ static void *lt_pool_worker(void *arg)
 static void lt_pool_after_fork_child(void)
 {
     uint64_t gen = LT_GEN(atomic_load(&lt_pool.state));
-    atomic_store(&lt_pool.state, ((gen | 1) + 1) << 32 | LT_MAX_CHUNKS);
-    lt_pool.workers = 0;
+    atomic_store(&lt_pool.state, (((gen | 1) + 1) & LT_GEN_MASK) << 32 | LT_MAX_CHUNKS);
+    atomic_store(&lt_pool.workers, 0);
     atomic_store(&lt_pool.busy, 0);
     atomic_store(&lt_pool.sleepers, 0);
     atomic_store(&lt_pool.caller_sleeping, 0);
@@ -142,14 +143,24 @@ static void lt_pool_after_fork_child(void)
 
 static void lt_pool_register_fork(void) { pthread_atfork(0, 0, lt_pool_after_fork_child); }
 
+/* called before the pool is first taken: a child forked while another thread holds the pool
+   (`busy`) must find it free, so the fork handler has to be in place by then */
+static void lt_pool_watch_forks(void) { pthread_once(&lt_pool_once, lt_pool_register_fork); }
+
+/* threads we start block every signal: signals stay with the application's threads */
+static void lt_pool_block_signals(sigset_t *old)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, old);
+}
+
 /* start workers until `want` exist (fewer if the system refuses threads) */
 static void lt_pool_grow(int want)
 {
-    pthread_once(&lt_pool_once, lt_pool_register_fork);
     if (lt_pool.workers >= want) return;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);       /* signals stay with the application's threads */
+    sigset_t old;
+    lt_pool_block_signals(&old);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -164,7 +175,7 @@ static void lt_pool_grow(int want)
 static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const void *ctx, int64_t per_thread)
 {
     int64_t chunks = count < (int64_t)LT_MAX_CHUNKS ? count : (int64_t)LT_MAX_CHUNKS;
-    uint64_t gen = LT_GEN(atomic_load_explicit(&lt_pool.state, memory_order_relaxed)) + 1;   /* odd: writing */
+    uint64_t gen = (LT_GEN(atomic_load_explicit(&lt_pool.state, memory_order_relaxed)) + 1) & LT_GEN_MASK;   /* odd: writing */
     atomic_store_explicit(&lt_pool.state, gen << 32 | LT_MAX_CHUNKS, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
     atomic_store_explicit(&lt_pool.task, task, memory_order_relaxed);
@@ -174,7 +185,7 @@ static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const vo
     atomic_store_explicit(&lt_pool.nthreads, nthreads, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.chunks_per_thread, per_thread, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.done, 0, memory_order_relaxed);
-    gen++;
+    gen = (gen + 1) & LT_GEN_MASK;      /* as read back from the word, also when it wraps to 0 */
     atomic_store(&lt_pool.state, gen << 32);                       /* published (seq_cst) */
     if (atomic_load(&lt_pool.sleepers) > 0) {     /* wake as many as could take part, no more */
         pthread_mutex_lock(&lt_pool.mu);
@@ -208,6 +219,7 @@ static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const vo
 LT_POOL_LINKAGE int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const void *ctx)
 {
     if (nthreads > LT_MAX_THREADS) nthreads = LT_MAX_THREADS;
+    if (nthreads > 1 && count > 1) lt_pool_watch_forks();
     if (nthreads <= 1 || count <= 1 || atomic_exchange_explicit(&lt_pool.busy, 1, memory_order_acquire)) {
         for (int64_t i = 0; i < count; i++) task(ctx, i, 0);    /* alone (or the pool is taken) */
         return 0;
@@ -247,11 +259,14 @@ static void lt_pool_gang_apart(lt_pool_jobs *jobs, int numjobs)
     pthread_t *threads = (pthread_t *)malloc(sizeof(pthread_t) * (size_t)numjobs);
     lt_pool_gang_member *members = (lt_pool_gang_member *)malloc(sizeof(lt_pool_gang_member) * (size_t)numjobs);
     int started = 0;
+    sigset_t old;
+    lt_pool_block_signals(&old);
     for (int i = 1; threads && members && i < numjobs; i++) {
         members[i] = (lt_pool_gang_member){jobs, i};
         if (pthread_create(&threads[i], 0, lt_pool_gang_thread, &members[i]) != 0) break;
         started = i;
     }
+    pthread_sigmask(SIG_SETMASK, &old, 0);
     lt_pool_job(jobs, 0, 0);
     for (int i = started + 1; i < numjobs; i++) lt_pool_job(jobs, i, 0);   /* no threads to be had */
     for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
@@ -273,6 +288,7 @@ LT_POOL_LINKAGE void lt_pool_openblas(int sync, lt_pool_dojob dojob, int numjobs
         lt_pool_gang_apart(&jobs, numjobs);
         return;
     }
+    lt_pool_watch_forks();
     while (atomic_exchange_explicit(&lt_pool.busy, 1, memory_order_acquire))
         sched_yield();                  /* a kernel's loop: it never waits for BLAS, so it ends */
     lt_pool_grow(numjobs - 1);

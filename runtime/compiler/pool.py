@@ -12,8 +12,9 @@ context, the iteration count) and takes iterations itself, one at a time, by a c
 on one 64-bit word: ``generation << 32 | participants << 20 | next iteration``.  Idle workers,
 woken by the publication, take iterations the same way.  The caller waits only for iterations
 already taken; if no worker shows up, it runs the whole loop, at one thread's speed.  Each
-participant gets a distinct ``tid`` below ``nthreads`` the first time it takes an iteration (the
-caller is 0), which is what indexes the kernel's per-thread workspace copies.  Iterations are
+participant gets a distinct ``tid`` below ``nthreads`` the first time it takes an iteration (in
+order of arrival, so the caller is usually, not always, 0), which is what indexes the kernel's
+per-thread workspace copies.  Iterations are
 the schedule's parallel blocks, so a slow worker delays the call by one block at most.
 
 **Waiting.**  Idle workers spin on the word for ``worker_spin_us`` (``pause`` between looks, so

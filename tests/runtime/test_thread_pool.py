@@ -15,6 +15,10 @@ import pytest
 
 from looptune import runtime
 from looptune.runtime.compiler import environment, pool
+from looptune.runtime.compiler.build import BuildSettings
+from looptune.runtime.compiler.codegen import render
+from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.workload import MatmulProblem
 
 TASK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int)
 
@@ -89,7 +93,7 @@ def test_parallel_kernels_run_on_the_pool(lib):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((400, 300)).astype(np.float32)
     b = rng.standard_normal((300, 500)).astype(np.float32)
-    for threads in (2, 5):
+    for threads in (2, 5, 64):
         np.testing.assert_allclose(runtime.matmul(a, b, threads=threads), a.astype(np.float64) @ b,
                                    rtol=1e-3, atol=1e-3)
     assert lib.lt_pool_workers() >= 1
@@ -198,3 +202,59 @@ def test_no_blas_pool_leaves_openblas_alone():
         print(served, lib.lt_pool_openblas_calls())
     """, LOOPTUNE_NO_BLAS_POOL="1")
     assert out.strip() == "[] 0"
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8, 16])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_block_shared_by_the_threads_is_packed_by_all_of_them(lib, threads, dtype):
+    """The analytic default for a tall, narrow problem runs the m blocks in parallel with B packed
+    above them (BLIS's ic loop): every thread packs a share of that B block, then the loop runs."""
+    problem = MatmulProblem(1000, 48, 300, dtype=dtype, threads=threads)
+    schedule = default_schedule(problem)
+    assert schedule.nest.parallel == "m.o" and ("B", "k.o") in schedule.nest.pack
+    assert "_packB_task" in render(schedule, dtype).text
+    runtime.configure(user_db=None, embedded_db=None, fallback="off")
+    rng = np.random.default_rng(threads)
+    for m, n, k in ((1000, 48, 300), (999, 47, 301), (130, 33, 700)):
+        a = rng.standard_normal((m, k)).astype(dtype)
+        b = rng.standard_normal((k, n)).astype(dtype)
+        tol = 1e-3 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(runtime.matmul(a, b, threads=threads), a.astype(np.float64) @ b, rtol=tol, atol=tol)
+
+
+# ---- the pool's C, driven directly (a harness that includes pool.c sets its private state) ----------
+
+WRAP_HARNESS = r"""
+#include <stdio.h>
+#include <unistd.h>
+static _Atomic int arrived;
+/* an OpenBLAS-like job: the jobs of one call wait for each other */
+static void job(int i, void *data, int x) { (void)i; (void)data; (void)x; atomic_fetch_add(&arrived, 1);
+                                            while (atomic_load(&arrived) < 2) sched_yield(); }
+int main(void)
+{
+    alarm(60);      /* a deadlock fails the run */
+    atomic_store(&lt_pool.state, (uint64_t)0xfffffffeu << 32 | LT_MAX_CHUNKS);   /* the last generation before the wrap */
+    char data[2];
+    lt_pool_openblas(1, job, 2, 1, data, 0);        /* one worker is started: the caller must take a job */
+    printf("%llu %d\n", (unsigned long long)LT_GEN(atomic_load(&lt_pool.state)), lt_pool_workers());
+    return 0;
+}
+"""
+
+
+def test_a_gang_across_the_generation_wrap_still_has_the_caller(tmp_path):
+    """The 32-bit generation wraps to 0 after 2^31 loops; the caller must still take part in the
+    loop published at the wrap (it once compared against generation 2^32 and took nothing, so a
+    gang with exactly numjobs - 1 workers, or a loop whose workers could not be started, hung)."""
+    src = tmp_path / "wrap.c"
+    src.write_text(pool.POOL_C + "\n" + WRAP_HARNESS)
+    exe = tmp_path / "wrap"
+    compiler = BuildSettings.from_env().compiler
+    built = subprocess.run([compiler, "-O2", "-std=gnu11", "-pthread", str(src), "-o", str(exe)],
+                           capture_output=True, text=True, timeout=120)
+    if built.returncode != 0:
+        pytest.skip(f"no C compiler for the harness: {built.stderr[-300:]}")
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    assert done.stdout.split() == ["0", "1"]      # wrapped to generation 0, on one worker
