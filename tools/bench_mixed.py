@@ -20,9 +20,9 @@ Threads are pinned on both sides: threadpoolctl for numpy's BLAS, ``threads=`` f
 once, after ``--idle`` seconds of quiet and a short warm-up, as ``--iters`` back-to-back
 iterations; the two sides take turns ``--repeats`` times, and the table gives the median
 milliseconds per iteration and runtime.matmul / np.matmul.  The np.matmul side never loads
-LoopTune, so it is the program as it was: once LoopTune's pool is loaded, numpy's OpenBLAS runs
-its parallel calls on it (README "Threads next to numpy"), and timing np.matmul in the same
-process would time numpy on our pool, not the program without us.
+LoopTune, so it is the program as it was (with ``LOOPTUNE_BLAS_POOL=1`` numpy's OpenBLAS runs on
+our pool once it is loaded, and np.matmul timed in the same process would be numpy on our pool,
+not the program without us).
 
     python tools/bench_mixed.py [--threads 1 2] [--iters 40] [--repeats 7] [--json]
 
@@ -50,6 +50,7 @@ from threadpoolctl import threadpool_limits
 POLICIES = {
     "looptune": {},
     "openmp": {"LOOPTUNE_NO_POOL": "1"},                     # our kernels on libgomp, not our pool
+    "blas-pool": {"LOOPTUNE_BLAS_POOL": "1"},                # numpy's OpenBLAS on our pool as well
     "gomp-default": {"GOMP_SPINCOUNT": "300000"},           # libgomp's built-in spin count
     "passive": {"OMP_WAIT_POLICY": "passive"},              # sleep at once after a parallel region
     "active": {"OMP_WAIT_POLICY": "active"},                # spin (for minutes)
@@ -59,7 +60,7 @@ POLICIES = {
     "gomp-default+openblas-4": {"GOMP_SPINCOUNT": "300000", "OPENBLAS_THREAD_TIMEOUT": "4"},
     "looptune+openblas-4": {"OPENBLAS_THREAD_TIMEOUT": "4"},  # OpenBLAS workers sleep after 2^4 cycles
 }
-WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "LOOPTUNE_NO_POOL")
+WAIT_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "LOOPTUNE_NO_POOL", "LOOPTUNE_BLAS_POOL")
 WORKLOADS = ("alone", "mixed", "mlp", "small")
 
 

@@ -22,8 +22,8 @@ Variables (each function below names the one it reads):
                              ``machine.BF16_LEVELS``): convert forces the portable path
     LOOPTUNE_NO_TRAMPOLINE   1: call kernels through cffi only
     LOOPTUNE_NO_POOL         1: parallel kernels run on OpenMP, not LoopTune's thread pool
-    LOOPTUNE_NO_BLAS_POOL    1: leave numpy's OpenBLAS on its own threads (by default its parallel
-                             calls run on LoopTune's pool, so the process has one pool)
+    LOOPTUNE_BLAS_POOL       1: numpy's (and scipy's) OpenBLAS runs its parallel calls on LoopTune's
+                             pool too, so the process has one pool (off by default: see pool.py)
     LOOPTUNE_POOL_SPIN_US    microseconds the pool's idle workers spin before they sleep
                              (default POOL_WORKER_SPIN_US; 0: sleep at once)
     LOOPTUNE_NO_NUMPY_HANDOFF  1: serve generated kernels even where the record says numpy was
@@ -126,13 +126,13 @@ def num_threads(env: Optional[Environ] = None) -> Optional[int]:
 class PoolSettings:
     worker_spin_ns: int
     caller_spin_ns: int
-    serve_openblas: bool = True      # OpenBLAS's parallel calls run on the pool too
+    serve_openblas: bool = False     # OpenBLAS's parallel calls run on the pool too (opt-in)
 
 
 def pool_settings(env: Optional[Environ] = None) -> Optional[PoolSettings]:
     """The thread pool's settings; None when ``LOOPTUNE_NO_POOL=1`` turns it off.
-    ``LOOPTUNE_POOL_SPIN_US`` (a number >= 0) is the idle workers' spin; ``LOOPTUNE_NO_BLAS_POOL=1``
-    leaves OpenBLAS on its own threads."""
+    ``LOOPTUNE_POOL_SPIN_US`` (a number >= 0) is the idle workers' spin; ``LOOPTUNE_BLAS_POOL=1``
+    hands OpenBLAS the pool as well."""
     if flag("LOOPTUNE_NO_POOL", env):
         return None
     value = _environ(env).get("LOOPTUNE_POOL_SPIN_US", "")
@@ -146,7 +146,7 @@ def pool_settings(env: Optional[Environ] = None) -> Optional[PoolSettings]:
             _unusable("LOOPTUNE_POOL_SPIN_US", value, f"is not a number of microseconds from 0 to 1e6; using {POOL_WORKER_SPIN_US:g}")
             spin_us = POOL_WORKER_SPIN_US
     return PoolSettings(worker_spin_ns=int(spin_us * 1000), caller_spin_ns=int(POOL_CALLER_SPIN_US * 1000),
-                        serve_openblas=not flag("LOOPTUNE_NO_BLAS_POOL", env))
+                        serve_openblas=flag("LOOPTUNE_BLAS_POOL", env))
 
 
 def positive_seconds(name: str, default_s: float, env: Optional[Environ] = None) -> float:

@@ -14,8 +14,8 @@ woken by the publication, take iterations the same way.  The caller waits only f
 already taken; if no worker shows up, it runs the whole loop, at one thread's speed.  Each
 participant gets a distinct ``tid`` below ``nthreads`` the first time it takes an iteration (in
 order of arrival, so the caller is usually, not always, 0), which is what indexes the kernel's
-per-thread workspace copies.  Iterations are
-the schedule's parallel blocks, so a slow worker delays the call by one block at most.
+per-thread workspace copies.  Iterations are the schedule's parallel blocks, so a slow worker
+delays the call by one block at most.
 
 **Waiting.**  Idle workers spin on the word for ``worker_spin_us`` (``pause`` between looks, so
 back-to-back calls do not pay a wake-up) and then sleep on a condition variable, so between
@@ -29,6 +29,14 @@ is NULL and kernels fall back to OpenMP.  The exported C library compiles this s
 its one translation unit, with ``LT_POOL_LINKAGE`` static.  A second thread calling a kernel
 while the pool is busy runs its loop alone (one thread) rather than queueing.  A forked child
 starts with an empty pool (``pthread_atfork``); its first parallel call starts new workers.
+
+**numpy's OpenBLAS on the pool (opt-in, ``LOOPTUNE_BLAS_POOL=1``).**  After each parallel call
+an OpenBLAS thread spins for about 0.1 s on a core our kernels need; OpenBLAS 0.3.27 and later
+can run its parallel calls on the application's threads (``serve_openblas``), and then the
+process has one pool.  It is off by default: with OpenBLAS 0.3.31 (numpy 2.4's), two Python
+threads calling ``np.linalg.solve`` at the same time hang with any threads callback installed,
+ours or a trivial one (``getrf`` mixes the callback's path with OpenBLAS's own asynchronous
+queue), and a hang in a user's numpy call is worse than a slow matmul.
 """
 from __future__ import annotations
 

@@ -103,6 +103,7 @@ def test_pool_settings_from_the_environment(caplog):
     assert environment.pool_settings({"LOOPTUNE_NO_POOL": "1"}) is None
     default = environment.pool_settings({})
     assert default.worker_spin_ns == int(environment.POOL_WORKER_SPIN_US * 1000)
+    assert not default.serve_openblas and environment.pool_settings({"LOOPTUNE_BLAS_POOL": "1"}).serve_openblas
     assert environment.pool_settings({"LOOPTUNE_POOL_SPIN_US": "0"}).worker_spin_ns == 0
     assert environment.pool_settings({"LOOPTUNE_POOL_SPIN_US": "12.5"}).worker_spin_ns == 12500
     with caplog.at_level(logging.WARNING, logger="looptune.runtime"):
@@ -131,9 +132,11 @@ served = pool.openblas_served()
 """
 
 
-def run_pool_script(body: str, timeout_s: float = 120, **env: str) -> str:
-    """PRELUDE + body in a fresh interpreter (a hang fails the test instead of the suite)."""
-    full = dict(os.environ, PYTHONWARNINGS="ignore::DeprecationWarning", **env)
+def run_pool_script(body: str, timeout_s: float = 120, blas_pool: bool = True) -> str:
+    """PRELUDE + body in a fresh interpreter (a hang fails the test instead of the suite), with
+    OpenBLAS on our pool (``LOOPTUNE_BLAS_POOL=1``) unless ``blas_pool`` is False."""
+    full = {k: v for k, v in os.environ.items() if k != "LOOPTUNE_BLAS_POOL"}
+    full.update(PYTHONWARNINGS="ignore::DeprecationWarning", **({"LOOPTUNE_BLAS_POOL": "1"} if blas_pool else {}))
     done = subprocess.run([sys.executable, "-c", SCRIPT_PRELUDE + textwrap.dedent(body)], env=full, text=True,
                           capture_output=True, timeout=timeout_s)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -194,13 +197,13 @@ def test_a_forked_child_runs_numpy_blas_and_kernels_on_a_fresh_pool():
     """)
 
 
-def test_no_blas_pool_leaves_openblas_alone():
+def test_by_default_openblas_keeps_its_own_threads():
     out = run_pool_script("""
         with threadpool_limits(2):
             x = rng.standard_normal((500, 500))
             x @ x
         print(served, lib.lt_pool_openblas_calls())
-    """, LOOPTUNE_NO_BLAS_POOL="1")
+    """, blas_pool=False)
     assert out.strip() == "[] 0"
 
 
