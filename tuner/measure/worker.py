@@ -14,9 +14,10 @@ Protocol (one JSON object per line; the parent enforces every timeout)::
 
 Kernels are loaded by the runtime's loader (``looptune.runtime.compiler.kernel``: a file
 rebuilt in place is loaded from a fresh copy; a load failure is a BUILD_ERROR result) and
-verified through ``Kernel.invoke`` and timed through the call ``runtime.matmul(a, b, out=c)``
-makes, the compiled trampoline's ``serve`` (key, dispatch-table lookup, operand checks; without
-the trampoline, ``Kernel.invoke``), with the thread count matmul would pass, on operands of the
+verified through ``Kernel.invoke`` and timed through ``runtime.matmul(a, b, out=c)`` itself (its
+Python entry, the compiled trampoline's ``serve``: key, dispatch-table lookup, operand checks;
+without the trampoline, ``Kernel.invoke``), with the kernel in the runtime's dispatch table and
+the thread count matmul passes by default, on operands of the
 problem's very sizes: the artifact is the kernel the runtime serves from the problem's record,
 its exact-size kernel (``protocol.Candidate``), so a measured time is what the runtime serves.
 
@@ -45,6 +46,7 @@ from looptune.runtime.compiler.abi import OUTPUT_DTYPE, error_message
 from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime import api as runtime_api
 from looptune.runtime.configuration import RuntimeSettings
 from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 
@@ -80,24 +82,31 @@ class Operands:
         return self.invoke(self.a, self.b, self.c, accumulate, self.threads)
 
     def timed_call(self) -> tuple[Callable[[], Any], Callable[[Any, str], None]]:
-        """(``runtime.matmul(a, b, out=c)``'s compiled path as a C-level callable: a partial of the
-        trampoline's ``serve`` over a dispatch table that holds this kernel, no Python frame per
-        call; the check of what it returns).  Without the trampoline: ``call(0)`` and its code."""
+        """(the very call an application makes, ``runtime.matmul(a, b, out=c)`` with the default
+        thread count, with this kernel in the runtime's dispatch table under the problem's key:
+        its Python entry, the compiled ``serve`` and the kernel, as a partial with no frame of
+        ours; the check of what it returns).  Without the trampoline: ``call(0)`` and its code."""
         module = trampoline.load()
         if module is None:
             return functools.partial(self.invoke, self.a, self.b, self.c, 0, self.threads), _check_rc
         p = self.problem
         if p.dtype == "bfloat16":       # serve takes bfloat16 operands once told their type number
             module.set_bfloat16(self.a.dtype.num)
+        if runtime_api.settings().threads != p.threads:
+            # this process serves nothing else: no databases, and the problem's threads as the default
+            runtime_api.configure(threads=p.threads, user_db=None, embedded_db=None, fallback="off")
         # under every layout's key: serve names a layout by the strides, and a core dimension of 1
         # has both (the kernel takes any strides)
+        dispatch = runtime_api.current_resolver().dispatch
         hit = (self.kernel, None)
-        dispatch = {(p.dtype, p.m, p.n, p.k, p.batch, la + lb, self.threads): hit for la in "nt" for lb in "nt"}
-        return (functools.partial(module.serve, self.a, self.b, self.c, dispatch, p.threads, RuntimeSettings.small_flops),
-                self.check_served)
+        for la in "nt":
+            for lb in "nt":
+                dispatch[(p.dtype, p.m, p.n, p.k, p.batch, la + lb, self.threads)] = hit
+        return functools.partial(runtime_api.matmul, self.a, self.b, out=self.c), self.check_served
 
     def check_served(self, result: Any, when: str) -> None:
-        """``serve`` returns C, or None when it declines the call (the kernel's code, if any, says why)."""
+        """matmul returns C through ``serve``; anything else means the compiled path declined the call
+        (the kernel's code, if any, says why)."""
         if result is not self.c:
             rc = self.call(0)
             _check_rc(rc, when)
