@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""Our parallel kernels right after another library's parallel call: are we slowed by its pool?
+
+For each size, ``runtime.matmul(a, b, out=c, threads=T)`` is timed call by call, each call
+right after nothing, after a numpy matmul (OpenBLAS's pool) or after a torch matmul (libgomp's
+pool), both at T threads.  The table gives our median GFLOPS and our slowest call.  Run it once
+per setting to compare, e.g. our pool against OpenMP:
+
+    python tools/bench_pools.py
+    LOOPTUNE_NO_POOL=1 python tools/bench_pools.py        # kernels on OpenMP, as before the pool
+    LOOPTUNE_BLAS_POOL=1 python tools/bench_pools.py      # numpy's OpenBLAS on our pool too
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from looptune import runtime
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
+    ap.add_argument("--calls", type=int, default=30)
+    args = ap.parse_args()
+    try:
+        import torch        # optional: the libgomp case
+        torch.set_num_threads(args.threads)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    print(f"| n (n x n x n) | before each call | runtime.matmul GFLOPS (median) | slowest call ms |   ({args.threads} threads)")
+    print("| --- | --- | --- | --- |")
+    with threadpool_limits(args.threads):
+        for n in args.sizes:
+            a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+            c = np.empty((n, n), np.float32)
+            runtime.matmul(a, b, out=c, threads=args.threads)
+            others = {"nothing": lambda: None, "numpy matmul": lambda: np.matmul(a, b)}
+            if torch is not None:
+                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                others["torch matmul"] = lambda: torch.mm(ta, tb)
+            for name, other in others.items():
+                seconds = []
+                for _ in range(args.calls):
+                    other()
+                    t0 = time.perf_counter()
+                    runtime.matmul(a, b, out=c, threads=args.threads)
+                    seconds.append(time.perf_counter() - t0)
+                print(f"| {n} | {name} | {2 * n ** 3 / statistics.median(seconds) / 1e9:.1f} | {max(seconds) * 1e3:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
