@@ -188,3 +188,15 @@ def test_out_is_written_in_place_on_the_fast_path():
     ro.flags.writeable = False
     with pytest.raises(ValueError):
         runtime.matmul(a, b, out=ro)
+
+
+def test_the_handoff_counts_what_serving_through_numpy_costs():
+    """A small problem goes to numpy only when numpy wins by more than our entry costs: the record
+    times our kernel through runtime.matmul, numpy as a bare call."""
+    from looptune.runtime.resolve import numpy_serves_faster
+    small, large = MatmulProblem(64, 64, 64).flops, MatmulProblem(1024, 1024, 1024).flops
+    assert not numpy_serves_faster(100.0, 120.0, small)      # 5.2 us ours, 4.4 + 1 us through numpy
+    assert numpy_serves_faster(60.0, 120.0, small)
+    assert numpy_serves_faster(100.0, 101.0, large)
+    assert not numpy_serves_faster(101.0, 100.0, large)
+    assert not numpy_serves_faster(50.0, None, small)
