@@ -248,3 +248,31 @@ def compile_errors(c_file: str | os.PathLike, flags: Sequence[str], settings: Bu
 
 def _trim(text: str, limit: int = 4000) -> str:
     return text if len(text) <= limit else text[:limit] + "\n... (truncated)"
+
+
+def cached_helper(name: str, source: str, flags: Sequence[str], suffix: str, settings: BuildSettings,
+                  extra: Sequence[str] = ()) -> Path:
+    """A small helper library (the call trampoline, the thread pool) compiled once into the
+    kernel cache under ``name`` (callers put their source's hash in it), published durably under
+    its content hash and verified (size, sha256) before it is used: a damaged entry is removed
+    and rebuilt once.  Raises OSError when it cannot be built."""
+    cache = settings.open_cache()
+    ref = cache / f"{name}.json"
+    path, _, _ = disk.check_ref(ref)        # a damaged entry is removed here
+    if path is not None:
+        return path
+    with tempfile.TemporaryDirectory(prefix=disk.TEMP_PREFIX, dir=cache) as tmp:
+        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        tool = BuildSettings(compiler=settings.compiler, flags=tuple(flags), arch_flags=())
+        done = subprocess.run(tool.shared_library_command([src], out, extra), capture_output=True, text=True,
+                              timeout=settings.timeout_s)
+        if done.returncode != 0:
+            raise OSError(f"the compiler failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        size, sha256 = disk.sha256_of(out)
+        published = disk.publish_file(out, cache, sha256, suffix, prefix=f"{name}-")
+    disk.write_ref(ref, {"so": published.name, "size": size, "sha256": sha256})
+    path, _, problem = disk.check_ref(ref)
+    if path is None:
+        raise OSError(f"the rebuilt {name} does not verify: {problem}")
+    return path

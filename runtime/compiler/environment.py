@@ -42,7 +42,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from looptune.runtime.compiler.workload import MAX_THREADS
 
@@ -135,33 +135,30 @@ def pool_settings(env: Optional[Environ] = None) -> Optional[PoolSettings]:
     hands OpenBLAS the pool as well."""
     if flag("LOOPTUNE_NO_POOL", env):
         return None
-    value = _environ(env).get("LOOPTUNE_POOL_SPIN_US", "")
-    spin_us = POOL_WORKER_SPIN_US
-    if value.strip():
-        try:
-            spin_us = float(value)
-        except ValueError:
-            spin_us = math.nan
-        if not (math.isfinite(spin_us) and 0 <= spin_us <= 1e6):
-            _unusable("LOOPTUNE_POOL_SPIN_US", value, f"is not a number of microseconds from 0 to 1e6; using {POOL_WORKER_SPIN_US:g}")
-            spin_us = POOL_WORKER_SPIN_US
+    spin_us = _number("LOOPTUNE_POOL_SPIN_US", POOL_WORKER_SPIN_US, lambda x: 0 <= x <= 1e6,
+                      "a number of microseconds from 0 to 1e6", env)
     return PoolSettings(worker_spin_ns=int(spin_us * 1000), caller_spin_ns=int(POOL_CALLER_SPIN_US * 1000),
                         serve_openblas=flag("LOOPTUNE_BLAS_POOL", env))
 
 
 def positive_seconds(name: str, default_s: float, env: Optional[Environ] = None) -> float:
     """A finite positive number of seconds; ``default_s`` when unset, or (with a warning) unusable."""
+    return _number(name, default_s, lambda x: x > 0, "a positive number of seconds", env)
+
+
+def _number(name: str, default: float, ok: Callable[[float], bool], what: str, env: Optional[Environ]) -> float:
+    """A finite number for which ``ok`` holds; ``default`` when unset, or (with a warning) unusable."""
     value = _environ(env).get(name, "")
     if not value.strip():
-        return default_s
+        return default
     try:
-        seconds = float(value)
+        number = float(value)
     except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        _unusable(name, value, f"is not a positive number of seconds; using {default_s:g}")
-        return default_s
-    return seconds
+        number = math.nan
+    if not (math.isfinite(number) and ok(number)):
+        _unusable(name, value, f"is not {what}; using {default:g}")
+        return default
+    return number
 
 
 def choice(name: str, choices: tuple[str, ...], default: str, env: Optional[Environ] = None) -> str:

@@ -76,9 +76,10 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
 
     Kernels run their parallel loops on LoopTune's thread pool (``looptune.runtime.compiler.pool``),
     loaded into the global symbol scope before the first kernel library, whose weak reference to
-    it is bound when it is loaded.  They also link libgomp (their fallback), which reads its environment once, when the first of them is
-    loaded here: its idle-thread spin is bounded first (``environment.set_openmp_wait_policy``),
-    so our pool and numpy's BLAS pool do not spin against each other between calls.
+    it is bound when it is loaded.  They also link libgomp (their fallback), which reads its
+    environment once, when the first of them is loaded here: its idle-thread spin is bounded
+    first (``environment.set_openmp_wait_policy``), so an OpenMP team and numpy's BLAS pool do
+    not spin against each other between calls.
     """
     try:
         st = os.stat(so_path)

@@ -45,14 +45,11 @@ import functools
 import hashlib
 import logging
 import os
-import subprocess
-import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from looptune.runtime.compiler import cache as disk
 from looptune.runtime.compiler import environment
-from looptune.runtime.compiler.build import BuildSettings, compiler_identity
+from looptune.runtime.compiler.build import BuildSettings, cached_helper, compiler_identity
 
 __all__ = ["POOL_C", "load", "active", "openblas_served", "serve_openblas", "serve_new_openblas"]
 
@@ -60,7 +57,6 @@ log = logging.getLogger("looptune.runtime")
 
 # The pool's C source (also compiled into every exported library, with LT_POOL_LINKAGE static).
 POOL_C = Path(__file__).with_name("pool.c").read_text()
-
 
 
 @functools.lru_cache(maxsize=1)
@@ -72,16 +68,8 @@ def load() -> Optional[ctypes.CDLL]:
         return None
     try:
         build = BuildSettings.from_env()
-        ident = f"{compiler_identity(build.compiler)}|{POOL_C}"
-        name = "lt_pool_" + hashlib.sha256(ident.encode()).hexdigest()[:12]
-        cache = build.open_cache()
-        ref = cache / f"{name}.json"
-        path, _, _ = disk.check_ref(ref)        # a damaged entry is removed here
-        if path is None:
-            disk.write_ref(ref, _build(name, build, cache))
-            path, _, problem = disk.check_ref(ref)
-            if path is None:
-                raise OSError(f"the rebuilt pool library does not verify: {problem}")
+        name = "lt_pool_" + hashlib.sha256(f"{compiler_identity(build.compiler)}|{POOL_C}".encode()).hexdigest()[:12]
+        path = cached_helper(name, POOL_C, ("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread"), ".so", build)
         lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         lib.lt_pool_set_spin(ctypes.c_int64(settings.worker_spin_ns), ctypes.c_int64(settings.caller_spin_ns))
         lib.lt_pool_workers.restype = ctypes.c_int
@@ -152,20 +140,3 @@ def serve_new_openblas() -> None:
 def active() -> bool:
     """Whether kernels loaded from now on run their parallel loops on this pool."""
     return load() is not None
-
-
-def _build(name: str, settings: BuildSettings, cache: Path) -> dict[str, Any]:
-    """Compile the pool into the cache (named by its content hash); returns its ref."""
-    with tempfile.TemporaryDirectory(prefix=disk.TEMP_PREFIX, dir=cache) as tmp:
-        src = Path(tmp) / f"{name}.c"
-        src.write_text(POOL_C + "\n")
-        out = Path(tmp) / f"{name}.so"
-        tool = BuildSettings(compiler=settings.compiler, flags=("-O2", "-std=gnu11", "-shared", "-fPIC", "-pthread"),
-                             arch_flags=())
-        done = subprocess.run(tool.shared_library_command([src], out), capture_output=True, text=True,
-                              timeout=settings.timeout_s)
-        if done.returncode != 0:
-            raise OSError(f"the compiler failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        size, sha256 = disk.sha256_of(out)
-        path = disk.publish_file(out, cache, sha256, ".so", prefix=f"{name}-")
-        return {"so": path.name, "size": size, "sha256": sha256}

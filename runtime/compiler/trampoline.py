@@ -26,19 +26,14 @@ import importlib.machinery
 import importlib.util
 import logging
 import os
-import subprocess
 import sys
 import sysconfig
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from looptune.runtime.compiler import cache as disk
 from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.abi import function_type
-from looptune.runtime.compiler.build import BuildSettings
+from looptune.runtime.compiler.build import BuildSettings, cached_helper
 
 log = logging.getLogger("looptune.runtime")
 
@@ -363,15 +358,9 @@ def load():
             return None
         ident = f"{sys.version}|{np.__version__}|{_SOURCE}"
         name = "_lt_call_" + hashlib.sha256(ident.encode()).hexdigest()[:12]
-        settings = BuildSettings.from_env()
-        cache = settings.open_cache()
-        ref = cache / f"{name}.json"
-        path, _, _ = disk.check_ref(ref)    # a damaged entry is removed here
-        if path is None:
-            disk.write_ref(ref, _build(name, settings, cache, [f"-I{include}", f"-I{np.get_include()}"]))
-            path, _, problem = disk.check_ref(ref)
-            if path is None:
-                raise OSError(f"the rebuilt trampoline does not verify: {problem}")
+        path = cached_helper(name, _SOURCE.replace("MODNAME", name), ("-O2", "-shared", "-fPIC"),
+                             importlib.machinery.EXTENSION_SUFFIXES[0], BuildSettings.from_env(),
+                             [f"-I{include}", f"-I{np.get_include()}"])
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -379,19 +368,3 @@ def load():
     except Exception as e:  # any failure: the cffi path still works
         log.warning("looptune: no compiled call trampoline (%s); calling kernels through cffi", e)
         return None
-
-
-def _build(name: str, settings: BuildSettings, cache: Path, includes: list[str]) -> dict[str, Any]:
-    """Compile the module into the cache (named by its content hash); returns its ref."""
-    with tempfile.TemporaryDirectory(prefix=disk.TEMP_PREFIX, dir=cache) as tmp:
-        src = Path(tmp) / f"{name}.c"
-        src.write_text(_SOURCE.replace("MODNAME", name))
-        out = Path(tmp) / f"{name}.so"
-        tool = BuildSettings(compiler=settings.compiler, flags=("-O2", "-shared", "-fPIC"), arch_flags=())
-        done = subprocess.run(tool.shared_library_command([src], out, includes), capture_output=True, text=True,
-                              timeout=settings.timeout_s)
-        if done.returncode != 0:
-            raise OSError(f"the compiler failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        size, sha256 = disk.sha256_of(out)
-        path = disk.publish_file(out, cache, sha256, importlib.machinery.EXTENSION_SUFFIXES[0], prefix=f"{name}-")
-        return {"so": path.name, "size": size, "sha256": sha256}
