@@ -86,8 +86,10 @@ def numpy_serves_faster(gflops: float, numpy_gflops: Optional[float], flops: flo
     record's GFLOPS are timed through runtime.matmul, numpy's as a bare np.matmul call, and the
     hand-off adds our entry (``HANDOFF_OVERHEAD_S``) to numpy's time.  On a 64^3 problem (4 us)
     numpy must win by a quarter; on large ones the overhead vanishes."""
-    if not numpy_gflops or not gflops:
-        return bool(numpy_gflops) and not gflops
+    if not numpy_gflops:
+        return False        # numpy was not timed
+    if not gflops:
+        return True         # no candidate ran
     return flops / (numpy_gflops * 1e9) + HANDOFF_OVERHEAD_S < flops / (gflops * 1e9)
 
 
@@ -287,7 +289,7 @@ class Resolver:
         inputs = key[0] if key[0] != problem.dtype else None     # float32_via_bfloat16's key
         resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), self.live.user_db,
                                 outcome.gflops, outcome.numpy_gflops, inputs=inputs)
-        if self.settings.numpy_handoff and outcome.numpy_gflops and numpy_serves_faster(
+        if self.settings.numpy_handoff and numpy_serves_faster(
                 outcome.gflops, outcome.numpy_gflops, problem.flops):
             resolution = replace(resolution, source="numpy", reason=f"no candidate beat numpy when tuned "
                                  f"({outcome.gflops:.1f} vs {outcome.numpy_gflops:.1f} GFLOPS)")

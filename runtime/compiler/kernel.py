@@ -92,7 +92,8 @@ def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:
         if entry is not None and entry[0] == ident:
             return entry[1]
         path = real if entry is None else _fresh_copy(real)
-        pool.serve_new_openblas()   # loads the pool first: kernels bind their weak reference to it when loaded
+        pool.load()     # first: a kernel binds its weak reference to the pool when it is loaded
+        pool.serve_new_openblas()
         if environment.set_openmp_wait_policy() and _libgomp_loaded():
             log.debug("looptune: libgomp was loaded before the first kernel; GOMP_SPINCOUNT comes too late for it")
         try:

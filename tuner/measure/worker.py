@@ -346,8 +346,8 @@ def main() -> None:
     threading.Thread(target=_orphan_watchdog, args=(os.getppid(),), daemon=True).start()
 
     limits = _pin_threads()
-    # the thread pool first, as in an application after its first kernel: numpy's OpenBLAS then
-    # runs its parallel calls on it for every timing of numpy, not just those after a kernel load
+    # the thread pool first, as in an application after its first kernel (with LOOPTUNE_BLAS_POOL=1
+    # numpy's OpenBLAS then runs its parallel calls on it for every timing of numpy)
     pool.serve_new_openblas()
     worker = Worker()
     hello = {"status": "ready", "pid": os.getpid(), "numpy": np.__version__,

@@ -254,7 +254,7 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
                 first = first or proposed[:1]
                 if proxied and not history:        # plan the real-size confirmation
                     known = rates() or known
-                    budget.reserve_s = confirm_cost_s(problem, known, first=True)
+                    budget.reserve_s = confirm_cost_s(problem, known, first=True) + budget.cost.compile_round_s
                     if budget.reserve_s + prior_s > budget.deadline_s - budget.elapsed_s():
                         single = proposed[:1]      # no room for a proxy batch before the confirmation
                         break
@@ -291,7 +291,7 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
                     best, changed = (g, c, r), True
             if proxied and best is not None:   # the proxy's rates, scaled to the real size, re-plan the reserve
                 known = Rates.measured(best[0], best[2].numpy_gflops, known)
-                budget.reserve_s = confirm_cost_s(problem, known, first=True)
+                budget.reserve_s = confirm_cost_s(problem, known, first=True) + budget.cost.compile_round_s
             now = budget.elapsed_s()
             history.append((now, best[0] if best else 0.0))
             if changed:

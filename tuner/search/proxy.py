@@ -2,7 +2,9 @@
 
 A schedule replays on any size of its family and its kernel takes the sizes as arguments, so a
 candidate for 2048 x 2048 x 2048 can be timed on 536 x 2048 x 512 (7 ms a call instead of 90)
-and only the best few timed on the real problem.  ``proxy_problem`` picks the proxy:
+and only the best few timed on the real problem (each compiled again as the real size's
+exact-size kernel, ``codegen_sizes``: one compile round per finalist, counted in the
+budget).  ``proxy_problem`` picks the proxy:
 
 * a problem whose one timing is cheap (``prior_timing_s`` at most ``PROXY_ABOVE_S``) is its own;
 * otherwise whole cache blocks of the analytic default (MC for m, NC for n, KC for k) are taken
@@ -165,8 +167,9 @@ def confirm_on_real_size(problem: MatmulProblem, evaluator: Evaluator, measured:
     real-size result as (GFLOPS, candidate, result), None if none verified."""
     first, numpy_timed = True, False
     for k in finalists(problem, measured, by_key, top):
-        if not first and budget.elapsed_s() + confirm_cost_s(problem, rates, first=False,
-                                                             numpy_timed=numpy_timed) > budget.deadline_s:
+        # every real-size timing compiles its exact-size kernel first
+        if not first and budget.elapsed_s() + budget.cost.compile_round_s + confirm_cost_s(
+                problem, rates, first=False, numpy_timed=numpy_timed) > budget.deadline_s:
             break
         with evaluator.protocol(CONFIRM_MEASURE):
             (r,) = evaluator.evaluate([(problem, by_key[k].nest)])

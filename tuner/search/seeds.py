@@ -25,6 +25,9 @@ from looptune.tuner.search.proxy import Rates
 SEEDS = 3                 # records asked of each database
 RATES_DISTANCE = 1.0      # a record this near (log2 units: one size doubled) tells the rates
 
+_open: dict = {}          # database paths -> their ``Databases``, loaded once per process
+_open_lock = threading.Lock()
+
 
 @dataclass(frozen=True)
 class Seed:
@@ -46,20 +49,22 @@ def nearest_seeds(problem: MatmulProblem, count: int = SEEDS) -> list[Seed]:
     from looptune.runtime.resolve import current_machine
 
     settings = RuntimeSettings.from_env()
-    paths = [p for p in (settings.user_db, settings.embedded_db) if p is not None]
-    dbs = Databases(paths, current_machine, recheck_s=0)
+    paths = tuple(p for p in (settings.user_db, settings.embedded_db) if p is not None)
+    with _open_lock:        # one loaded index per database and process: build-db tunes many problems
+        dbs = _open.get(paths)
+        if dbs is None:
+            dbs = _open[paths] = Databases(list(paths), current_machine, recheck_s=0)   # no watcher thread
+        dbs.check()         # a database that changed since (a file stat each) is loaded again
+        indexes = dbs.indexes()
     out: list[Seed] = []
-    try:
-        for _, index in dbs.indexes():
-            for match in index.nearest(problem, count):
-                try:
-                    sched = canonical_schedule(Schedule.from_trace(match.record.trace).nest)
-                except ScheduleError:
-                    continue
-                rec = match.record
-                out.append(Seed(sched, rec.problem, match.distance, match.local, rec.gflops_median, rec.numpy_gflops))
-    finally:
-        dbs.close()
+    for _, index in indexes:
+        for match in index.nearest(problem, count):
+            try:
+                sched = canonical_schedule(Schedule.from_trace(match.record.trace).nest)
+            except ScheduleError:
+                continue
+            rec = match.record
+            out.append(Seed(sched, rec.problem, match.distance, match.local, rec.gflops_median, rec.numpy_gflops))
     out.sort(key=lambda s: (s.distance, not s.local))
     return out
 
@@ -79,6 +84,7 @@ class DatabaseSeeds:
     def __init__(self, problem: MatmulProblem, count: int = SEEDS) -> None:
         self.problem = problem
         self._seeds: list[Seed] = []
+        self._waited = False
         self._thread = threading.Thread(target=self._load, args=(count,), daemon=True, name="looptune-seeds")
         self._thread.start()
 
@@ -89,6 +95,9 @@ class DatabaseSeeds:
             self._seeds = []
 
     def get(self, timeout_s: float = 2.0) -> list[Seed]:
-        """The seeds, waiting up to ``timeout_s`` for the load ([] if it has not finished)."""
-        self._thread.join(timeout_s)
+        """The seeds, waiting up to ``timeout_s`` for the load the first time only ([] if it has
+        not finished: later calls do not wait again)."""
+        if not self._waited:
+            self._thread.join(timeout_s)
+            self._waited = True
         return [] if self._thread.is_alive() else list(self._seeds)

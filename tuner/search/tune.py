@@ -10,8 +10,8 @@ How the 2 seconds are spent (compiles included):
 1. the policy (numpy, ``policy.Policy``) rolls out greedily and in a small beam over its own
    Q-values from the natural loop nest, *without measuring* intermediate states: ~50 ms;
 2. the distinct end states, the analytic default and a few template schedules (structures
-   that won sweeps) are compiled in ONE ``build_many`` batch (parallel gcc; kernels are
-   size-free, so schedules the policy likes are often kernel-cache hits) and timed by the
+   that won sweeps) are compiled in ONE ``build_many`` batch (parallel gcc; each as the
+   problem's exact-size kernel, the kernel its record will be served by) and timed by the
    isolated runner.  On large problems the batch is cut, in priority order, to what a prior
    cost estimate says fits half the budget; the rest waits for step 3 (the budget accounting
    is the loop's: ``looptune.tuner.search.loop``, where this is one strategy of several);
@@ -189,7 +189,7 @@ class PolicyTune(Strategy):
         default (first instead, beyond the policy's training sizes), then the policy's beam and the template schedules alternately.  Templates are
         structures that won sweeps (GEMV-like streaming and register-resident panels for skinny M,
         in-place A for small problems, wide packed tiles for large ones), in parallel variants
-        with threads > 1; kernels are size-free, so they are often kernel-cache hits."""
+        with threads > 1."""
         out: list[Schedule] = []
         beam = self._beam() if self.policy is not None else []
         count = TEMPLATES * (2 if self.problem.threads > 1 else 1)     # over the n blocks and over the m blocks
