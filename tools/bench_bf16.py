@@ -41,16 +41,27 @@ TIMER = textwrap.dedent("""
         reps = []
         for fn in fns:
             fn()
-            t0 = time.perf_counter(); fn(); once = max(time.perf_counter() - t0, 1e-7)
-            reps.append(max(1, int(0.02 / once)))
+            r = 1                # calibrated on a loop, not one call: a first call can be slow
+            while True:
+                t0 = time.perf_counter()
+                for _ in range(r):
+                    fn()
+                spent = time.perf_counter() - t0
+                if spent >= 0.005 or r >= 1 << 20:
+                    break
+                r *= 4
+            reps.append(max(1, int(r * 0.02 / max(spent, 1e-9))))
         runs = [[] for _ in fns]
         for _ in range(9):
             for fn, r, out in zip(fns, reps, runs):
                 if threads > 1:
                     # let the previous library's idle threads go to sleep first (libgomp spins for
                     # milliseconds, OpenBLAS yields for longer), or this run measures the two
-                    # pools fighting over the cores rather than this library
+                    # pools fighting over the cores rather than this library; then one untimed
+                    # call wakes this library's own sleeping threads (a loop in an application
+                    # pays that once, not per call)
                     time.sleep(0.25)
+                    fn()
                 t0 = time.perf_counter()
                 for _ in range(r):
                     fn()
@@ -87,6 +98,41 @@ TIMER = textwrap.dedent("""
 """)
 
 
+TORCH_ALONE = textwrap.dedent("""
+    import json, statistics, sys, time
+    import torch
+    threads = int(sys.argv[1]); shapes = json.loads(sys.argv[2])
+    torch.set_num_threads(threads)
+    rows = []
+    for b, m, n, k, layout in shapes:
+        lead = (b,) if b > 1 else ()
+        ta = torch.randn(lead + ((k, m) if layout[0] == "t" else (m, k))).to(torch.bfloat16)
+        tb = torch.randn(lead + ((n, k) if layout[1] == "t" else (k, n))).to(torch.bfloat16)
+        ta = ta.transpose(-1, -2) if layout[0] == "t" else ta
+        tb = tb.transpose(-1, -2) if layout[1] == "t" else tb
+        fn = lambda: torch.matmul(ta, tb)
+        fn()
+        r = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(r):
+                fn()
+            spent = time.perf_counter() - t0
+            if spent >= 0.005:
+                break
+            r *= 4
+        r = max(1, int(r * 0.02 / spent))
+        runs = []
+        for _ in range(9):
+            t0 = time.perf_counter()
+            for _ in range(r):
+                fn()
+            runs.append((time.perf_counter() - t0) / r)
+        rows.append(2.0 * b * m * n * k / statistics.median(runs) / 1e9)
+    print(json.dumps(rows))
+""")
+
+
 def parse_shapes(lines: list[str]) -> list[list[int]]:
     shapes = []
     for line in lines:
@@ -108,6 +154,9 @@ def main() -> None:
     ap.add_argument("--db", help="a schedule database with bfloat16 records (LOOPTUNE_DB)")
     ap.add_argument("--fp32", action="store_true", help="also time our float32 on the same shapes")
     ap.add_argument("--warm-cache", action="store_true", help="keep the user's kernel cache")
+    ap.add_argument("--torch-alone", action="store_true",
+                    help="also time torch in a process of its own (no numpy BLAS, no LoopTune: its best case); "
+                         "at 2+ threads torch's figures inside the shared process can collapse")
     args = ap.parse_args()
     lines = list(args.shapes)
     if args.shapes_file:
@@ -125,23 +174,34 @@ def main() -> None:
     if done.returncode != 0:
         sys.exit(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    alone = None
+    if args.torch_alone:
+        solo = subprocess.run([sys.executable, "-c", TORCH_ALONE, str(args.threads), json.dumps(shapes)],
+                              capture_output=True, text=True, check=True)
+        alone = json.loads(solo.stdout.strip().splitlines()[-1])
     print(f"# {result['cpu']}, bf16 via {result['bf16']}, {args.threads} thread(s)")
     head = "| shape | ours GFLOPS | torch bf16 | np.matmul (ml_dtypes) | ours/torch | ours/numpy |"
+    head += " torch alone | ours/torch alone |" if alone else ""
     print(head + (" ours fp32 | bf16/fp32 |" if args.fp32 else "") + " source |")
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.fp32 else 0) + 1))
-    r_torch, r_np = [], []
-    for row in result["rows"]:
+    r_torch, r_np, r_alone = [], [], []
+    for i, row in enumerate(result["rows"]):
         b, m, n, k, layout = row["shape"]
         shape = f"{m}x{n}x{k}" + (f" b{b}" if b > 1 else "") + (f" {layout}" if layout != "nn" else "")
         rt, rn = row["ours"] / row["torch"], row["ours"] / row["numpy"]
         r_torch.append(rt)
         r_np.append(rn)
-        extra = f" {row['ours_fp32']:.0f} | {row['ours'] / row['ours_fp32']:.2f}x |" if args.fp32 else ""
+        extra = ""
+        if alone:
+            r_alone.append(row["ours"] / alone[i])
+            extra += f" {alone[i]:.0f} | {r_alone[-1]:.2f}x |"
+        extra += f" {row['ours_fp32']:.0f} | {row['ours'] / row['ours_fp32']:.2f}x |" if args.fp32 else ""
         print(f"| {shape} | {row['ours']:.0f} | {row['torch']:.0f} | {row['numpy']:.0f} | {rt:.2f}x | {rn:.2f}x |"
               f"{extra} {row['source']} |")
     geo = lambda xs: math.exp(sum(map(math.log, xs)) / len(xs))      # noqa: E731
     print(f"\ngeomean ours/torch {geo(r_torch):.2f}x (lowest {min(r_torch):.2f}x), "
-          f"ours/numpy {geo(r_np):.2f}x (lowest {min(r_np):.2f}x) over {len(r_torch)} shapes")
+          f"ours/numpy {geo(r_np):.2f}x (lowest {min(r_np):.2f}x) over {len(r_torch)} shapes"
+          + (f"; ours/torch alone {geo(r_alone):.2f}x (lowest {min(r_alone):.2f}x)" if r_alone else ""))
 
 
 if __name__ == "__main__":

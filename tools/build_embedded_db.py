@@ -7,6 +7,11 @@ the LoopTune paper grid.  dl-public shapes are deliberately left out, so that se
 held-out test of nearest-record lookup for the shipped database.
 
     python tools/build_embedded_db.py [--budget 2.5] [--tuner auto] [--threads 1 2]     # ~11 min on 2 cores
+
+The records of other machines already in the shipped file are kept when they come from the
+current code generator (``--drop-other-machines`` drops them): the file carries one set of
+records per machine class it was built on, and each machine serves its own first (others'
+rank below, as nearest records).  This machine's records are always rebuilt.
 """
 from __future__ import annotations
 
@@ -46,12 +51,28 @@ def shapes() -> list[str]:
     return lines
 
 
+def keep_other_machines(shipped: str, staging: str) -> int:
+    """Copy into ``staging`` the records of ``shipped`` made on other machines by the current code
+    generator (records of an older one would be recompiled by rules they were not tuned under)."""
+    from looptune.database import commit, load, merge
+    from looptune.runtime.compiler.codegen import CODEGEN_VERSION
+
+    built = load(staging).records
+    here = {r.machine for r in built}
+    others = [r for r in load(shipped).records
+              if r.machine not in here and r.machine.codegen_version == CODEGEN_VERSION]
+    commit(staging, merge(built, others))
+    return len(others)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget", type=float, default=3.0)
     ap.add_argument("--tuner", default="auto")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--drop-other-machines", action="store_true",
+                    help="ship this machine's records only (default: keep other machines' current-codegen records)")
     args = ap.parse_args()
     lines = shapes()
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -70,6 +91,9 @@ def main() -> None:
             print("+", " ".join(cmd), flush=True)
             env = dict(os.environ, OPENBLAS_NUM_THREADS=str(t))
             subprocess.run(cmd, check=True, env=env)
+        if not args.drop_other_machines and os.path.exists(args.out):
+            kept = keep_other_machines(args.out, staging)
+            print(f"kept {kept} records of other machines from {args.out}")
         os.replace(staging, args.out)
     finally:
         os.unlink(shape_file)

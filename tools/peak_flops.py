@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure this machine's peak FMA throughput (GFLOPS) for float32 and float64.
+"""Measure this machine's peak FMA throughput (GFLOPS) for float32, float64 and (AVX512-BF16) bfloat16.
 
     python tools/peak_flops.py                 # 1 thread and all cores, both dtypes
     python tools/peak_flops.py --threads 1 2 --json
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = detect_cpu()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, cpu.cores}))
-    ap.add_argument("--dtype", choices=("float32", "float64"), nargs="+", default=["float32", "float64"])
+    ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), nargs="+",
+                    default=["float32", "float64"] + (["bfloat16"] if "avx512_bf16" in cpu.extensions else []))
     ap.add_argument("--isa", choices=("avx512", "avx2", "neon", "portable"), default=None,
                     help=f"variant set to build (default: detected, {cpu.vector_isa})")
     ap.add_argument("--seconds", type=float, default=0.05, help="length of one timed run")
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtype:
         for threads in args.threads:
             table = peak_table(dtype, threads, isa=isa, seconds=args.seconds, repeats=args.repeats)
+            if not table:
+                print(f"# no {dtype} variant for isa={isa} on this CPU\n")
+                continue
             for name, r in table.items():
                 flag = f"  DISTURBED (cpu share {r.cpu_share:.2f})" if r.disturbed else ""
                 flag += f"  (got {r.threads} threads)" if r.threads != threads else ""

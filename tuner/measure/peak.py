@@ -28,7 +28,8 @@ from looptune.runtime.compiler.codegen import KernelSource
 from looptune.runtime.compiler.kernel import load_library
 from looptune.runtime.compiler.machine import detect_cpu
 
-_LANE_BYTES = {"float32": 4, "float64": 8}
+_LANE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 4}     # bfloat16: float32 accumulator lanes
+_PRODUCTS_PER_LANE = {"float32": 1, "float64": 1, "bfloat16": 2}   # vdpbf16ps: two products per lane
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,17 @@ class PeakVariant:
 
     @property
     def flops_per_iter(self) -> int:
-        return 2 * self.lanes * self.accumulators
+        return 2 * _PRODUCTS_PER_LANE[self.dtype] * self.lanes * self.accumulators
 
 
 def variants(isa: str, dtype: str) -> list[PeakVariant]:
     """The variants worth trying for an ISA (register file: 32 zmm/ymm with AVX-512, 16 ymm
-    with AVX2, 32 q with NEON); two registers stay free for x and y."""
+    with AVX2, 32 q with NEON); two registers stay free for x and y.  ``bfloat16`` is AVX512-BF16's
+    ``vdpbf16ps`` (two bf16 products summed into each float32 lane), on CPUs that have it only."""
+    if dtype == "bfloat16":
+        if isa != "avx512" or "avx512_bf16" not in detect_cpu().extensions:
+            return []
+        return [PeakVariant("avx512", 512, dtype, acc) for acc in (12, 16, 24)]
     shapes = {
         "avx512": [("avx512", 512, 16), ("avx512", 512, 24), ("avx2", 256, 12), ("avx2", 256, 24)],
         "avx2": [("avx2", 256, 10), ("avx2", 256, 12)],
@@ -67,6 +73,8 @@ def variants(isa: str, dtype: str) -> list[PeakVariant]:
 _VOCAB = {
     ("avx512", 512, "float32"): ("__m512", "_mm512_set1_ps({})", "_mm512_fmadd_ps({a}, {x}, {y})"),
     ("avx512", 512, "float64"): ("__m512d", "_mm512_set1_pd({})", "_mm512_fmadd_pd({a}, {x}, {y})"),
+    ("avx512", 512, "bfloat16"): ("__m512", "_mm512_set1_ps({})",
+                                  "_mm512_dpbf16_ps({a}, (__m512bh)_mm512_castps_si512({x}), (__m512bh)_mm512_castps_si512({y}))"),
     ("avx2", 256, "float32"): ("__m256", "_mm256_set1_ps({})", "_mm256_fmadd_ps({a}, {x}, {y})"),
     ("avx2", 256, "float64"): ("__m256d", "_mm256_set1_pd({})", "_mm256_fmadd_pd({a}, {x}, {y})"),
     ("neon", 128, "float32"): ("float32x4_t", "vdupq_n_f32({})", "vfmaq_f32({y}, {a}, {x})"),
@@ -99,9 +107,10 @@ def render_variant(v: PeakVariant) -> str:
     does not overlap the others' doubles the wall time without slowing its own chain).
     """
     vec, set1, fma = _VOCAB[(v.isa, v.bits, v.dtype)]
-    scalar = "float" if v.dtype == "float32" else "double"
+    scalar = "double" if v.dtype == "float64" else "float"
+    target = '__attribute__((target("avx512f,avx512bf16"))) ' if v.dtype == "bfloat16" else ""
     accs = [f"a{i}" for i in range(v.accumulators)]
-    lines = [f"static double chain_{v.name}(int64_t iters) {{",
+    lines = [f"static {target}double chain_{v.name}(int64_t iters) {{",
              # volatile: x and y are opaque, so the compiler cannot fold or merge the chains
              f"    volatile {scalar} xs = ({scalar})0.9999999, ys = ({scalar})1e-7;",
              f"    {vec} x = {set1.format('xs')}, y = {set1.format('ys')};"]
@@ -147,7 +156,7 @@ def render_source(vs: list[PeakVariant]) -> str:
 def _library(isa: str) -> tuple[dict[str, Callable[..., float]], list[PeakVariant]]:
     """Compile every variant for ``isa`` (both dtypes) through the kernel build path (same
     compiler, flags and cache) once per process; returns (variant name -> function, variants)."""
-    vs = variants(isa, "float32") + variants(isa, "float64")
+    vs = variants(isa, "float32") + variants(isa, "float64") + variants(isa, "bfloat16")
     result = build(KernelSource(vs[0].name, "float32", render_source(vs)))
     if not result.ok:
         raise BuildError(f"peak benchmark failed to compile:\n{(result.error or '')[-2000:]}")
@@ -219,15 +228,18 @@ _PEAK_CACHE: dict[tuple[str, int], float] = {}
 
 
 def measure_peak_gflops(dtype: str = "float32", threads: int = 1) -> float:
-    """Best FMA throughput in GFLOPS over all variants (~1-2 s), cached per process.
+    """Best FMA throughput in GFLOPS over all variants (~1-2 s), cached per process; for
+    ``bfloat16``, ``vdpbf16ps``'s (a ValueError where the CPU has no AVX512-BF16).
 
     A result disturbed by other processes is returned with a warning but not cached, so
     the next call measures again instead of making every "% of peak" look too good.
     """
     if dtype not in _LANE_BYTES:
-        raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        raise ValueError(f"dtype must be float32, float64 or bfloat16, got {dtype!r}")
     key = (dtype, threads)
     if key not in _PEAK_CACHE:
+        if not variants(detect_cpu().vector_isa, dtype):
+            raise ValueError(f"this CPU has no {dtype} instructions to measure a peak of")
         best = max(peak_table(dtype, threads).values(), key=lambda r: r.gflops)
         if best.disturbed or best.threads != threads:
             warnings.warn(f"peak {dtype} x{threads} threads measured as {best.gflops:.1f} GFLOPS while "
