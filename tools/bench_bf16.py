@@ -23,6 +23,22 @@ import sys
 import tempfile
 import textwrap
 
+# How many calls make a timed run of about 20 ms: calibrated on a loop, not on one call (a first
+# call can be slow); pasted into both timing scripts (the torch-alone one must not import LoopTune).
+CALLS_PER_RUN = textwrap.dedent("""
+    def calls_per_run(fn, run_s=0.02):
+        fn()
+        r = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(r):
+                fn()
+            spent = time.perf_counter() - t0
+            if spent >= run_s / 4 or r >= 1 << 20:
+                return max(1, int(r * run_s / max(spent, 1e-9)))
+            r *= 4
+""")
+
 TIMER = textwrap.dedent("""
     import json, statistics, sys, time
     import numpy as np
@@ -34,23 +50,12 @@ TIMER = textwrap.dedent("""
     threads = int(sys.argv[1]); shapes = json.loads(sys.argv[2]); with_fp32 = sys.argv[3] == "1"
     torch.set_num_threads(threads)
     bf16 = ml_dtypes.bfloat16
+""") + CALLS_PER_RUN + textwrap.dedent("""
 
     def timed(fns):
         # median seconds per call of each of fns, timed in turns (runs of >= 20 ms each), so a
         # change of machine speed during the measurement hits all of them alike
-        reps = []
-        for fn in fns:
-            fn()
-            r = 1                # calibrated on a loop, not one call: a first call can be slow
-            while True:
-                t0 = time.perf_counter()
-                for _ in range(r):
-                    fn()
-                spent = time.perf_counter() - t0
-                if spent >= 0.005 or r >= 1 << 20:
-                    break
-                r *= 4
-            reps.append(max(1, int(r * 0.02 / max(spent, 1e-9))))
+        reps = [calls_per_run(fn) for fn in fns]
         runs = [[] for _ in fns]
         for _ in range(9):
             for fn, r, out in zip(fns, reps, runs):
@@ -103,6 +108,7 @@ TORCH_ALONE = textwrap.dedent("""
     import torch
     threads = int(sys.argv[1]); shapes = json.loads(sys.argv[2])
     torch.set_num_threads(threads)
+""") + CALLS_PER_RUN + textwrap.dedent("""
     rows = []
     for b, m, n, k, layout in shapes:
         lead = (b,) if b > 1 else ()
@@ -111,17 +117,7 @@ TORCH_ALONE = textwrap.dedent("""
         ta = ta.transpose(-1, -2) if layout[0] == "t" else ta
         tb = tb.transpose(-1, -2) if layout[1] == "t" else tb
         fn = lambda: torch.matmul(ta, tb)
-        fn()
-        r = 1
-        while True:
-            t0 = time.perf_counter()
-            for _ in range(r):
-                fn()
-            spent = time.perf_counter() - t0
-            if spent >= 0.005:
-                break
-            r *= 4
-        r = max(1, int(r * 0.02 / spent))
+        r = calls_per_run(fn)
         runs = []
         for _ in range(9):
             t0 = time.perf_counter()
