@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, cpu.cores}))
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), nargs="+",
-                    default=["float32", "float64"] + (["bfloat16"] if "avx512_bf16" in cpu.extensions else []))
+                    default=["float32", "float64"] + (["bfloat16"] if cpu.bf16_isa != "convert" else []))
     ap.add_argument("--isa", choices=("avx512", "avx2", "neon", "portable"), default=None,
                     help=f"variant set to build (default: detected, {cpu.vector_isa})")
     ap.add_argument("--seconds", type=float, default=0.05, help="length of one timed run")

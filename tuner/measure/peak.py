@@ -57,7 +57,7 @@ def variants(isa: str, dtype: str) -> list[PeakVariant]:
     with AVX2, 32 q with NEON); two registers stay free for x and y.  ``bfloat16`` is AVX512-BF16's
     ``vdpbf16ps`` (two bf16 products summed into each float32 lane), on CPUs that have it only."""
     if dtype == "bfloat16":
-        if isa != "avx512" or "avx512_bf16" not in detect_cpu().extensions:
+        if isa != "avx512" or detect_cpu().bf16_isa == "convert":      # the code generator's own test
             return []
         return [PeakVariant("avx512", 512, dtype, acc) for acc in (12, 16, 24)]
     shapes = {
