@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""What the policy adds to ``looptune tune``: the same tune() with the shipped policy and with
+``--policy none`` (analytic default, templates, database seeds and a random-order hill-climb),
+on a fixed sample of shapes the policy never saw, at several budgets.
+
+Each run is ``tools/bench_tune.py``'s: ``looptune tune ... --json`` in a fresh process, kernel
+cache and user database.  The two methods take turns shape by shape (which goes first alternates),
+and each is scored by its own tuned/numpy (numpy timed by the same worker in the same run), so a
+change of machine speed between the two runs cancels; the contribution is the ratio of the two.
+
+    python tools/bench_policy.py --threads 1 --budgets 0.5 1 2        # 40 shapes, about 8 min
+    python tools/bench_policy.py --count 12 --budgets 1 --json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+
+from bench_tune import tune_once
+
+
+def sample_shapes(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` (shape, dtype): sizes 1-4096 drawn log-uniformly, a third of them skinny (one side
+    of 1-16), a quarter float64; products capped at 2^33 flops so a 0.5 s budget can still compile
+    and time the real size."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        m, n, k = (max(1, round(2 ** rng.uniform(0, 12))) for _ in range(3))
+        if rng.random() < 1 / 3:
+            side = rng.randrange(3)
+            m, n, k = [rng.randint(1, 16) if i == side else v for i, v in enumerate((m, n, k))]
+        if 2 * m * n * k > 2 ** 33 or m * n * k < 4096:
+            continue
+        out.append((f"{m} {n} {k}", "float64" if rng.random() < 0.25 else "float32"))
+    return out
+
+
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    ap.add_argument("--count", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    shapes = sample_shapes(args.count, args.seed)
+    rows = []
+    for budget in args.budgets:
+        for i, (shape, dtype) in enumerate(shapes):
+            runs = {}
+            for method in (("policy", "none") if i % 2 == 0 else ("none", "policy")):
+                runs[method] = tune_once(shape, args.threads, budget, dtype=dtype,
+                                         policy="none" if method == "none" else None)
+            rows.append({"budget_s": budget, "shape": shape, "dtype": dtype, **runs})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"# --threads {args.threads}, {len(shapes)} shapes (seed {args.seed}); tuned/numpy per method, "
+          "contribution = with policy / --policy none")
+    for budget in args.budgets:
+        print(f"\n| M N K | dtype | with policy | --policy none | contribution | found by (policy / none) |   (--budget {budget:g})")
+        print("| --- | --- | --- | --- | --- | --- |")
+        ratios, wins = [], {"policy": 0, "none": 0}
+        for r in (r for r in rows if r["budget_s"] == budget):
+            p, q = r["policy"], r["none"]
+            if not p.get("ratio") or not q.get("ratio"):     # a failed run, or no candidate timed in the budget
+                said = [x.get("error", "")[:60] or f"no result ({x.get('found_by')})" for x in (p, q)]
+                print(f"| {r['shape']} | {r['dtype']} | {said[0]} | {said[1]} | | |")
+                continue
+            ratios.append(p["ratio"] / q["ratio"])
+            print(f"| {r['shape']} | {r['dtype']} | {p['ratio']:.2f}x | {q['ratio']:.2f}x | {ratios[-1]:.2f}x | "
+                  f"{p['found_by']} / {q['found_by']} |")
+            wins["policy" if p["found_by"].startswith("policy") else "none"] += 1
+        print(f"| **geomean** | | | | **{geomean(ratios):.3f}** (lowest {min(ratios, default=float('nan')):.2f}, "
+              f"highest {max(ratios, default=float('nan')):.2f}) | the policy's candidate won {wins['policy']} "
+              f"of {sum(wins.values())} |")
+
+
+if __name__ == "__main__":
+    main()
