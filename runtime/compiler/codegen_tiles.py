@@ -10,6 +10,9 @@ from __future__ import annotations
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
+# at most this many accumulator updates (rows x vectors x unroll) in one unrolled body of a tile's k loop
+MAX_UNROLLED_UPDATES = 512
+
 
 class TileWriter:
     """Mixin of ``codegen._KernelWriter`` (reads its nest, types and tile attributes)."""
@@ -150,5 +153,11 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         return L
 
     def _kernel_unroll(self) -> int:
+        """The schedule's unroll of the tile's k loop, cut so one unrolled body holds at most
+        ``MAX_UNROLLED_UPDATES`` accumulator updates: a tile far beyond the register file (a 16x14
+        tile of scalars is 224 accumulators) unrolled 8 times took the compiler over two minutes,
+        and unrolling code that spills buys nothing."""
         absorbed = self.nest.loops[self.start:-2]
-        return max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
+        unroll = max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
+        updates = self.U * (self.V // self.W)
+        return max(1, min(unroll, MAX_UNROLLED_UPDATES // updates))

@@ -3,6 +3,7 @@
 Rendered for fixed targets (not the detected CPU) so the files are the same on every machine.
 Regenerate with ``pytest tests/runtime/test_golden_c.py --update-golden`` and review the diff.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,23 @@ def test_bf16_golden_files_with_target_pragmas_compile(tmp_path):
     sources = [KernelSource(f"golden_{n}", "bfloat16", (GOLDEN / f"{n}.c").read_text()) for n in names]
     for r in build_many(sources, settings):
         assert r.ok, r.error
+
+
+def test_a_tile_beyond_the_register_file_is_not_unrolled_into_a_compile_that_never_ends():
+    """A 16x14 register tile (its vector side too short for the target's vectors: 224 scalar
+    accumulators) unrolled 8 times took the compiler over two minutes: the unroll is cut so one
+    unrolled body updates at most MAX_UNROLLED_UPDATES accumulators; a usual tile keeps its unroll."""
+    from looptune.runtime.compiler.codegen_tiles import MAX_UNROLLED_UPDATES
+    from looptune.runtime.compiler.schedule import Schedule
+    from looptune.runtime.compiler.trace import Trace
+
+    def tile_schedule(mr: int, nr: int, unroll: int) -> Schedule:
+        return Schedule.from_trace(Trace.from_json(json.dumps({"version": 1, "steps": [
+            {"op": "split", "loop": "m", "factor": mr}, {"op": "split", "loop": "n", "factor": nr},
+            {"op": "reorder", "order": ["b", "m.o", "n.o", "k", "m.i", "n.i"]},
+            {"op": "register_tile", "m": "m.i", "n": "n.i"}, {"op": "unroll", "loop": "k", "factor": unroll}]})))
+
+    huge = render(tile_schedule(16, 14, 8), "float32").text
+    assert "#pragma GCC unroll 8" not in huge
+    assert f"#pragma GCC unroll {MAX_UNROLLED_UPDATES // 224}" in huge
+    assert "#pragma GCC unroll 8" in render(tile_schedule(6, 32, 8), "float32").text
