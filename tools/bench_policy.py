@@ -10,6 +10,7 @@ change of machine speed between the two runs cancels; the contribution is the ra
 
     python tools/bench_policy.py --threads 1 --budgets 0.5 1 2        # 40 shapes, about 8 min
     python tools/bench_policy.py --count 12 --budgets 1 --json
+    python tools/bench_policy.py --budgets 1 --policy tools/out/policy.npz      # a freshly trained policy
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     ap.add_argument("--count", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", default=None, help="policy weights (npz) to compare against --policy none "
+                    "(default: the shipped policy)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     shapes = sample_shapes(args.count, args.seed)
@@ -57,7 +60,7 @@ def main() -> None:
             runs = {}
             for method in (("policy", "none") if i % 2 == 0 else ("none", "policy")):
                 runs[method] = tune_once(shape, args.threads, budget, dtype=dtype,
-                                         policy="none" if method == "none" else None)
+                                         policy="none" if method == "none" else args.policy)
             rows.append({"budget_s": budget, "shape": shape, "dtype": dtype, **runs})
     if args.json:
         print(json.dumps(rows))
