@@ -11,15 +11,51 @@ change of machine speed between the two runs cancels; the contribution is the ra
     python tools/bench_policy.py --threads 1 --budgets 0.5 1 2        # 40 shapes, about 8 min
     python tools/bench_policy.py --count 12 --budgets 1 --json
     python tools/bench_policy.py --budgets 1 --policy tools/out/policy.npz      # a freshly trained policy
+    python tools/bench_policy.py --budgets 1 --searches random beam             # the paper's search baselines too
+
+``--searches`` also runs those searches of the agent's action space (``tuner.search.strategies``)
+from the initial loop nest through the same budgeted ask/tell loop, each in a fresh process and
+kernel cache, scored the same way (its best against numpy, timed by the same worker).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+import tempfile
 
 from bench_tune import tune_once
+
+SEARCH = """
+import json, sys
+from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.measure.evaluator import Evaluator
+from looptune.tuner.search.loop import run
+from looptune.tuner.search.strategies import STRATEGIES
+name, m, n, k, dtype, threads, budget_s = sys.argv[1:8]
+problem = MatmulProblem(int(m), int(n), int(k), dtype=dtype, threads=int(threads))
+evaluator = Evaluator.local()
+try:
+    res = run(STRATEGIES[name](problem, seed=0), evaluator, float(budget_s))
+finally:
+    evaluator.close()
+print(json.dumps({"ratio": res.speedup_vs_numpy if res.ok else None, "found_by": name, "candidates": res.candidates}))
+"""
+
+
+def search_once(name: str, shape: str, threads: int, budget_s: float, dtype: str) -> dict:
+    """One search strategy on one problem in a fresh process and kernel cache."""
+    with tempfile.TemporaryDirectory(prefix="lt-bench-search-") as tmp:
+        env = dict(os.environ, LOOPTUNE_CACHE_DIR=os.path.join(tmp, "cache"))
+        done = subprocess.run([sys.executable, "-c", SEARCH, name, *shape.split(), dtype, str(threads), str(budget_s)],
+                              env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-300:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def sample_shapes(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -51,6 +87,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", default=None, help="policy weights (npz) to compare against --policy none "
                     "(default: the shipped policy)")
+    ap.add_argument("--searches", nargs="*", default=[], choices=("random", "greedy", "beam"),
+                    help="also run these searches from the initial nest with the same budget")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     shapes = sample_shapes(args.count, args.seed)
@@ -61,6 +99,8 @@ def main() -> None:
             for method in (("policy", "none") if i % 2 == 0 else ("none", "policy")):
                 runs[method] = tune_once(shape, args.threads, budget, dtype=dtype,
                                          policy="none" if method == "none" else args.policy)
+            for name in args.searches:
+                runs[name] = search_once(name, shape, args.threads, budget, dtype)
             rows.append({"budget_s": budget, "shape": shape, "dtype": dtype, **runs})
     if args.json:
         print(json.dumps(rows))
@@ -68,23 +108,32 @@ def main() -> None:
     print(f"# --threads {args.threads}, {len(shapes)} shapes (seed {args.seed}); tuned/numpy per method, "
           "contribution = with policy / --policy none")
     for budget in args.budgets:
-        print(f"\n| M N K | dtype | with policy | --policy none | contribution | found by (policy / none) |   (--budget {budget:g})")
-        print("| --- | --- | --- | --- | --- | --- |")
+        extra = "".join(f" {name} |" for name in args.searches)
+        print(f"\n| M N K | dtype | with policy | --policy none |{extra} contribution | found by (policy / none) |"
+              f"   (--budget {budget:g}; tuned/numpy)")
+        print("| --- | --- | --- | --- |" + " --- |" * len(args.searches) + " --- | --- |")
         ratios, wins = [], {"policy": 0, "none": 0}
+        by_search: dict[str, list[float]] = {name: [] for name in args.searches}
         for r in (r for r in rows if r["budget_s"] == budget):
             p, q = r["policy"], r["none"]
+            searched = ""
+            for name in args.searches:
+                x = r[name].get("ratio")
+                searched += f" {x:.2f}x |" if x else " no result |"
+                if x and q.get("ratio"):
+                    by_search[name].append(x / q["ratio"])
             if not p.get("ratio") or not q.get("ratio"):     # a failed run, or no candidate timed in the budget
                 said = [x.get("error", "")[:60] or f"no result ({x.get('found_by')})" for x in (p, q)]
-                print(f"| {r['shape']} | {r['dtype']} | {said[0]} | {said[1]} | | |")
+                print(f"| {r['shape']} | {r['dtype']} | {said[0]} | {said[1]} |{searched} | |")
                 continue
             ratios.append(p["ratio"] / q["ratio"])
-            print(f"| {r['shape']} | {r['dtype']} | {p['ratio']:.2f}x | {q['ratio']:.2f}x | {ratios[-1]:.2f}x | "
+            print(f"| {r['shape']} | {r['dtype']} | {p['ratio']:.2f}x | {q['ratio']:.2f}x |{searched} {ratios[-1]:.2f}x | "
                   f"{p['found_by']} / {q['found_by']} |")
             wins["policy" if p["found_by"].startswith("policy") else "none"] += 1
-        print(f"| **geomean** | | | | **{geomean(ratios):.3f}** (lowest {min(ratios, default=float('nan')):.2f}, "
+        print(f"| **geomean** | | | |" + "".join(f" {geomean(v):.3f} of none |" for v in by_search.values())
+              + f" **{geomean(ratios):.3f}** (lowest {min(ratios, default=float('nan')):.2f}, "
               f"highest {max(ratios, default=float('nan')):.2f}) | the policy's candidate won {wins['policy']} "
               f"of {sum(wins.values())} |")
-
 
 if __name__ == "__main__":
     main()
