@@ -10,8 +10,10 @@ import pytest
 
 from looptune.runtime.compiler.build import BuildSettings, build_many
 from looptune.runtime.compiler.codegen import KernelSource, Target, render
+from looptune.runtime.compiler.codegen_tiles import MAX_UNROLLED_UPDATES
 from looptune.runtime.compiler.defaults import BlockingParams
 from looptune.runtime.compiler.schedule import Schedule
+from looptune.runtime.compiler.trace import Trace
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -71,10 +73,6 @@ def test_a_tile_beyond_the_register_file_is_not_unrolled_into_a_compile_that_nev
     """A 16x14 register tile (its vector side too short for the target's vectors: 224 scalar
     accumulators) unrolled 8 times took the compiler over two minutes: the unroll is cut so one
     unrolled body updates at most MAX_UNROLLED_UPDATES accumulators; a usual tile keeps its unroll."""
-    from looptune.runtime.compiler.codegen_tiles import MAX_UNROLLED_UPDATES
-    from looptune.runtime.compiler.schedule import Schedule
-    from looptune.runtime.compiler.trace import Trace
-
     def tile_schedule(mr: int, nr: int, unroll: int) -> Schedule:
         return Schedule.from_trace(Trace.from_json(json.dumps({"version": 1, "steps": [
             {"op": "split", "loop": "m", "factor": mr}, {"op": "split", "loop": "n", "factor": nr},
