@@ -39,7 +39,7 @@ static struct {
     _Atomic uint64_t state;
     _Atomic(lt_pool_task) task;            /* the loop being run */
     _Atomic(const void *) ctx;
-    _Atomic int64_t count, chunks, nthreads;
+    _Atomic int64_t first, count, chunks, nthreads;   /* iterations [first, count) */
     _Atomic int64_t chunks_per_thread;     /* 1 in a gang: every iteration on a thread of its own */
     _Atomic int64_t done;                  /* chunks finished */
     _Atomic int busy;                      /* a caller owns the pool */
@@ -47,11 +47,20 @@ static struct {
     _Atomic int caller_sleeping;
     _Atomic int64_t worker_spin_ns, caller_spin_ns;
     _Atomic int workers;                   /* started (changed by the pool's owner only) */
+    /* contention back-off (kernel loops only): a worker lost its core while in a loop, or one
+       descheduled in the middle of an iteration held the caller (a stall), so until
+       `solo_until_ns` loops start on the caller alone and bring the workers in only after
+       `solo_head_ns`; each such sign doubles the back-off, each clean call with workers halves it */
+    _Atomic int64_t solo_until_ns, backoff_ns, backoff_min_ns, backoff_max_ns, solo_head_ns, stall_min_ns;
+    _Atomic int64_t stalls, solo_calls;    /* diagnostics */
+    _Atomic int shared_core;               /* a worker lost its core while in a loop, since the caller looked */
     pthread_mutex_t mu;
     pthread_cond_t wake, finished;
 } lt_pool = {
     .state = (uint64_t)2 << 32 | LT_MAX_CHUNKS,
     .worker_spin_ns = 50000, .caller_spin_ns = 2000000,
+    .backoff_ns = 1000000, .backoff_min_ns = 1000000, .backoff_max_ns = 128000000,
+    .solo_head_ns = 500000, .stall_min_ns = 50000,
     .mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER,
 };
 static pthread_once_t lt_pool_once = PTHREAD_ONCE_INIT;
@@ -65,29 +74,48 @@ static int64_t lt_pool_now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* take and run chunks of loop `gen` until none is left; *tid is -1 until this thread joins */
-static void lt_pool_work(uint64_t gen, int *tid, int notify)
+static int64_t lt_pool_cpu_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* whether a thread that ran chunks for `wall_ns`, of which it was on a core `cpu_ns`, lost its
+   core to another thread: for a fifth of that time and over 50 us (an interrupt costs a few us;
+   another runnable thread on the core, a scheduler time slice) */
+static int lt_pool_lost_core(int64_t wall_ns, int64_t cpu_ns)
+{
+    int64_t lost = wall_ns - cpu_ns;
+    return lost > 50000 && 5 * lost > wall_ns;
+}
+
+/* take and run chunks of loop `gen` until none is left; *tid is -1 until this thread joins;
+   returns the chunks this thread ran */
+static int64_t lt_pool_work(uint64_t gen, int *tid, int notify)
 {
     lt_pool_task task = atomic_load_explicit(&lt_pool.task, memory_order_relaxed);
     const void *ctx = atomic_load_explicit(&lt_pool.ctx, memory_order_relaxed);
-    int64_t count = atomic_load_explicit(&lt_pool.count, memory_order_relaxed);
+    int64_t first = atomic_load_explicit(&lt_pool.first, memory_order_relaxed);
+    int64_t count = atomic_load_explicit(&lt_pool.count, memory_order_relaxed) - first;
     int64_t chunks = atomic_load_explicit(&lt_pool.chunks, memory_order_relaxed);
     int64_t nthreads = atomic_load_explicit(&lt_pool.nthreads, memory_order_relaxed);
     int64_t per_thread = atomic_load_explicit(&lt_pool.chunks_per_thread, memory_order_relaxed);
     atomic_thread_fence(memory_order_acquire);
     uint64_t s = atomic_load_explicit(&lt_pool.state, memory_order_relaxed);
-    for (int64_t ran = 0; ran < per_thread;) {
-        if (LT_GEN(s) != gen || (int64_t)LT_NEXT(s) >= chunks) return;    /* another loop, or none left */
+    int64_t ran = 0;
+    while (ran < per_thread) {
+        if (LT_GEN(s) != gen || (int64_t)LT_NEXT(s) >= chunks) break;     /* another loop, or none left */
         uint64_t next = s + 1;
         if (*tid < 0) {
-            if ((int64_t)LT_JOINED(s) >= nthreads) return;                /* enough threads on it */
+            if ((int64_t)LT_JOINED(s) >= nthreads) break;                 /* enough threads on it */
             next += LT_ONE_JOINED;
         }
         if (!atomic_compare_exchange_weak_explicit(&lt_pool.state, &s, next, memory_order_acq_rel,
                                                    memory_order_relaxed))
             continue;                                                     /* s was reloaded */
         if (*tid < 0) *tid = (int)LT_JOINED(s);
-        int64_t c = (int64_t)LT_NEXT(s), lo = c * count / chunks, hi = (c + 1) * count / chunks;
+        int64_t c = (int64_t)LT_NEXT(s), lo = first + c * count / chunks, hi = first + (c + 1) * count / chunks;
         for (int64_t i = lo; i < hi; i++) task(ctx, i, *tid);
         ran++;
         if (atomic_fetch_add(&lt_pool.done, 1) + 1 == chunks && notify && atomic_load(&lt_pool.caller_sleeping)) {
@@ -97,6 +125,7 @@ static void lt_pool_work(uint64_t gen, int *tid, int notify)
         }
         s = atomic_load_explicit(&lt_pool.state, memory_order_relaxed);
     }
+    return ran;
 }
 
 /* a worker: wait for a loop newer than the last one seen, help with it, repeat */
@@ -122,7 +151,10 @@ static void *lt_pool_worker(void *arg)
         }
         seen = LT_GEN(s);
         int tid = -1;
-        lt_pool_work(seen, &tid, 1);
+        int64_t wall = lt_pool_now_ns(), cpu = lt_pool_cpu_ns();
+        int64_t ran = lt_pool_work(seen, &tid, 1);
+        if (ran > 0 && lt_pool_lost_core(lt_pool_now_ns() - wall, lt_pool_cpu_ns() - cpu))
+            atomic_store_explicit(&lt_pool.shared_core, 1, memory_order_relaxed);   /* the caller's next look */
     }
     return 0;
 }
@@ -136,6 +168,7 @@ static void lt_pool_after_fork_child(void)
     atomic_store(&lt_pool.busy, 0);
     atomic_store(&lt_pool.sleepers, 0);
     atomic_store(&lt_pool.caller_sleeping, 0);
+    atomic_store(&lt_pool.solo_until_ns, 0);
     pthread_mutex_init(&lt_pool.mu, 0);
     pthread_cond_init(&lt_pool.wake, 0);
     pthread_cond_init(&lt_pool.finished, 0);
@@ -171,22 +204,48 @@ static void lt_pool_grow(int want)
     pthread_sigmask(SIG_SETMASK, &old, 0);
 }
 
-/* publish a loop and take part in it; returns once every iteration has run */
-static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const void *ctx, int64_t per_thread)
+/* a kernel loop just ran: learn whether its threads share cores (see lt_pool.solo_until_ns).
+   `own` chunks took the caller `own_ns`; it then waited `wait_ns` for chunks workers had taken;
+   `shared_core`: a worker lost its core while in a loop since the caller last looked. */
+static void lt_pool_learn(int64_t own, int64_t own_ns, int64_t wait_ns, int64_t joined, int shared_core)
 {
-    int64_t chunks = count < (int64_t)LT_MAX_CHUNKS ? count : (int64_t)LT_MAX_CHUNKS;
+    if (!shared_core && (own <= 0 || joined <= 1)) return;   /* no worker took part, or only workers */
+    int64_t backoff = atomic_load_explicit(&lt_pool.backoff_ns, memory_order_relaxed);
+    if (shared_core || (wait_ns > atomic_load_explicit(&lt_pool.stall_min_ns, memory_order_relaxed)
+                        && wait_ns > 2 * (own_ns / own))) {
+        /* a thread of the loop lost its core while in it, or the caller waited longer than two
+           of its own chunks take (a worker descheduled in the middle of one): the loop's
+           threads share cores with other threads (another library's spinning thread, another
+           process, or each other), and the next short calls would be held as long again */
+        atomic_fetch_add_explicit(&lt_pool.stalls, 1, memory_order_relaxed);
+        atomic_store_explicit(&lt_pool.solo_until_ns, lt_pool_now_ns() + backoff, memory_order_relaxed);
+        int64_t most = atomic_load_explicit(&lt_pool.backoff_max_ns, memory_order_relaxed);
+        atomic_store_explicit(&lt_pool.backoff_ns, 2 * backoff < most ? 2 * backoff : most, memory_order_relaxed);
+    } else {
+        int64_t least = atomic_load_explicit(&lt_pool.backoff_min_ns, memory_order_relaxed);
+        atomic_store_explicit(&lt_pool.backoff_ns, backoff / 2 > least ? backoff / 2 : least, memory_order_relaxed);
+    }
+}
+
+/* publish iterations [first, count) of a loop and take part in it, as thread number 0; returns
+   once every iteration has run */
+static void lt_pool_run(int nthreads, int64_t first, int64_t count, lt_pool_task task, const void *ctx,
+                        int64_t per_thread)
+{
+    int64_t chunks = count - first < (int64_t)LT_MAX_CHUNKS ? count - first : (int64_t)LT_MAX_CHUNKS;
     uint64_t gen = (LT_GEN(atomic_load_explicit(&lt_pool.state, memory_order_relaxed)) + 1) & LT_GEN_MASK;   /* odd: writing */
     atomic_store_explicit(&lt_pool.state, gen << 32 | LT_MAX_CHUNKS, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);
     atomic_store_explicit(&lt_pool.task, task, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&lt_pool.first, first, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.count, count, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.chunks, chunks, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.nthreads, nthreads, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.chunks_per_thread, per_thread, memory_order_relaxed);
     atomic_store_explicit(&lt_pool.done, 0, memory_order_relaxed);
     gen = (gen + 1) & LT_GEN_MASK;      /* as read back from the word, also when it wraps to 0 */
-    atomic_store(&lt_pool.state, gen << 32);                       /* published (seq_cst) */
+    atomic_store(&lt_pool.state, gen << 32 | LT_ONE_JOINED);      /* published, the caller joined (seq_cst) */
     if (atomic_load(&lt_pool.sleepers) > 0) {     /* wake as many as could take part, no more */
         pthread_mutex_lock(&lt_pool.mu);
         int asleep = atomic_load(&lt_pool.sleepers);
@@ -194,9 +253,10 @@ static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const vo
             pthread_cond_signal(&lt_pool.wake);
         pthread_mutex_unlock(&lt_pool.mu);
     }
-    int tid = -1;
+    int tid = 0;
+    int64_t t0 = lt_pool_now_ns();
     lt_pool_inside = 1;
-    lt_pool_work(gen, &tid, 0);
+    int64_t own = lt_pool_work(gen, &tid, 0);
     lt_pool_inside = 0;
     /* what is left are chunks other threads took (or, in a gang, will take) and have not finished */
     int64_t start = lt_pool_now_ns(), spin = atomic_load_explicit(&lt_pool.caller_spin_ns, memory_order_relaxed);
@@ -212,10 +272,13 @@ static void lt_pool_run(int nthreads, int64_t count, lt_pool_task task, const vo
         }
         LT_PAUSE();
     }
+    if (per_thread == INT64_MAX)        /* a kernel loop (a gang's jobs wait for each other anyway) */
+        lt_pool_learn(own, start - t0, lt_pool_now_ns() - start, (int64_t)LT_JOINED(atomic_load(&lt_pool.state)),
+                      atomic_exchange_explicit(&lt_pool.shared_core, 0, memory_order_relaxed));
 }
 
-/* run task(ctx, i, tid) for i in [0, count) on up to nthreads threads, the caller among them;
-   returns 0 (the loop always completes, on the caller alone if need be) */
+/* run task(ctx, i, tid) for i in [0, count) on up to nthreads threads, the caller among them as
+   thread number 0; returns 0 (the loop always completes, on the caller alone if need be) */
 LT_POOL_LINKAGE int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const void *ctx)
 {
     if (nthreads > LT_MAX_THREADS) nthreads = LT_MAX_THREADS;
@@ -226,7 +289,22 @@ LT_POOL_LINKAGE int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, 
     }
     if (nthreads > count) nthreads = (int)count;
     lt_pool_grow(nthreads - 1);
-    lt_pool_run(nthreads, count, task, ctx, INT64_MAX);
+    int64_t first = 0, now = lt_pool_now_ns();
+    if (now < atomic_load_explicit(&lt_pool.solo_until_ns, memory_order_relaxed)) {
+        /* backing off: the caller starts alone; a loop still running after solo_head_ns gets
+           the workers for the rest, if more than two iterations are left (a short call never
+           waits on a descheduled worker; one or two iterations the caller finishes sooner than
+           a worker at half a core's speed would finish one) */
+        atomic_fetch_add_explicit(&lt_pool.solo_calls, 1, memory_order_relaxed);
+        int64_t until = now + atomic_load_explicit(&lt_pool.solo_head_ns, memory_order_relaxed);
+        lt_pool_inside = 1;
+        while (first < count) {
+            task(ctx, first++, 0);
+            if (count - first > 2 && lt_pool_now_ns() > until) break;
+        }
+        lt_pool_inside = 0;
+    }
+    if (first < count) lt_pool_run(nthreads, first, count, task, ctx, INT64_MAX);
     atomic_store_explicit(&lt_pool.busy, 0, memory_order_release);
     return 0;
 }
@@ -297,7 +375,7 @@ LT_POOL_LINKAGE void lt_pool_openblas(int sync, lt_pool_dojob dojob, int numjobs
         lt_pool_gang_apart(&jobs, numjobs);
         return;
     }
-    lt_pool_run(numjobs, numjobs, lt_pool_job, &jobs, 1);
+    lt_pool_run(numjobs, 0, numjobs, lt_pool_job, &jobs, 1);
     atomic_store_explicit(&lt_pool.busy, 0, memory_order_release);
 }
 
@@ -307,6 +385,21 @@ LT_POOL_LINKAGE void lt_pool_set_spin(int64_t worker_spin_ns, int64_t caller_spi
     atomic_store(&lt_pool.worker_spin_ns, worker_spin_ns);
     atomic_store(&lt_pool.caller_spin_ns, caller_spin_ns);
 }
+
+/* the contention back-off (see lt_pool.solo_until_ns); resets it to `min_ns`, not backing off */
+LT_POOL_LINKAGE void lt_pool_set_backoff(int64_t min_ns, int64_t max_ns, int64_t solo_head_ns, int64_t stall_min_ns)
+{
+    atomic_store(&lt_pool.backoff_min_ns, min_ns);
+    atomic_store(&lt_pool.backoff_max_ns, max_ns);
+    atomic_store(&lt_pool.solo_head_ns, solo_head_ns);
+    atomic_store(&lt_pool.stall_min_ns, stall_min_ns);
+    atomic_store(&lt_pool.backoff_ns, min_ns);
+    atomic_store(&lt_pool.solo_until_ns, 0);
+}
+
+/* stalls seen and calls started alone while backing off (for tests and diagnostics) */
+LT_POOL_LINKAGE int64_t lt_pool_stalls(void) { return atomic_load(&lt_pool.stalls); }
+LT_POOL_LINKAGE int64_t lt_pool_solo_calls(void) { return atomic_load(&lt_pool.solo_calls); }
 
 /* workers started so far, and OpenBLAS calls served (for tests and diagnostics) */
 LT_POOL_LINKAGE int lt_pool_workers(void) { return lt_pool.workers; }

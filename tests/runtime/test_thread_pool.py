@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,85 @@ def test_every_iteration_runs_once_on_a_thread_number_below_the_count(lib, nthre
     # one thread per thread number, one number per thread: the kernel's per-thread copies never race
     assert all(len(v) == 1 for v in threads_of_tid.values())
     assert all(len(v) == 1 for v in tids_of_thread.values())
+    assert threads_of_tid.get(0, {threading.get_native_id()}) == {threading.get_native_id()}   # the caller is 0
+
+
+BACKOFF_DEFAULTS = (1_000_000, 128_000_000, 500_000, 50_000)   # pool.c's: min, max, solo head, stall (ns)
+
+
+@pytest.fixture
+def backoff(lib):
+    lib.lt_pool_set_backoff.argtypes = [ctypes.c_int64] * 4
+    lib.lt_pool_stalls.restype = lib.lt_pool_solo_calls.restype = ctypes.c_int64
+    yield lib
+    lib.lt_pool_set_backoff(*BACKOFF_DEFAULTS)
+
+
+def busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_worker_that_holds_the_caller_makes_the_next_loops_start_alone(backoff):
+    """A worker descheduled in the middle of its iteration (here: it sleeps) holds the caller
+    far longer than the caller's own iterations take: the pool backs off, and the next short
+    loops run on the caller alone, so another library's spinning thread on the worker's core
+    cannot hold them too."""
+    backoff.lt_pool_set_backoff(10_000_000_000, 20_000_000_000, 500_000_000, 1_000_000)   # back off 10 s
+    stalls = backoff.lt_pool_stalls()
+    held = []
+
+    @TASK
+    def task(_ctx, it, tid):
+        if tid != 0 and not held:
+            held.append(it)
+            time.sleep(0.05)
+        else:
+            busy_wait(2e-4)
+
+    for _ in range(20):                      # until a worker has taken an iteration
+        assert backoff.lt_pool_for(2, 50, task, None) == 0
+        if held:
+            break
+    if not held:
+        pytest.skip("no worker joined a loop of 10 ms here")
+    assert backoff.lt_pool_stalls() == stalls + 1
+    solo = backoff.lt_pool_solo_calls()
+    seen = run_loop(backoff, 4, 300)         # well within the solo head: the caller alone
+    assert sorted(it for it, _, _ in seen) == list(range(300))
+    assert {(tid, thread) for _, tid, thread in seen} == {(0, threading.get_native_id())}
+    assert backoff.lt_pool_solo_calls() == solo + 1
+
+
+def test_a_long_loop_while_backing_off_brings_the_workers_in_after_the_solo_head(backoff):
+    backoff.lt_pool_set_backoff(10_000_000_000, 20_000_000_000, 2_000_000, 1_000_000)     # 2 ms alone
+    seen: list[tuple[int, int, int]] = []
+
+    @TASK
+    def stall(_ctx, it, tid):
+        if tid != 0:
+            time.sleep(0.02)
+
+    stalls = backoff.lt_pool_stalls()
+    for _ in range(20):                      # provoke a stall: back off for 10 s
+        backoff.lt_pool_for(2, 50, stall, None)
+        if backoff.lt_pool_stalls() > stalls:
+            break
+    else:
+        pytest.skip("no worker joined a loop here")
+
+    @TASK
+    def task(_ctx, it, tid):
+        seen.append((it, tid, threading.get_native_id()))
+        busy_wait(1e-3) if tid == 0 else time.sleep(1e-3)
+
+    assert backoff.lt_pool_for(3, 60, task, None) == 0
+    assert sorted(it for it, _, _ in seen) == list(range(60))
+    first = [tid for it, tid, _ in sorted(seen)[:2]]
+    assert first == [0, 0]                   # the caller alone first
+    assert {thread for _, tid, thread in seen if tid == 0} == {threading.get_native_id()}
+    assert len({tid for _, tid, _ in seen}) >= 2    # then the workers, with numbers of their own
 
 
 def test_a_second_caller_runs_alone_while_the_pool_is_busy(lib):
