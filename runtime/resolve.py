@@ -93,6 +93,20 @@ def numpy_serves_faster(gflops: float, numpy_gflops: Optional[float], flops: flo
     return flops / (numpy_gflops * 1e9) + HANDOFF_OVERHEAD_S < flops / (gflops * 1e9)
 
 
+DOT_PRODUCTS = ("a matrix times a vector (N = 1, K contiguous in A): its kernel is a dot product along K, "
+                "which the schedule grammar cannot vectorize (it vectorizes along M or N); numpy's gemv serves it "
+                "unless the problem's own record says a tuned kernel beat numpy")
+
+
+def dot_products(problem: MatmulProblem) -> bool:
+    """Whether ``problem`` is a matrix-vector product whose every output is a dot product along
+    K of contiguous A rows (N = 1, A not transposed): a schedule vectorizes along M or N only,
+    so its kernel runs one lane in 16 (measured: 64x64 @ 64 3.9 us against numpy's 0.8;
+    185x2001 @ 2001 float64 at a quarter of numpy's speed after tuning).  bfloat16 excepted:
+    numpy has no BLAS for it."""
+    return problem.n == 1 and problem.layout[0] == "n" and problem.dtype in ("float32", "float64")
+
+
 # resolution sources whose schedule was tuned for the problem's very sizes: served by exact-size kernels
 EXACT_SOURCES = ("exact", "tuned")
 
@@ -260,10 +274,14 @@ class Resolver:
                 return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
                                   rec.numpy_gflops, reason=f"no candidate beat numpy when tuned "
                                   f"({rec.gflops_median:.1f} vs {rec.numpy_gflops:.1f} GFLOPS)")
+            if not exact and self.settings.numpy_handoff and dot_products(problem):
+                return Resolution(problem, "numpy", sched, reason=DOT_PRODUCTS)
             if close or mode == "nearest" or mode == "tune":
                 return Resolution(problem, "exact" if exact else "nearest", sched, distance, rec.problem.key(),
                                   path, rec.gflops_median if exact else None, rec.numpy_gflops if exact else None,
                                   tuning=(not close and mode == "tune"))
+        if self.settings.numpy_handoff and dot_products(problem):
+            return Resolution(problem, "numpy", default_schedule(problem), reason=DOT_PRODUCTS)
         return Resolution(problem, "default", default_schedule(problem), tuning=(mode == "tune"))
 
     def kernel(self, schedule: Schedule, dtype: str, inputs: Optional[str] = None,

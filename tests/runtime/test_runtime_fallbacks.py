@@ -49,6 +49,25 @@ def test_numpy_handoff_when_no_candidate_beat_numpy(user_db, caplog):
     assert runtime.explain(a, b).source == "exact"
 
 
+def test_a_matrix_times_a_vector_goes_to_numpy_unless_its_record_says_otherwise(user_db):
+    """N = 1 with K contiguous in A is a dot product per output, which no schedule vectorizes:
+    numpy's gemv serves it, by default and by nearest records; its own record that beat numpy,
+    a transposed A (M contiguous), bfloat16 and the hand-off switch keep the generated kernel."""
+    save(user_db, [record(MatmulProblem(64, 1, 48), gflops=80.0, numpy_gflops=60.0)])
+    runtime.configure(user_db=user_db, embedded_db=None, fallback="off")
+    rng = np.random.default_rng(0)
+    a, v = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    served = runtime.explain(a, v)
+    assert served.source == "numpy" and "dot product along K" in served.reason
+    np.testing.assert_allclose(runtime.matmul(a, v), a @ v, rtol=1e-5, atol=1e-5)
+    assert runtime.explain(a[:, :48], v[:48]).source == "exact"              # its record beat numpy
+    assert runtime.explain(a.T, v).source != "numpy"                          # M contiguous: vectorizes
+    assert runtime.explain(np.ones((64, 64)), np.ones((64, 1))).source == "numpy"     # float64, (K, 1) B
+    runtime.configure(numpy_handoff=False)
+    assert runtime.explain(a, v).source != "numpy"
+    np.testing.assert_allclose(runtime.matmul(a, v), a @ v, rtol=1e-4, atol=1e-4)
+
+
 def test_handoff_switch_is_read_from_the_environment():
     assert RuntimeSettings.from_env({"LOOPTUNE_NO_NUMPY_HANDOFF": "1"}).numpy_handoff is False
     assert RuntimeSettings.from_env({}).numpy_handoff is True
