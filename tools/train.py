@@ -9,6 +9,9 @@ seed replays from the file.  Weights are written as npz (no pickle); the shipped
     nice -n 10 python tools/train.py --algo dqn --mix 192 --steps 20000 \\
         --recordings tools/out/recordings-zen5.jsonl --out tuner/agent/data/policy.npz         # the shipped policy:
                                                             # 19.4 min from empty recordings on 2 Zen 5 cores
+    nice -n 10 python tools/train.py --algo dqn --mix 256 --mix-kind broad --steps 24000 \\
+        --recordings tools/out/recordings-zen5-mix2.jsonl --out tools/out/policy-mix2.npz     # decode, large
+                                                            # (proxies), 2 threads: 19.9 min from empty
     nice -n 10 python tools/train.py --algo ppo --out tools/out/ppo.npz --steps 8000
     python tools/train.py --replay-only ...     # fail instead of measuring anything new
 
@@ -26,7 +29,7 @@ import time
 
 from looptune.runtime.compiler.workload import read_shapes
 from looptune.tuner.agent.env import split_problems
-from looptune.tuner.agent.trainset import generated_mix
+from looptune.tuner.agent.trainset import MIXES, SHIPPED_MIX, generated_mix
 from looptune.tuner.measure.evaluator import Evaluator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,7 +43,9 @@ def main() -> None:
     ap.add_argument("--eval-problems", type=int, default=16, help="validation problems (from the training split)")
     ap.add_argument("--mix", type=int, default=0,
                     help="generated problems added to training (skinny, odd, float64, layouts, batched, 2 threads; "
-                         "see tuner/trainset.py); a quarter as many again (at most 16) join validation")
+                         "see tuner/agent/trainset.py); a quarter as many again (at most 16) join validation")
+    ap.add_argument("--mix-kind", choices=sorted(MIXES), default=SHIPPED_MIX,
+                    help="which generated mix (tuner/agent/trainset.py); default: the shipped policy's")
     ap.add_argument("--exclude", action="append", default=[os.path.join(HERE, "..", "..", "shared", "shapes", "dl-public.txt")],
                     help="shape files never trained on (default: dl-public.txt)")
     ap.add_argument("--recordings", default=os.path.join(HERE, "out", "recordings.jsonl"))
@@ -61,7 +66,7 @@ def main() -> None:
     if args.mix:
         banned = list(_test) + [p for f in args.exclude if os.path.exists(f) for p in read_shapes(f)]
         n_eval = max(1, min(16, args.mix // 4))
-        mix = generated_mix(args.mix + n_eval, seed=args.seed, exclude=banned)
+        mix = generated_mix(args.mix + n_eval, seed=args.seed, exclude=banned, mix=args.mix_kind)
         train_set = train_set + mix[: args.mix]
         eval_set = eval_set + mix[args.mix:]
         rng.shuffle(train_set)

@@ -40,6 +40,7 @@ from looptune.tuner.agent.actions import (ACTION_SPACE_VERSION, ACTIONS, NUM_ACT
 
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
 from looptune.tuner.agent.observe import OBSERVATION_VERSION, Graph, observe
+from looptune.tuner.agent.trainset import measured_problem
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 
 REWARD_VERSION = "log-gflops-ratio-v1"
@@ -48,6 +49,9 @@ FAIL_REWARD = -1.0
 
 class LoopTuneEnv:
     """One problem at a time; ``reset(problem)`` then ``step(action)`` until terminated/truncated.
+
+    States are measured on ``trainset.measured_problem(problem)``: the problem itself, or for a
+    large one the proxy ``tune()`` searches it on; the agent observes the real problem.
 
     ``start`` chooses the initial schedule: ``None`` is the paper's natural nest (b, m, n, k, no
     splits).  Observations are ``observe.Graph``; ``info["mask"]`` is the legal-action mask.
@@ -72,9 +76,10 @@ class LoopTuneEnv:
         if problem is None:
             problem = self.rng.choice(self.problems)
         self.problem = problem
+        self.measured = measured_problem(problem)
         self.state = AgentState.initial(start)
         self.t = 0
-        [r] = self.evaluator.evaluate([(problem, self.state.nest)])
+        [r] = self.evaluator.evaluate([(self.measured, self.state.nest)])
         self.gflops = gflops_of(r) or 1e-3
         self.initial_gflops = self.gflops
         self.best_gflops, self.best_state = self.gflops, self.state
@@ -84,7 +89,7 @@ class LoopTuneEnv:
         nxt = self.propose(action)
         result = None
         if nxt is not None and nxt.nest != self.state.nest:
-            [result] = self.evaluator.evaluate([(self.problem, nxt.nest)])
+            [result] = self.evaluator.evaluate([(self.measured, nxt.nest)])
         return self.accept(action, nxt, result)
 
     def action_mask(self) -> np.ndarray:
@@ -149,7 +154,7 @@ class VecEnv:
         pairs, who = [], []
         for i, (e, s) in enumerate(zip(self.envs, props)):
             if s is not None and s.nest != e.state.nest and actions[i] != STOP:
-                pairs.append((e.problem, s.nest))
+                pairs.append((e.measured, s.nest))
                 who.append(i)
         results: list[Optional[RunResult]] = [None] * len(self.envs)
         for i, r in zip(who, self.evaluator.evaluate(pairs) if pairs else []):
