@@ -27,14 +27,16 @@ SHAPES = ["96 200 333", "257 257 257", "999 1001 997", "77 1500 640", "1500 96 5
 SHAPES_2_THREADS = SHAPES + ["2048 2048 2048", "600 500 400"]
 
 
-def tune_once(shape: str, threads: int, budget_s: float, *, dtype: str = "float32", policy: str | None = None) -> dict:
+def tune_once(shape: str, threads: int, budget_s: float, *, dtype: str = "float32", policy: str | None = None,
+              batch: int = 1, layout: str = "nn") -> dict:
     """One ``looptune tune`` in a fresh process, cache and user database; ``policy``: the CLI's
     ``--policy`` (None: the shipped policy)."""
     m, n, k = shape.split()
     with tempfile.TemporaryDirectory(prefix="lt-bench-tune-") as tmp:
         env = dict(os.environ, LOOPTUNE_CACHE_DIR=os.path.join(tmp, "cache"), LOOPTUNE_DB=os.path.join(tmp, "db.h5"))
         cmd = [sys.executable, "-m", "looptune.tuner.cli", "tune", m, n, k, "--budget", str(budget_s),
-               "--threads", str(threads), "--dtype", dtype, "--json"] + (["--policy", policy] if policy else [])
+               "--threads", str(threads), "--dtype", dtype, "--batch", str(batch), "--layout", layout, "--json"] \
+            + (["--policy", policy] if policy else [])
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall_s = time.perf_counter() - t0
