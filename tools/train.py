@@ -6,12 +6,12 @@ each distinct (problem, schedule) is compiled once and measured once, and a reru
 seed replays from the file.  Weights are written as npz (no pickle); the shipped policy is
 ``tuner/agent/data/policy.npz``.
 
-    nice -n 10 python tools/train.py --algo dqn --mix 192 --steps 20000 \\
-        --recordings tools/out/recordings-zen5.jsonl --out tuner/agent/data/policy.npz         # the shipped policy:
-                                                            # 19.4 min from empty recordings on 2 Zen 5 cores
-    nice -n 10 python tools/train.py --algo dqn --mix 256 --mix-kind broad --steps 24000 \\
-        --recordings tools/out/recordings-zen5-mix2.jsonl --out tools/out/policy-mix2.npz     # decode, large
-                                                            # (proxies), 2 threads: 19.9 min from empty
+    nice -n 10 python tools/train.py --algo dqn --mix 256 --steps 40000 \\
+        --recordings tools/out/recordings-zen5-mix2.jsonl --out tuner/agent/data/policy.npz    # the shipped policy
+        # (the broad mix): 19.9 min for a 24,000-step run from empty recordings, then 29.7 min for this one on
+        # them; at most about 50 min from empty on 2 Zen 5 cores
+    nice -n 10 python tools/train.py --algo dqn --mix 192 --mix-kind small --steps 20000 \\
+        --recordings tools/out/recordings-zen5.jsonl --out tools/out/policy-small.npz        # the previous one
     nice -n 10 python tools/train.py --algo ppo --out tools/out/ppo.npz --steps 8000
     python tools/train.py --replay-only ...     # fail instead of measuring anything new
 

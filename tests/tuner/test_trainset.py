@@ -9,18 +9,21 @@ from looptune.tuner.search.proxy import proxy_problem
 def test_mix_is_deterministic_distinct_and_capped():
     a, b = generated_mix(200, seed=3), generated_mix(200, seed=3)
     assert a == b and len(set(a)) == 200
-    assert all(p.flops <= MAX_TRAIN_FLOPS for p in a)          # the shipped mix: every problem at its size
+    assert all(measured_problem(p).flops <= max(MAX_TRAIN_FLOPS, MAX_PROXY_FLOPS) for p in a)
     assert generated_mix(50, seed=4) != a[:50]
-    broad = generated_mix(200, seed=3, mix="broad")
-    assert broad == generated_mix(200, seed=3, mix="broad") and len(set(broad)) == 200
-    assert all(measured_problem(p).flops <= max(MAX_TRAIN_FLOPS, MAX_PROXY_FLOPS) for p in broad)
+    small = generated_mix(200, seed=3, mix="small")
+    assert small == generated_mix(200, seed=3, mix="small") and len(set(small)) == 200
+    assert all(p.flops <= MAX_TRAIN_FLOPS for p in small)       # the small mix: every problem at its size
 
 
-def test_the_shipped_mix_is_the_small_one_and_keeps_its_problems():
-    """The shipped policy's command must regenerate its training set: the first problems of
-    seed 1 are those it was trained on."""
-    assert SHIPPED_MIX == "small" and set(MIXES) == {"small", "broad"}
+def test_the_mixes_keep_their_problems():
+    """The training commands must regenerate their training sets: the first problems of seed 1
+    are those the shipped policy (broad) and the previous one (small) were trained on."""
+    assert SHIPPED_MIX == "broad" and set(MIXES) == {"small", "broad"}
     assert [p.key() for p in generated_mix(4, seed=1)] == [
+        "matmul:float32:nn:t1:b1:1x155x356", "matmul:float32:nn:t1:b1:4560x14x39",
+        "matmul:float64:nn:t1:b1:64x240x176", "matmul:float32:nn:t1:b1:489x814x405"]
+    assert [p.key() for p in generated_mix(4, seed=1, mix="small")] == [
         "matmul:float32:nn:t1:b1:1x155x356", "matmul:float32:nn:t1:b1:211x124x65",
         "matmul:float64:nn:t1:b1:160x160x208", "matmul:float32:nn:t1:b1:36x515x25"]
 
@@ -39,7 +42,7 @@ def test_mix_covers_the_families():
 
 
 def test_large_problems_are_measured_on_their_tuning_proxy():
-    ps = generated_mix(300, seed=0, mix="broad")
+    ps = generated_mix(300, seed=0)
     large = [p for p in ps if p.flops > MAX_TRAIN_FLOPS]
     assert any(p.m <= 4 and p.n * p.k >= 4096 * 2048 for p in large)       # decode with LLM widths
     assert any(min(p.m, p.n, p.k) >= 384 for p in large)                    # large products
