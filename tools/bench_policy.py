@@ -102,7 +102,7 @@ def label(p: MatmulProblem) -> str:
 
 def source(found_by: str) -> str:
     """A candidate's source without its decorations: "policy-rollout+parallel" -> "policy-rollout"."""
-    return found_by.split("+")[0].split(" ")[0] if found_by else "none"
+    return found_by.split("+")[0] if found_by else "none"
 
 
 def geomean(xs: list[float]) -> float:

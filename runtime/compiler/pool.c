@@ -97,7 +97,7 @@ static int64_t lt_pool_work(uint64_t gen, int *tid, int notify)
     lt_pool_task task = atomic_load_explicit(&lt_pool.task, memory_order_relaxed);
     const void *ctx = atomic_load_explicit(&lt_pool.ctx, memory_order_relaxed);
     int64_t first = atomic_load_explicit(&lt_pool.first, memory_order_relaxed);
-    int64_t count = atomic_load_explicit(&lt_pool.count, memory_order_relaxed) - first;
+    int64_t span = atomic_load_explicit(&lt_pool.count, memory_order_relaxed) - first;   /* iterations published */
     int64_t chunks = atomic_load_explicit(&lt_pool.chunks, memory_order_relaxed);
     int64_t nthreads = atomic_load_explicit(&lt_pool.nthreads, memory_order_relaxed);
     int64_t per_thread = atomic_load_explicit(&lt_pool.chunks_per_thread, memory_order_relaxed);
@@ -115,7 +115,7 @@ static int64_t lt_pool_work(uint64_t gen, int *tid, int notify)
                                                    memory_order_relaxed))
             continue;                                                     /* s was reloaded */
         if (*tid < 0) *tid = (int)LT_JOINED(s);
-        int64_t c = (int64_t)LT_NEXT(s), lo = first + c * count / chunks, hi = first + (c + 1) * count / chunks;
+        int64_t c = (int64_t)LT_NEXT(s), lo = first + c * span / chunks, hi = first + (c + 1) * span / chunks;
         for (int64_t i = lo; i < hi; i++) task(ctx, i, *tid);
         ran++;
         if (atomic_fetch_add(&lt_pool.done, 1) + 1 == chunks && notify && atomic_load(&lt_pool.caller_sleeping)) {
@@ -232,7 +232,8 @@ static void lt_pool_learn(int64_t own, int64_t own_ns, int64_t wait_ns, int64_t 
 static void lt_pool_run(int nthreads, int64_t first, int64_t count, lt_pool_task task, const void *ctx,
                         int64_t per_thread)
 {
-    int64_t chunks = count - first < (int64_t)LT_MAX_CHUNKS ? count - first : (int64_t)LT_MAX_CHUNKS;
+    int64_t span = count - first;
+    int64_t chunks = span < (int64_t)LT_MAX_CHUNKS ? span : (int64_t)LT_MAX_CHUNKS;
     uint64_t gen = (LT_GEN(atomic_load_explicit(&lt_pool.state, memory_order_relaxed)) + 1) & LT_GEN_MASK;   /* odd: writing */
     atomic_store_explicit(&lt_pool.state, gen << 32 | LT_MAX_CHUNKS, memory_order_relaxed);
     atomic_thread_fence(memory_order_release);

@@ -130,7 +130,10 @@ def test_a_long_loop_while_backing_off_brings_the_workers_in_after_the_solo_head
     @TASK
     def task(_ctx, it, tid):
         seen.append((it, tid, threading.get_native_id()))
-        busy_wait(1e-3) if tid == 0 else time.sleep(1e-3)
+        if tid == 0:
+            busy_wait(1e-3)
+        else:
+            time.sleep(1e-3)
 
     assert backoff.lt_pool_for(3, 60, task, None) == 0
     assert sorted(it for it, _, _ in seen) == list(range(60))
