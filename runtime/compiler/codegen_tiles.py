@@ -12,6 +12,8 @@ from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
 # at most this many accumulator updates (rows x vectors x unroll) in one unrolled body of a tile's k loop
 MAX_UNROLLED_UPDATES = 512
+CACHE_LINE_BYTES = 64      # the prefetch step's granularity (x86-64 and most Arm cores)
+C_TYPE_BYTES = {"float": 4, "double": 8, "uint16_t": 2}
 
 
 class TileWriter:
@@ -123,9 +125,15 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         ]
         U = rows
         L += [f"    {p}_v " + ", ".join(f"c{u}_{j} = {{0}}" for j in range(nvec)) + ";" for u in range(U)]
+        prefetch = self._prefetch_lines()
+        if prefetch:
+            # the same columns kc rows on (the next k block's tile); integer arithmetic, since the
+            # address may lie past the operand (a prefetch never faults)
+            L.append(f"    const uintptr_t ahead = (uintptr_t)(kc * xk) * sizeof({TX});")
         if unroll > 1 and rows == self.U:      # edge variants stay compact: they run rarely
             L.append(f"    #pragma GCC unroll {unroll}")
         L.append("    for (int64_t kk = 0; kk < kc; kk++) {")
+        L += [f"        __builtin_prefetch((const void *)((uintptr_t)x + ahead + {off}), 0, 3);" for off in prefetch]
         for j in range(nvec):
             # an unpacked X read with scalar "vectors" may have any stride along V; wider vectors need 1
             at = f"x + {j} * xv" if (W == 1 and not x_packed) else f"x + {j * W}"
@@ -151,6 +159,14 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         L.append("    }")
         L.append("}")
         return L
+
+    def _prefetch_lines(self) -> list[int]:
+        """Byte offsets of the cache lines of one tile row of X to prefetch a k block ahead (the
+        schedule's ``prefetch`` step; none when X is packed)."""
+        if self.X not in self.nest.prefetch or self.X in self.packs:
+            return []
+        row_bytes = self.V * C_TYPE_BYTES[self.T]
+        return list(range(0, row_bytes, CACHE_LINE_BYTES))
 
     def _kernel_unroll(self) -> int:
         """The schedule's unroll of the tile's k loop, cut so one unrolled body holds at most

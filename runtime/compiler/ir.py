@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 DIMS = ("b", "m", "n", "k")                      # batch, rows of C, columns of C, reduction
-OPERANDS = ("A", "B")                            # the inputs a step may name (pack)
+OPERANDS = ("A", "B")                            # the inputs a step may name (pack, prefetch)
 TENSOR_DIMS = {"A": ("b", "m", "k"), "B": ("b", "k", "n"), "C": ("b", "m", "n")}
 TILE_DIM_FOR_OPERAND = {"A": "m", "B": "n"}      # the dimension a packed panel is laid out along
 MAX_LOOP_DEPTH = 8                               # at most 8 splits along one path of one dimension
@@ -67,6 +67,7 @@ class LoopNest:
     unroll: tuple[tuple[str, int], ...] = ()        # sorted (loop, factor)
     pack: tuple[tuple[str, str], ...] = ()          # sorted (operand, loop at whose body start it is packed)
     parallel: Optional[str] = None                  # loop whose iterations run on threads
+    prefetch: tuple[str, ...] = ()                  # sorted operands whose next k block the micro-kernel prefetches
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -93,6 +94,11 @@ class LoopNest:
 
     def packed(self, operand: str) -> Optional[str]:
         return dict(self.pack).get(operand)
+
+    def vector_operand(self) -> Optional[str]:
+        """The operand the micro-kernel reads as vectors (B when vectorized along n, A along m)."""
+        dim = self.vector_dim
+        return None if dim is None else ("B" if dim == "n" else "A")
 
     @property
     def tile_sizes(self) -> Optional[tuple[int, int]]:
@@ -154,6 +160,11 @@ class LoopNest:
             require(factor >= 1, "unroll factor must be positive")
         for operand, at in self.pack:
             self._check_pack(operand, at, start)
+        for operand in self.prefetch:
+            require(self.tile is not None, "prefetch needs a register tile (it runs in the micro-kernel)")
+            require(operand == self.vector_operand(),
+                    f"prefetch {operand}: the micro-kernel streams {self.vector_operand()} as vectors, not {operand}")
+            require(self.packed(operand) is None, f"prefetch {operand}: {operand} is packed (its panels are already near)")
         if self.parallel is not None:
             i = self.index(self.parallel)
             p = self.loops[i]
@@ -198,7 +209,8 @@ class LoopNest:
         for i, (l, c) in enumerate(zip(self.loops, counts)):
             if i == start:
                 mr, nr = self.tile_sizes  # type: ignore[misc]
-                lines.append("  " * depth + f"micro-kernel {mr}x{nr} (vectorized along {self.vector_dim}), "
+                ahead = "".join(f", prefetching {op}'s next k block" for op in self.prefetch)
+                lines.append("  " * depth + f"micro-kernel {mr}x{nr} (vectorized along {self.vector_dim}{ahead}), "
                              f"accumulators in registers over:")
                 depth += 1
             notes = []

@@ -95,6 +95,8 @@ def canonical_schedule(nest: LoopNest) -> Schedule:
             s = s.step("vectorize", loop=nest.vector)
     for operand, at in nest.pack:
         s = s.step("pack", operand=operand, at=at)
+    for operand in nest.prefetch:
+        s = s.step("prefetch", operand=operand)
     for name, factor in nest.unroll:
         s = s.step("unroll", loop=name, factor=factor)
     if nest.parallel:

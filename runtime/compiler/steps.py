@@ -10,7 +10,7 @@ the step does to a loop nest (a pure function nest -> nest that raises ``Schedul
 ``STEPS`` (op -> ``StepDef``) is the closed grammar: ``looptune.runtime.compiler.trace``
 validates every step against it, ``Schedule.apply`` applies steps through it.  Adding a step
 (say, a prefetch) is one decorated function here, plus the annotation it sets on
-``LoopNest`` if it adds one, its place in ``canonical_schedule``, and the code generator.
+``LoopNest`` if it adds one, its place in ``canonical_schedule``, and the code generator (``prefetch`` below is one such step).
 
 Validation is plain data checking: a step that passes holds only op names from ``STEPS``,
 loop names of the form ``m``, ``m.o``, ``m.i.o`` ..., operand letters and bounded integers.
@@ -211,6 +211,21 @@ def pack(nest: LoopNest, operand: str, at: str) -> LoopNest:
     table = dict(nest.pack)
     table[operand] = at
     return replace(nest, pack=tuple(sorted(table.items()))).check()
+
+
+@step(operand=operand_letter)
+def prefetch(nest: LoopNest, operand: str) -> LoopNest:
+    """While the micro-kernel reads its k rows of the unpacked ``operand`` it streams as vectors,
+    prefetch into L1 the same columns ``kc`` rows further on: the tile the next block of the k
+    loop will read there.  For streaming problems (matrix-vector and few-row products, where a
+    B row is read once) every k block otherwise starts new hardware-prefetch streams; the hint
+    changes no result::
+
+        for k.o step kc: for n.i.o: tile(B[k.o : k.o+kc, n.i.o : n.i.o+nr])
+          ==>  for k.o step kc: for n.i.o: tile(B[k.o : k.o+kc, ...]); prefetch(B[k.o+kc : k.o+2kc, ...])
+    """
+    table = set(nest.prefetch) | {operand}
+    return replace(nest, prefetch=tuple(sorted(table))).check()
 
 
 @step(loop=loop_name)

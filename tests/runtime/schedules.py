@@ -44,7 +44,8 @@ def random_blocking(rng: random.Random) -> Schedule:
     p = BlockingParams(mr=mr, nr=nr, mc=mr * rng.choice([2, 3, 5]), kc=rng.choice([2, 5, 16, 33, 64]),
                        nc=nr * rng.choice([2, 3, 7]), unroll_k=rng.choice([1, 2, 4]),
                        pack_a=rng.random() < 0.5, pack_b=rng.random() < 0.5,
-                       parallel=rng.choice([None, None, "m.o", "n.o"]), vector=rng.choice(["n", "n", "m"]))
+                       parallel=rng.choice([None, None, "m.o", "n.o"]), vector=rng.choice(["n", "n", "m"]),
+                       prefetch=rng.random() < 0.3)
     s = p.schedule()
     for _ in range(rng.randrange(4)):
         names = s.nest.names

@@ -26,6 +26,10 @@ CASES = {
     # m blocks in parallel under one B block every thread packs a share of (BLIS's ic loop)
     "blis_m_parallel_shared_b_float32_avx512": (
         BlockingParams(8, 32, 64, 256, 512, parallel="m.o").schedule(), "float32", Target("avx512", 64)),
+    # one row of A streaming B in place, the next k block's tile prefetched (the prefetch step)
+    "gemv_prefetch_float32_avx512": (
+        BlockingParams(2, 64, 4, 4, 1024, unroll_k=4, pack_a=False, pack_b=False, prefetch=True).schedule(),
+        "float32", Target("avx512", 64)),
 }
 # bfloat16: one schedule whose 32x32 tile each mode can run, in each mode (codegen_bf16.MODES)
 BF16_SCHEDULE = BlockingParams(32, 32, 64, 128, 256, unroll_k=2).schedule()

@@ -40,6 +40,7 @@ EXAMPLES = {
     "unroll": lambda: TILED.step("unroll", loop="k.i", factor=4),
     "pack": lambda: TILED.step("pack", operand="B", at="k.o").step("pack", operand="A", at="m.o"),
     "parallel": lambda: TILED.step("parallel", loop="n.o"),
+    "prefetch": lambda: TILED.step("prefetch", operand="B"),
 }
 
 
@@ -93,6 +94,11 @@ def test_replay_is_size_free():
     (lambda: Schedule.initial().step("parallel", loop="k"), "reduction"),
     (lambda: Schedule.initial().step("vectorize", loop="n"), "needs a register tile"),
     (lambda: default_schedule(MatmulProblem(64, 64, 64)).step("split", loop="m.i.i", factor=2), "register-tile loop"),
+    (lambda: Schedule.initial().step("prefetch", operand="B"), "needs a register tile"),
+    (lambda: TILED.step("prefetch", operand="A"), "streams B as vectors"),
+    (lambda: TILED.step("pack", operand="B", at="k.o").step("prefetch", operand="B"), "is packed"),
+    (lambda: TILED.step("prefetch", operand="B").step("pack", operand="B", at="k.o"), "is packed"),
+    (lambda: TILED.step("prefetch", operand="B").step("vectorize", loop="m.i.i"), "streams A as vectors"),
 ])
 def test_illegal_steps_raise_one_error_type_with_reason(make, why):
     with pytest.raises(ScheduleError, match=why):
@@ -142,11 +148,21 @@ ALL_OPS_JSON = (
     '{"loop":"m.i.i","op":"vectorize"},{"loop":"n.o","op":"swap","other":"k.o"}],"version":1}')
 
 
+# The ops added since, each in a trace of its own (prefetch cannot join packed operands above).
+LATER_OPS_JSON = (
+    '{"steps":[{"factor":2,"loop":"m","op":"split"},{"factor":64,"loop":"n","op":"split"},'
+    '{"factor":8,"loop":"k","op":"split"},{"op":"reorder","order":["b","k.o","m.o","n.o","k.i","m.i","n.i"]},'
+    '{"m":"m.i","n":"n.i","op":"register_tile"},{"op":"prefetch","operand":"B"}],"version":1}',)
+
+
 def test_trace_json_is_byte_for_byte_stable():
-    s = Schedule.from_json(ALL_OPS_JSON)
-    assert {st.op for st in s.trace} == set(STEPS)
-    assert s.to_json() == ALL_OPS_JSON
-    assert Trace.from_json(ALL_OPS_JSON.encode()).to_json() == ALL_OPS_JSON
+    ops = set()
+    for text in (ALL_OPS_JSON, *LATER_OPS_JSON):
+        s = Schedule.from_json(text)
+        ops |= {st.op for st in s.trace}
+        assert s.to_json() == text
+        assert Trace.from_json(text.encode()).to_json() == text
+    assert ops == set(STEPS)
 
 
 def test_one_error_family():
@@ -154,7 +170,7 @@ def test_one_error_family():
     assert issubclass(TraceFormatError, ScheduleError)
     assert issubclass(ScheduleError, ValueError) and issubclass(ScheduleError, LoopTuneError)
     with pytest.raises(TraceFormatError, match="unknown step op"):
-        Schedule.from_json('{"version": 1, "steps": [{"op": "prefetch", "loop": "k"}]}')
+        Schedule.from_json('{"version": 1, "steps": [{"op": "stream", "loop": "k"}]}')
     with pytest.raises(TraceFormatError, match=r"split.factor must be in \[2"):
         Schedule.initial().step("split", loop="m", factor=1)
     with pytest.raises(ScheduleError, match="step 2 .*adjacent"):

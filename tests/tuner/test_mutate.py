@@ -1,9 +1,11 @@
 """One-factor trace mutations (tune's hill-climb): legal, distinct, one split factor away."""
-from looptune.runtime.compiler.defaults import default_schedule
+from dataclasses import replace
+
+from looptune.runtime.compiler.defaults import PREFETCH_KC, default_params, default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
-from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations
+from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations, prefetch_mutations
 from looptune.tuner.search.spaces import tile_options
 from looptune.runtime.compiler.machine import detect_cpu
 
@@ -83,3 +85,27 @@ def test_parallel_mutations_move_drop_or_add_the_parallel_loop():
     added = parallel_mutations(sequential, p)
     assert added and all(m.nest.parallel is not None for m in added)
     assert d.nest.parallel in [m.nest.parallel for m in added]
+
+
+def test_prefetch_mutations_add_or_drop_the_prefetch_step():
+    """Legal only for the operand the micro-kernel streams unpacked: added to a GEMV schedule,
+    dropped from one that has it, never offered where both operands are packed."""
+    gemv = replace(default_params(MatmulProblem(2, 1024, 1024)), prefetch=False).schedule()
+    [added] = prefetch_mutations(gemv)
+    assert added.nest.prefetch == ("B",) and Schedule.from_json(added.to_json()).nest == added.nest
+    assert added.nest.loops == gemv.nest.loops and added.nest.unroll == gemv.nest.unroll
+    [dropped] = prefetch_mutations(added)
+    assert canonical_key(dropped.nest) == canonical_key(gemv.nest)
+    assert prefetch_mutations(default_schedule(MatmulProblem(200, 300, 400))) == []     # B is packed
+    assert prefetch_mutations(Schedule.initial()) == []
+
+
+def test_gemv_default_prefetches_while_a_sweep_of_k_blocks_fits_l1():
+    """One row of A with n short enough that PREFETCH_KC rows of B fit half of L1: the default
+    streams B in short k blocks and prefetches the next; longer rows, or two rows of A, do not."""
+    cpu = replace(detect_cpu(), l1d_bytes=32 * 1024)
+    small = default_params(MatmulProblem(1, 1024, 1024), cpu)
+    assert small.prefetch and small.kc == PREFETCH_KC and "B" in small.schedule().nest.prefetch
+    assert not default_params(MatmulProblem(1, 4096, 1024), cpu).prefetch
+    assert not default_params(MatmulProblem(2, 1024, 1024), cpu).prefetch
+    assert not default_params(MatmulProblem(1, 1024, 1024, layout="nt"), cpu).schedule().nest.prefetch

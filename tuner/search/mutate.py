@@ -20,6 +20,8 @@ loop or drops it (no action can: ``parallel`` is set once), or adds it where it 
     before: ... pack(A, m.o) unroll(k.i, 4) parallel(n.o)
     after:  ... pack(A, m.o) unroll(k.i, 4) parallel(m.o)      (threads over the m blocks)
             ... pack(A, m.o) unroll(k.i, 4)                    (one thread: faster on small problems)
+
+``prefetch_mutations`` adds or drops the ``prefetch`` step (no action takes it).
 """
 from __future__ import annotations
 
@@ -131,6 +133,23 @@ def parallel_mutations(schedule: Schedule, problem: MatmulProblem) -> list[Sched
             seen.add(key)
             unique.append(canonical_schedule(cand.nest))
     return unique
+
+
+def prefetch_mutations(schedule: Schedule) -> list[Schedule]:
+    """The schedule with its ``prefetch`` step dropped, or added for the operand the micro-kernel
+    streams as vectors where that is legal (the operand is not packed)::
+
+        before: ... register_tile(m.i.i, n.i.i) unroll(k.i, 4)
+        after:  ... register_tile(m.i.i, n.i.i) prefetch(B) unroll(k.i, 4)
+    """
+    nest = schedule.nest
+    if nest.prefetch:
+        cand = _replay(s for s in schedule.trace if s.op != "prefetch")
+    elif nest.tile is None:
+        return []
+    else:
+        cand = _replay(list(schedule.trace) + [Step.make("prefetch", operand=nest.vector_operand())])
+    return [] if cand is None else [canonical_schedule(cand.nest)]
 
 
 def interleave(lists: Sequence[Sequence]) -> list:

@@ -18,7 +18,7 @@ from dataclasses import replace
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.codegen_bf16 import AMX_TILE_ROWS, amx_tile_fits
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
-from looptune.runtime.compiler.defaults import BlockingParams, default_params
+from looptune.runtime.compiler.defaults import PREFETCH_KC, BlockingParams, default_params
 from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 
@@ -68,7 +68,7 @@ def blocking_candidates(problem: MatmulProblem, count: int, seed: int = 0,
         nc = nr * rng.choice([4, 8, 16, 32, 64, 128])
         cand = replace(base, mr=mr, nr=nr, kc=min(kc, max(16, problem.k)), mc=mc, nc=nc,
                        unroll_k=rng.choice([1, 2, 4, 8]),
-                       pack_a=rng.random() < 0.7, pack_b=rng.random() < 0.85)
+                       pack_a=rng.random() < 0.7, pack_b=rng.random() < 0.85, prefetch=False)
         # the default's parallel loop (if it has one), with its blocks cut so every thread gets some
         if base.parallel is not None:
             cand = parallel_variants(problem, cand, base.parallel)[0]
@@ -130,6 +130,7 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
     they carry over between ISAs: tall-narrow tiles with A read in place for small problems, wide
     tiles with both operands packed for large ones."""
     lanes = accumulator_lanes(cpu, problem.dtype)
+    base = replace(base, prefetch=False)      # (the default's own choice is the first candidate)
     k = max(16, min(problem.k, 512))
     small = problem.m * problem.k * problem.itemsize <= cpu.l2_bytes // 2
     out = [
@@ -151,6 +152,9 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
         # rows at a time outside wide n tiles keeps every B row contiguous (axpy order), no packing.
         skinny = [replace(base, mr=mr, nr=nr * lanes, mc=2 * mr, kc=8, nc=1 << 14, unroll_k=8, pack_a=False, pack_b=False)
                   for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2), (16, 1), (8, 4))]
+        if problem.m <= 2:
+            # ... with short k blocks whose successor is prefetched (the ``prefetch`` step)
+            skinny = [replace(c, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True) for c in skinny[:3:2]] + skinny
         # ... or keep a whole column panel of C in registers across all of K (A packed once, B
         # read in place, C written once): wins when M nearly fills a tile (8 x 1024 x 1024: 105
         # GFLOPS against 70 for the streaming form).

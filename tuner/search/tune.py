@@ -82,7 +82,7 @@ from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
 from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
-from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations
+from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations, prefetch_mutations
 from looptune.tuner.search.proxy import proxy_problem
 from looptune.tuner.search.seeds import DatabaseSeeds, Seed, seed_rates
 from looptune.tuner.search.spaces import blocking_candidates
@@ -115,7 +115,8 @@ def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule
       changed, ...;
     * one-factor mutations of the trace (``mutate.factor_mutations``): the register tile one
       size up or down, a cache block halved or doubled, which no action can do once tiled;
-    * with threads > 1, ``parallel`` moved, dropped or added (``mutate.parallel_mutations``).
+    * with threads > 1, ``parallel`` moved, dropped or added (``mutate.parallel_mutations``);
+    * the ``prefetch`` step added or dropped (``mutate.prefetch_mutations``).
 
     Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 16]``.
     After: e.g. ``k`` split by 128, or the tile 8 x 32, or ``m.o`` 48 instead of 96.
@@ -133,7 +134,8 @@ def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule
         ranked = [n for _, _, n in sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))]
         ranked = [canonical_schedule(n.nest) for n in ranked]
     out, seen = [], set(skip)
-    for cand in interleave([ranked, factor_mutations(schedule, problem), parallel_mutations(schedule, problem)]):
+    for cand in interleave([ranked, factor_mutations(schedule, problem), parallel_mutations(schedule, problem),
+                            prefetch_mutations(schedule)]):
         k = canonical_key(cand.nest)
         if k not in seen:
             seen.add(k)
