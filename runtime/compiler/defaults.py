@@ -118,13 +118,6 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
         mr, nr = 2 if problem.m <= 2 else 4, min(64, 4 * lanes)
         params = BlockingParams(mr, nr, 2 * mr, 8, _round_up(problem.n, nr), unroll_k=8, pack_a=False,
                                 pack_b=problem.layout[1] == "t")    # vector loads need unit stride along n
-        if problem.m == 1 and not params.pack_b and PREFETCH_KC * problem.n * size <= cpu.l1d_bytes // 2:
-            # one row of A: every B row is read once, and each k block opens new streams the
-            # hardware prefetcher has to find.  Shorter k blocks with the next block's tile
-            # prefetched into L1 (while a whole sweep over n, kc rows of n, fits half of L1)
-            # measured 58 against 47 GFLOPS at 1x1024x1024 on a Zen 5 core; beyond that the
-            # lines leave L1 before they are used, and at M >= 2 the hint costs more than it saves.
-            params = replace(params, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True)
         if problem.dtype == "bfloat16" and cpu.bf16_isa == "amx":
             # bf16 packs both operands anyway, so AMX wins here too: one 16-row tile (M padded),
             # one or two column tiles, and k blocks as long as a quarter of L2 holds B's block
@@ -145,6 +138,14 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
         else:
             blocks = _round_up(-(-problem.m // mc), t)
             params = replace(params, parallel="m.o", mc=_round_up(-(-problem.m // blocks), mr))
+    if (problem.m == 1 and problem.dtype != "bfloat16" and not params.pack_b
+            and PREFETCH_KC * params.nc * size <= cpu.l1d_bytes // 2):
+        # One row of A: every B row is read once, and each k block opens new streams the hardware
+        # prefetcher has to find.  Shorter k blocks with the next block's tile prefetched into L1
+        # measured 58 against 47 GFLOPS at 1x1024x1024 on a Zen 5 core, while one sweep over a
+        # thread's n block (kc rows of nc) fits half of L1; beyond that the lines leave L1 before
+        # they are used, and from two rows of A on the hint cost more than it saved.
+        params = replace(params, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True)
     return params
 
 

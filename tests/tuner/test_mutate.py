@@ -101,11 +101,14 @@ def test_prefetch_mutations_add_or_drop_the_prefetch_step():
 
 
 def test_gemv_default_prefetches_while_a_sweep_of_k_blocks_fits_l1():
-    """One row of A with n short enough that PREFETCH_KC rows of B fit half of L1: the default
-    streams B in short k blocks and prefetches the next; longer rows, or two rows of A, do not."""
+    """One row of A with a thread's n block short enough that PREFETCH_KC rows of it fit half of
+    L1: the default streams B in short k blocks and prefetches the next; longer blocks, or two
+    rows of A, do not."""
     cpu = replace(detect_cpu(), l1d_bytes=32 * 1024)
     small = default_params(MatmulProblem(1, 1024, 1024), cpu)
     assert small.prefetch and small.kc == PREFETCH_KC and "B" in small.schedule().nest.prefetch
     assert not default_params(MatmulProblem(1, 4096, 1024), cpu).prefetch
+    two = default_params(MatmulProblem(1, 2048, 1024, threads=2), cpu)      # a thread sweeps n blocks of 1024
+    assert two.prefetch and two.parallel == "n.o" and two.nc == 1024
     assert not default_params(MatmulProblem(2, 1024, 1024), cpu).prefetch
     assert not default_params(MatmulProblem(1, 1024, 1024, layout="nt"), cpu).schedule().nest.prefetch
