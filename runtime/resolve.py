@@ -23,7 +23,9 @@ kernel, which every shape of the family shares.  Kernels are cached in memory by
 dtype, inputs, sizes) and on disk by their text.
 
 numpy serves a problem (``source="numpy"``, ``looptune.runtime.numpy_kernel``) when its exact
-record says no candidate beat numpy (the hand-off; ``numpy_handoff=False`` turns it off),
+record says no candidate beat numpy (the hand-off; ``numpy_handoff=False`` turns it off) or, on
+several threads, that numpy beat our kernel's speed per thread by over a fifth
+(``numpy_beats_one_core``: next to numpy's spinning threads our kernel gets one core),
 and when no kernel can be built or loaded for it, or its kernel refuses the operands: the
 call still computes, and one warning names the cause.
 
@@ -92,6 +94,27 @@ def numpy_serves_faster(gflops: float, numpy_gflops: Optional[float], flops: flo
         return True         # no candidate ran
     return flops / (numpy_gflops * 1e9) + HANDOFF_OVERHEAD_S < flops / (gflops * 1e9)
 
+
+# how much numpy on T threads must beat our T-thread kernel's speed per thread to take the problem
+SHARED_CORES_MARGIN = 1.2
+
+
+def numpy_beats_one_core(gflops: float, numpy_gflops: Optional[float], threads: int) -> bool:
+    """Whether numpy on ``threads`` threads beats our kernel's speed per thread by over
+    ``SHARED_CORES_MARGIN``: then, in a program that also calls numpy, numpy is the better bet.
+    After each of numpy's parallel calls OpenBLAS's threads spin on the other cores for about
+    0.1 s, and our pool's loops run on the caller alone meanwhile (``pool``), so our kernel gets
+    one core where numpy's gets all.  A compute-bound kernel loses little so (1 x 2 threads' speed
+    per thread ~ numpy's 2 threads on this VM); a memory-bound one loses most: 1x1024x1024 on 2
+    threads, ours 77 GFLOPS with the cores free and 52 next to numpy, numpy's 69 to 71."""
+    if threads <= 1 or not gflops or not numpy_gflops:
+        return False
+    return numpy_gflops > SHARED_CORES_MARGIN * gflops / threads
+
+
+SHARED_CORES = ("on {threads} threads numpy beat this problem's kernel per thread by over a fifth when tuned "
+                "({numpy:.1f} GFLOPS against {one_core:.1f} per thread): in a program that also calls numpy, "
+                "OpenBLAS's threads hold the other cores after each of its calls and our kernel would run on one")
 
 DOT_PRODUCTS = ("a matrix times a vector (N = 1, K contiguous in A): its kernel is a dot product along K, "
                 "which the schedule grammar cannot vectorize (it vectorizes along M or N); numpy's gemv serves it "
@@ -274,6 +297,12 @@ class Resolver:
                 return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
                                   rec.numpy_gflops, reason=f"no candidate beat numpy when tuned "
                                   f"({rec.gflops_median:.1f} vs {rec.numpy_gflops:.1f} GFLOPS)")
+            if exact and self.settings.numpy_handoff and numpy_beats_one_core(rec.gflops_median, rec.numpy_gflops,
+                                                                             problem.threads):
+                return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
+                                  rec.numpy_gflops, reason=SHARED_CORES.format(
+                                      threads=problem.threads, numpy=rec.numpy_gflops,
+                                      one_core=rec.gflops_median / problem.threads))
             if not exact and self.settings.numpy_handoff and dot_products(problem):
                 return Resolution(problem, "numpy", sched, reason=DOT_PRODUCTS)
             if close or mode == "nearest" or mode == "tune":
@@ -311,6 +340,9 @@ class Resolver:
                 outcome.gflops, outcome.numpy_gflops, problem.flops):
             resolution = replace(resolution, source="numpy", reason=f"no candidate beat numpy when tuned "
                                  f"({outcome.gflops:.1f} vs {outcome.numpy_gflops:.1f} GFLOPS)")
+        elif self.settings.numpy_handoff and numpy_beats_one_core(outcome.gflops, outcome.numpy_gflops, problem.threads):
+            resolution = replace(resolution, source="numpy", reason=SHARED_CORES.format(
+                threads=problem.threads, numpy=outcome.numpy_gflops, one_core=outcome.gflops / problem.threads))
         self.dispatch[key] = self._serve(resolution)
 
     def _forget_choices(self) -> None:

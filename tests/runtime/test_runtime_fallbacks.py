@@ -68,6 +68,32 @@ def test_a_matrix_times_a_vector_goes_to_numpy_unless_its_record_says_otherwise(
     np.testing.assert_allclose(runtime.matmul(a, v), a @ v, rtol=1e-4, atol=1e-4)
 
 
+def test_on_several_threads_numpy_takes_problems_it_beat_per_thread(user_db):
+    """Next to numpy's parallel calls our kernel gets one core: a 2-thread record whose kernel
+    beat numpy (77 vs 71) but runs at half that per thread goes to numpy (a memory-bound GEMV);
+    one that stays ahead on one core keeps its kernel, and so does every one-thread record."""
+    save(user_db, [record(MatmulProblem(1, 2048, 2048, threads=2), gflops=77.0, numpy_gflops=71.0),
+                   record(MatmulProblem(256, 256, 256, threads=2), gflops=500.0, numpy_gflops=250.0),
+                   record(MatmulProblem(1, 2048, 2048), gflops=77.0, numpy_gflops=71.0)])
+    runtime.configure(user_db=user_db)
+    a, b = np.ones((1, 2048), np.float32), np.ones((2048, 2048), np.float32)
+    gemv = runtime.explain(a, b, threads=2)
+    assert gemv.source == "numpy" and "per thread" in gemv.reason and "38.5" in gemv.reason
+    np.testing.assert_array_equal(runtime.matmul(a, b, threads=2), a @ b)
+    square = np.ones((256, 256), np.float32)
+    assert runtime.explain(square, square, threads=2).source == "exact"
+    assert runtime.explain(a, b, threads=1).source == "exact"
+    runtime.configure(numpy_handoff=False)
+    assert runtime.explain(a, b, threads=2).source == "exact"
+
+
+def test_the_per_thread_rule_counts_a_margin():
+    from looptune.runtime.resolve import numpy_beats_one_core
+    assert numpy_beats_one_core(77.0, 71.0, 2) and numpy_beats_one_core(400.0, 50.0, 16)
+    assert not numpy_beats_one_core(500.0, 250.0, 2)       # within the margin: ours on one core is about as fast
+    assert not numpy_beats_one_core(77.0, 71.0, 1) and not numpy_beats_one_core(77.0, None, 2)
+
+
 def test_handoff_switch_is_read_from_the_environment():
     assert RuntimeSettings.from_env({"LOOPTUNE_NO_NUMPY_HANDOFF": "1"}).numpy_handoff is False
     assert RuntimeSettings.from_env({}).numpy_handoff is True
