@@ -126,6 +126,15 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
             kc = max(32, min(4096, cpu.l2_bytes // 4 // (_round_up(problem.n, nr) * size)) // 32 * 32)
             params = BlockingParams(16, nr, 16, min(kc, _round_up(problem.k, 32)), _round_up(problem.n, nr),
                                     unroll_k=1)
+        if problem.m == 1 and problem.dtype != "bfloat16" and not params.pack_b:
+            # One row of A: every B row is read once, and each k block opens new streams the
+            # hardware prefetcher has to find.  Short k blocks with the next block's tile
+            # prefetched into L1, in n blocks whose sweep (kc rows of nc) fits a third of L1 so the
+            # lines are still there when used: on a Zen 5 core 1x1024x1024 went from 47 to 58
+            # GFLOPS and 1x4096x1024 from 33 to 46 (tools/bench_gemv.py).  From two rows of A on
+            # the hint cost more than it saved.
+            params = replace(params, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True,
+                             nc=min(params.nc, prefetched_n_block(cpu, nr, size)))
         mc, nc = params.mc, params.nc
     if problem.threads > 1:
         # Prefer splitting N across threads: each thread then packs its own B panel in parallel
@@ -138,15 +147,14 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
         else:
             blocks = _round_up(-(-problem.m // mc), t)
             params = replace(params, parallel="m.o", mc=_round_up(-(-problem.m // blocks), mr))
-    if (problem.m == 1 and problem.dtype != "bfloat16" and not params.pack_b
-            and PREFETCH_KC * params.nc * size <= cpu.l1d_bytes // 2):
-        # One row of A: every B row is read once, and each k block opens new streams the hardware
-        # prefetcher has to find.  Shorter k blocks with the next block's tile prefetched into L1
-        # measured 58 against 47 GFLOPS at 1x1024x1024 on a Zen 5 core, while one sweep over a
-        # thread's n block (kc rows of nc) fits half of L1; beyond that the lines leave L1 before
-        # they are used, and from two rows of A on the hint cost more than it saved.
-        params = replace(params, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True)
     return params
+
+
+def prefetched_n_block(cpu: CpuInfo, nr: int, itemsize: int) -> int:
+    """The widest n block (whole tiles of ``nr``) whose sweep of ``PREFETCH_KC`` rows fits a third
+    of L1: the lines the ``prefetch`` step fetches for the next k block are still there when the
+    sweep comes back to them (measured at 1x4096x1024: n blocks of 1024 46 GFLOPS, of 1536 42)."""
+    return max(nr, cpu.l1d_bytes // 3 // (PREFETCH_KC * itemsize) // nr * nr)
 
 
 def default_schedule(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Schedule:

@@ -100,15 +100,19 @@ def test_prefetch_mutations_add_or_drop_the_prefetch_step():
     assert prefetch_mutations(Schedule.initial()) == []
 
 
-def test_gemv_default_prefetches_while_a_sweep_of_k_blocks_fits_l1():
-    """One row of A with a thread's n block short enough that PREFETCH_KC rows of it fit half of
-    L1: the default streams B in short k blocks and prefetches the next; longer blocks, or two
-    rows of A, do not."""
+def test_gemv_default_prefetches_in_n_blocks_whose_sweep_fits_l1():
+    """One row of A: the default streams B in short k blocks, prefetches the next, and cuts n into
+    blocks whose sweep (PREFETCH_KC rows of them) fits a third of L1; a thread's share of n too.
+    Two rows of A, or a transposed B (packed), do not prefetch."""
     cpu = replace(detect_cpu(), l1d_bytes=32 * 1024)
     small = default_params(MatmulProblem(1, 1024, 1024), cpu)
-    assert small.prefetch and small.kc == PREFETCH_KC and "B" in small.schedule().nest.prefetch
-    assert not default_params(MatmulProblem(1, 4096, 1024), cpu).prefetch
-    two = default_params(MatmulProblem(1, 2048, 1024, threads=2), cpu)      # a thread sweeps n blocks of 1024
-    assert two.prefetch and two.parallel == "n.o" and two.nc == 1024
+    assert small.prefetch and small.kc == PREFETCH_KC and small.nc == 640 and "B" in small.schedule().nest.prefetch
+    wide = default_params(MatmulProblem(1, 4096, 1024), cpu)
+    assert wide.prefetch and PREFETCH_KC * wide.nc * 4 <= 32 * 1024 // 3
+    double = default_params(MatmulProblem(1, 1024, 1024, dtype="float64"), cpu)
+    assert double.prefetch and PREFETCH_KC * double.nc * 8 <= 32 * 1024 // 3
+    two = default_params(MatmulProblem(1, 4096, 1024, threads=2), cpu)
+    assert two.prefetch and two.parallel == "n.o" and PREFETCH_KC * two.nc * 4 <= 32 * 1024 // 3
+    assert -(-4096 // two.nc) % 2 == 0                        # every thread gets as many n blocks
     assert not default_params(MatmulProblem(2, 1024, 1024), cpu).prefetch
     assert not default_params(MatmulProblem(1, 1024, 1024, layout="nt"), cpu).schedule().nest.prefetch

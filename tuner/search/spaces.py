@@ -18,7 +18,7 @@ from dataclasses import replace
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.codegen_bf16 import AMX_TILE_ROWS, amx_tile_fits
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
-from looptune.runtime.compiler.defaults import PREFETCH_KC, BlockingParams, default_params
+from looptune.runtime.compiler.defaults import PREFETCH_KC, BlockingParams, default_params, prefetched_n_block
 from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 
@@ -154,7 +154,8 @@ def _templates(problem: MatmulProblem, base: BlockingParams, cpu: CpuInfo) -> li
                   for mr, nr in ((2, 4), (4, 4), (2, 2), (8, 2), (16, 1), (8, 4))]
         if problem.m <= 2:
             # ... with short k blocks whose successor is prefetched (the ``prefetch`` step)
-            skinny = [replace(c, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True) for c in skinny[:3:2]] + skinny
+            skinny = [replace(c, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True,
+                              nc=prefetched_n_block(cpu, c.nr, problem.itemsize)) for c in skinny[:3:2]] + skinny
         # ... or keep a whole column panel of C in registers across all of K (A packed once, B
         # read in place, C written once): wins when M nearly fills a tile (8 x 1024 x 1024: 105
         # GFLOPS against 70 for the streaming form).
