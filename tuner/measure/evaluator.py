@@ -28,6 +28,11 @@ from looptune.tuner.measure.replay import ReplayRunner, ResultStore
 from looptune.tuner.measure.protocol import Candidate, MeasureConfig, RunResult
 from looptune.tuner.measure.runner import LocalRunner, Runner
 
+# How far the second placement of ``remeasure_elsewhere`` puts operands: 64 pages and three cache
+# lines on, so pages, TLB entries and L1/L2 sets all differ (a shift of five pages moved the
+# fragile kernel below less than one of 256 KB did, measured at 32x4096x1024).
+SECOND_PLACEMENT_SHIFT_BYTES = 64 * 4096 + 3 * 64
+
 # The timing protocol for tuning and training: short (kernels here take 0.05-5 ms) but with
 # enough repeats that the median is stable to a few percent on a quiet core.  A kernel more than
 # 4x slower than numpy on its first timed call is timed once (it cannot win; see MeasureConfig).
@@ -154,6 +159,19 @@ class Evaluator:
         """Measure again, ignoring (and not changing) what is stored: a second opinion on
         finalists.  A replay answers what it recorded."""
         return self._measure([(p, canonical_key(n)) for p, n in pairs])
+
+    def remeasure_elsewhere(self, pairs: Sequence[tuple[MatmulProblem, LoopNest]],
+                            shift_bytes: int = SECOND_PLACEMENT_SHIFT_BYTES) -> list[RunResult]:
+        """``remeasure`` on operands placed ``shift_bytes`` further into fresh memory (other pages
+        and cache sets, the same offset into a cache line): an application's arrays land
+        anywhere, and a kernel whose speed hangs on where (a B panel read down its columns, rows
+        16 KB apart: 87 to 143 GFLOPS by process at 32x4096x1024) should not win on one lucky
+        placement.  Runners without a ``MeasureConfig`` (replays) answer ``remeasure``'s."""
+        config = getattr(self.runner, "config", None)
+        if not isinstance(config, MeasureConfig):
+            return self.remeasure(pairs)
+        with self.protocol(replace(config, operand_shift_bytes=shift_bytes)):
+            return self.remeasure(pairs)
 
     def _measure(self, todo: list[tuple[MatmulProblem, str]]) -> list[RunResult]:
         if not getattr(self.runner, "needs_build", True):

@@ -71,12 +71,15 @@ class MeasureConfig:
     atol: float | None = None
     flush_cache: bool = False
     slow_cutoff: float = 0.0
+    operand_shift_bytes: int = 0        # operands this much further into fresh memory (a second placement)
 
     def __post_init__(self) -> None:
         if not (self.warmup >= 0 and 1 <= self.min_repeats <= self.max_repeats and self.seeds >= 1):
             raise ValueError(f"inconsistent MeasureConfig: {self}")
         if not (self.timeout_seconds > 0 and self.min_total_seconds >= 0 and self.min_sample_seconds >= 0):
             raise ValueError(f"inconsistent MeasureConfig: {self}")
+        if self.operand_shift_bytes < 0 or self.operand_shift_bytes % 64:
+            raise ValueError(f"operand_shift_bytes must be a non-negative multiple of 64: {self}")
 
     def tolerance(self, dtype: str, k: int) -> tuple[float, float]:
         rtol, atol = default_tolerance(dtype, k)

@@ -77,11 +77,11 @@ class Operands:
     out=c)`` makes (timing), with the thread count matmul would pass for this problem.  C has
     the kernel's output dtype (float32 for bfloat16 inputs)."""
 
-    def __init__(self, problem, a0, b0, kernel: Kernel):
-        self.a, self.b = _copy_keeping_layout(a0), _copy_keeping_layout(b0)
+    def __init__(self, problem, a0, b0, kernel: Kernel, shift: int = 0):
+        self.a, self.b = _copy_keeping_layout(a0, shift), _copy_keeping_layout(b0, shift)
         size = problem.batch * problem.m * problem.n
         dtype = np.dtype(OUTPUT_DTYPE[problem.dtype])
-        self.buf = _placed((size + 2 * _GUARD,), dtype, (dtype.itemsize,), first=_GUARD)
+        self.buf = _placed((size + 2 * _GUARD,), dtype, (dtype.itemsize,), first=_GUARD, shift=shift)
         self.buf[...] = _SENTINEL
         self.c = self.buf[_GUARD:_GUARD + size].reshape(problem.batch, problem.m, problem.n)
         self.threads = call_threads(problem.flops, problem.threads, RuntimeSettings.small_flops)
@@ -126,21 +126,23 @@ class Operands:
         return bool(np.all(g[:_GUARD] == _SENTINEL) and np.all(g[-_GUARD:] == _SENTINEL))
 
 
-def _copy_keeping_layout(x):
+def _copy_keeping_layout(x, shift: int = 0):
     """A fresh copy with the same strides pattern (a transposed view stays transposed), placed
-    ``TIMING_OFFSET_BYTES`` into a cache line."""
-    y = _placed(x.shape, x.dtype, np.empty_like(x, order="K").strides)
+    ``TIMING_OFFSET_BYTES`` into a cache line (``shift`` bytes further into its memory)."""
+    y = _placed(x.shape, x.dtype, np.empty_like(x, order="K").strides, shift=shift)
     np.copyto(y, x)
     return y
 
 
-def _placed(shape, dtype, strides, first: int = 0):
+def _placed(shape, dtype, strides, first: int = 0, shift: int = 0):
     """An uninitialized array of non-negative ``strides`` whose element number ``first`` (in
-    memory order) starts ``TIMING_OFFSET_BYTES`` past a cache-line boundary."""
+    memory order) starts ``TIMING_OFFSET_BYTES`` past a cache-line boundary, at least ``shift``
+    bytes into freshly allocated memory (``MeasureConfig.operand_shift_bytes``: other pages and
+    cache sets for the same data)."""
     dtype = np.dtype(dtype)
     nbytes = sum((n - 1) * st for n, st in zip(shape, strides)) + dtype.itemsize if all(shape) else 0
-    raw = np.empty(nbytes + CACHE_LINE_BYTES, np.uint8)
-    start = (TIMING_OFFSET_BYTES - first * dtype.itemsize - raw.ctypes.data) % CACHE_LINE_BYTES
+    raw = np.empty(nbytes + CACHE_LINE_BYTES + shift, np.uint8)
+    start = shift + (TIMING_OFFSET_BYTES - first * dtype.itemsize - raw.ctypes.data - shift) % CACHE_LINE_BYTES
     return np.ndarray(shape, dtype, buffer=raw, offset=start, strides=strides)
 
 
@@ -171,7 +173,7 @@ def verify(kernel: Kernel, problem, config: MeasureConfig, reference) -> Operand
     ops = None
     for seed in range(config.seeds):
         a0, b0, ref = reference(seed)
-        ops = Operands(problem, a0, b0, kernel)
+        ops = Operands(problem, a0, b0, kernel, config.operand_shift_bytes)
         ops.c[...] = np.nan
         checks = [(0, ref, 1.0)] + ([(1, 2 * ref, 2.0)] if config.verify_accumulate else [])
         for accumulate, expect, scale in checks:
