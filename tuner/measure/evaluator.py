@@ -147,14 +147,13 @@ class Evaluator:
             out = [self.store.get(p.key(), k) for p, k in keys]
         return out  # type: ignore[return-value]
 
-    def renew_numpy(self, problem: MatmulProblem) -> Optional[float]:
-        """Time numpy's reference for ``problem`` once more, keeping the faster: its seconds (results
-        measured from now on carry them), or None for runners without a reference (replays)."""
+    def renew_numpy(self, problem: MatmulProblem) -> None:
+        """Time numpy's reference for ``problem`` once more, keeping the faster (results measured
+        from now on carry it); runners without a reference (replays) ignore this."""
         fn = getattr(self.runner, "numpy_second_opinion", None)
-        if fn is None:
-            return None
-        self.wait()
-        return fn(problem)
+        if fn is not None:
+            self.wait()
+            fn(problem)
 
     def remeasure(self, pairs: Sequence[tuple[MatmulProblem, LoopNest]]) -> list[RunResult]:
         """Measure again, ignoring (and not changing) what is stored: a second opinion on

@@ -229,20 +229,19 @@ class LocalRunner(Runner):
             self._reference[problem] = (seconds, tries, tries >= 3 or not disturbed)
         return None if seconds == math.inf else seconds
 
-    def numpy_second_opinion(self, problem: MatmulProblem) -> float | None:
+    def numpy_second_opinion(self, problem: MatmulProblem) -> None:
         """Time np.matmul once more, keeping the faster.  The first timing overlaps the first
         compiles (``Evaluator.prefetch``), and the compiler on the next core slows a memory-bound
         numpy call without taking its core (1x4096x1024: 36 GFLOPS then, 46 to 48 quiet), which
         the CPU-share check cannot see; the finalists are timed quiet, so numpy is too."""
         if not self.measure_numpy:
-            return None
+            return
         seconds, tries, _ = self._reference.get(problem, (math.inf, 0, False))
         msg = {"op": "reference", "problem": problem.key(), "config": self.config.to_json()}
         reply = self._request(problem.threads, msg)
         if isinstance(reply, dict) and reply.get("status") == RunStatus.OK.value:
             seconds = min(seconds, _quartiles(reply["seconds"])[1])
         self._reference[problem] = (seconds, tries + 1, True)
-        return None if seconds == math.inf else seconds
 
     def _request(self, threads: int, msg: dict[str, Any]) -> dict[str, Any] | RunResult:
         """Send one request; a dead or hung worker becomes a CRASH / TIMEOUT result."""

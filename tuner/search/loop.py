@@ -362,28 +362,27 @@ def _confirm(problem: MatmulProblem, evaluator: Evaluator, measured: dict[str, R
     One measurement taken while something else had the core (another process, a compile of
     the same batch finishing) can put a 100 GFLOPS kernel at 85 and lose it to an 90 GFLOPS
     one.  Disturbances only ever slow a kernel down, so each finalist keeps the faster of its
-    two timings.  Each finalist is then timed on operands placed elsewhere in memory, and
-    scored by the mean time of the two placements, so a kernel whose speed hangs on where the
-    operands landed does not win on a lucky placement.  Last, numpy is timed once more, for the
-    first reason (its first timing overlaps the first compiles), keeping its faster timing.  The kernels are built and loaded
+    two timings.  numpy is timed once more first, for the same reason (its first timing overlaps
+    the first compiles).  Each finalist is then timed on operands placed elsewhere in memory,
+    and scored by the mean time of the two placements, so a kernel whose speed hangs on where
+    the operands landed does not win on a lucky placement.  The kernels are built and loaded
     already: this costs timings only.
     """
     ok = sorted(((gflops_of(r), k) for k, r in measured.items() if gflops_of(r)), reverse=True)[:top]
     cost = budget.cost
     if len(ok) < 2 or budget.elapsed_s() + (3 * len(ok) + 1) * (cost.run_s + cost.other_s) + 0.2 > budget.budget_s:
         return best
+    evaluator.renew_numpy(problem)      # numpy's first timing overlapped compiles; these are quiet
     pairs = [(problem, by_key[k].nest) for _, k in ok]
     again = evaluator.remeasure(pairs)
     elsewhere = evaluator.remeasure_elsewhere(pairs)
-    # numpy last: its parallel calls leave OpenBLAS's threads spinning on the cores ours need
-    numpy_s = evaluator.renew_numpy(problem)
     for (g, k), r, r2 in zip(ok, again, elsewhere):
         g2 = gflops_of(r)
         if g2 is not None and g2 > g:
             measured[k] = r
+        elif r.numpy_gflops:            # the faster timing stays; numpy's renewed one goes with it
+            measured[k] = replace(measured[k], numpy_seconds=r.numpy_seconds, numpy_gflops=r.numpy_gflops)
         measured[k] = _across_placements(problem, measured[k], r2)
-        if numpy_s:
-            measured[k] = replace(measured[k], numpy_seconds=numpy_s, numpy_gflops=problem.flops / numpy_s / 1e9)
     g, k = max((gflops_of(measured[k]), k) for _, k in ok)
     return g, by_key[k], measured[k]
 
