@@ -367,6 +367,13 @@ def _confirm(problem: MatmulProblem, evaluator: Evaluator, measured: dict[str, R
     and scored by the mean time of the two placements, so a kernel whose speed hangs on where
     the operands landed does not win on a lucky placement.  The kernels are built and loaded
     already: this costs timings only.
+
+    On several threads numpy's parallel calls leave OpenBLAS's threads spinning on the other
+    cores for about 0.1 s, so the second timings run in numpy's wake, as a program that also
+    calls numpy runs them.  Timing numpy last instead (finalists on quiet cores) measured worse
+    where it counts: the outside harness at 2 threads fell from 1.21x-1.33x (lowest 0.95x) to
+    1.05x-1.17x (lowest 0.68x, 128^3), though dl-public's 2-thread geomean rose from 1.64x to
+    1.83x (fewer problems handed to numpy).
     """
     ok = sorted(((gflops_of(r), k) for k, r in measured.items() if gflops_of(r)), reverse=True)[:top]
     cost = budget.cost
