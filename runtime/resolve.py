@@ -104,9 +104,10 @@ def numpy_beats_one_core(gflops: float, numpy_gflops: Optional[float], threads: 
     ``SHARED_CORES_MARGIN``: then, in a program that also calls numpy, numpy is the better bet.
     After each of numpy's parallel calls OpenBLAS's threads spin on the other cores for about
     0.1 s, and our pool's loops run on the caller alone meanwhile (``pool``), so our kernel gets
-    one core where numpy's gets all.  A compute-bound kernel loses little so (1 x 2 threads' speed
-    per thread ~ numpy's 2 threads on this VM); a memory-bound one loses most: 1x1024x1024 on 2
-    threads, ours 77 GFLOPS with the cores free and 52 next to numpy, numpy's 69 to 71."""
+    one core where numpy's gets all.  A compute-bound kernel loses little so (its one-core speed
+    is about numpy's two-thread speed on this machine); a memory-bound one loses most:
+    1x1024x1024 on 2 threads, ours 77 GFLOPS with the cores free and 52 next to numpy, numpy's
+    69 to 71."""
     if threads <= 1 or not gflops or not numpy_gflops:
         return False
     return numpy_gflops > SHARED_CORES_MARGIN * gflops / threads

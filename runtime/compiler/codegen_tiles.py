@@ -13,7 +13,6 @@ from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 # at most this many accumulator updates (rows x vectors x unroll) in one unrolled body of a tile's k loop
 MAX_UNROLLED_UPDATES = 512
 CACHE_LINE_BYTES = 64      # the prefetch step's granularity (x86-64 and most Arm cores)
-C_TYPE_BYTES = {"float": 4, "double": 8, "uint16_t": 2}
 
 
 class TileWriter:
@@ -165,7 +164,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         schedule's ``prefetch`` step; none when X is packed)."""
         if self.X not in self.nest.prefetch or self.X in self.packs:
             return []
-        row_bytes = self.V * C_TYPE_BYTES[self.T]
+        row_bytes = self.V * self.itemsize      # float tiles read X in C's type (bfloat16 packs X)
         return list(range(0, row_bytes, CACHE_LINE_BYTES))
 
     def _kernel_unroll(self) -> int:

@@ -9,8 +9,8 @@ the step does to a loop nest (a pure function nest -> nest that raises ``Schedul
 
 ``STEPS`` (op -> ``StepDef``) is the closed grammar: ``looptune.runtime.compiler.trace``
 validates every step against it, ``Schedule.apply`` applies steps through it.  Adding a step
-(say, a prefetch) is one decorated function here, plus the annotation it sets on
-``LoopNest`` if it adds one, its place in ``canonical_schedule``, and the code generator (``prefetch`` below is one such step).
+(``prefetch`` below was the latest) is one decorated function here, plus the annotation it
+sets on ``LoopNest`` if it adds one, its place in ``canonical_schedule``, and the code generator.
 
 Validation is plain data checking: a step that passes holds only op names from ``STEPS``,
 loop names of the form ``m``, ``m.o``, ``m.i.o`` ..., operand letters and bounded integers.

@@ -29,8 +29,8 @@ from looptune.tuner.measure.protocol import Candidate, MeasureConfig, RunResult
 from looptune.tuner.measure.runner import LocalRunner, Runner
 
 # How far the second placement of ``remeasure_elsewhere`` puts operands: 64 pages and three cache
-# lines on, so pages, TLB entries and L1/L2 sets all differ (a shift of five pages moved the
-# fragile kernel below less than one of 256 KB did, measured at 32x4096x1024).
+# lines on, so pages, TLB entries and L1/L2 sets all differ (at 32x4096x1024 a shift of five
+# pages changed a placement-sensitive kernel's speed less often than one of 256 KB).
 SECOND_PLACEMENT_SHIFT_BYTES = 64 * 4096 + 3 * 64
 
 # The timing protocol for tuning and training: short (kernels here take 0.05-5 ms) but with
@@ -165,7 +165,7 @@ class Evaluator:
         """``remeasure`` on operands placed ``shift_bytes`` further into fresh memory (other pages
         and cache sets, the same offset into a cache line): an application's arrays land
         anywhere, and a kernel whose speed hangs on where (a B panel read down its columns, rows
-        16 KB apart: 87 to 143 GFLOPS by process at 32x4096x1024) should not win on one lucky
+        16 KB apart: 82 to 145 GFLOPS by placement at 32x4096x1024) should not win on one lucky
         placement.  Runners without a ``MeasureConfig`` (replays) answer ``remeasure``'s."""
         config = getattr(self.runner, "config", None)
         if not isinstance(config, MeasureConfig):

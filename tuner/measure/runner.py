@@ -233,7 +233,7 @@ class LocalRunner(Runner):
         """Time np.matmul once more, keeping the faster.  The first timing overlaps the first
         compiles (``Evaluator.prefetch``), and the compiler on the next core slows a memory-bound
         numpy call without taking its core (1x4096x1024: 36 GFLOPS then, 46 to 48 quiet), which
-        the CPU-share check cannot see; the finalists are timed quiet, so numpy is too."""
+        the CPU-share check cannot see.  With the finalists no compile runs (``search.loop._confirm``)."""
         if not self.measure_numpy:
             return
         seconds, tries, _ = self._reference.get(problem, (math.inf, 0, False))
