@@ -2,11 +2,17 @@
 
 Resolution for a problem the process has not seen yet:
 
-1. an exact record (the user's database wins over the embedded default),
-2. else the nearest record of the family within ``max_distance`` (log2 size units),
-3. else the fallback: ``nearest`` takes the nearest record at any distance (or the analytic
-   default when the family is empty), ``tune`` serves that too while a background thread
+1. an exact record of this machine (the user's database wins over the embedded default),
+2. else the nearest record of this machine in the family within ``max_distance`` (log2 size units),
+3. else the fallback: ``nearest`` takes this machine's nearest record at any distance (or the
+   analytic default when the family has none), ``tune`` serves that too while a background thread
    tunes the problem and swaps in the result, ``off`` uses the analytic default.
+
+Records of other machines (another CPU model, ISA, core count, compiler or code generator) are
+never served: a schedule tuned elsewhere is a start point for tuning here, not an answer.  A
+float32 or float64 problem served by a guess (2 and 3) is tried against numpy on its first calls,
+and the faster serves from then on (``looptune.runtime.verdicts``; the verdict persists beside the
+user database).
 
 bfloat16 problems (ml_dtypes inputs, float32 results) resolve like the others, within their own
 family.  With ``float32_via_bfloat16`` (off by default) a float32 problem resolves as its bfloat16
@@ -57,10 +63,13 @@ from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.databases import Databases
+from looptune.runtime.handoff import (DOT_PRODUCTS, dot_products, handoff_reason, numpy_beats_one_core,  # noqa: F401
+                                      numpy_serves_faster)
 from looptune.runtime.hooks import LiveTuneResult
 from looptune.runtime.live import LiveTuningQueue
 from looptune.runtime.numpy_kernel import NumpyKernel
 from looptune.runtime.configuration import RuntimeSettings
+from looptune.runtime.verdicts import UNDECIDED, Trial, Verdict, VerdictStore, fingerprint, register_for_exit, verdict_path
 
 log = logging.getLogger("looptune.runtime")
 
@@ -78,61 +87,13 @@ def serial_after_fork(settings: RuntimeSettings) -> RuntimeSettings:
     return settings.updated(threads=1, small_flops=math.inf)
 
 
-# What serving a call through numpy costs on top of numpy's own call: runtime.matmul's entry and
-# dispatch before it hands the operands to np.matmul (bench_overhead: about 1 us at 64^3).
-HANDOFF_OVERHEAD_S = 1e-6
-
-
-def numpy_serves_faster(gflops: float, numpy_gflops: Optional[float], flops: float) -> bool:
-    """Whether handing a problem to numpy beats our kernel, as the runtime serves either: a
-    record's GFLOPS are timed through runtime.matmul, numpy's as a bare np.matmul call, and the
-    hand-off adds our entry (``HANDOFF_OVERHEAD_S``) to numpy's time.  On a 64^3 problem (4 us)
-    numpy must win by a quarter; on large ones the overhead vanishes."""
-    if not numpy_gflops:
-        return False        # numpy was not timed
-    if not gflops:
-        return True         # no candidate ran
-    return flops / (numpy_gflops * 1e9) + HANDOFF_OVERHEAD_S < flops / (gflops * 1e9)
-
-
-# how much numpy on T threads must beat our T-thread kernel's speed per thread to take the problem
-SHARED_CORES_MARGIN = 1.2
-
-
-def numpy_beats_one_core(gflops: float, numpy_gflops: Optional[float], threads: int) -> bool:
-    """Whether numpy on ``threads`` threads beats our kernel's speed per thread by over
-    ``SHARED_CORES_MARGIN``: then, in a program that also calls numpy, numpy is the better bet.
-    After each of numpy's parallel calls OpenBLAS's threads spin on the other cores for about
-    0.1 s, and our pool's loops run on the caller alone meanwhile (``pool``), so our kernel gets
-    one core where numpy's gets all.  A compute-bound kernel loses little so (its one-core speed
-    is about numpy's two-thread speed on this machine); a memory-bound one loses most:
-    1x1024x1024 on 2 threads, ours 77 GFLOPS with the cores free and 52 next to numpy, numpy's
-    69 to 71."""
-    if threads <= 1 or not gflops or not numpy_gflops:
-        return False
-    return numpy_gflops > SHARED_CORES_MARGIN * gflops / threads
-
-
-SHARED_CORES = ("on {threads} threads numpy beat this problem's kernel per thread by over a fifth when tuned "
-                "({numpy:.1f} GFLOPS against {one_core:.1f} per thread): in a program that also calls numpy, "
-                "OpenBLAS's threads hold the other cores after each of its calls and our kernel would run on one")
-
-DOT_PRODUCTS = ("a matrix times a vector (N = 1, K contiguous in A): its kernel is a dot product along K, "
-                "which the schedule grammar cannot vectorize (it vectorizes along M or N); numpy's gemv serves it "
-                "unless the problem's own record says a tuned kernel beat numpy")
-
-
-def dot_products(problem: MatmulProblem) -> bool:
-    """Whether ``problem`` is a matrix-vector product whose every output is a dot product along
-    K of contiguous A rows (N = 1, A not transposed): a schedule vectorizes along M or N only,
-    so its kernel runs one lane in 16 (measured: 64x64 @ 64 3.9 us against numpy's 0.8;
-    185x2001 @ 2001 float64 at a quarter of numpy's speed after tuning).  bfloat16 excepted:
-    numpy has no BLAS for it."""
-    return problem.n == 1 and problem.layout[0] == "n" and problem.dtype in ("float32", "float64")
-
-
 # resolution sources whose schedule was tuned for the problem's very sizes: served by exact-size kernels
 EXACT_SOURCES = ("exact", "tuned")
+# resolution sources that are a guess for the problem: a trial against numpy decides (``looptune.runtime.verdicts``)
+GUESSED_SOURCES = ("nearest", "default")
+
+MAX_DISPATCH = 4096       # dispatch entries kept (oldest dropped first: they resolve again, from cached kernels)
+MAX_TRIAL_BUILDS = 256    # kernels a process builds for trials; past it, shapes without a verdict go to numpy
 
 
 @dataclass(frozen=True)
@@ -151,6 +112,7 @@ class Resolution:
     reason: Optional[str] = None       # why numpy serves it (source "numpy")
     inputs: Optional[str] = None       # "float32": a bfloat16 problem's kernel reads float32 inputs
                                        # (``float32_via_bfloat16``); None: the problem's own dtype
+    verdict: Optional[str] = None      # a guess's trial against numpy: under way, or what it found
 
     def describe(self) -> str:
         lines = [f"problem:   {self.problem}", f"source:    {self.source}"]
@@ -168,6 +130,8 @@ class Resolution:
             lines.append(f"expected:  {self.expected_gflops:.1f} GFLOPS{ratio}")
         if self.source in EXACT_SOURCES:
             lines.append("kernel:    exact-size (these sizes are compile-time constants in it)")
+        if self.verdict:
+            lines.append(f"verdict:   {self.verdict}")
         if self.tuning:
             lines.append("tuning:    in progress (calls use the schedule above meanwhile)")
         lines.append(f"trace:     {self.schedule.trace}")
@@ -188,10 +152,14 @@ class Resolver:
         self.live = LiveTuningQueue(settings.tune_budget_s, str(settings.user_db) if settings.user_db else None,
                                     self._tuned)
         self.build_settings = BuildSettings.from_env()
+        self.verdicts = VerdictStore(verdict_path(settings.user_db))
+        register_for_exit(self.verdicts)
+        self._machine_key: Optional[str] = None
         self._lock = threading.Lock()
         self.dispatch: dict[tuple, tuple[Kernel, Resolution]] = {}   # key -> hit; read directly by matmul's fast path
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._kernels: dict[tuple, Kernel] = {}   # (schedule JSON, dtype, inputs, sizes) -> kernel
+        self.trial_builds = 0                     # kernels built for trials (``MAX_TRIAL_BUILDS``)
 
     # ---- the per-call entry: must stay cheap on a hit -------------------------------------
     def lookup(self, key: tuple, problem_factory) -> tuple[Kernel, Resolution]:
@@ -212,12 +180,77 @@ class Resolver:
                 resolution = self.resolve(problem)
                 if problem is not asked:
                     resolution = replace(resolution, inputs=asked.dtype)
-                hit = self._serve(resolution)
+                hit = self._serve_or_try(key, resolution)
                 if self.databases.generation == generation:   # else a database changed meanwhile: resolve again next call
-                    self.dispatch[key] = hit
+                    self.remember(key, hit)
                 if resolution.tuning:
                     self._start_tuning(key, problem)
+        with self._lock:
+            self._key_locks.pop(key, None)
         return hit
+
+    def remember(self, key: tuple, hit: tuple) -> None:
+        """Put ``hit`` in the dispatch table, which holds ``MAX_DISPATCH`` entries: a program whose
+        shapes never repeat keeps a flat footprint (dropped keys resolve again, from cached kernels)."""
+        dispatch = self.dispatch
+        while len(dispatch) >= MAX_DISPATCH and key not in dispatch:
+            try:
+                del dispatch[next(iter(dispatch))]
+            except (StopIteration, KeyError, RuntimeError):     # emptied or changed by another thread
+                break
+        dispatch[key] = hit
+
+    # ---- trials: a guess against numpy, on the caller's operands (``looptune.runtime.verdicts``) ----
+    def _serve_or_try(self, key: tuple, resolution: Resolution) -> tuple:
+        """The hit for a resolution: its kernel; for a guess, what its verdict says, or a trial."""
+        problem = resolution.problem
+        if not (resolution.source in GUESSED_SOURCES and self.settings.numpy_handoff and resolution.inputs is None
+                and problem.dtype in ("float32", "float64")):
+            return self._serve(resolution)
+        if self._machine_key is None:
+            try:
+                self._machine_key = current_machine().key()
+            except (LoopTuneError, OSError):
+                return self._serve(resolution)      # no toolchain: no kernel to try (``_serve`` says why)
+        fp = fingerprint(self._machine_key, problem.key(), resolution.source, resolution.record_problem,
+                         resolution.schedule.to_json())
+        verdict = self.verdicts.get(fp)
+        if verdict is not None:
+            return self._verdict_hit(resolution, verdict, None)
+        if self.verdicts.broken:
+            reason = f"no verdict for this shape, and the verdict store is unusable ({self.verdicts.broken})"
+            return NumpyKernel(problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
+        served: list = []
+
+        def build():
+            if self.trial_builds >= MAX_TRIAL_BUILDS:
+                raise LoopTuneError(f"this process built {MAX_TRIAL_BUILDS} kernels for trials already")
+            self.trial_builds += 1
+            kernel, used = self._serve(resolution)
+            if isinstance(kernel, NumpyKernel):
+                raise LoopTuneError(used.reason or "no kernel")
+            served.append(used)
+            return kernel
+
+        def decide(v: Verdict) -> None:
+            self.verdicts.put(fp, v)
+            if self.dispatch.get(key) is hit:
+                self.dispatch[key] = self._verdict_hit(served[0] if served else resolution, v, trial.kernel)
+
+        trial = Trial(NumpyKernel(problem.dtype, "trial"), build, decide)
+        hit = (trial, replace(resolution, verdict="trial against numpy under way (the first calls of this shape)"))
+        return hit
+
+    def _verdict_hit(self, resolution: Resolution, verdict: Verdict, kernel: Optional[Kernel]) -> tuple:
+        """The hit a verdict gives: the guess's kernel (built now if need be) or numpy."""
+        if verdict.kernel_wins:
+            resolution = replace(resolution, verdict=verdict.describe())
+            if kernel is not None:
+                return kernel, resolution
+            return self._serve(resolution)
+        reason = "no kernel could be tried" if verdict is UNDECIDED else verdict.describe()
+        return (NumpyKernel(resolution.problem.dtype, reason),
+                replace(resolution, source="numpy", reason=reason, verdict=reason))
 
     def _serve(self, resolution: Resolution) -> tuple:
         """The kernel for a resolution; never raises over a kernel that cannot be had: a stored
@@ -262,7 +295,7 @@ class Resolver:
         inputs = hit[1].inputs if hit else None
         log.warning("looptune: numpy.matmul serves %s from now on (%s)", problem, reason)
         kernel = NumpyKernel(inputs or problem.dtype, reason)
-        self.dispatch[key] = (kernel, Resolution(problem, "numpy", schedule, reason=reason, inputs=inputs))
+        self.remember(key, (kernel, Resolution(problem, "numpy", schedule, reason=reason, inputs=inputs)))
         return kernel
 
     # ---- resolution --------------------------------------------------------------------------
@@ -275,15 +308,14 @@ class Resolver:
                 log.warning("looptune: lookup in %s failed: %s", path, e)
                 continue
             for match in matches:
-                if match is None:
-                    continue
+                if match is None or not match.local:
+                    continue      # another machine's schedule is a start point for tuning, never served here
                 try:
                     sched = Schedule.from_trace(match.record.trace)
                 except ScheduleError as e:
                     log.warning("looptune: record for %s in %s does not replay: %s", match.record.problem, path, e)
                     continue
-                # another machine's record of this very problem still carries the foreign penalty
-                cand = (0.0 if match.exact and match.local else match.distance, rank, path, match, sched)
+                cand = (0.0 if match.exact else match.distance, rank, path, match, sched)
                 if best is None or cand[:2] < best[:2]:
                     best = cand
                 break
@@ -291,19 +323,13 @@ class Resolver:
         if best is not None:
             distance, _, path, match, sched = best
             rec = match.record
-            exact = match.exact and match.local
+            exact = match.exact
             close = exact or distance <= self.settings.max_distance
-            if exact and self.settings.numpy_handoff and numpy_serves_faster(rec.gflops_median, rec.numpy_gflops,
-                                                                            rec.problem.flops):
+            reason = exact and self.settings.numpy_handoff and handoff_reason(
+                rec.gflops_median, rec.numpy_gflops, rec.problem.flops, problem.threads)
+            if reason:
                 return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
-                                  rec.numpy_gflops, reason=f"no candidate beat numpy when tuned "
-                                  f"({rec.gflops_median:.1f} vs {rec.numpy_gflops:.1f} GFLOPS)")
-            if exact and self.settings.numpy_handoff and numpy_beats_one_core(rec.gflops_median, rec.numpy_gflops,
-                                                                             problem.threads):
-                return Resolution(problem, "numpy", sched, 0.0, rec.problem.key(), path, rec.gflops_median,
-                                  rec.numpy_gflops, reason=SHARED_CORES.format(
-                                      threads=problem.threads, numpy=rec.numpy_gflops,
-                                      one_core=rec.gflops_median / problem.threads))
+                                  rec.numpy_gflops, reason=reason)
             if not exact and self.settings.numpy_handoff and dot_products(problem):
                 return Resolution(problem, "numpy", sched, reason=DOT_PRODUCTS)
             if close or mode == "nearest" or mode == "tune":
@@ -337,14 +363,11 @@ class Resolver:
         inputs = key[0] if key[0] != problem.dtype else None     # float32_via_bfloat16's key
         resolution = Resolution(problem, "tuned", outcome.schedule, 0.0, problem.key(), self.live.user_db,
                                 outcome.gflops, outcome.numpy_gflops, inputs=inputs)
-        if self.settings.numpy_handoff and numpy_serves_faster(
-                outcome.gflops, outcome.numpy_gflops, problem.flops):
-            resolution = replace(resolution, source="numpy", reason=f"no candidate beat numpy when tuned "
-                                 f"({outcome.gflops:.1f} vs {outcome.numpy_gflops:.1f} GFLOPS)")
-        elif self.settings.numpy_handoff and numpy_beats_one_core(outcome.gflops, outcome.numpy_gflops, problem.threads):
-            resolution = replace(resolution, source="numpy", reason=SHARED_CORES.format(
-                threads=problem.threads, numpy=outcome.numpy_gflops, one_core=outcome.gflops / problem.threads))
-        self.dispatch[key] = self._serve(resolution)
+        reason = self.settings.numpy_handoff and handoff_reason(outcome.gflops, outcome.numpy_gflops, problem.flops,
+                                                                problem.threads)
+        if reason:
+            resolution = replace(resolution, source="numpy", reason=reason)
+        self.remember(key, self._serve(resolution))
 
     def _forget_choices(self) -> None:
         """A database changed: every shape resolves again on its next call (kernels stay compiled)."""
@@ -363,3 +386,4 @@ class Resolver:
         self._key_locks = {}
         self.databases.reset_after_fork()
         self.live.reset_after_fork()
+        self.verdicts.reset_after_fork()

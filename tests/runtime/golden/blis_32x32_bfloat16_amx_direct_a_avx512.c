@@ -38,14 +38,16 @@ static int lt_amx_granted(void)
     if (!granted) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
     return granted == 1;
 }
+/* the configuration is a constant object: gcc 12 does not see that ldtilecfg reads its operand, and
+   with -march=native it dropped the stores that filled a stack copy (ldtilecfg then faulted) */
+static const struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }
+    __attribute__((aligned(64))) lt_amx_config = {
+    1, 0, {0},
+    {64, 64, 64, 64, 64, 64, 64, 64},
+    {16, 16, 16, 16, 16, 16, 16, 16}};
 static void lt_amx_configure(void)
 {
-    struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; }
-        __attribute__((aligned(64))) cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-    _tile_loadconfig(&cfg);
+    _tile_loadconfig(&lt_amx_config);
 }
 #endif
 #ifndef LT_WORKSPACE_DEFINED

@@ -1,0 +1,269 @@
+"""Verdicts: whether a kernel or numpy serves a shape that no exact record of this machine covers.
+
+Such a shape is served by a guess, the nearest record of this machine or the analytic default, and
+whether the guess beats numpy here only this machine can say.  So its first calls are a ``Trial``
+on the caller's own operands: the first call runs numpy (a shape called once never compiles
+anything), the second builds the kernel, then the kernel and numpy each serve a block of timed
+calls (``TrialProtocol``) and the faster serves from then on.  A kernel must beat numpy by
+``TrialProtocol.margin`` to win; a tie goes to numpy.  Every call of a trial computes the right
+answer; only its speed is at stake.  Two blocks rather than alternate calls, because OpenBLAS's
+threads spin for about 0.1 s after each of its parallel calls and would slow the kernel call that
+follows (README, "Threads next to numpy").
+
+Verdicts persist in ``VerdictStore``, a small JSON file beside the user database, so the next
+process starts decided.  A verdict holds which side won and a fingerprint of what was tried (the
+machine, the problem, the guess's schedule and where it came from): when the records or the code
+generator change the guess, the fingerprint changes and the shape is tried again.  The file holds
+no schedule, only which side won, so an untrusted file can make numpy serve but cannot make us run
+anything the databases and the default do not already give.  It keeps the ``MAX_VERDICTS`` newest.
+If the file is corrupt or cannot be written, numpy serves every shape without a verdict, and one
+warning names the cause (the databases and the kernels are untouched).
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from looptune.runtime.compiler import environment
+
+log = logging.getLogger("looptune.runtime")
+
+FORMAT = "looptune-verdicts"
+VERSION = 1
+MAX_VERDICTS = 4096          # newest kept; about 200 bytes each on disk
+WRITE_DELAY_S = 0.5          # verdicts reached within this delay are written together
+LOCK_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class TrialProtocol:
+    """How a trial times its two sides (BENCHMARKS.md, "Verdicts", measures what it picks)."""
+
+    margin: float = 0.02          # the kernel must be this much faster than numpy to win
+    samples: int = 3              # timed calls per side
+    samples_tiny: int = 7         # ... when a call takes under ``tiny_s``
+    tiny_s: float = 20e-6
+    long_s: float = 0.25          # a call this long is timed once per side
+
+    def sample_count(self, warm_s: float) -> int:
+        if warm_s < self.tiny_s:
+            return self.samples_tiny
+        return 1 if warm_s >= self.long_s else self.samples
+
+
+def fingerprint(machine_key: str, problem_key: str, source: str, origin: Optional[str], schedule_json: str) -> str:
+    """What a verdict was reached on: the machine, the problem and the guess (its schedule and where it came from)."""
+    text = "\n".join((machine_key, problem_key, source, origin or "", schedule_json))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kernel_wins: bool
+    kernel_s: float          # median seconds per call, each side
+    numpy_s: float
+
+    def describe(self) -> str:
+        side = "the kernel" if self.kernel_wins else "numpy"
+        return (f"{side} was faster on this machine's calls ({self.kernel_s * 1e6:.1f} us for the kernel, "
+                f"{self.numpy_s * 1e6:.1f} us for numpy)")
+
+
+# No verdict to keep: the kernel could not be built, failed, or refused every timed call; numpy serves
+# in this process, and the next one tries again.
+UNDECIDED = Verdict(False, float("inf"), 0.0)
+
+
+class Trial:
+    """The dispatch-table entry of an undecided shape: each call runs one side and times it.
+
+    It has no ``address``, so the compiled call path passes its calls to the Python paths, which
+    call ``invoke`` as they call any kernel's.  ``build()`` returns the kernel (or raises: numpy
+    then wins); ``decide(verdict)`` is called once, by the call that completes the trial.
+    """
+
+    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "calls", "times", "wanted", "done", "lock",
+                 "symbol", "dtype")
+
+    def __init__(self, numpy_side, build: Callable[[], object], decide: Callable[[Verdict], None],
+                 protocol: TrialProtocol = TrialProtocol()) -> None:
+        self.numpy, self.build, self.decide, self.protocol = numpy_side, build, decide, protocol
+        self.kernel = None
+        self.calls = 0
+        self.times: tuple[list[float], list[float]] = ([], [])     # kernel's, numpy's
+        self.wanted = protocol.samples
+        self.done = False
+        self.lock = threading.Lock()
+        self.symbol = "trial"
+        self.dtype = numpy_side.dtype
+
+    def invoke(self, a, b, c, accumulate: int, nthreads: int) -> int:
+        with self.lock:
+            call = self.calls
+            self.calls += 1
+            if call == 1 and self.kernel is None and not self.done:
+                try:
+                    self.kernel = self.build()
+                except Exception as e:  # noqa: BLE001 - a kernel that cannot be had loses the trial
+                    log.info("looptune: no kernel for the trial, numpy serves: %s", e)
+                    self._finish(UNDECIDED)
+            # call 0: numpy's warm-up; 1: the kernel's; then the kernel's timed block, then numpy's
+            kernel_turn = 1 <= call <= self.wanted + 1 and self.kernel is not None and not self.done
+        start = time.perf_counter()
+        rc = (self.kernel if kernel_turn else self.numpy).invoke(a, b, c, accumulate, nthreads)
+        elapsed = time.perf_counter() - start
+        if rc != 0:
+            return rc       # the caller copies the operands or hands the shape to numpy, as for any kernel
+        with self.lock:
+            if self.done:
+                return 0
+            if call == 1:
+                self.wanted = self.protocol.sample_count(elapsed)
+            elif call > 1:
+                self.times[0 if kernel_turn else 1].append(elapsed)
+            if len(self.times[1]) >= self.wanted:
+                if not self.times[0]:
+                    self._finish(UNDECIDED)
+                    return 0
+                kernel_s, numpy_s = statistics.median(self.times[0]), statistics.median(self.times[1])
+                self._finish(Verdict(kernel_s < numpy_s * (1 - self.protocol.margin), kernel_s, numpy_s))
+        return 0
+
+    def _finish(self, verdict: Verdict) -> None:
+        """Under ``lock``: decide once."""
+        if not self.done:
+            self.done = True
+            self.decide(verdict)
+
+
+class VerdictStore:
+    """Verdicts by fingerprint, in memory and (with a path) in a JSON file written atomically in the background."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
+        self.broken: Optional[str] = None       # why the file cannot be used; numpy serves undecided shapes
+        self._verdicts: Optional[dict[str, dict]] = None
+        self._pending: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._writer: Optional[threading.Thread] = None
+
+    def get(self, fp: str) -> Optional[Verdict]:
+        entry = self._loaded().get(fp)
+        if entry is None:
+            return None
+        return Verdict(bool(entry["kernel"]), float(entry["kernel_s"]), float(entry["numpy_s"]))
+
+    def put(self, fp: str, verdict: Verdict) -> None:
+        if verdict is UNDECIDED:
+            return
+        entry = {"kernel": verdict.kernel_wins, "kernel_s": verdict.kernel_s, "numpy_s": verdict.numpy_s,
+                 "at": time.time()}
+        with self._lock:
+            self._loaded()[fp] = entry
+            if self.path is None or self.broken:
+                return
+            self._pending[fp] = entry
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_later, name="looptune-verdicts", daemon=True)
+                self._writer.start()
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    # ---- the file ---------------------------------------------------------------------------
+    def _loaded(self) -> dict[str, dict]:
+        if self._verdicts is None:
+            self._verdicts = {}
+            if self.path is not None:
+                try:
+                    self._verdicts = read_verdicts(self.path)
+                except (OSError, ValueError) as e:
+                    self._fail(f"cannot read {self.path}: {e}")
+        return self._verdicts
+
+    def _fail(self, reason: str) -> None:
+        self.broken = reason
+        environment.warn_once(f"verdict store unusable, numpy serves every shape without a verdict "
+                              f"({reason}); remove the file to start afresh")
+
+    def _write_later(self) -> None:
+        time.sleep(WRITE_DELAY_S)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write pending verdicts now (merged with what other processes wrote meanwhile)."""
+        with self._lock:
+            pending, self._pending, self._writer = self._pending, {}, None
+        if not pending or self.path is None or self.broken:
+            return
+        from looptune.database.atomic import replace_atomically, write_lock   # lazy: only when a verdict is written
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with write_lock(str(self.path), LOCK_TIMEOUT_S):
+                merged = read_verdicts(self.path)
+                merged.update(pending)
+                newest = sorted(merged.items(), key=lambda kv: kv[1]["at"])[-MAX_VERDICTS:]
+                text = json.dumps({"format": FORMAT, "version": VERSION, "verdicts": dict(newest)}, separators=(",", ":"))
+                replace_atomically(str(self.path), lambda tmp: Path(tmp).write_text(text), fsync=False)
+        except Exception as e:  # noqa: BLE001 - a full disk or a read-only directory: numpy serves, one warning
+            self._fail(f"cannot write {self.path}: {e}")
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._writer = None
+        self._pending = {}
+
+
+def read_verdicts(path: Path) -> dict[str, dict]:
+    """The verdicts in ``path`` ({} when it does not exist); ValueError when it is not a verdict file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 * MAX_VERDICTS * 8)
+    except FileNotFoundError:
+        return {}
+    data = json.loads(raw)
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ValueError("not a LoopTune verdict file of this version")
+    verdicts = data.get("verdicts")
+    if not isinstance(verdicts, dict):
+        raise ValueError("no verdicts table")
+    out = {}
+    for fp, e in verdicts.items():
+        if not (isinstance(fp, str) and len(fp) == 32 and isinstance(e, dict) and isinstance(e.get("kernel"), bool)
+                and all(isinstance(e.get(f), (int, float)) and e[f] >= 0 for f in ("kernel_s", "numpy_s", "at"))):
+            raise ValueError(f"malformed verdict {fp!r}")
+        out[fp] = e
+    return out
+
+
+def verdict_path(user_db: Optional[Path]) -> Optional[Path]:
+    """Where verdicts persist: beside the user database (none without one)."""
+    return None if user_db is None else user_db.with_name(user_db.name + ".verdicts.json")
+
+
+_stores: "list[VerdictStore]" = []
+
+
+def register_for_exit(store: VerdictStore) -> None:
+    """Pending verdicts are written when the process exits normally."""
+    _stores.append(store)
+    if len(_stores) > 8:
+        del _stores[0]
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for store in list(_stores):
+        try:
+            store.flush()
+        except Exception:  # noqa: BLE001
+            pass
+
