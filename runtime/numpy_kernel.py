@@ -1,16 +1,11 @@
 """numpy.matmul behind the kernel interface: what a problem is served by when LoopTune should
 not serve it itself.
 
-Two cases put it in the dispatch table in place of a compiled kernel:
-
-* **hand-off**: the problem's exact record says no candidate beat numpy when it was tuned
-  (``gflops_median < numpy_gflops``, both measured in the same run).  Serving the slower
-  kernel anyway would make ``runtime.matmul`` slower than the call it replaces.
-  ``LOOPTUNE_NUMPY_HANDOFF=0`` (``configure(numpy_handoff=False)``) turns this off, so
-  benchmarks can report the generated code alone;
-* **failure**: a kernel could not be built or loaded (no compiler, an unusable cache
-  directory, a full disk ...).  numpy would just compute, so we do, after one warning that
-  names the cause.
+It stands in the dispatch table in place of a compiled kernel when the numpy hand-off says so
+(``looptune.runtime.handoff``: the problem's own record), when a trial found numpy faster
+(``looptune.runtime.verdicts``), or when a kernel could not be built or loaded (no compiler, an
+unusable cache directory, a full disk ...): numpy would just compute, so we do, after one
+warning that names the cause.
 
 For a bfloat16 problem numpy.matmul reads the bf16 operands and writes the float32 ``C`` (its
 float32 loop), as the bf16 kernel would.  It has ``Kernel``'s call interface (``invoke``

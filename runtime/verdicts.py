@@ -8,7 +8,8 @@ calls (``TrialProtocol``) and the faster serves from then on.  A kernel must bea
 ``TrialProtocol.margin`` to win; a tie goes to numpy.  Every call of a trial computes the right
 answer; only its speed is at stake.  Two blocks rather than alternate calls, because OpenBLAS's
 threads spin for about 0.1 s after each of its parallel calls and would slow the kernel call that
-follows (README, "Threads next to numpy").
+follows (README, "Threads next to numpy"); the verdict is about the shape's steady state, in
+which one side serves every call.
 
 Verdicts persist in ``VerdictStore``, a small JSON file beside the user database, so the next
 process starts decided.  A verdict holds which side won and a fingerprint of what was tried (the
@@ -52,6 +53,11 @@ class TrialProtocol:
     samples_tiny: int = 7         # ... when a call takes under ``tiny_s``
     tiny_s: float = 20e-6
     long_s: float = 0.25          # a call this long is timed once per side
+    # after one of numpy's multi-threaded calls OpenBLAS's idle threads spin for about 0.1 s and
+    # our kernel would get one core (README, "Threads next to numpy"): on several threads the
+    # kernel's calls are timed from this long after numpy's first call, or after this many calls
+    settle_s: float = 0.15
+    settle_calls: int = 50
 
     def sample_count(self, warm_s: float) -> int:
         if warm_s < self.tiny_s:
@@ -87,60 +93,74 @@ class Trial:
 
     It has no ``address``, so the compiled call path passes its calls to the Python paths, which
     call ``invoke`` as they call any kernel's.  ``build()`` returns the kernel (or raises: numpy
-    then wins); ``decide(verdict)`` is called once, by the call that completes the trial.
+    then serves); ``decide(verdict)`` is called once, by the call that completes the trial.
     """
 
-    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "calls", "times", "wanted", "done", "lock",
-                 "symbol", "dtype")
+    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "phase", "times", "wanted", "numpy_end",
+                 "settling", "lock", "symbol", "dtype")
 
     def __init__(self, numpy_side, build: Callable[[], object], decide: Callable[[Verdict], None],
                  protocol: TrialProtocol = TrialProtocol()) -> None:
         self.numpy, self.build, self.decide, self.protocol = numpy_side, build, decide, protocol
         self.kernel = None
-        self.calls = 0
+        self.phase = "first"          # first (numpy, untimed) -> kernel (a warm-up, then timed) -> numpy -> done
         self.times: tuple[list[float], list[float]] = ([], [])     # kernel's, numpy's
         self.wanted = protocol.samples
-        self.done = False
+        self.numpy_end = 0.0          # when numpy's last call ended
+        self.settling = 0             # kernel calls not timed because numpy's threads may still spin
         self.lock = threading.Lock()
         self.symbol = "trial"
         self.dtype = numpy_side.dtype
 
     def invoke(self, a, b, c, accumulate: int, nthreads: int) -> int:
         with self.lock:
-            call = self.calls
-            self.calls += 1
-            if call == 1 and self.kernel is None and not self.done:
+            phase = self.phase
+            if phase == "kernel" and self.kernel is None:
                 try:
                     self.kernel = self.build()
                 except Exception as e:  # noqa: BLE001 - a kernel that cannot be had loses the trial
                     log.info("looptune: no kernel for the trial, numpy serves: %s", e)
                     self._finish(UNDECIDED)
-            # call 0: numpy's warm-up; 1: the kernel's; then the kernel's timed block, then numpy's
-            kernel_turn = 1 <= call <= self.wanted + 1 and self.kernel is not None and not self.done
+                    phase = "done"
+        side = self.kernel if phase == "kernel" else self.numpy
         start = time.perf_counter()
-        rc = (self.kernel if kernel_turn else self.numpy).invoke(a, b, c, accumulate, nthreads)
-        elapsed = time.perf_counter() - start
+        rc = side.invoke(a, b, c, accumulate, nthreads)
+        end = time.perf_counter()
         if rc != 0:
             return rc       # the caller copies the operands or hands the shape to numpy, as for any kernel
         with self.lock:
-            if self.done:
+            if self.phase != phase or phase == "done":
                 return 0
-            if call == 1:
-                self.wanted = self.protocol.sample_count(elapsed)
-            elif call > 1:
-                self.times[0 if kernel_turn else 1].append(elapsed)
-            if len(self.times[1]) >= self.wanted:
-                if not self.times[0]:
-                    self._finish(UNDECIDED)
-                    return 0
-                kernel_s, numpy_s = statistics.median(self.times[0]), statistics.median(self.times[1])
-                self._finish(Verdict(kernel_s < numpy_s * (1 - self.protocol.margin), kernel_s, numpy_s))
+            if phase == "first":
+                self.numpy_end, self.phase = end, "kernel"
+            elif phase == "kernel":
+                self._kernel_timed(start, end - start, nthreads)
+            else:
+                self.times[1].append(end - start)
+                if len(self.times[1]) >= self.wanted:
+                    kernel_s, numpy_s = statistics.median(self.times[0]), statistics.median(self.times[1])
+                    self._finish(Verdict(kernel_s < numpy_s * (1 - self.protocol.margin), kernel_s, numpy_s))
         return 0
+
+    def _kernel_timed(self, start: float, elapsed: float, nthreads: int) -> None:
+        """Under ``lock``: count one kernel call (the first is its warm-up, which sets how many are
+        timed); on several threads, not while numpy's idle threads may still spin on the cores."""
+        p = self.protocol
+        if self.settling == 0 and not self.times[0]:
+            self.wanted = p.sample_count(elapsed)
+            self.settling = 1
+            return
+        if nthreads > 1 and start - self.numpy_end < p.settle_s and self.settling < p.settle_calls:
+            self.settling += 1
+            return
+        self.times[0].append(elapsed)
+        if len(self.times[0]) >= self.wanted:
+            self.phase = "numpy"
 
     def _finish(self, verdict: Verdict) -> None:
         """Under ``lock``: decide once."""
-        if not self.done:
-            self.done = True
+        if self.phase != "done":
+            self.phase = "done"
             self.decide(verdict)
 
 

@@ -10,7 +10,7 @@ from a cold cache unless --warm-cache).  ``--db`` serves the records of a databa
 ``looptune build-db --dtype bfloat16 ...``; without it the analytic default schedule is served.
 
     python tools/bench_bf16.py --threads 1 --shapes "1024 1024 1024"
-    python tools/bench_bf16.py --threads 2 --shapes-file ../shared/shapes/dl-public.txt --db bf16.h5
+    python tools/bench_bf16.py --threads 2 --shapes-file tools/shapes/dl-public.txt --db bf16.h5
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ For each problem of the shape file, the database minus every record of that prob
 is written to a temporary file; runtime.matmul then serves the problem from the nearest
 remaining record (no live tuning), timed against numpy in the same run.
 
-    OPENBLAS_NUM_THREADS=1 python tools/bench_nearest.py --db dl.h5 --shapes ../shared/shapes/dl-public.txt
+    OPENBLAS_NUM_THREADS=1 python tools/bench_nearest.py --db dl.h5 --shapes tools/shapes/dl-public.txt
 """
 from __future__ import annotations
 

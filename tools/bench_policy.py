@@ -37,7 +37,7 @@ import tempfile
 from bench_tune import tune_once
 from looptune.runtime.compiler.workload import MatmulProblem, read_shapes
 
-SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "shapes")
+SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes")
 
 SEARCH = """
 import json, sys

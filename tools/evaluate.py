@@ -11,11 +11,11 @@ at every checkpoint is finally re-timed in one session with a longer protocol, i
 order, so a method that measured more candidates does not win by having taken the maximum of
 more noisy numbers.  One JSON line per problem; Markdown summaries at the end.
 
-    nice -n 10 python tools/evaluate.py --shapes ../shared/shapes/looptune-paper.txt --test-split \\
+    nice -n 10 python tools/evaluate.py --shapes tools/shapes/looptune-paper.txt --test-split \\
         --sample 12 --out tools/out/eval-paper.jsonl
-    nice -n 10 python tools/evaluate.py --shapes ../shared/shapes/dl-public.txt --pick 1,3,5,11,15,19,21,25 \\
+    nice -n 10 python tools/evaluate.py --shapes tools/shapes/dl-public.txt --pick 1,3,5,11,15,19,21,25 \\
         --out tools/out/eval-dl.jsonl
-    nice -n 10 python tools/evaluate.py --shapes ../shared/shapes/dl-public.txt --reuse tools/out/eval-dl.jsonl \\
+    nice -n 10 python tools/evaluate.py --shapes tools/shapes/dl-public.txt --reuse tools/out/eval-dl.jsonl \\
         --policy-beam 0 --out tools/out/eval-dl-newpolicy.jsonl      # rerun policy and tune only
     python tools/evaluate.py --summarize tools/out/eval-paper.jsonl
 """
@@ -269,7 +269,7 @@ def _use_remeasured(r: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=os.path.join(HERE, "..", "..", "shared", "shapes", "looptune-paper.txt"))
+    ap.add_argument("--shapes", default=os.path.join(HERE, "shapes", "looptune-paper.txt"))
     ap.add_argument("--test-split", action="store_true", help="use the fixed held-out 10 %% of the shape file")
     ap.add_argument("--sample", type=int, default=0, help="fixed random sample of this many problems")
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (another seed: another sample)")

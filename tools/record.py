@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=os.path.join(HERE, "..", "..", "shared", "shapes", "looptune-paper.txt"))
+    ap.add_argument("--shapes", default=os.path.join(HERE, "shapes", "looptune-paper.txt"))
     ap.add_argument("--problems", type=int, default=64, help="fixed random sample of the training split")
     ap.add_argument("--walks", type=int, default=16, help="random-walk end states per problem")
     ap.add_argument("--seed", type=int, default=1)

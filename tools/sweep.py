@@ -5,7 +5,7 @@ Maintainer tool: finds the best schedule the space holds for each problem, measu
 in-process against numpy in the same run with thread counts pinned on both sides.
 
     OPENBLAS_NUM_THREADS=1 python tools/sweep.py 1024 1024 1024 --budget 60
-    python tools/sweep.py --shapes ../shared/shapes/looptune-paper.txt --sample 50 --json out.jsonl
+    python tools/sweep.py --shapes tools/shapes/looptune-paper.txt --sample 50 --json out.jsonl
 """
 from __future__ import annotations
 

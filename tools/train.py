@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=("dqn", "ppo"), default="dqn")
-    ap.add_argument("--shapes", default=os.path.join(HERE, "..", "..", "shared", "shapes", "looptune-paper.txt"))
+    ap.add_argument("--shapes", default=os.path.join(HERE, "shapes", "looptune-paper.txt"))
     ap.add_argument("--train-problems", type=int, default=256, help="fixed random subset of the training split")
     ap.add_argument("--eval-problems", type=int, default=16, help="validation problems (from the training split)")
     ap.add_argument("--mix", type=int, default=0,
@@ -46,7 +46,7 @@ def main() -> None:
                          "see tuner/agent/trainset.py); a quarter as many again (at most 16) join validation")
     ap.add_argument("--mix-kind", choices=sorted(MIXES), default=SHIPPED_MIX,
                     help="which generated mix (tuner/agent/trainset.py); default: the shipped policy's")
-    ap.add_argument("--exclude", action="append", default=[os.path.join(HERE, "..", "..", "shared", "shapes", "dl-public.txt")],
+    ap.add_argument("--exclude", action="append", default=[os.path.join(HERE, "shapes", "dl-public.txt"), os.path.join(HERE, "shapes", "models.txt")],
                     help="shape files never trained on (default: dl-public.txt)")
     ap.add_argument("--recordings", default=os.path.join(HERE, "out", "recordings.jsonl"))
     ap.add_argument("--replay-only", action="store_true")

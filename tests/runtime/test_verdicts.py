@@ -207,3 +207,30 @@ def test_trial_protocol_times_each_side_and_needs_a_margin():
     assert not decided[0].kernel_wins
     assert kernel.calls == 1 + protocol.samples and numpy_side.calls == 1 + protocol.samples
     assert calls == 2 + 2 * protocol.samples
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_several_threads_the_kernel_is_timed_once_numpy_has_settled(threads):
+    """OpenBLAS's idle threads spin after its parallel calls: on several threads the kernel's
+    calls right after numpy's first one are not timed (at most ``settle_calls`` of them)."""
+
+    class Side:
+        dtype = "float32"
+
+        def __init__(self):
+            self.calls = 0
+
+        def invoke(self, *args):
+            self.calls += 1
+            time.sleep(1e-3)
+            return 0
+
+    protocol = TrialProtocol(settle_s=0.03, settle_calls=50)
+    kernel, numpy_side, decided = Side(), Side(), []
+    trial = Trial(numpy_side, lambda: kernel, decided.append, protocol)
+    while not decided:
+        trial.invoke(None, None, None, 0, threads)
+    if threads == 1:
+        assert kernel.calls == 1 + protocol.samples
+    else:
+        assert 1 + protocol.samples + 10 <= kernel.calls <= 1 + protocol.samples + protocol.settle_calls
