@@ -17,6 +17,7 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
+from looptune.tuner.ship.export_levels import MASK_VARIABLE
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 CC = os.environ.get("LOOPTUNE_CC") or os.environ.get("CC") or "cc"
@@ -71,16 +72,19 @@ def library(tmp_path_factory):
     return export_and_link(root, db, DRIVER)
 
 
-def run_driver(root, m, n, k, pad=0):
+def run_driver(root, m, n, k, pad=0, level=None):
+    """The kernel that served; ``level``: LOOPTUNE_CPU_LEVEL, the CPU level the library may use."""
     rng = np.random.default_rng(m * 10007 + n * 101 + k)
     lda, ldb, ldc = k + pad, n + pad, n + 2 * pad
     a = rng.standard_normal((m, lda)).astype(ml_dtypes.bfloat16)
     b = rng.standard_normal((k, ldb)).astype(ml_dtypes.bfloat16)
     a.tofile(root / "a.bin")
     b.tofile(root / "b.bin")
+    env = {key: value for key, value in os.environ.items() if key != MASK_VARIABLE}
+    env.update({MASK_VARIABLE: level} if level else {})
     done = subprocess.run([str(root / "driver"), *map(str, (m, n, k, lda, ldb, ldc)),
                            str(root / "a.bin"), str(root / "b.bin"), str(root / "c.bin")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     c = np.fromfile(root / "c.bin", dtype=np.float32).reshape(m, ldc)[:, :n]
     expect = np.matmul(a[:, :k], b[:, :n])                  # numpy on ml_dtypes arrays: float32
@@ -119,7 +123,7 @@ def test_fast_kernels_run_only_where_the_cpu_has_avx512_bf16(library):
         assert f"static int {convert_only}_convert(" not in source    # a tile no fast form runs: one rendering
         assert served == expected
     else:
-        assert "_convert(" not in source and "lt_bf16_level" not in source and served == amx_shaped
+        assert "_convert(" not in source and "lt_amx_granted" not in source and served == amx_shaped
     assert run_driver(library, 30, 20, 70) == convert_only
 
 
@@ -129,31 +133,24 @@ def test_no_bf16_records_no_bgemm(tmp_path):
     assert "bgemm" not in header_text(plan, "cc") and "bgemm" not in source_text(plan)
 
 
-@pytest.mark.parametrize("level", [0, 1])
-def test_twins_for_lesser_cpus_match_numpy(library, tmp_path, level):
-    """The library as a CPU without AVX512_BF16 (level 0: the portable twins) or with it but no
-    AMX (level 1, Zen 4: vdpbf16ps twins of the AMX kernels) runs it: CPUID's answer patched."""
+@pytest.mark.parametrize("level", ["avx2", "avx512", "avx512bf16"])
+def test_lesser_cpus_match_numpy(library, level):
+    """The library as a CPU without AVX-512 runs it (avx2: the bfloat16 kernels of that level, which
+    widen to float32), with AVX-512 but no AVX512_BF16 (avx512: the portable twins), or with it but
+    no AMX (avx512bf16, Zen 4: vdpbf16ps twins of the AMX kernels): LOOPTUNE_CPU_LEVEL caps the
+    level the library reads from CPUID."""
     source = (library / "lib" / "looptune.c").read_text()
-    if "lt_bf16_level" not in source:
+    if target_machine().isa != "avx512" or "lt_amx_granted" not in source:
         pytest.skip("no fast bfloat16 kernels for this ISA")
-    if level == 1 and "avx512_bf16" not in detect_cpu().extensions:
+    if level == "avx512bf16" and "avx512_bf16" not in detect_cpu().extensions:
         pytest.skip("this CPU cannot run vdpbf16ps")
-    for name in ("looptune.h", "Makefile"):
-        shutil.copy(library / "lib" / name, tmp_path / name)
-    decided = "level = vdp ? (amx ? 2 : 1) : 0;"
-    assert decided in source
-    (tmp_path / "looptune.c").write_text(source.replace(decided, f"level = {level}; (void)vdp; (void)amx;"))
-    subprocess.run(["make", "-s", f"CC={CC}", "liblooptune.a"], cwd=tmp_path, check=True, capture_output=True)
-    subprocess.run([CC, "-O1", "-std=gnu11", f"-I{tmp_path}", str(library / "driver.c"), str(tmp_path / "liblooptune.a"),
-                    "-fopenmp", "-lm", "-o", str(library / "driver_portable")], check=True, capture_output=True)
-    shutil.copy(library / "driver", library / "driver_fast")
-    try:
-        shutil.copy(library / "driver_portable", library / "driver")
-        for m, n, k, _ in TUNED:     # level 1: an AMX kernel's vdpbf16ps twin, or a vdpbf16ps kernel itself
-            name = run_driver(library, m, n, k, pad=1)
-            assert name.endswith("_convert") == (level == 0) or (m, n, k) == (30, 20, 70)
-        # level 1: the general kernel's vdpbf16ps twin where it was rendered for AMX, else itself
-        vdp = "_vdp" if "static int looptune_b_general_vdp(" in source else ""
-        assert run_driver(library, 300, 7, 129) == "looptune_b_general" + ("_convert" if level == 0 else vdp)
-    finally:
-        shutil.copy(library / "driver_fast", library / "driver")
+    for m, n, k, _ in TUNED:     # avx512bf16: an AMX kernel's vdpbf16ps twin, or a vdpbf16ps kernel itself
+        name = run_driver(library, m, n, k, pad=1, level=level)
+        if level == "avx2":
+            assert name.startswith("looptune_b_avx2_d")
+        else:
+            assert name.endswith("_convert") == (level == "avx512") or (m, n, k) == (30, 20, 70)
+    # avx512bf16: the general kernel's vdpbf16ps twin where it was rendered for AMX, else itself
+    vdp = "_vdp" if "static int looptune_b_general_vdp(" in source else ""
+    assert run_driver(library, 300, 7, 129, level=level) == {
+        "avx2": "looptune_b_avx2_general", "avx512": "looptune_b_general_convert", "avx512bf16": "looptune_b_general" + vdp}[level]

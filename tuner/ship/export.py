@@ -9,19 +9,32 @@ The library has no Python, no LoopTune and no compiler at run time::
                        const float *B, int64_t ldb, float *C, int64_t ldc);   /* C = A B, row-major */
     int looptune_dgemm(... double ...);
     int looptune_bgemm(... const uint16_t *A ... const uint16_t *B ... float *C ...);   /* bfloat16 */
+    const char *looptune_cpu_level(void);     /* the level of the kernel set that serves */
 
 What goes in: the records of one machine for row-major (``nn``), unbatched problems of
 one thread count, each distinct schedule rendered once (a schedule replays on every size
 of its family, so many shapes usually share a kernel).  With ``shapes``, exactly those
-shapes: their own record, else the nearest record's kernel.  Plus one *general* kernel
-per dtype, the analytic default schedule sized for a mid-size problem.  ``looptune_bgemm``
+shapes: their own record, else the nearest record's kernel.  ``looptune_bgemm``
 (bfloat16 inputs, float32 C) is there when the plan has bfloat16 shapes; see ``export_c`` for
 how its kernels pick AMX, vdpbf16ps or the portable form at run time.
 
+Levels (``targets``, ``export_levels``): one kernel set per target level, each compiled for that
+level's instructions only, and the library runs the highest set the CPU can.  At the records' own
+level a shape runs its tuned kernel; at any other level the analytic default schedule of the
+shape for that level.  A tuned trace would replay there too (every schedule renders on every
+ISA), but it was chosen by timings on the records' CPU, and its register tile is sized for that
+ISA's registers: an AVX-512 tile of 12x32 float32 (24 accumulators of 32 registers) becomes 48
+accumulators at AVX2's width, of 16 registers, and spills.  The default is what
+``runtime.matmul`` itself serves an untuned shape with on that CPU.  Each level also has one
+*general* kernel per dtype (the analytic default sized for a mid-size problem), and a portable
+level with at least its general kernels is always inside, so no CPU of the architecture is left
+without a kernel.  Default targets: the records' level, and AVX2 under AVX-512.
+
 Dispatch, per call: binary search of a table sorted by (M, N, K) for an exact tuned
 shape; else the nearest tuned shape in log2 size (as the runtime's lookup) if it is
-within ``NEAREST_MAX_DISTANCE``; else the general kernel.  Every kernel is correct for
-every shape; the table only decides which is fastest.  The C text is ``export_c``'s.
+within ``NEAREST_MAX_DISTANCE``; else the general kernel, each at the level the CPU runs.
+Every kernel is correct for every shape; the table only decides which is fastest.  The C text
+is ``export_c``'s.
 """
 from __future__ import annotations
 
@@ -31,16 +44,17 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from looptune.runtime.compiler.build import BuildSettings, compile_errors, portable_flags
-from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target
+from looptune.runtime.compiler.codegen import CODEGEN_VERSION
 from looptune.runtime.compiler.defaults import default_schedule
-from looptune.runtime.compiler.machine import VECTOR_BYTES
+from looptune.runtime.compiler.machine import ISA_LEVELS
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
+from looptune.tuner.ship import export_levels as levels_
 from looptune.tuner.ship.export_c import PREFIX, header_text, source_text
 
 GENERAL_SIZE = 512             # the general kernel is the default schedule of a 512^3 problem
@@ -56,10 +70,15 @@ class Entry:
     m: int
     n: int
     k: int
-    kernel: int              # index into Plan.kernels
+    kernels: tuple[int, ...]  # per Plan.levels: index into Plan.kernels
     exact: bool              # tuned for exactly this shape (else: borrowed from the nearest record)
     gflops: float            # the record's measured GFLOPS (0 when borrowed)
     numpy_gflops: float
+
+    @property
+    def kernel(self) -> int:
+        """The kernel at the library's highest level."""
+        return self.kernels[0]
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,8 @@ class Kernel:
     schedule: Schedule
     symbol: str
     general: bool = False
+    level: str = levels_.FLOOR   # the level it is rendered and compiled for
+    tuned: bool = False          # a record's trace (else an analytic default)
 
 
 @dataclass(frozen=True)
@@ -76,17 +97,23 @@ class Plan:
     threads: int
     kernels: tuple[Kernel, ...]
     entries: tuple[Entry, ...]       # sorted by (dtype, m, n, k)
-
-    @property
-    def target(self) -> Target:
-        """The ISA's target; bfloat16 kernels are rendered for the best it may have (AMX on
-        AVX-512: the machine key does not say, and the library checks at run time)."""
-        isa = self.machine.isa
-        return Target(isa, VECTOR_BYTES.get(isa, VECTOR_BYTES["portable"]), "amx" if isa == "avx512" else "convert")
+    levels: tuple[str, ...] = (levels_.FLOOR,)   # kernel sets, highest first (export_levels.with_floor)
+    targets: tuple[str, ...] = (levels_.FLOOR,)  # the levels with a kernel per shape (the rest: general only)
 
     def cflags(self) -> tuple[str, ...]:
-        """No -march=native: the library is for every machine of the tuned kind, not just the one building it."""
-        return portable_flags(self.machine.isa)
+        """Baseline flags, no -march=native and no ISA flags: the dispatcher and the lower levels'
+        kernels run on every CPU of the architecture; each level's kernels carry their own target."""
+        return portable_flags(levels_.FLOOR)
+
+    def level_kinds(self) -> list[tuple[str, str]]:
+        """(level, what its set holds): "tuned" (the records' schedules), "defaults" (the analytic
+        default of each shape for that level) or "general" (one general kernel per dtype only)."""
+        return [(level, "tuned" if level == self.machine.isa else "defaults" if level in self.targets else "general")
+                for level in self.levels]
+
+    def describe_levels(self) -> str:
+        """e.g. ``avx512 (tuned), avx2 (defaults), portable (general)``."""
+        return ", ".join(f"{level} ({kind})" for level, kind in self.level_kinds())
 
 
 @dataclass(frozen=True)
@@ -135,32 +162,54 @@ def choose_machine(records, machine=None):
     raise ExportError(f"the database holds several machines and none is this one:\n  {listing}")
 
 
+def check_targets(targets: Optional[Sequence[str] | str], isa: str) -> tuple[str, ...]:
+    """The target levels asked for (``"avx2,avx512"`` or a sequence), checked; None: the default
+    for records of ``isa`` (``export_levels.default_targets``)."""
+    if targets is None:
+        return levels_.default_targets(isa if isa in ISA_LEVELS else levels_.FLOOR)
+    if isinstance(targets, str):
+        targets = targets.split(",")
+    names = tuple(dict.fromkeys(t.strip().lower() for t in targets if t.strip()))
+    unknown = [t for t in names if t not in ISA_LEVELS]
+    if unknown or not names:
+        raise ExportError(f"unknown target level {', '.join(unknown) or '(none)'}: the levels are {', '.join(ISA_LEVELS)}")
+    if set(names) & set(levels_.X86_LEVELS) and set(names) & set(levels_.ARM_LEVELS):
+        raise ExportError(f"one architecture per library: {', '.join(names)} mixes x86-64 and aarch64 levels")
+    return names
+
+
 def make_plan(records: Iterable, *, machine=None, threads: int = 1,
-              shapes: Optional[Iterable[MatmulProblem]] = None) -> Plan:
+              shapes: Optional[Iterable[MatmulProblem]] = None,
+              targets: Optional[Sequence[str] | str] = None) -> Plan:
     from looptune.database import ScheduleIndex
 
     records = list(records)
     machine = choose_machine(records, machine)
+    targets = check_targets(targets, machine.isa)
+    levels = levels_.with_floor(targets)
     usable = [r for r in records if r.machine == machine and r.problem.layout == "nn"
               and r.problem.batch == 1 and r.problem.threads == threads and r.verified]
     kernels: list[Kernel] = []
-    by_trace: dict[tuple[str, str], int] = {}
+    by_trace: dict[tuple[str, str, str], int] = {}
 
-    def kernel_for(dtype: str, schedule: Schedule, general: bool = False) -> int:
-        key = (dtype, schedule.to_json())
+    def kernel_for(dtype: str, level: str, schedule: Schedule, general: bool = False, tuned: bool = False) -> int:
+        key = (level, dtype, schedule.to_json())
         if key not in by_trace:
             by_trace[key] = len(kernels)
-            kind = "general" if general else f"k{sum(1 for k in kernels if k.dtype == dtype and not k.general)}"
-            kernels.append(Kernel(dtype, schedule, f"looptune_{PREFIX[dtype]}_{kind}", general))
+            count = sum(1 for k in kernels if k.dtype == dtype and k.level == level and not k.general)
+            kind = "general" if general else f"{'k' if tuned else 'd'}{count}"
+            home = "" if level == machine.isa else f"{level}_"
+            kernels.append(Kernel(dtype, schedule, f"looptune_{PREFIX[dtype]}_{home}{kind}", general, level, tuned))
+        elif general:       # a tuned or default kernel that is also the general one
+            kernels[by_trace[key]] = replace(kernels[by_trace[key]], general=True)
         return by_trace[key]
 
-    entries: dict[tuple[str, int, int, int], Entry] = {}
+    # (problem, the record's schedule, exact, gflops, numpy_gflops) per exported shape
+    rows: dict[tuple[str, int, int, int], tuple] = {}
     if shapes is None:
         for r in sorted(usable, key=lambda r: (r.problem.dtype, r.problem.m, r.problem.n, r.problem.k)):
             p = r.problem
-            entries[(p.dtype, p.m, p.n, p.k)] = Entry(p.dtype, p.m, p.n, p.k,
-                                                      kernel_for(p.dtype, Schedule.from_trace(r.trace)), True,
-                                                      r.gflops_median, r.numpy_gflops)
+            rows[(p.dtype, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), True, r.gflops_median, r.numpy_gflops)
     else:
         index = ScheduleIndex(usable, machine)
         for s in shapes:
@@ -171,21 +220,39 @@ def make_plan(records: Iterable, *, machine=None, threads: int = 1,
             if match is None:
                 continue             # no record of the family: the general kernel serves it
             r = match.record
-            entries[(p.dtype, p.m, p.n, p.k)] = Entry(p.dtype, p.m, p.n, p.k,
-                                                      kernel_for(p.dtype, Schedule.from_trace(r.trace)), match.exact,
-                                                      r.gflops_median if match.exact else 0.0,
-                                                      r.numpy_gflops if match.exact else 0.0)
-    with_bf16 = any(dtype == "bfloat16" for dtype, *_ in entries)      # bfloat16 only where tuned
-    for dtype in ("float32", "float64") + (("bfloat16",) if with_bf16 else ()):
-        general = default_schedule(MatmulProblem(GENERAL_SIZE, GENERAL_SIZE, GENERAL_SIZE, dtype=dtype, threads=threads))
-        kernel_for(dtype, general, general=True)
-    ordered = tuple(entries[key] for key in sorted(entries))
-    return Plan(machine, threads, tuple(kernels), ordered)
+            rows[(p.dtype, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), match.exact,
+                                              r.gflops_median if match.exact else 0.0,
+                                              r.numpy_gflops if match.exact else 0.0)
+    with_bf16 = any(dtype == "bfloat16" for dtype, *_ in rows)      # bfloat16 only where tuned
+    dtypes = ("float32", "float64") + (("bfloat16",) if with_bf16 else ())
+    cpus = {level: levels_.LevelCpu.of(level) for level in levels}
+    general = {(dtype, level): default_schedule(MatmulProblem(GENERAL_SIZE, GENERAL_SIZE, GENERAL_SIZE, dtype=dtype,
+                                                              threads=threads), cpus[level])
+               for dtype in dtypes for level in levels}
+    per_level: dict[str, dict] = {}
+    for level in levels:
+        at = per_level[level] = {}
+        for key in sorted(rows):
+            p, schedule, *_ = rows[key]
+            if level == machine.isa:
+                at[key] = kernel_for(p.dtype, level, schedule, tuned=True)
+            elif level in targets:
+                at[key] = kernel_for(p.dtype, level, default_schedule(p, cpus[level]))
+            else:
+                at[key] = kernel_for(p.dtype, level, general[(p.dtype, level)], general=True)
+        for dtype in dtypes:
+            kernel_for(dtype, level, general[(dtype, level)], general=True)
+    entries = tuple(Entry(*key, tuple(per_level[level][key] for level in levels), *rows[key][2:])
+                    for key in sorted(rows))
+    return Plan(machine, threads, tuple(kernels), entries, levels, targets)
 
 
 def makefile_text(plan: Plan) -> str:
     return f"""# Builds the exported LoopTune kernels: liblooptune.a and liblooptune.so.
-# Flags: {plan.machine.isa} ISA, no -march=native (override: make CFLAGS="...").
+# Kernel levels: {plan.describe_levels()}.  Baseline flags: each level's kernels are compiled
+# for its own instructions (target pragmas), and the library picks a level by CPUID when it
+# loads.  Do not add -march=... or -m<isa> flags (make CFLAGS="..."): the dispatcher and the
+# lower levels must run on every CPU of the architecture.
 CC ?= cc
 CFLAGS ?= {' '.join(plan.cflags())}
 LDLIBS ?= -fopenmp -lm
@@ -211,12 +278,18 @@ clean:
 def manifest(plan: Plan) -> dict:
     """What the library holds, for people and tools: machine, kernels with their traces, shapes."""
     return {
-        "format": "looptune-export", "version": 1, "codegen_version": CODEGEN_VERSION,
+        "format": "looptune-export", "version": 2, "codegen_version": CODEGEN_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": plan.machine.to_dict(), "threads": plan.threads, "cflags": list(plan.cflags()),
-        "kernels": [{"symbol": k.symbol, "dtype": k.dtype, "general": k.general,
+        # kernel sets, highest first: the library runs the highest one the CPU can (CPUID, capped
+        # by the environment variable); "tuned": the records' schedules, "defaults": the analytic
+        # default of each shape for that level, "general": one general kernel per dtype only
+        "levels": [{"level": level, "kernels": kind} for level, kind in plan.level_kinds()],
+        "cpu_level_variable": levels_.MASK_VARIABLE,
+        "kernels": [{"symbol": k.symbol, "dtype": k.dtype, "level": k.level, "general": k.general, "tuned": k.tuned,
                      "trace": json.loads(k.schedule.to_json())} for k in plan.kernels],
         "shapes": [{"dtype": e.dtype, "m": e.m, "n": e.n, "k": e.k, "kernel": plan.kernels[e.kernel].symbol,
+                    "kernels": {level: plan.kernels[i].symbol for level, i in zip(plan.levels, e.kernels)},
                     "exact": e.exact, "gflops": e.gflops, "numpy_gflops": e.numpy_gflops} for e in plan.entries],
     }
 
@@ -234,12 +307,13 @@ def write_library(plan: Plan, out_dir: str | os.PathLike, compiler: str | None =
 
 
 def export_library(db_path: str | os.PathLike, out_dir: str | os.PathLike, *, threads: int = 1,
-                   shapes: Optional[Iterable[MatmulProblem]] = None, machine=None) -> ExportFiles:
+                   shapes: Optional[Iterable[MatmulProblem]] = None, machine=None,
+                   targets: Optional[Sequence[str] | str] = None) -> ExportFiles:
     """Read the database, choose kernels and write ``looptune.c``, ``looptune.h``, ``Makefile``
-    and ``manifest.json`` into ``out_dir``."""
+    and ``manifest.json`` into ``out_dir``; ``targets``: the kernel levels (``make_plan``)."""
     from looptune.database import load
 
-    plan = make_plan(load(db_path), machine=machine, threads=threads, shapes=shapes)
+    plan = make_plan(load(db_path), machine=machine, threads=threads, shapes=shapes, targets=targets)
     if not plan.entries:
         raise ExportError(f"{db_path} has no row-major, unbatched, {threads}-thread records for "
                           f"{plan.machine.short()} (only the general kernels would be exported)")

@@ -8,21 +8,29 @@ only writes it out.  One entry point per dtype the plan holds::
     looptune_bgemm   bfloat16 A, B (uint16_t bit patterns) -> float C, accumulated in float32
                      (only when the plan has bfloat16 shapes)
 
-bfloat16 kernels are rendered in every form the library's ISA may have (AVX-512): the fastest
-the schedule allows (AMX tiles or vdpbf16ps, ``codegen_bf16.choose_mode`` for an AMX target),
-a vdpbf16ps twin of an AMX kernel where its tile allows one, and a portable twin (``convert``).
-The dispatcher asks CPUID once: AMX-BF16 and AMX-TILE run the AMX kernel (the vdpbf16ps twin
-when the OS refuses the tile registers, -5), AVX512_BF16 alone (Zen 4, Cooper Lake) the
-vdpbf16ps form, anything else the portable twin, so the library runs on every CPU of its ISA,
-as the float kernels do.
+The kernels come in sets, one per level of the plan (``export_levels``), each between its own
+target pragmas; the helpers they share (workspace, thread pool, bf16 conversions) come first,
+compiled for the baseline.  Each dtype's dispatcher has a list of kernel sets, highest rung
+first, and runs the first one at or below the CPU's rung (``lt_rung``, found once); a shape's
+table entry holds its kernel's index in each level's set (``lt_entry.kernel[slot]``).
+
+bfloat16 kernels under AVX-512 are rendered in every form such a CPU may have: the fastest the
+schedule allows (AMX tiles or vdpbf16ps, ``codegen_bf16.choose_mode`` for an AMX target), a
+vdpbf16ps twin of an AMX kernel where its tile allows one, and a twin that widens to float32
+while packing (``convert``).  They are the sets of the rungs amx, avx512bf16 and avx512 over one
+slot: AMX-BF16 and AMX-TILE run the AMX kernel (the next set when the OS refuses the tile
+registers, -5), AVX512_BF16 alone (Zen 4, Cooper Lake) the vdpbf16ps form, other AVX-512 CPUs
+the convert twin, and lower CPUs the bfloat16 kernels of their own level.
 """
 from __future__ import annotations
 
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, function_type
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target, render
-from looptune.runtime.compiler.codegen_bf16 import choose_mode
+from looptune.runtime.compiler.codegen_bf16 import choose_mode, prelude
+from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C
 from looptune.runtime.compiler.pool import POOL_C
 from looptune.runtime.configuration import RuntimeSettings
+from looptune.tuner.ship import export_levels as levels_
 
 # The exported dispatcher behaves as runtime.matmul with default settings:
 NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape
@@ -71,85 +79,116 @@ def kernel_text(kernel, target: Target, symbol: str | None = None) -> str:
     return text.replace("\n" + head, "\nstatic int " + symbol + "(")
 
 
-def kernels_text(plan, target: Target) -> list[str]:
-    """Every kernel of the plan (float kernels first: helpers shared by all kernels are then
-    defined outside any bfloat16 target pragma), with the portable twins of fast bf16 kernels."""
-    out = []
-    for dtype in DTYPE_ORDER:
-        for kernel in (k for k in plan.kernels if k.dtype == dtype):
-            out.append(kernel_text(kernel, target))
-            if dtype == "bfloat16":
-                fast, vdp, portable = bf16_versions(kernel, target)
-                if vdp != fast and vdp != portable:
-                    out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "avx512bf16"), vdp))
-                if portable != fast:
-                    out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "convert"), portable))
+def shared_text(plan) -> list[str]:
+    """What every kernel's text would define the first time (guarded), defined once at the top,
+    outside every level's target pragmas: a helper first defined inside the AVX-512 set would be
+    compiled for AVX-512 and called by the AVX2 kernels."""
+    out = ["/* ---- helpers the kernels share: baseline code, run at every level ---- */",
+           "#include <stdint.h>", "#include <stdlib.h>", "#include <string.h>",
+           "#ifdef _OPENMP", "#include <omp.h>", "#else", "#define omp_get_thread_num() 0", "#endif",
+           "#define LT_MIN(a, b) ((a) < (b) ? (a) : (b))"]
+    if any(levels_.features(level) for level in plan.levels):     # headers included once, outside the pragmas
+        out += ["#if defined(__x86_64__) || defined(__i386__)", "#include <immintrin.h>", "#include <unistd.h>",
+                "#include <sys/syscall.h>", "#endif"]
+    out += WORKSPACE_C + POOL_DECLARATION_C
+    if "bfloat16" in library_dtypes(plan):
+        out += prelude("convert")
     return out
 
 
-_BF16_CPU = r"""
-#include <cpuid.h>
-/* this CPU's bfloat16 level: 2 with AMX-BF16 and AMX-TILE (CPUID.(7,0):EDX bits 22 and 24) and
-   AVX512_BF16 (CPUID.(7,1):EAX bit 5), 1 with AVX512_BF16 alone, else 0 */
-static int lt_bf16_level(void)
-{
-    static volatile int level = -1;
-    if (level < 0) {
-        unsigned a = 0, b = 0, c = 0, d = 0, vdp = 0, amx = 0;
-        vdp = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1u);
-        amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((d >> 22) & 1u) && ((d >> 24) & 1u);
-        level = vdp ? (amx ? 2 : 1) : 0;
-    }
-    return level;
-}
-"""
+def kernels_text(plan) -> list[str]:
+    """Every kernel of the plan, level by level, each level between its target pragmas (float
+    kernels first), with the twins of fast bf16 kernels for lesser AVX-512 CPUs."""
+    out = []
+    for level in plan.levels:
+        target = levels_.target(level)
+        out.append("\n".join(levels_.region_open(level)))
+        for dtype in DTYPE_ORDER:
+            for kernel in (k for k in plan.kernels if k.dtype == dtype and k.level == level):
+                out.append(kernel_text(kernel, target))
+                if dtype == "bfloat16":
+                    fast, vdp, portable = bf16_versions(kernel, target)
+                    if vdp != fast and vdp != portable:
+                        out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "avx512bf16"), vdp))
+                    if portable != fast:
+                        out.append(kernel_text(kernel, Target(target.isa, target.vector_bytes, "convert"), portable))
+        out.append("\n".join(levels_.region_close(level)))
+    return out
 
 
-def dispatch_text(plan, dtype: str, target: Target) -> str:
+def kernel_sets(plan, dtype: str) -> list[tuple[str, int, list[str]]]:
+    """(rung, slot, symbols) of each kernel set of ``dtype``, highest rung first: the slot is the
+    level's index in ``plan.levels`` (of ``lt_entry.kernel``), the symbols are the level's kernels
+    of the dtype in plan order (their local index).  A level's bfloat16 kernels under AVX-512
+    make up to three sets (amx, avx512bf16, avx512), where their forms differ."""
+    sets = []
+    for slot, level in enumerate(plan.levels):
+        kernels = [k for k in plan.kernels if k.dtype == dtype and k.level == level]
+        symbols = [k.symbol for k in kernels]
+        if dtype == "bfloat16":
+            versions = [bf16_versions(k, levels_.target(level)) for k in kernels]
+            fast, vdp, symbols = ([v[i] for v in versions] for i in range(3))
+            if fast != vdp:
+                sets.append(("amx", slot, fast))
+            if vdp != symbols:
+                sets.append(("avx512bf16", slot, vdp))
+        sets.append((level, slot, symbols))
+    assert [levels_.rung(r) for r, *_ in sets] == sorted((levels_.rung(r) for r, *_ in sets), reverse=True)
+    return sets
+
+
+def dispatch_text(plan, dtype: str) -> str:
     p, T, TC = PREFIX[dtype], C_TYPE[dtype], C_TYPE[OUTPUT_DTYPE[dtype]]
-    kernels = [(i, k) for i, k in enumerate(plan.kernels) if k.dtype == dtype]
-    local = {i: j for j, (i, _) in enumerate(kernels)}
-    general = next(local[i] for i, k in kernels if k.general)
+    P = p.upper()
+    local = {}                  # plan kernel index -> index in its level's set
+    for level in plan.levels:
+        mine = [i for i, k in enumerate(plan.kernels) if k.dtype == dtype and k.level == level]
+        local.update({i: j for j, i in enumerate(mine)})
+    general = [next(local[i] for i, k in enumerate(plan.kernels) if k.dtype == dtype and k.level == level and k.general)
+               for level in plan.levels]
     entries = [e for e in plan.entries if e.dtype == dtype]
+    sets = kernel_sets(plan, dtype)
     fn = "looptune_" + p + "gemm"
-    # per CPU level (see lt_bf16_level): the kernels' symbols; float kernels have one version
-    versions = [bf16_versions(k, target) if dtype == "bfloat16" else (k.symbol,) * 3 for _, k in kernels]
-    fast, vdp, portable = ([v[i] for v in versions] for i in range(3))
-    levels = fast != portable
-    out = [f"/* ---- {dtype}: {len(entries)} shapes, {len(kernels)} kernels ---- */",
-           function_type(f"lt_{p}fn", dtype)]
-    for suffix, symbols in ((("", portable),) + ((("_vdp", vdp), ("_fast", fast)) if levels else ())):
-        out += [f"static const lt_{p}fn lt_{p}{suffix or '_kernels'}[{len(kernels)}] = {{ {', '.join(symbols)} }};",
-                f"static const char *const lt_{p}{suffix}_names[{len(kernels)}] = {{ "
+    out = [f"/* ---- {dtype}: {len(entries)} shapes; kernel sets {', '.join(r for r, *_ in sets)} ---- */",
+           function_type(f"lt_{p}fn", dtype),
+           f"typedef struct {{ int32_t rung, slot; const lt_{p}fn *fn; const char *const *name; }} lt_{p}_set;"]
+    for j, (rung, slot, symbols) in enumerate(sets):
+        out += [f"static const lt_{p}fn lt_{p}_fn{j}[{len(symbols)}] = {{ {', '.join(symbols)} }};",
+                f"static const char *const lt_{p}_name{j}[{len(symbols)}] = {{ "
                 + ", ".join(f'"{s}"' for s in symbols) + " };"]
-    if levels:
-        out.append(_BF16_CPU)
-    out += [f"#define LT_{p.upper()}_GENERAL {general}",
-            f"#define LT_{p.upper()}_COUNT {len(entries)}"]
+    out += [f"#define LT_{P}_SETS {len(sets)}",
+            f"static const lt_{p}_set lt_{p}_sets[LT_{P}_SETS] = {{",
+            *(f"    {{{levels_.rung(rung)}, {slot}, lt_{p}_fn{j}, lt_{p}_name{j}}},   /* {rung} */"
+              for j, (rung, slot, _) in enumerate(sets)),
+            "};",
+            f"static const int32_t lt_{p}_general[LT_SLOTS] = {{ {', '.join(map(str, general))} }};",
+            f"#define LT_{P}_COUNT {len(entries)}"]
     if entries:
         out.append(f"static const lt_entry lt_{p}_table[{len(entries)}] = {{")
         for e in entries:
-            out.append(f"    {{{e.m}, {e.n}, {e.k}, {local[e.kernel]}}},"
+            out.append(f"    {{{e.m}, {e.n}, {e.k}, {{{', '.join(str(local[i]) for i in e.kernels)}}}}},"
                        f"{'' if e.exact else '  /* nearest record */'}")
         out.append("};")
     else:
-        out.append(f"static const lt_entry lt_{p}_table[1] = {{{{0, 0, 0, LT_{p.upper()}_GENERAL}}}};")
-    args = "(1, M, N, K, A, M * lda, lda, 1, B, K * ldb, ldb, 1,\n        C, M * ldc, ldc, 1, 0, t)"
-    call = [f"    return lt_{p}_kernels[i]{args};"]
-    if levels:
-        call = ["    const int level = lt_bf16_level();",
-                "    if (level == 2) {",
-                f"        rc = lt_{p}_fast[i]{args};",
-                f"        if (rc != {AMX_REFUSED}) return rc;     /* the OS refused AMX: vdpbf16ps computes */",
-                "    }",
-                f"    if (level >= 1) return lt_{p}_vdp[i]{args};"] + call
+        out.append(f"static const lt_entry lt_{p}_table[1] = {{{{0, 0, 0, {{0}}}}}};")
+    args = "(1, M, N, K, A, M * lda, lda, 1, B, K * ldb, ldb, 1,\n            C, M * ldc, ldc, 1, 0, t)"
     out += [
-        f"static int lt_{p}_choose(int64_t M, int64_t N, int64_t K)",
+        "/* the table's entry for a shape: exact, else the nearest within LT_NEAREST_MAX; -1: the general kernels */",
+        f"static int64_t lt_{p}_entry(int64_t M, int64_t N, int64_t K)",
         "{",
-        f"    int64_t i = lt_find(lt_{p}_table, LT_{p.upper()}_COUNT, M, N, K);",
-        f"    if (i < 0) i = lt_nearest(lt_{p}_table, LT_{p.upper()}_COUNT, M, N, K);",
-        f"    return i < 0 ? LT_{p.upper()}_GENERAL : lt_{p}_table[i].kernel;",
+        f"    const int64_t i = lt_find(lt_{p}_table, LT_{P}_COUNT, M, N, K);",
+        f"    return i < 0 ? lt_nearest(lt_{p}_table, LT_{P}_COUNT, M, N, K) : i;",
         "}",
+        "",
+        "/* the highest kernel set this CPU runs (the last is portable's) */",
+        f"static int lt_{p}_first(void)",
+        "{",
+        "    const int rung = lt_rung();",
+        "    int s = 0;",
+        f"    while (lt_{p}_sets[s].rung > rung) s++;",
+        "    return s;",
+        "}",
+        f"#define LT_{P}_KERNEL(set, e) ((e) < 0 ? lt_{p}_general[(set)->slot] : lt_{p}_table[e].kernel[(set)->slot])",
         "",
         f"int {fn}(int64_t M, int64_t N, int64_t K, const {T} *A, int64_t lda, const {T} *B, int64_t ldb,",
         f"    {TC} *C, int64_t ldc)",
@@ -157,14 +196,19 @@ def dispatch_text(plan, dtype: str, target: Target) -> str:
         "    int rc = lt_check(M, N, K, A, lda, B, ldb, C, ldc);",
         "    if (rc <= 0) return rc;",
         "    const int32_t t = lt_call_threads(M, N, K);",
-        f"    const int i = lt_{p}_choose(M, N, K);",
-        *call,
+        f"    const int64_t e = lt_{p}_entry(M, N, K);",
+        f"    for (int s = lt_{p}_first(); ; s++) {{",
+        f"        const lt_{p}_set *set = &lt_{p}_sets[s];",
+        f"        rc = set->fn[LT_{P}_KERNEL(set, e)]{args};",
+        f"        if (rc != {AMX_REFUSED} || s + 1 == LT_{P}_SETS) return rc;   /* {AMX_REFUSED}: the OS refused AMX, the next set computes */",
+        "    }",
         "}",
         "",
         f"const char *{fn}_kernel(int64_t M, int64_t N, int64_t K)",
         "{",
-        f"    return {f'(lt_bf16_level() == 2 ? lt_{p}_fast_names : lt_bf16_level() == 1 ? lt_{p}_vdp_names : lt_{p}_names)' if levels else f'lt_{p}_names'}"
-        f"[lt_{p}_choose(M, N, K)];",
+        f"    const lt_{p}_set *set = &lt_{p}_sets[lt_{p}_first()];",
+        f"    const int64_t e = lt_{p}_entry(M, N, K);",
+        f"    return set->name[LT_{P}_KERNEL(set, e)];",
         "}",
     ]
     return "\n".join(out) + "\n"
@@ -174,7 +218,8 @@ _COMMON = r"""
 /* ---- dispatch ---- */
 #include <math.h>
 
-typedef struct { int64_t m, n, k; int32_t kernel; } lt_entry;
+/* a tuned shape and its kernel's index in each level's set (LT_SLOTS levels, highest first) */
+typedef struct { int64_t m, n, k; int32_t kernel[LT_SLOTS]; } lt_entry;
 
 static int lt_threads = LT_DEFAULT_THREADS;
 
@@ -226,7 +271,8 @@ static int64_t lt_nearest(const lt_entry *t, int64_t count, int64_t M, int64_t N
 _BF16_DECLARATIONS = """
 /* bfloat16: A and B hold bf16 bit patterns (ml_dtypes' bfloat16, the upper half of a float32),
    C is float32, accumulated in float32 over the whole of K.  On CPUs with AVX512_BF16 (and AMX,
-   where the OS grants it) the tuned fast kernels run, elsewhere kernels that widen to float32. */
+   where the OS grants it) the tuned fast kernels run, elsewhere kernels that widen to float32
+   (names ending in _vdp: vdpbf16ps twins of AMX kernels; _convert: the widening twins). */
 int looptune_bgemm(int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t lda,
                    const uint16_t *B, int64_t ldb, float *C, int64_t ldc);
 const char *looptune_bgemm_kernel(int64_t M, int64_t N, int64_t K);
@@ -237,11 +283,24 @@ def header_text(plan, build_command: str) -> str:
     dtypes = library_dtypes(plan)
     counts = {d: sum(1 for e in plan.entries if e.dtype == d) for d in dtypes}
     shapes = ", ".join(f"{counts[d]} {d}" for d in dtypes[:-1]) + f" and {counts[dtypes[-1]]} {dtypes[-1]}"
+    rungs = sorted(set(library_rungs(plan)), key=levels_.rung, reverse=True)
+    served = ", ".join(f'"{r}"' for r in rungs)
+    bf16_note = ("\n   (amx, avx512bf16: the bfloat16 kernels of that form serve, the float kernels run at avx512)"
+                 if {"amx", "avx512bf16"} & set(rungs) else "")
     return f"""/* looptune.h: tuned matmul kernels exported by `looptune export` (codegen v{CODEGEN_VERSION}).
 
    Tuned on: {plan.machine.short()}
-   Kernels for vector ISA {plan.machine.isa}; {shapes} shapes
-   tuned for {plan.threads} thread(s); any other shape runs the nearest tuned kernel or the general one.
+   {shapes} shapes tuned for {plan.threads} thread(s); any other shape runs the nearest tuned
+   shape's kernel or the general one.
+
+   Kernel levels inside, highest first: {plan.describe_levels()}
+   (tuned: the database's schedules; defaults: LoopTune's analytic default schedule of each shape
+   for that level; general: one general kernel per dtype).  Each level's kernels are compiled for
+   that level's instructions only.  When the library loads it asks the CPU (CPUID) which it
+   runs, and every call runs the highest level at or below it: a CPU without AVX-512 runs the
+   avx2 kernels, a CPU below every level the portable ones.  {levels_.MASK_VARIABLE}=<level>, one of
+   {', '.join(levels_.LADDER)}, caps the level (read once, at load; it can only
+   lower it), e.g. to run the avx2 kernels on an AVX-512 CPU; looptune_cpu_level() says which serves.
 
    Build (or run `make`):
        {build_command}
@@ -249,8 +308,8 @@ def header_text(plan, build_command: str) -> str:
    Link your program with: -fopenmp -lm
    Parallel kernels run on the library's own thread pool (pthreads): a calling thread never
    waits for a pool thread that has not started, and idle pool threads sleep after 50 us.
-   The ISA flags are those of the tuned machine's vector ISA, not -march=native: the library
-   runs on any CPU with that ISA.
+   The flags are baseline on purpose: no -march=native and no -m<isa> flags, which would let the
+   compiler put those instructions in the dispatcher and the lower levels' kernels.
 
    C = A B, row-major: A is M x K (row stride lda >= K), B is K x N (ldb >= N), C is M x N
    (ldc >= N); C is overwritten.  Returns 0 on success, LOOPTUNE_EINVAL (-4) for bad
@@ -277,9 +336,14 @@ int looptune_dgemm(int64_t M, int64_t N, int64_t K, const double *A, int64_t lda
 void looptune_set_num_threads(int n);
 int looptune_get_num_threads(void);
 
-/* The name of the kernel that serves a shape (for logs and tests): looptune_s_kN or looptune_s_general. */
+/* The name of the kernel that serves a shape on this CPU (for logs and tests): looptune_s_kN (tuned)
+   or looptune_s_general at the tuned level, looptune_s_<level>_dN or looptune_s_<level>_general at others. */
 const char *looptune_sgemm_kernel(int64_t M, int64_t N, int64_t K);
 const char *looptune_dgemm_kernel(int64_t M, int64_t N, int64_t K);
+
+/* The level whose kernels serve on this CPU: the highest of this library's levels at or below the
+   CPU's (capped by {levels_.MASK_VARIABLE}), one of {served}{bf16_note}. */
+const char *looptune_cpu_level(void);
 {_BF16_DECLARATIONS if "bfloat16" in dtypes else ""}
 #ifdef __cplusplus
 }}
@@ -288,19 +352,27 @@ const char *looptune_dgemm_kernel(int64_t M, int64_t N, int64_t K);
 """
 
 
+def library_rungs(plan) -> list[str]:
+    """The rungs of every kernel set of the library (``looptune_cpu_level``'s answers)."""
+    return [rung for dtype in library_dtypes(plan) for rung, *_ in kernel_sets(plan, dtype)]
+
+
 def source_text(plan) -> str:
-    target = plan.target
     parts = [f"/* looptune.c: generated by `looptune export` from a schedule database; do not edit.\n"
-             f"   Tuned on {plan.machine.short()}; see looptune.h for the build line. */",
+             f"   Tuned on {plan.machine.short()}; kernel levels {plan.describe_levels()}.\n"
+             f"   See looptune.h for the build line: baseline flags, the levels carry their own targets. */",
              '#include "looptune.h"',
              "/* the kernels' parallel loops run on this library's own thread pool */",
              "#define LT_POOL_LINKAGE static __attribute__((unused))",
              POOL_C,
              f"#define LT_DEFAULT_THREADS {plan.threads}",
              f"#define LT_SMALL_FLOPS {SMALL_FLOPS:.1f}",
-             f"#define LT_NEAREST_MAX {NEAREST_MAX_DISTANCE:.3f}"]
-    parts += kernels_text(plan, target)
+             f"#define LT_NEAREST_MAX {NEAREST_MAX_DISTANCE:.3f}",
+             f"#define LT_SLOTS {len(plan.levels)}    /* kernel levels: {', '.join(plan.levels)} */",
+             "\n".join(shared_text(plan))]
+    parts += kernels_text(plan)
+    parts.append(levels_.cpu_text(library_rungs(plan)))
     parts.append(_COMMON)
     for dtype in library_dtypes(plan):
-        parts.append(dispatch_text(plan, dtype, target))
+        parts.append(dispatch_text(plan, dtype))
     return "\n".join(parts)
