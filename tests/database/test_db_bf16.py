@@ -3,7 +3,9 @@ and looked up only within their own family (a float32 record never serves bfloat
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 from click.testing import CliRunner
 
 from looptune.database import ScheduleIndex, load, save
@@ -46,6 +48,17 @@ def test_db_commands_show_bf16_records(tmp_path):
 def test_lookup_keeps_bf16_in_its_family():
     index = ScheduleIndex(_records(), LOCAL)
     exact = index.best("matmul:bfloat16:nn:t1:b1:64x64x64")
-    assert exact is not None and exact.exact and exact.record.problem.dtype == "bfloat16"
+    assert exact is not None and exact.exact and exact.record == _records()[0]
+    # no bfloat16 record of this size: the nearest bfloat16 one (64^3, log2(80/64) away) answers,
+    # not the float32 64^3 record at the same distance, nor the bfloat16 record of another family
     near = index.best("matmul:bfloat16:nn:t1:b1:64x64x80")
-    assert near is None or near.record.problem.dtype == "bfloat16"
+    assert near is not None, "the bfloat16 family has a record: a bfloat16 problem must get one"
+    assert near.record == _records()[0] and not near.exact and near.local
+    assert near.distance == pytest.approx(math.log2(80 / 64))
+    assert [m.record.problem.dtype for m in index.nearest("matmul:bfloat16:nn:t1:b1:64x64x80", 5)] == ["bfloat16"]
+    # and the other way round: float32 gets its own record, never a bfloat16 one
+    assert index.best("matmul:float32:nn:t1:b1:64x64x80").record == _records()[2]
+    # a family with only a float32 record of this very size has nothing for bfloat16
+    only_float32 = ScheduleIndex([make_record(64, dtype="float32")], LOCAL)
+    assert only_float32.best("matmul:bfloat16:nn:t1:b1:64x64x64") is None
+    assert only_float32.nearest("matmul:bfloat16:nn:t1:b1:64x64x64", 3) == []

@@ -3,6 +3,8 @@
 records, the ``float32_via_bfloat16`` opt-in, and the portable path (``LOOPTUNE_BF16=convert``)."""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import subprocess
 import sys
@@ -269,22 +271,54 @@ def test_subnormal_inputs_per_form(mode):
     np.testing.assert_allclose(c, expected, rtol=1e-5)
 
 
+def cpu_flags() -> set[str]:
+    """The feature flags Linux reports for this CPU (those of the first processor listed)."""
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+AMX_PROBE = textwrap.dedent("""
+    import ctypes, json, sys
+    import numpy as np
+    from looptune import runtime
+    SYS_ARCH_PRCTL, GET_SUPP, GET_PERM, REQ_PERM, XTILEDATA = 158, 0x1021, 0x1022, 0x1023, 18
+    libc = ctypes.CDLL(None, use_errno=True)
+    def state(code):
+        mask = ctypes.c_uint64(0)
+        rc = libc.syscall(SYS_ARCH_PRCTL, code, ctypes.byref(mask))
+        return [rc, ctypes.get_errno() if rc else 0, int(mask.value >> XTILEDATA & 1)]
+    a = np.ones((64, 64), np.float32)
+    runtime.matmul(a, a, threads=1)
+    runtime.matmul(a.astype(np.float64), a, threads=2)
+    out = {"supported": state(GET_SUPP), "permitted": state(GET_PERM)}
+    # the probe itself: asking for the tile data state must show in it where the CPU has AMX
+    rc = libc.syscall(SYS_ARCH_PRCTL, REQ_PERM, XTILEDATA)
+    out["request"] = [rc, ctypes.get_errno() if rc else 0]
+    out["permitted_after_request"] = state(GET_PERM)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64",
+                    reason="the AMX state is asked for with x86-64 Linux's arch_prctl")
 def test_float_only_process_never_asks_for_amx():
     """The AMX grant enlarges every signal frame of the process (a small sigaltstack then fails),
-    so only rendering a bf16 kernel asks for it."""
-    code = textwrap.dedent("""
-        import ctypes, numpy as np
-        from looptune import runtime
-        a = np.ones((64, 64), np.float32)
-        runtime.matmul(a, a, threads=1)
-        perm = ctypes.c_uint64(0)
-        libc = ctypes.CDLL(None)
-        libc.syscall(158, 0x1022, ctypes.byref(perm))     # ARCH_GET_XCOMP_PERM
-        print(int(perm.value >> 18 & 1))                  # XTILEDATA
-    """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    so only rendering a bf16 kernel asks for it: after float32 and float64 calls the process
+    holds no AMX tile permission (``arch_prctl(ARCH_GET_XCOMP_PERM)``, return code checked).  The
+    probe is checked against the CPU: Linux supports the tile state exactly when /proc/cpuinfo
+    lists amx_tile, and there a request for it succeeds and then shows in the same probe."""
+    done = subprocess.run([sys.executable, "-c", AMX_PROBE], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-1] == "0"
+    got = json.loads(done.stdout.splitlines()[-1])
+    if got["supported"][0] != 0 and got["supported"][1] == errno.EINVAL:
+        pytest.skip("this kernel predates arch_prctl's XCOMP calls (Linux < 5.16): it never grants AMX")
+    has_amx = "amx_tile" in cpu_flags()
+    assert got["supported"] == [0, 0, int(has_amx)], got         # the syscall worked and agrees with cpuinfo
+    assert got["permitted"] == [0, 0, 0], got                    # float calls asked for nothing
+    if has_amx:
+        assert got["request"] == [0, 0] and got["permitted_after_request"] == [0, 0, 1], got
+    else:
+        assert got["request"][0] != 0 and got["permitted_after_request"] == [0, 0, 0], got
 
 
 def test_compiled_serve_takes_bfloat16_calls():

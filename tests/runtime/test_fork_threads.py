@@ -24,7 +24,8 @@ PRELUDE = """
 import os, sys, threading, time
 import numpy as np
 from looptune import runtime
-runtime.configure(user_db=None, embedded_db=None, fallback="off", threads=2)
+# our kernels from the first call on (no trial against numpy, no hand-off): these tests are about their threads
+runtime.configure(user_db=None, embedded_db=None, fallback="off", threads=2, numpy_handoff=False)
 rng = np.random.default_rng(0)
 a = rng.standard_normal((512, 512)).astype(np.float32)
 want = a.astype(np.float64) @ a.astype(np.float64)
@@ -32,6 +33,8 @@ def ok(c):
     return bool(np.allclose(c, want, rtol=1e-3, atol=1e-2))
 def child_status(pid):
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+def threads_now():
+    return set(os.listdir("/proc/self/task"))      # this process's OS threads (ids)
 """
 
 
@@ -63,10 +66,15 @@ def run_script(body: str, cache_dir: str, timeout_s: float = 60, **extra_env: st
 
 def test_fork_after_multithreaded_call(cache_dir):
     """Our thread pool starts afresh in a forked child: the child keeps its threads and runs
-    2-thread kernels (new workers), and so does its own child."""
+    2-thread kernels (new workers), and so does its own child.  The parent keeps its pool: the
+    same workers, the same OS threads, and its next 2-thread calls start no others."""
     run_script("""
+        from looptune.runtime.api import settings
         from looptune.runtime.compiler import pool
+        base = threads_now()
         assert ok(runtime.matmul(a, a)) and pool.load().lt_pool_workers() >= 1
+        workers = threads_now() - base        # the OS threads the first 2-thread call added: the pool's
+        assert len(workers) == pool.load().lt_pool_workers()
         pid = os.fork()
         if pid == 0:
             from looptune.runtime.api import settings
@@ -80,15 +88,28 @@ def test_fork_after_multithreaded_call(cache_dir):
             good = good and child_status(grand) == 0
             os._exit(0 if good else 1)
         assert child_status(pid) == 0
-        assert ok(runtime.matmul(a, a))      # the parent keeps its threads
+        # the parent keeps its threads: the pool still counts the workers it had, and they still run
+        # (OpenBLAS ends its own threads at a fork, hence the comparison with what our calls added)
+        after = (pool.load().lt_pool_workers(), threads_now() - base)
+        assert after == (len(workers), workers), f"pool workers/threads {after} after the fork, {workers} before"
+        assert settings().threads == 2
+        for _ in range(3):
+            assert ok(runtime.matmul(a, a))
+            assert np.allclose(runtime.matmul(a[:300], a), want[:300], rtol=1e-3, atol=1e-2)
+        assert pool.load().lt_pool_workers() == len(workers) and threads_now() - base == workers   # none added
     """, cache_dir)
 
 
 def test_fork_after_multithreaded_openmp_call(cache_dir):
     """Without our pool, kernels use OpenMP, which cannot run in a forked child: the child of a
-    process that ran 2-thread kernels runs every kernel on one thread."""
+    process that ran 2-thread kernels runs every kernel on one thread.  The parent keeps its
+    threads: still 2 per call, on the same OpenMP team (its OS threads neither lost nor added)."""
     run_script("""
+        from looptune.runtime.api import settings
+        base = threads_now()
         assert ok(runtime.matmul(a, a))
+        team = threads_now() - base           # the OS threads the first 2-thread call added: OpenMP's
+        assert team
         pid = os.fork()
         if pid == 0:
             from looptune.runtime.api import settings
@@ -101,7 +122,12 @@ def test_fork_after_multithreaded_openmp_call(cache_dir):
             good = good and child_status(grand) == 0
             os._exit(0 if good else 1)
         assert child_status(pid) == 0
-        assert ok(runtime.matmul(a, a))      # the parent keeps its threads
+        # the parent keeps its threads: 2 per call, on the same OpenMP team, still running
+        assert settings().threads == 2, settings().threads
+        assert threads_now() - base == team, f"OpenMP threads {threads_now() - base} after the fork, {team} before"
+        for _ in range(3):
+            assert ok(runtime.matmul(a, a))
+        assert threads_now() - base == team
     """, cache_dir, LOOPTUNE_NO_POOL="1")
 
 

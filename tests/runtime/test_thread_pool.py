@@ -3,6 +3,7 @@ thread number below the thread count; a second caller is never queued behind a b
 kernels really run on it; numpy's OpenBLAS runs its parallel calls on it and stays right (from
 many threads at once, after a fork); the settings come from the environment."""
 import ctypes
+import json
 import logging
 import os
 import subprocess
@@ -172,14 +173,40 @@ def test_loops_one_after_another_reuse_the_workers(lib):
 
 
 def test_parallel_kernels_run_on_the_pool(lib):
-    runtime.configure(user_db=None, embedded_db=None, fallback="off")
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((400, 300)).astype(np.float32)
-    b = rng.standard_normal((300, 500)).astype(np.float32)
-    for threads in (2, 5, 64):
-        np.testing.assert_allclose(runtime.matmul(a, b, threads=threads), a.astype(np.float64) @ b,
-                                   rtol=1e-3, atol=1e-3)
-    assert lib.lt_pool_workers() >= 1
+    """In a fresh interpreter (other tests here start workers by calling the pool directly, so
+    only a process of its own shows what kernels did): no worker before the first parallel
+    kernel, one or more after it, and every thread the kernels added to the process is a pool
+    worker (no OpenMP team beside them)."""
+    script = textwrap.dedent("""
+        import json, os
+        import numpy as np
+        from looptune import runtime
+        from looptune.runtime.compiler import pool
+        # our kernels on every call (no trial against numpy, no hand-off): this is about where they run
+        runtime.configure(user_db=None, embedded_db=None, fallback="off", numpy_handoff=False)
+        lib = pool.load()
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((400, 300)).astype(np.float32)
+        b = rng.standard_normal((300, 500)).astype(np.float32)
+        want = a.astype(np.float64) @ b
+        tasks = set(os.listdir("/proc/self/task"))
+        report = {"before": lib.lt_pool_workers(), "after": [], "right": []}
+        for threads in (1, 2, 5, 64):
+            report["right"].append(bool(np.allclose(runtime.matmul(a, b, threads=threads), want, rtol=1e-3, atol=1e-3)))
+            report["after"].append(lib.lt_pool_workers())
+        report["new_threads"] = len(set(os.listdir("/proc/self/task")) - tasks)
+        print(json.dumps(report))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOOPTUNE_BLAS_POOL", "LOOPTUNE_NO_POOL")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["right"] == [True] * 4
+    assert report["before"] == 0                     # nothing has started a worker yet
+    one, two, five, many = report["after"]
+    assert one == 0                                  # a one-thread call never touches the pool
+    assert two >= 1 and two <= five <= many <= 63    # threads=2 started a worker; more threads, more workers
+    assert report["new_threads"] == many             # every new thread is a pool worker
 
 
 def test_pool_settings_from_the_environment(caplog):

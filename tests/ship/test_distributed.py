@@ -1,6 +1,8 @@
 """Scale-out: a pinned local process pool, and Dask workers over loopback (LocalCluster)."""
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -102,18 +104,49 @@ def cluster():
         yield c
 
 
+@contextlib.contextmanager
+def workers_env(address: str, name: str, value: str):
+    """``name=value`` in every worker process of the scheduler's cluster while the block runs (a
+    lambda: cloudpickle sends it by value, where a bound ``os.environ`` method would carry a copy;
+    a client of its own, closed before the block, which may close its executor's)."""
+    from distributed import Client     # optional dependency: only when the Dask tests run
+
+    with Client(address, timeout=30) as client:
+        client.run(lambda: os.environ.__setitem__(name, value))
+    try:
+        yield
+    finally:
+        with Client(address, timeout=30) as client:
+            client.run(lambda: os.environ.pop(name, None))
+
+
 @needs_dask
 def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
+    """Every worker of the cluster tunes problems (each task takes 0.05 s, so the scheduler spreads
+    them), on a core of its own; the driver commits all their records and its report counts the
+    problems of each worker."""
     db = tmp_path / "s.h5"
     replies = []
     ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=target_machine(), tuner=FAKE)
-    report = build_db(problems(10) + [MatmulProblem(13, 8, 8)], db, executor=ex, on_reply=lambda p, r: replies.append(r))
+    with workers_env(cluster.scheduler_address, "LOOPTUNE_FAKE_SLEEP", "0.05"):
+        report = build_db(problems(10) + [MatmulProblem(13, 8, 8)], db, executor=ex,
+                          on_reply=lambda p, r: replies.append(r))
     assert (report.done, report.failed, report.refused) == (10, 1, 0)
+    assert all(r["seconds"] >= 0.05 for r in replies if r["status"] == "ok")     # the workers saw the sleep
     records = load(db)
     assert len(records) == 10 and all(r.machine == target_machine() for r in records)
-    workers = {r["worker"] for r in replies}
-    assert workers <= set(cluster.scheduler_info["workers"]) and workers
-    assert len({tuple(r["cores"]) for r in replies if r["status"] == "ok"}) == len(workers)   # one core each
+    cluster_workers = cluster.scheduler_info["workers"]
+    assert len(cluster_workers) == (2 if TWO_CORES else 1)
+    per_worker = collections.Counter(r["worker"] for r in replies)
+    assert set(per_worker) == set(cluster_workers), per_worker            # every worker did work
+    assert sum(per_worker.values()) == 11
+    pids = {r["worker"]: r["pid"] for r in replies}
+    assert len(set(pids.values())) == len(cluster_workers)                # separate processes
+    assert sorted(report.workers.values()) == sorted(collections.Counter(
+        pids[r["worker"]] for r in replies if r["status"] == "ok").values())    # the report counts them all
+    assert len(report.workers) == len(cluster_workers) and sum(report.workers.values()) == 10
+    cores = {r["worker"]: tuple(r["cores"]) for r in replies if r["status"] == "ok"}
+    assert len(set(cores.values())) == len(cluster_workers)               # one core each
 
 
 @needs_dask

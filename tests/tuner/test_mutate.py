@@ -1,7 +1,9 @@
 """One-factor trace mutations (tune's hill-climb): legal, distinct, one split factor away."""
 from dataclasses import replace
 
-from looptune.runtime.compiler.defaults import PREFETCH_KC, default_params, default_schedule, prefetched_n_block
+import pytest
+
+from looptune.runtime.compiler.defaults import PREFETCH_KC, default_params, default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
@@ -30,27 +32,42 @@ def test_each_mutation_changes_exactly_one_split_factor():
         assert Schedule.from_json(m.to_json()).nest == m.nest          # save -> load -> replay -> equal
 
 
-def nearest(values, current, limit):
-    """Factor moves in the order factor_mutations tries them: nearest first, then the smaller."""
-    return sorted((v for v in set(values) if v != current and v <= limit), key=lambda v: (abs(v - current), v))
+# factor_mutations' register-tile moves from TILED's 8 x 16 tile on 98 x 384 x 3456, in order,
+# written out per target (not computed with the code under test).  A tile mr x nr of nvec =
+# nr / lanes vectors fits when mr * nvec + nvec + 1 <= registers; moves keep the other side
+# (m moves keep nr = 16, n moves keep mr = 8), nearest first (the smaller on a tie), m and n
+# alternating while both have moves.
+TILE_MOVES = {
+    # 32 registers of 16 float32 lanes: nr = 16 takes mr 2..16; mr = 8 takes 1..3 vectors (not 4: 8*4+5 > 32)
+    "avx512": [(7, 16), (8, 32), (9, 16), (8, 48), (6, 16), (10, 16), (5, 16), (11, 16), (4, 16), (12, 16),
+               (3, 16), (13, 16), (2, 16), (14, 16), (15, 16), (16, 16)],
+    # 16 registers of 8 lanes: nr = 16 (2 vectors) takes mr <= 6; mr = 8 only one vector (nr = 8)
+    "avx2": [(6, 16), (8, 8), (5, 16), (4, 16), (3, 16), (2, 16)],
+    # 32 registers of 4 lanes: nr = 16 (4 vectors) takes mr <= 6; mr = 8 takes 1..3 vectors
+    "neon": [(6, 16), (8, 12), (5, 16), (8, 8), (4, 16), (8, 4), (3, 16), (2, 16)],
+    # 16 registers of 4 lanes: nr = 16 takes mr = 2 only; mr = 8 one vector
+    "portable": [(2, 16), (8, 4)],
+}
+FAKE_CPUS = {   # a CPU of each target (LOOPTUNE_ISA may cap one below its features: the expectation follows)
+    "avx512": dict(arch="x86_64", features=("avx", "avx2", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma")),
+    "avx2": dict(arch="x86_64", features=("avx", "avx2", "fma")),
+    "neon": dict(arch="aarch64", features=("asimd",)),
+    "portable": dict(arch="x86_64", features=("sse4_2",)),
+}
 
 
-def test_tile_moves_come_first_alternate_dimensions_and_fit_the_registers():
-    """Expectations come from the detected target's register file (AVX-512, AVX2, NEON or portable):
-    every first move is a tile that fits it, one dimension changed, m and n moves alternating."""
+@pytest.mark.parametrize("target", ["detected"] + sorted(FAKE_CPUS))
+def test_tile_moves_come_first_alternate_dimensions_and_fit_the_registers(target):
+    """Every first move is a tile that fits the target's register file, one dimension changed,
+    m and n moves alternating, nearest first: the detected CPU's and one of each target's."""
+    cpu = detect_cpu() if target == "detected" else replace(detect_cpu(), **FAKE_CPUS[target])
     base = canonical_schedule(Schedule.from_json(TILED).nest)
-    problem = MatmulProblem(98, 384, 3456)
-    muts = factor_mutations(base, problem)
-    options = tile_options(detect_cpu(), "float32")
-    m_moves = [(mr, 16) for mr in nearest([mr for mr, nr in options if nr == 16], 8, problem.m)]
-    n_moves = [(8, nr) for nr in nearest([nr for mr, nr in options if mr == 8], 16, problem.n)]
-    expected = interleave([m_moves, n_moves])[:4]
-    assert expected and {d for d, moves in (("m", m_moves), ("n", n_moves)) if moves} == {"m", "n"}
-    first = [(splits(m)["m"], splits(m)["n"]) for m in muts[:len(expected)]]
-    assert first == expected
-    assert all(t in options for t in first)
-    if (8, 32) in options:                                  # AVX-512: the tile that wins on this shape is near
-        assert (8, 32) in first
+    muts = factor_mutations(base, MatmulProblem(98, 384, 3456), cpu)
+    tiles = [(splits(m)["m"], splits(m)["n"]) for m in muts]
+    expected = TILE_MOVES[cpu.vector_isa]
+    assert tiles[:len(expected)] == expected
+    assert set(tiles[len(expected):]) == {(8, 16)}          # then the cache-block moves, same tile
+    assert all(t in tile_options(cpu, "float32") for t in expected)
 
 
 def test_untiled_and_default_schedules():
@@ -107,7 +124,9 @@ def test_gemv_default_prefetches_in_n_blocks_whose_sweep_fits_l1():
     cpu = replace(detect_cpu(), l1d_bytes=32 * 1024)
     small = default_params(MatmulProblem(1, 1024, 1024), cpu)
     assert small.prefetch and small.kc == PREFETCH_KC and "B" in small.schedule().nest.prefetch
-    assert small.nc == prefetched_n_block(cpu, small.nr, 4) and PREFETCH_KC * small.nc * 4 <= 32 * 1024 // 3
+    # the widest n block of whole tiles whose sweep fits: one more tile would not
+    assert small.nc % small.nr == 0
+    assert PREFETCH_KC * small.nc * 4 <= 32 * 1024 // 3 < PREFETCH_KC * (small.nc + small.nr) * 4
     wide = default_params(MatmulProblem(1, 4096, 1024), cpu)
     assert wide.prefetch and PREFETCH_KC * wide.nc * 4 <= 32 * 1024 // 3
     double = default_params(MatmulProblem(1, 1024, 1024, dtype="float64"), cpu)

@@ -2,6 +2,9 @@
 at threads > 1.  Synthetic runners and fake clocks: deterministic, no timing asserts."""
 from __future__ import annotations
 
+import math
+
+import pytest
 from agent_fakes import SyntheticRunner
 
 from looptune.runtime.compiler.defaults import default_params
@@ -152,13 +155,45 @@ def test_database_seeds_join_the_first_batch_and_a_near_local_one_leads_a_large_
     assert seed_rates(problem, [Seed(sched, seed.problem, 3.0, True, 190.0, 180.0)]) is None   # too far
 
 
-def test_nearest_seeds_replay_in_the_problems_family():
+def test_nearest_seeds_replay_in_the_problems_family(tmp_path, monkeypatch):
+    """Seeds come from a database this test writes (never whatever this machine has): the
+    records of the problem's family nearest first, this machine's before another's (which
+    carries the foreign penalty), a record whose trace does not replay skipped, other families
+    (dtype, threads) never asked."""
+    from looptune.database import MachineKey, Record, save
+    from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
+    from looptune.runtime.compiler.trace import Step, Trace
+    from looptune.runtime.resolve import current_machine
     from looptune.tuner.search.seeds import nearest_seeds
 
+    foreign = MachineKey("aarch64", "Other CPU", "neon", ("asimd",), 4, "clang 17.0.6", "0")
+    near_trace = Trace((Step.make("split", loop="m", factor=8), Step.make("split", loop="n", factor=32)))
+    far_trace = Trace((Step.make("split", loop="k", factor=64),))
+    broken = Trace((Step.make("split", loop="m.i", factor=4),))     # valid grammar, does not replay
+
+    def record(m, n, k, trace, machine=None, **family):
+        return Record(MatmulProblem(m, n, k, **family), machine or current_machine(), trace, 90.0, 1.0, 70.0, True,
+                      "test", "test", 1, 1.7e9)
+
+    near, far = record(1024, 1024, 1024, near_trace), record(512, 512, 512, far_trace)
+    other = record(1000, 1000, 1000, far_trace, machine=foreign)
+    db = tmp_path / "user.h5"
+    save(db, [near, far, other, record(2000, 1000, 1000, broken),
+              record(1000, 1000, 1000, near_trace, dtype="float64"), record(1000, 1000, 1000, near_trace, threads=2)])
+    monkeypatch.setenv("LOOPTUNE_DB", str(db))
+    monkeypatch.setenv("LOOPTUNE_NO_EMBEDDED_DB", "1")
+
     problem = MatmulProblem(1000, 1000, 1000)
-    seeds = nearest_seeds(problem, 2)          # whatever databases this machine has (maybe none)
+    seeds = nearest_seeds(problem, 4)
+    assert [(s.problem, s.local) for s in seeds] == [(near.problem, True), (far.problem, True), (other.problem, False)]
+    assert [s.schedule.to_json() for s in seeds] == [canonical_schedule(Schedule.from_trace(t).nest).to_json()
+                                                     for t in (near_trace, far_trace, far_trace)]
+    assert seeds[0].distance == pytest.approx(3 ** 0.5 * math.log2(1024 / 1000))
+    assert seeds[1].distance == pytest.approx(3 ** 0.5 * math.log2(1000 / 512))
+    assert seeds[2].distance == pytest.approx(2.0)                  # the foreign penalty, at distance 0
+    assert (seeds[0].gflops, seeds[0].numpy_gflops) == (90.0, 70.0)
     assert all(s.problem.family == problem.family and s.schedule.trace.steps for s in seeds)
-    assert [s.distance for s in seeds] == sorted(s.distance for s in seeds)
+    assert [s.problem for s in nearest_seeds(problem, 1)] == [near.problem]
 
 
 def test_the_fastest_parallel_candidate_is_always_a_finalist_at_threads_2():
