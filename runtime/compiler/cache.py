@@ -85,11 +85,15 @@ def publish_file(tmp: Path, cache: Path, sha256: str, suffix: str, prefix: str =
 def write_ref(ref: Path, data: dict[str, Any], *, sync_dir: bool = True) -> None:
     """Write a ref atomically and durably (temporary file, fsync, rename, fsync the directory)."""
     tmp = ref.with_name(f"{TEMP_PREFIX}{ref.name}.{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ref)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, sort_keys=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ref)
+    except BaseException:       # a full disk: no temporary left behind
+        tmp.unlink(missing_ok=True)
+        raise
     if sync_dir:
         fsync_path(ref.parent)
 

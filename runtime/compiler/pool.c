@@ -401,6 +401,7 @@ LT_POOL_LINKAGE void lt_pool_set_backoff(int64_t min_ns, int64_t max_ns, int64_t
 /* stalls seen and calls started alone while backing off (for tests and diagnostics) */
 LT_POOL_LINKAGE int64_t lt_pool_stalls(void) { return atomic_load(&lt_pool.stalls); }
 LT_POOL_LINKAGE int64_t lt_pool_solo_calls(void) { return atomic_load(&lt_pool.solo_calls); }
+LT_POOL_LINKAGE int64_t lt_pool_backoff_ns(void) { return atomic_load(&lt_pool.backoff_ns); }
 
 /* workers started so far, and OpenBLAS calls served (for tests and diagnostics) */
 LT_POOL_LINKAGE int lt_pool_workers(void) { return lt_pool.workers; }
