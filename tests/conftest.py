@@ -1,6 +1,8 @@
 """Suite-wide set-up: an isolated kernel cache and user database, hypothesis profiles, the
-``target`` marker, and a check that no test leaves a thread running."""
+``target`` marker, a check that no test leaves a thread running, and, in CI, no skipping for
+a missing optional dependency."""
 import os
+import re
 import threading
 import time
 
@@ -12,13 +14,23 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", deadline=None, print_blob=True)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if IN_CI else "dev"))
+
+# Skip reasons that mean "an optional dependency is missing" (torch, gymnasium, dask, ml_dtypes: any
+# failed import; the C compiler, and the helpers only it builds).  In CI (CI set) such a skip is a
+# failure: CI installs everything, so the skip would hide a broken install.  Hardware and platform
+# skips (no AMX or AVX2 on this CPU, an ISA without fast bf16 kernels, no root for a tmpfs) stay skips.
+MISSING_DEPENDENCY = re.compile(
+    r"could not import|no module named|is optional: pip install|needs ml_dtypes|needs (a C compiler|gcc)"
+    r"|no C compiler|no thread pool library here|no compiled trampoline here", re.IGNORECASE)
 
 # Test modules whose outcome depends on the code generator's target (vector ISA): CI runs them
 # again with LOOPTUNE_ISA=avx2 and LOOPTUNE_ISA=portable (``pytest -m target``).
 TARGET_MODULES = {
     "test_codegen_vs_numpy.py", "test_agent_schedules_replay.py", "test_matmul_api.py", "test_mutate.py",
     "test_templates.py", "test_kernel_cache.py", "test_fork_threads.py", "test_runner.py", "test_exact_size_kernels.py",
+    "test_layouts.py", "test_runtime_fallbacks.py",
 }
 
 # Threads a test may leave behind: interpreter-wide pools started once per process.
@@ -39,6 +51,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in TARGET_MODULES:
             item.add_marker(pytest.mark.target)
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr or "")
+
+
+def _fail_missing_dependency(report) -> None:
+    """In CI, turn a skip for a missing optional dependency into a failure (same report, failed)."""
+    if not (IN_CI and report.skipped) or getattr(report, "wasxfail", None) is not None:
+        return
+    reason = _skip_reason(report).removeprefix("Skipped: ")
+    if MISSING_DEPENDENCY.search(reason):
+        report.outcome = "failed"
+        report.longrepr = (f"would skip: {reason}; in CI (CI={os.environ.get('CI')}) a missing optional dependency "
+                           f"fails: install it (pip install -e \".[dev]\", a C compiler)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_missing_dependency(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield                 # a module-level pytest.importorskip skips the whole module here
+    _fail_missing_dependency(outcome.get_result())
 
 
 @pytest.fixture

@@ -184,7 +184,7 @@ def test_module_entry_point(dbs):
 def test_fifo_is_refused_without_blocking(tmp_path, command):
     fifo = tmp_path / "not-a-db.h5"
     os.mkfifo(fifo)
-    done = subprocess.run(["looptune", "db", command, str(fifo)],
+    done = subprocess.run([sys.executable, "-m", "looptune.tuner.cli", "db", command, str(fifo)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "not a regular file" in done.stderr
     assert "Traceback" not in done.stderr

@@ -25,7 +25,7 @@ from looptune.tuner.ship.builddb import (AgentTuner, SearchTuner, build_db, clos
 import ship_fakes
 
 HERE = Path(__file__).parent
-LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]   # the console script's entry
+LOOPTUNE = [sys.executable, "-m", "looptune.tuner.cli"]   # the CLI of this interpreter, not the PATH's
 
 
 def problems(*sizes, **kw):
@@ -230,7 +230,7 @@ def test_console_script_quick_preset_end_to_end(tmp_path):
     """The Quickstart's job, for real (policy, compiler, measurement, database, bench table),
     on the quick preset with a short budget."""
     db = tmp_path / "s.h5"
-    done = subprocess.run(["looptune", "build-db", "--preset", "quick", "--db", str(db), "--budget", "0.4"],
+    done = subprocess.run([*LOOPTUNE, "build-db", "--preset", "quick", "--db", str(db), "--budget", "0.4"],
                           env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "10 tuned, 0 already in the database, 0 failed of 10 problems" in done.stdout

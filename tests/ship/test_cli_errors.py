@@ -2,11 +2,15 @@
 traceback, and nothing tuned or hung on the way."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -14,7 +18,7 @@ from looptune.database import load, save
 from looptune.tuner.cli import main
 
 HERE = Path(__file__).parent
-LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]   # the console script's entry
+LOOPTUNE = [sys.executable, "-m", "looptune.tuner.cli"]   # the CLI of this interpreter, not the PATH's
 FAKE_TUNER = ["--tuner", "ship_fakes:fake_tune"]
 
 
@@ -141,3 +145,106 @@ def test_good_build_still_works(tmp_path, shapes):
 def test_bad_tuner_is_one_line_in_this_process(tmp_path, shapes, tuner):
     out = build(tmp_path / "db.h5", shapes, "--tuner", tuner, code=1)
     assert "tuner" in out or "no_such_module_xyz" in out
+
+
+def cli(*args, timeout, **env):
+    """Run the CLI of this interpreter in a child process."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **env}
+    return subprocess.run([*LOOPTUNE, *map(str, args)], env=full, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(done, code):
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_huge_budget_tunes_until_the_search_ends(tmp_path):
+    """Any finite positive budget works: 1e308 s means "no limit", not an OverflowError."""
+    done = cli("tune", "1", "16", "8", "--budget", "1e308", "--json", timeout=280)   # a small search space
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["ok"]
+    shapes = tmp_path / "one.txt"
+    shapes.write_text("1 16 8\n")
+    db = tmp_path / "s.h5"
+    done = cli("build-db", "--shapes", shapes, "--db", db, "--budget", "1e308", "--tuner", "agent", "--json",
+               "--no-bench", timeout=280)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["done"], report["failed"]) == (1, 0), report["failures"]
+    assert len(load(db)) == 1
+
+
+class _Unpickled:
+    """Unpickling this creates ``marker``: proof that a policy file was loaded with pickles allowed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_policy_that_is_not_a_policy_is_one_line(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(os.urandom(3000))
+    line = one_error_line(cli("tune", "16", "16", "16", "--policy", junk, timeout=120), code=2)
+    assert "--policy" in line and str(junk) in line and "not a LoopTune policy file" in line
+    marker = tmp_path / "unpickled"
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, __meta__=np.array([_Unpickled(str(marker))], dtype=object))
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    np.savez(tmp_path / "nometa.npz", w=np.zeros(3))
+    for path in (pickled, tmp_path / "one.npy", tmp_path / "nometa.npz", tmp_path, tmp_path / "missing.npz"):
+        line = run("tune", "16", "16", "16", "--policy", path, code=2)
+        assert "--policy" in line and str(path) in line
+    assert not marker.exists()                     # never unpickled
+
+
+def _interrupt(args, ready, **env):
+    """Start the CLI, wait until ``ready()``, send SIGINT to it alone, return (code, stdout, stderr)."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **env}
+    # SIGINT back to its default in the child, whatever this process inherited (a background job ignores it)
+    proc = subprocess.Popen([*LOOPTUNE, *map(str, args)], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 90
+        while not ready():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the command never got going"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_exits_130_from_tune_and_build_db(tmp_path):
+    cache = tmp_path / "cache"                       # the first kernel built: tuning is under way
+    code, out, err = _interrupt(["tune", "64", "64", "64", "--budget", "60"], lambda: cache.is_dir() and any(cache.iterdir()),
+                                LOOPTUNE_CACHE_DIR=str(cache))
+    assert code == 130, (code, out, err)
+    assert err.strip() == "Interrupted." and "Aborted" not in err
+
+    many = tmp_path / "many.txt"
+    many.write_text("".join(f"{16 + i} 16 16\n" for i in range(30)))
+    db = tmp_path / "s.h5"
+
+    def committed():
+        try:
+            return len(load(db)) >= 1
+        except Exception:                            # not written yet, or mid-commit
+            return False
+
+    code, out, err = _interrupt(["build-db", "--shapes", many, "--db", db, *FAKE_TUNER, "--quiet", "--no-bench"],
+                                committed, LOOPTUNE_FAKE_SLEEP="0.3")
+    assert code == 130, (code, out, err)
+    assert "interrupted" in out and "Traceback" not in err and "Aborted" not in err
+    assert 1 <= len(load(db)) < 30

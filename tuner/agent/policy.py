@@ -15,6 +15,8 @@ from looptune.runtime.compiler.errors import LoopTuneError
 
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -33,6 +35,17 @@ DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "policy.npz")
 
 class PolicyError(LoopTuneError, RuntimeError):
     """Weights missing, or trained for another action space or observation encoding."""
+
+
+def _load_error_text(e: Exception) -> str:
+    """Why weights could not be read, in words (numpy reads any bytes that are neither .npy nor
+    .npz as a pickle, and then refuses it)."""
+    if isinstance(e, ValueError) and "pickled" in str(e):
+        return "not an .npz archive of arrays; numpy would read it as a pickle, which is never loaded"
+    if isinstance(e, KeyError):
+        return f"missing {e.args[0] if e.args else e}"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text
 
 
 def _fresh_mask(state: AgentState, problem: MatmulProblem, visited) -> np.ndarray:
@@ -94,10 +107,20 @@ class Policy:
         path = path or DEFAULT_WEIGHTS
         if not os.path.exists(path):
             raise PolicyError(f"no policy weights at {path}; train with tools/train.py")
-        with np.load(path, allow_pickle=False) as z:
-            params = {k: z[k] for k in z.files if k != "__meta__"}
-            meta = json.loads(z["__meta__"].tobytes().decode())
-        return cls(params, meta)
+        try:
+            z = np.load(path, allow_pickle=False)     # never unpickle: a policy file is arrays and JSON
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            with z:
+                params = {k: z[k] for k in z.files if k != "__meta__"}
+                if "__meta__" not in z.files:
+                    raise ValueError("no __meta__ entry")
+                meta = json.loads(z["__meta__"].tobytes().decode())
+            if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+                raise ValueError("its __meta__ is not a policy's metadata")
+            return cls(params, meta)
+        except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise PolicyError(f"{path}: not a LoopTune policy file ({_load_error_text(e)})") from None
 
     # ---- forward ---------------------------------------------------------------------------
     def q_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:

@@ -6,10 +6,23 @@ import sys
 
 import click
 
-from looptune.tuner.cli.common import make_problem, problem_options, read_text
+from looptune.tuner.cli.common import INTERRUPTED_EXIT, make_problem, problem_options, read_text
 
 
-@click.group()
+class _Group(click.Group):
+    """Ctrl-C (SIGINT) ends every command the same way: a short line on stderr and exit 130,
+    the shell's code for "ended by SIGINT" (click's default is "Aborted!" and exit 1).
+    ``build-db`` handles it itself first: it commits what finished and reports, then exits 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted.", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="looptune")
 def main() -> None:
     """LoopTune: tune, store and run fast CPU matmul kernels."""

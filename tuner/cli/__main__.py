@@ -2,4 +2,4 @@
 the CLI of the interpreter at hand)."""
 from looptune.tuner.cli import main
 
-main()
+main(prog_name="looptune")

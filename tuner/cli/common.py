@@ -20,6 +20,7 @@ from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.workload import DTYPES, LAYOUTS, MAX_THREADS, MatmulProblem, ProblemError
 from looptune.runtime.configuration import not_a_database_file
 
+INTERRUPTED_EXIT = 130                       # exit code after Ctrl-C (SIGINT), as a shell reports it
 THREADS = click.IntRange(1, MAX_THREADS)     # --threads of every command
 COUNT = click.IntRange(min=0)                # --limit and other "at most this many"
 

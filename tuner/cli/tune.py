@@ -6,7 +6,7 @@ import json
 
 import click
 
-from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, problem_options, user_errors
+from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, os_error_text, problem_options, user_errors
 
 
 @click.command()
@@ -31,8 +31,9 @@ def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, a
         try:
             policy = Policy.load(policy_path)
         except (PolicyError, OSError) as e:       # OSError: a directory or an unreadable file
-            if policy_path:
-                raise click.ClickException(str(e)) from None
+            if policy_path:                       # one line naming the file and the cause, exit 2
+                raise click.BadParameter(str(e) if isinstance(e, PolicyError) else os_error_text(e),
+                                         param_hint="'--policy'") from None
             click.echo(f"warning: {e}; tuning without a policy (default, templates, hill-climb)", err=True)
     res = run_tune(problem, budget_s=budget, policy=policy)
     stored = None

@@ -47,6 +47,10 @@ from looptune.tuner.measure.protocol import RunResult, RunStatus
 from looptune.tuner.search.proxy import CONFIRM_MEASURE, Rates, confirm_cost_s, confirm_on_real_size, prior_timing_s
 
 MIN_CALL_TIMEOUT_S = 1.0     # a measurement call may always take this long (worker start-up, tiny budgets)
+# Budgets above this are treated as this (about 31 years: "no limit" in practice), so that every
+# figure derived from a budget (candidate counts, deadlines, timeouts) stays a finite float and
+# fits an int: ``--budget 1e308`` tunes until the strategy has nothing left.
+MAX_BUDGET_S = 1e9
 
 Callback = Callable[[MatmulProblem, Sequence[Any], Sequence[RunResult]], None]
 
@@ -154,7 +158,7 @@ class Budget:
 
     def __init__(self, budget_s: float, clock: Callable[[], float] = time.perf_counter,
                  start: Optional[float] = None) -> None:
-        self.budget_s = budget_s
+        self.budget_s = budget_s = min(budget_s, MAX_BUDGET_S)
         self.clock = clock
         self.t0 = clock() if start is None else start
         # keep a margin: cost estimates are noisy, and a VM can stall a process for 0.1-0.2 s
@@ -219,6 +223,7 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
     problem = strategy.problem
     target = proxy if proxy is not None and proxy != problem else problem
     proxied = target != problem
+    budget_s = min(budget_s, MAX_BUDGET_S)
     budget = Budget(budget_s, clock, start)
     prior_s, timing_s = prior_cost_s(target), prior_timing_s(target)
     queue: list[Any] = []

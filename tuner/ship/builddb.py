@@ -41,7 +41,7 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.resolve import current_machine
 from looptune.tuner.agent.policy import Policy, PolicyError
 from looptune.tuner.measure.evaluator import Evaluator
-from looptune.tuner.search.loop import TuneResult, run
+from looptune.tuner.search.loop import MAX_BUDGET_S, TuneResult, run
 from looptune.tuner.search.strategies import BlockingSearch
 from looptune.tuner.search.tune import tune
 
@@ -317,6 +317,7 @@ def build_db(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, *, b
     ``order_seed``: shuffle the to-do list (a partial build then covers the family evenly).
     """
     t0 = time.perf_counter()
+    budget_s = min(budget_s, MAX_BUDGET_S)      # a huge budget means "no limit": keep its arithmetic finite
     db_path = os.fspath(db_path)
     machine = machine or target_machine()
     todo, done = plan(problems, db_path, machine)
