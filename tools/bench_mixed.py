@@ -16,15 +16,20 @@ and once with ``np.matmul`` in its place (everything else identical):
             for a small multi-threaded problem (just above the runtime's small_flops)
 
 Threads are pinned on both sides: threadpoolctl for numpy's BLAS, ``threads=`` for runtime.matmul
-(LOOPTUNE_NUM_THREADS is set too).  Each sample is a fresh process that runs every workload
+(LOOPTUNE_NUM_THREADS is set too; pinning and turn order are ``looptune.tuner.ship.baselines``'s).  Each sample is a fresh process that runs every workload
 once, after ``--idle`` seconds of quiet and a short warm-up, as ``--iters`` back-to-back
 iterations; the two sides take turns ``--repeats`` times, and the table gives the median
 milliseconds per iteration and runtime.matmul / np.matmul.  The np.matmul side never loads
-LoopTune, so it is the program as it was (with ``LOOPTUNE_BLAS_POOL=1`` numpy's OpenBLAS runs on
+LoopTune's runtime, so it is the program as it was (with ``LOOPTUNE_BLAS_POOL=1`` numpy's OpenBLAS runs on
 our pool once it is loaded, and np.matmul timed in the same process would be numpy on our pool,
 not the program without us).
 
     python tools/bench_mixed.py [--threads 1 2] [--iters 40] [--repeats 7] [--json]
+
+The header names numpy's BLAS core.  Where numpy's OpenBLAS runs kernels below the CPU's ISA, a
+third side takes turns: the np.matmul program in processes started with ``OPENBLAS_CORETYPE`` set
+to the core that fits (``--numpy-core``, default auto; OpenBLAS reads it when it loads), and the
+ratio is against the faster np.matmul program.
 
 ``--policies`` compares thread-pool wait policies, each in a fresh process (libgomp and OpenBLAS
 read their environment once, when loaded):
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,7 +48,8 @@ import sys
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+
+from looptune.tuner.ship.baselines import baseline_core, blas_info, pinned_threads, turn_order
 
 
 # libgomp's and OpenBLAS's environment for each candidate policy; "looptune" leaves both unset, so
@@ -118,7 +125,7 @@ def side_seconds(side: str, threads: int, workloads, *, iters: int, idle_s: floa
     numpy side never loads LoopTune (its OpenBLAS keeps its own threads: the program as it was
     without us); the looptune side is the program with ``runtime.matmul`` in place."""
     os.environ["LOOPTUNE_NUM_THREADS"] = str(threads)
-    with threadpool_limits(limits=threads):
+    with pinned_threads(threads):
         if side == "looptune":
             from looptune import runtime    # only on this side: the numpy side must not load our pool
             mm = lambda a, b: runtime.matmul(a, b, threads=threads)     # noqa: E731
@@ -128,28 +135,37 @@ def side_seconds(side: str, threads: int, workloads, *, iters: int, idle_s: floa
         out = {name: per_iteration_s(fns[name], iters, idle_s) for name in workloads}
         if side == "looptune":
             out["sources"] = {name: runtime.explain(*_operands(name), threads=threads).source for name in workloads}
+        else:
+            out["core"] = blas_info().core
         return out
 
 
-def measure(threads_list, workloads, *, iters: int, repeats: int, idle_s: float) -> list[dict]:
+def measure(threads_list, workloads, *, iters: int, repeats: int, idle_s: float, core: str | None = None) -> list[dict]:
     """One row per (workload, threads): median ms per iteration with each library, each sample
-    taken in a fresh process, the two sides taking turns."""
+    taken in a fresh process, the sides taking turns; ``core``: a third side, the np.matmul
+    program with ``OPENBLAS_CORETYPE=core``."""
     rows = []
+    sides = ["looptune", "numpy", *(["numpy_core"] if core else [])]
     for threads in threads_list:
-        samples = {"looptune": [], "numpy": []}
+        samples = {side: [] for side in sides}
         for r in range(repeats):
-            for side in (("looptune", "numpy") if r % 2 == 0 else ("numpy", "looptune")):
-                cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--threads", str(threads),
-                       "--iters", str(iters), "--idle", str(idle_s), "--workloads", *workloads]
-                done = subprocess.run(cmd, capture_output=True, text=True)
+            for side in turn_order(sides, r):
+                cmd = [sys.executable, os.path.abspath(__file__), "--side", side.replace("_core", ""), "--threads",
+                       str(threads), "--iters", str(iters), "--idle", str(idle_s), "--workloads", *workloads]
+                env = dict(os.environ, OPENBLAS_CORETYPE=core) if side == "numpy_core" else None
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if done.returncode != 0:
                     sys.exit(f"{side} side: {done.stderr[-2000:]}")
                 samples[side].append(json.loads(done.stdout))
         sources = samples["looptune"][-1]["sources"]
         for name in workloads:
             ms = {side: 1e3 * statistics.median(s[name] for s in samples[side]) for side in samples}
-            rows.append({"workload": name, "threads": threads, "looptune_ms": ms["looptune"],
-                         "numpy_ms": ms["numpy"], "ratio": ms["looptune"] / ms["numpy"], "source": sources[name]})
+            row = {"workload": name, "threads": threads, "looptune_ms": ms["looptune"], "numpy_ms": ms["numpy"],
+                   "ratio": ms["looptune"] / ms["numpy"], "source": sources[name]}
+            if core:
+                row.update(numpy_core=samples["numpy_core"][-1]["core"], numpy_core_ms=ms["numpy_core"])
+            row["ratio_vs_best"] = ms["looptune"] / min(row["numpy_ms"], row.get("numpy_core_ms", math.inf))
+            rows.append(row)
     return rows
 
 
@@ -160,12 +176,16 @@ def _operands(workload: str):
 
 
 def markdown(rows: list[dict], policy: str | None = None) -> str:
-    head = ("| policy " if policy is not None else "") + "| workload | threads | source | runtime.matmul ms | np.matmul ms | ratio |"
+    """The table; with a numpy_core side, its column too and the ratio against the faster np.matmul."""
+    core = next((r["numpy_core"] for r in rows if "numpy_core" in r), None)
+    head = (("| policy " if policy is not None else "") + "| workload | threads | source | runtime.matmul ms | np.matmul ms |"
+            + (f" np.matmul@{core} ms | ratio (vs best) |" if core else " ratio |"))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        theirs = f" {r['numpy_core_ms']:.3f} |" if core else ""
         lines.append((f"| {policy} " if policy is not None else "") +
                      f"| {r['workload']} | {r['threads']} | {r['source']} | {r['looptune_ms']:.3f} | "
-                     f"{r['numpy_ms']:.3f} | {r['ratio']:.2f}x |")
+                     f"{r['numpy_ms']:.3f} |{theirs} {r['ratio_vs_best']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -178,7 +198,7 @@ def compare_policies(args) -> None:
         env.update(POLICIES[policy])
         cmd = [sys.executable, os.path.abspath(__file__), "--json", "--iters", str(args.iters), "--repeats",
                str(args.repeats), "--idle", str(args.idle), "--threads", *map(str, args.threads),
-               "--workloads", *args.workloads]
+               "--numpy-core", args.numpy_core, "--workloads", *args.workloads]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"policy {policy}: {done.stderr[-2000:]}")
@@ -200,6 +220,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="samples per library (the median is kept)")
     ap.add_argument("--idle", type=float, default=0.1, help="seconds of quiet before each sample")
     ap.add_argument("--policies", nargs="+", choices=list(POLICIES), help="compare wait policies (fresh processes)")
+    ap.add_argument("--numpy-core", default="auto", metavar="auto|off|CORE",
+                    help="a third side: the np.matmul program with OPENBLAS_CORETYPE=CORE; auto: the fitting core "
+                         "where numpy's OpenBLAS runs one below this CPU")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--side", choices=("looptune", "numpy"), help=argparse.SUPPRESS)   # one sample, in this process
     args = ap.parse_args()
@@ -210,11 +233,14 @@ def main() -> None:
         compare_policies(args)
         return
     policy = {name: os.environ[name] for name in WAIT_VARIABLES if name in os.environ}   # the user's, not ours
-    rows = measure(args.threads, args.workloads, iters=args.iters, repeats=args.repeats, idle_s=args.idle)
+    blas = blas_info()
+    core = baseline_core(blas, args.numpy_core)
+    rows = measure(args.threads, args.workloads, iters=args.iters, repeats=args.repeats, idle_s=args.idle, core=core)
     if args.json:
-        print(json.dumps({"environment": policy, "rows": rows}))
+        print(json.dumps({"environment": policy, "blas": blas.to_dict(), "numpy_core_requested": core, "rows": rows}))
     else:
         print(f"# mixed-application benchmark; wait policy environment: {policy or 'as LoopTune sets it'}")
+        print(f"# {blas.describe()}" + (f"; third side: np.matmul with OPENBLAS_CORETYPE={core}" if core else ""))
         print(markdown(rows))
 
 

@@ -7,6 +7,12 @@ imports numpy first like an application, ``C = runtime.matmul(A, B, out=C)`` aga
 ``np.matmul(A, B, out=C)`` (fp32, row-major), each timed as the median of 15 runs of at least
 20 ms, the two taking turns run by run (this VM changes speed for minutes at a time; timing
 one side after the other measured numpy against itself at 0.67x), threads pinned on both sides (``threads=T``; threadpoolctl limits numpy's BLAS to T).
+Timer and pinning are ``looptune.tuner.ship.baselines``'s, shared with ``looptune bench``.
+
+Where numpy's OpenBLAS runs kernels below the CPU's ISA (``baselines.blas_info``), numpy with
+``OPENBLAS_CORETYPE`` set to the core that fits (``--numpy-core``, default auto) takes turns
+too, from a child process (OpenBLAS reads the variable when it loads); the ratio is against the
+faster numpy.
 
     python tools/bench_outside.py --threads 1
     python tools/bench_outside.py --threads 2 --shapes "128 128 128" "600 500 400"
@@ -23,50 +29,46 @@ import sys
 import tempfile
 import textwrap
 
+from looptune.tuner.ship.baselines import baseline_core, blas_info
+
 SHAPES_T1 = ["64 64 64", "128 128 128", "256 256 256", "512 512 512", "1024 1024 1024", "131 67 263",
              "1 1024 1024", "64 2048 512", "1568 96 864"]
 SHAPES_T2 = ["128 128 128", "256 256 256", "1024 1024 1024", "600 500 400", "1 1024 1024", "64 2048 512",
              "1568 96 864"]
 
 TIMER = textwrap.dedent("""
-    import json, statistics, sys, time
+    import contextlib, json, sys
     import numpy as np
-    from threadpoolctl import threadpool_limits
     from looptune import runtime
+    from looptune.tuner.ship.baselines import NumpyChild, pinned_threads, time_interleaved
     m, n, k, threads = (int(x) for x in sys.argv[1:5])
+    core = sys.argv[5] if len(sys.argv) > 5 else ""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     c = np.empty((m, n), np.float32)
 
-    def reps_for(fn):
-        fn()
-        t0 = time.perf_counter(); fn(); once = max(time.perf_counter() - t0, 1e-7)
-        return max(1, int(0.02 / once))
-
-    def run(fn, reps):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    with threadpool_limits(limits=threads):
+    with pinned_threads(threads), contextlib.ExitStack() as stack:
         sides = {"ours": lambda: runtime.matmul(a, b, out=c, threads=threads), "numpy": lambda: np.matmul(a, b, out=c)}
         sides["ours"]()
         assert np.allclose(c, a @ b, rtol=1e-3, atol=1e-3 * k ** 0.5)
-        reps = {name: reps_for(fn) for name, fn in sides.items()}
-        runs = {name: [] for name in sides}
-        for r in range(15):             # the two take turns, so both see the machine in the same state
-            for name in (("ours", "numpy") if r % 2 == 0 else ("numpy", "ours")):
-                runs[name].append(run(sides[name], reps[name]))
-        ours, ref = statistics.median(runs["ours"]), statistics.median(runs["numpy"])
+        if core:                        # numpy on the fitting OpenBLAS core, in a child process
+            child = stack.enter_context(NumpyChild(core, threads))
+            child.load(f"{m} {n} {k}", out=True)
+            sides["numpy_core"] = child
+        # 15 runs of at least 20 ms each, taking turns (who goes first alternates), so every side
+        # sees the machine in the same state
+        seconds = time_interleaved(sides, min_repeats=15, max_repeats=15, min_time_s=0.0, min_sample_s=0.02,
+                                   alternate=True)
     flops = 2.0 * m * n * k
-    print(json.dumps({"ours": flops / ours / 1e9, "numpy": flops / ref / 1e9,
-                      "source": runtime.explain(a, b, threads=threads).source}))
+    out = {name: flops / s / 1e9 for name, s in seconds.items()}
+    if core:
+        out["core"] = child.core
+    print(json.dumps({**out, "source": runtime.explain(a, b, threads=threads).source}))
 """)
 
 
-def run_shape(shape: str, threads: int, budget_s: float, handoff: bool) -> dict:
+def run_shape(shape: str, threads: int, budget_s: float, handoff: bool, core: str | None = None) -> dict:
     m, n, k = (int(x) for x in shape.split())
     with tempfile.TemporaryDirectory(prefix="looptune-outside-") as tmp:
         env = {**os.environ, "LOOPTUNE_CACHE_DIR": os.path.join(tmp, "cache"), "LOOPTUNE_DB": os.path.join(tmp, "db.h5"),
@@ -78,7 +80,7 @@ def run_shape(shape: str, threads: int, budget_s: float, handoff: bool) -> dict:
                               env=env, capture_output=True, text=True, timeout=600)
         if tune.returncode != 0:
             return {"shape": shape, "error": tune.stderr.strip()[-300:]}
-        timed = subprocess.run([sys.executable, "-c", TIMER, str(m), str(n), str(k), str(threads)],
+        timed = subprocess.run([sys.executable, "-c", TIMER, str(m), str(n), str(k), str(threads), core or ""],
                                env=env, capture_output=True, text=True, timeout=600)
         if timed.returncode != 0:
             return {"shape": shape, "error": timed.stderr.strip()[-300:]}
@@ -91,26 +93,39 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="*", help='"M N K" strings (default: the issue\'s set for the thread count)')
     ap.add_argument("--budget", type=float, default=2.0)
     ap.add_argument("--no-handoff", action="store_true", help="serve generated kernels even where numpy was faster")
+    ap.add_argument("--numpy-core", default="auto", metavar="auto|off|CORE",
+                    help="also numpy with OPENBLAS_CORETYPE=CORE (child process); auto: the fitting core where "
+                         "numpy's OpenBLAS runs one below this CPU")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     shapes = args.shapes or (SHAPES_T1 if args.threads == 1 else SHAPES_T2)
-    rows = [run_shape(s, args.threads, args.budget, not args.no_handoff) for s in shapes]
+    blas = blas_info()
+    core = baseline_core(blas, args.numpy_core)
+    rows = [run_shape(s, args.threads, args.budget, not args.no_handoff, core) for s in shapes]
+    for r in rows:
+        if "error" not in r:
+            r["best"] = max(r["numpy"], r.get("numpy_core", 0.0))
+            r["ratio"] = r["ours"] / r["best"]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"blas": blas.to_dict(), "numpy_core_requested": core, "rows": rows}, indent=1))
         return
-    print(f"| M N K | source | runtime.matmul GFLOPS | numpy GFLOPS | ratio |   ({args.threads} thread(s), out=)")
-    print("| --- | --- | --- | --- | --- |")
+    ran = next((r["core"] for r in rows if "core" in r), core)
+    extra = f" numpy@{ran} GFLOPS |" if core else ""
+    print(f"# {blas.describe()}" + (f"; numpy@{ran}: OPENBLAS_CORETYPE={core}, in a child process" if core else ""))
+    print(f"| M N K | source | runtime.matmul GFLOPS | numpy GFLOPS |{extra} ratio (vs {'best' if core else 'numpy'}) |"
+          f"   ({args.threads} thread(s), out=)")
+    print("|" + " --- |" * (6 if core else 5))
     ratios = []
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | error | {r['error']} | | |")
+            print(f"| {r['shape']} | error | {r['error']} | |{' |' if core else ''} |")
             continue
-        ratio = r["ours"] / r["numpy"]
-        ratios.append(ratio)
-        print(f"| {r['shape']} | {r['source']} | {r['ours']:.1f} | {r['numpy']:.1f} | {ratio:.2f}x |")
+        ratios.append(r["ratio"])
+        theirs = f" {r['numpy_core']:.1f} |" if core else ""
+        print(f"| {r['shape']} | {r['source']} | {r['ours']:.1f} | {r['numpy']:.1f} |{theirs} {r['ratio']:.2f}x |")
     if ratios:
         geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        print(f"| geomean | | | | **{geo:.2f}x** (lowest {min(ratios):.2f}x) |")
+        print(f"| geomean | | | |{' |' if core else ''} **{geo:.2f}x** (lowest {min(ratios):.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import sys
 import click
 
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shapes
-from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, THREADS, check_writable, database_path, read_text,
-                                       user_errors)
+from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, INTERRUPTED_EXIT, THREADS, check_writable,
+                                       database_path, read_text, user_errors)
 
 BENCH_AFTER_BUILD_MAX = 24      # build-db ends with the bench table for families this small
 
@@ -71,8 +71,10 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     process alone commits them, each within about a second of finishing.
     """
     from looptune.tuner.agent.policy import PolicyError
+    from looptune.tuner.search.loop import MAX_BUDGET_S
     from looptune.tuner.ship.builddb import SerialExecutor, build_db as run_build, plan, target_machine
 
+    shown_budget_s, budget_s = budget_s, min(budget_s, MAX_BUDGET_S)   # any finite budget: "no limit" beyond
     problems = _problems(shapes, preset, threads)
     db_path = database_path(db_path)
     check_writable(db_path)
@@ -105,7 +107,7 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
         raise click.ClickException(str(e)) from None
     if not quiet and not as_json:
         click.echo(f"building {db_path} for {machine.short()}", err=True)
-        click.echo(f"{len(set(problems))} problems, {budget_s:g} s budget each, tuned in {where}", err=True)
+        click.echo(f"{len(set(problems))} problems, {shown_budget_s:g} s budget each, tuned in {where}", err=True)
     with user_errors():
         report = run_build(problems, db_path, budget_s=budget_s, executor=executor, tuner=tuner_spec, machine=machine,
                            progress=not quiet and not as_json, order_seed=0 if shuffle else None)
@@ -124,7 +126,7 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
         if len(report.failures) > 10:
             click.echo(f"  ... and {len(report.failures) - 10} more")
     if report.interrupted:
-        raise SystemExit(130)
+        raise SystemExit(INTERRUPTED_EXIT)
     if do_bench is None:
         do_bench = report.total <= BENCH_AFTER_BUILD_MAX
     if do_bench and not as_json and report.problems:
@@ -141,14 +143,19 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
 @click.option("--shapes", type=click.Path(exists=True, dir_okay=False),
               help="export exactly these shapes (own record, else the nearest record's kernel); default: every record")
 @click.option("--threads", type=THREADS, default=1, show_default=True, help="thread count whose records are exported")
+@click.option("--targets", default=None, metavar="LEVEL,...",
+              help="kernel levels inside, each built for its own instructions and picked by CPUID at run time "
+                   "(portable, neon, avx2, avx512); default: the records' level, plus avx2 under avx512. "
+                   "Portable general kernels are always inside")
 @click.option("--build/--no-build", "do_build", default=True, show_default=True,
               help="compile the library once to check it (needs the C compiler)")
-def export(db_path, out_dir, shapes, threads, do_build) -> None:
+def export(db_path, out_dir, shapes, threads, targets, do_build) -> None:
     """Write the tuned kernels as a standalone C library (no Python at run time).
 
     looptune_sgemm / looptune_dgemm (and looptune_bgemm for bfloat16 records) compute C = A B
     (row-major) with a kernel chosen by shape, falling back to the nearest tuned kernel or a
-    general one for other shapes.
+    general one for other shapes, at the highest kernel level the CPU runs
+    (LOOPTUNE_CPU_LEVEL=avx2, for instance, caps it; looptune_cpu_level() says which serves).
     """
     from looptune.tuner.ship.export import ExportError, export_library
 
@@ -158,14 +165,16 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
     problems = _problems(shapes, None, threads, required=False)
     try:
         with user_errors():     # a database that cannot be read, an output folder that cannot be written
-            files = export_library(db_path, out_dir, threads=threads, shapes=problems)
+            files = export_library(db_path, out_dir, threads=threads, shapes=problems, targets=targets)
     except ExportError as e:
         raise click.ClickException(str(e)) from None
     plan = files.plan
-    kernels = sum(1 for k in plan.kernels if not k.general)
-    general = len(plan.kernels) - kernels
-    click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + {general} general) for "
-               f"{plan.machine.short()} to {files.out_dir}/")
+    kernels = sum(1 for k in plan.kernels if k.tuned)
+    general = sum(1 for k in plan.kernels if k.general and not k.tuned)
+    defaults = len(plan.kernels) - kernels - general
+    click.echo(f"exported {len(plan.entries)} shapes ({kernels} tuned kernels + {defaults} default + {general} general) "
+               f"for {plan.machine.short()} to {files.out_dir}/")
+    click.echo(f"  kernel levels: {plan.describe_levels()}")
     click.echo(f"  {files.c_file.name}, {files.h_file.name}, {files.makefile.name}, {files.manifest.name}")
     click.echo(f"  build: (cd {files.out_dir} && make)   or   {files.build_line()}")
     if do_build:
@@ -187,10 +196,15 @@ def export(db_path, out_dir, shapes, threads, do_build) -> None:
 @click.option("--no-torch", is_flag=True, help="leave torch out even if it is installed")
 @click.option("--no-handoff", is_flag=True,
               help="serve generated kernels even where the record says numpy was faster (LOOPTUNE_NO_NUMPY_HANDOFF=1)")
-def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch, no_handoff) -> None:
+@click.option("--numpy-core", default="auto", show_default=True, metavar="auto|off|CORE",
+              help="also time numpy with OPENBLAS_CORETYPE=CORE in a child process; auto: the core that fits "
+                   "this CPU when numpy's OpenBLAS runs one below it")
+def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch, no_handoff, numpy_core) -> None:
     """runtime.matmul against numpy (and torch), side by side: GFLOPS and ratios.
 
-    For problems with an exact record, also the GFLOPS the record stored next to what
+    The header names numpy's BLAS core; the ratio column is against the best library per
+    problem (numpy, numpy on the core that fits this CPU when its OpenBLAS runs one below it,
+    torch).  For problems with an exact record, also the GFLOPS the record stored next to what
     runtime.matmul serves now (fresh output and out=), their ratio (! below 0.9) and the
     geomean of each.  The source column says what serves: exact, nearest, default, numpy.
     """
@@ -211,7 +225,7 @@ def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch,
     if limit is not None:
         problems = problems[:limit]
     _bench_and_print(problems, db_path, threads, as_json=as_json, plot_path=plot_path, with_torch=not no_torch,
-                     numpy_handoff=False if no_handoff else None)
+                     numpy_handoff=False if no_handoff else None, numpy_core=numpy_core)
 
 
 def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
@@ -228,11 +242,13 @@ def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
 
 
 def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, with_torch: bool = True,
-                     numpy_handoff: bool | None = None) -> None:
-    """Bench ``problems`` and print the table (or JSON); ``numpy_handoff`` None keeps the runtime's setting."""
+                     numpy_handoff: bool | None = None, numpy_core: str = "auto") -> None:
+    """Bench ``problems`` and print the table (or JSON); ``numpy_handoff`` None keeps the runtime's
+    setting; ``numpy_core``: ``baselines.baseline_core``'s choice (auto, off or a core)."""
     from looptune import runtime
 
-    from looptune.tuner.ship.bench import plot, run_bench, table, to_json
+    from looptune.tuner.ship.baselines import ChildError, baseline_core, blas_info
+    from looptune.tuner.ship.bench import baselines_line, plot, run_bench, table, to_json
     from looptune.tuner.ship.builddb import target_machine
 
     if db_path and os.path.exists(db_path):
@@ -248,18 +264,24 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
         bar = tqdm(total=len(problems), unit="problem", desc="bench", file=sys.stderr, leave=False)
     try:
         tick = (lambda _row: bar.update(1)) if bar is not None else None
-        rows = run_bench(problems, threads=threads, with_torch=with_torch, on_row=tick)
+        blas = blas_info()
+        core = baseline_core(blas, numpy_core)
+        rows = run_bench(problems, threads=threads, with_torch=with_torch, on_row=tick, numpy_core=core)
+    except ChildError as e:
+        raise click.ClickException(f"{e} (--numpy-core off leaves that baseline out)") from None
     finally:
         if bar is not None:
             bar.close()
     machine = target_machine()
     if as_json:
-        click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short(), numpy_handoff=handoff)))
+        click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short(), numpy_handoff=handoff, blas=blas,
+                                      numpy_core=core)))
     else:
         click.echo(f"# GFLOPS of runtime.matmul (served: fresh output, out=) vs the record (stored) and numpy"
                    f"{' and torch' if any(r.torch_gflops for r in rows) else ''}"
                    f" on {threads} thread{'s' if threads > 1 else ''}, {machine.short()}"
                    f"{'' if handoff else '; numpy hand-off off'}")
+        click.echo(baselines_line(blas, rows, core))
         click.echo(table(rows))
     if plot_path:
         try:

@@ -21,12 +21,16 @@ With more than one thread the libraries are timed in phases instead (``time_phas
 library's thread pool spins for a while after a call, and on a machine with as many cores as
 threads, taking turns sample by sample would time one library's kernel against the other
 library's still-spinning workers rather than the kernels themselves.
+
+Baselines (``baselines.py``): numpy as installed, torch when importable, and with ``numpy_core``
+numpy once more in a child process started with ``OPENBLAS_CORETYPE=numpy_core`` (the core that
+fits the CPU, where numpy's OpenBLAS runs one below it), taking turns with the others like a
+library of this process.  ``vs_best`` is LoopTune against the fastest of them per problem.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
@@ -35,6 +39,11 @@ import numpy as np
 
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.protocol import default_tolerance
+from looptune.tuner.ship import baselines
+from looptune.tuner.ship.baselines import BLAS_DTYPES, BlasInfo, NumpyChild, time_interleaved, time_phased
+
+__all__ = ["BenchRow", "geomean", "pinned_threads", "plot", "run_bench", "served_summary", "table", "time_interleaved",
+           "time_phased", "to_json"]
 
 if TYPE_CHECKING:       # the runtime loads when a bench runs, not when this module is imported
     from looptune.runtime.resolve import Resolution
@@ -54,6 +63,36 @@ class BenchRow:
     max_rel_error: float              # max |error| over max |C|
     looptune_out_gflops: Optional[float] = None   # runtime.matmul(a, b, out=c)
     stored_gflops: Optional[float] = None         # the exact record's figure for what is served (None: no exact record)
+    numpy_core: Optional[str] = None              # the OpenBLAS core of the child-process numpy (None: not run)
+    numpy_core_gflops: Optional[float] = None     # numpy with OPENBLAS_CORETYPE=numpy_core, in a child process
+
+    @property
+    def baselines(self) -> dict[str, float]:
+        """Library -> GFLOPS of every baseline measured on this problem."""
+        out = {"numpy": self.numpy_gflops}
+        if self.numpy_core_gflops:
+            out[f"numpy@{self.numpy_core}"] = self.numpy_core_gflops
+        if self.torch_gflops:
+            out["torch"] = self.torch_gflops
+        return {name: gf for name, gf in out.items() if gf and gf > 0}
+
+    @property
+    def best_library(self) -> str:
+        """The fastest baseline here (a speed claim is a claim against it)."""
+        libs = self.baselines
+        return max(libs, key=libs.__getitem__) if libs else "numpy"
+
+    @property
+    def best_gflops(self) -> float:
+        return self.baselines.get(self.best_library, 0.0)
+
+    @property
+    def vs_best(self) -> float:
+        return self.looptune_gflops / self.best_gflops if self.best_gflops else math.nan
+
+    @property
+    def vs_numpy_core(self) -> Optional[float]:
+        return self.looptune_gflops / self.numpy_core_gflops if self.numpy_core_gflops else None
 
     @property
     def served_vs_stored(self) -> Optional[float]:
@@ -92,72 +131,11 @@ def geomean(values: Sequence[float]) -> float:
 @contextlib.contextmanager
 def pinned_threads(threads: int, with_torch: bool) -> Iterator[None]:
     """numpy's BLAS (and OpenMP) and torch limited to ``threads`` for the duration."""
-    stack = contextlib.ExitStack()
-    try:
-        from threadpoolctl import threadpool_limits
-
-        stack.enter_context(threadpool_limits(limits=threads))
-    except ImportError:     # without threadpoolctl, OPENBLAS_NUM_THREADS decides numpy's side
-        pass
+    torch = None
     if with_torch:
         import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        stack.callback(torch.set_num_threads, before)
-    with stack:
+    with baselines.pinned_threads(threads, torch):
         yield
-
-
-def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
-    number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_sample_s or number >= 1 << 20:
-            return number
-        number = max(number * 2, int(number * min_sample_s / max(elapsed, 1e-9) * 1.2))
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], *, min_repeats: int = 7, max_repeats: int = 200,
-                     min_time_s: float = 0.1, min_sample_s: float = 1e-3) -> dict[str, float]:
-    """Median seconds per call of each function, sampled in turns (see the module docstring)."""
-    numbers = {}
-    for name, fn in fns.items():
-        fn()
-        fn()
-        numbers[name] = _calibrate(fn, min_sample_s)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    spent = dict.fromkeys(fns, 0.0)
-    for _ in range(max_repeats):
-        for name, fn in fns.items():
-            n = numbers[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            dt = time.perf_counter() - t0
-            samples[name].append(dt / n)
-            spent[name] += dt
-        if all(len(s) >= min_repeats for s in samples.values()) and min(spent.values()) >= min_time_s:
-            break
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def time_phased(fns: dict[str, Callable[[], object]], *, rounds: int = 3, idle_s: float = 0.05,
-                **kwargs) -> dict[str, float]:
-    """Median seconds per call of each function, each timed in blocks of its own (after ``idle_s``
-    of quiet, so the previous library's spinning threads have gone to sleep); ``rounds`` blocks per
-    function in alternating order, the best block's median kept."""
-    best: dict[str, float] = {}
-    names = list(fns)
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            time.sleep(idle_s)
-            t = time_interleaved({name: fns[name]}, **kwargs)[name]
-            best[name] = min(best.get(name, math.inf), t)
-    return best
 
 
 def _torch():
@@ -177,13 +155,18 @@ def _torch_operand(torch, x: np.ndarray):
 
 
 def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch: bool = True,
-              min_time_s: float = 0.1, on_row: Optional[Callable[[BenchRow], None]] = None) -> list[BenchRow]:
-    """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``."""
+              min_time_s: float = 0.1, on_row: Optional[Callable[[BenchRow], None]] = None,
+              numpy_core: Optional[str] = None) -> list[BenchRow]:
+    """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``.
+    ``numpy_core``: also numpy with ``OPENBLAS_CORETYPE=numpy_core`` in a child process (float32
+    and float64 problems; bfloat16 does not reach the BLAS); its failure raises ``ChildError``."""
     from looptune import runtime
 
     torch = _torch() if with_torch else None
     rows = []
-    with pinned_threads(threads, torch is not None):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pinned_threads(threads, torch is not None))
+        child = stack.enter_context(NumpyChild(numpy_core, threads)) if numpy_core else None
         for p in problems:
             a, b, _ = p.make_operands(seed=0)
             if p.batch == 1:
@@ -203,12 +186,16 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
             if torch is not None:
                 ta, tb = _torch_operand(torch, a), _torch_operand(torch, b)
                 fns["torch"] = lambda: torch.matmul(ta, tb)
+            if child is not None and p.dtype in BLAS_DTYPES:
+                child.load(p)
+                fns["numpy_core"] = child
             timer = time_phased if threads > 1 else time_interleaved
             seconds = timer(fns, min_time_s=min_time_s)
             resolution = runtime.explain(a, b, threads=threads)
             gf = {name: p.flops / s / 1e9 for name, s in seconds.items()}
             row = BenchRow(str(p.with_threads(1)), p.with_threads(threads).key(), resolution.source, gf["looptune"],
-                           gf["numpy"], gf.get("torch"), correct, rel, gf["looptune_out"], stored_gflops(resolution))
+                           gf["numpy"], gf.get("torch"), correct, rel, gf["looptune_out"], stored_gflops(resolution),
+                           child.core if "numpy_core" in gf else None, gf.get("numpy_core"))
             rows.append(row)
             if on_row is not None:
                 on_row(row)
@@ -243,33 +230,47 @@ def served_summary(rows: Sequence[BenchRow]) -> str:
             f"{geomean(into):.2f} (out=); {flagged} below {SERVED_FLAG_RATIO:g} (marked !)")
 
 
+def _core_label(rows: Sequence[BenchRow]) -> Optional[str]:
+    """``numpy@CORE`` of the child-process numpy when it ran on any row, else None."""
+    cores = [r.numpy_core for r in rows if r.numpy_core_gflops]
+    return f"numpy@{cores[0]}" if cores else None
+
+
+def _library_ratios(rows: Sequence[BenchRow]) -> dict[str, list[float]]:
+    """Library -> LoopTune's ratio to it on every row that measured it."""
+    out: dict[str, list[float]] = {"numpy": [r.vs_numpy for r in rows]}
+    core = _core_label(rows)
+    if core:
+        out[core] = [r.vs_numpy_core for r in rows if r.vs_numpy_core]
+    if any(r.torch_gflops for r in rows):
+        out["torch"] = [r.vs_torch for r in rows if r.vs_torch]
+    return out
+
+
 def table(rows: Sequence[BenchRow]) -> str:
     """A plain-text table: the stored GFLOPS of the exact record, what runtime.matmul serves now
-    (fresh output and ``out=``) and their ratios (``!`` below ``SERVED_FLAG_RATIO``), the other
-    libraries' GFLOPS and LoopTune's ratio to each; geomeans last, then ``served_summary``."""
+    (fresh output and ``out=``) and their ratios (``!`` below ``SERVED_FLAG_RATIO``), each
+    baseline library's GFLOPS, the fastest of them (``best``) and LoopTune's ratio to it; the
+    geomean row has LoopTune's ratio to each library under its column, then ``served_summary``."""
     has_torch = any(r.torch_gflops for r in rows)
-    head = ["problem", "source", "stored", "served", "out=", "srv/sto", "out/sto", "numpy",
-            *(["torch"] if has_torch else []), "vs numpy", *(["vs torch"] if has_torch else []), "check"]
+    core = _core_label(rows)
+    libs = ["numpy", *([core] if core else []), *(["torch"] if has_torch else [])]
+    head = ["problem", "source", "stored", "served", "out=", "srv/sto", "out/sto", *libs, "best", "vs best", "check"]
     body = []
     for r in rows:
         line = [r.problem, r.source, f"{r.stored_gflops:.1f}" if r.stored_gflops else "-", f"{r.looptune_gflops:.1f}",
                 f"{r.looptune_out_gflops:.1f}" if r.looptune_out_gflops else "-",
-                _ratio(r.served_vs_stored, True), _ratio(r.served_out_vs_stored, True), f"{r.numpy_gflops:.1f}"]
-        if has_torch:
-            line.append(f"{r.torch_gflops:.1f}" if r.torch_gflops else "-")
-        line.append(f"{r.vs_numpy:.2f}x")
-        if has_torch:
-            line.append(f"{r.vs_torch:.2f}x" if r.vs_torch else "-")
-        line.append("ok" if r.correct else "WRONG")
+                _ratio(r.served_vs_stored, True), _ratio(r.served_out_vs_stored, True)]
+        figures = {"numpy": r.numpy_gflops, core: r.numpy_core_gflops, "torch": r.torch_gflops}
+        line += [f"{figures[lib]:.1f}" if figures[lib] else "-" for lib in libs]
+        line += [r.best_library, f"{r.vs_best:.2f}x", "ok" if r.correct else "WRONG"]
         body.append(line)
     fresh = [r.served_vs_stored for r in rows if r.served_vs_stored is not None]
     into = [r.served_out_vs_stored for r in rows if r.served_out_vs_stored is not None]
+    ratios = _library_ratios(rows)
     foot = ["geomean", "", "", "", "", _ratio(geomean(fresh) if fresh else None),
-            _ratio(geomean(into) if into else None), ""] + ([""] if has_torch else [])
-    foot.append(f"{geomean([r.vs_numpy for r in rows]):.2f}x")
-    if has_torch:
-        foot.append(f"{geomean([r.vs_torch or 0 for r in rows]):.2f}x")
-    foot.append("")
+            _ratio(geomean(into) if into else None), *(f"{geomean(ratios[lib]):.2f}x" for lib in libs),
+            "", f"{geomean([r.vs_best for r in rows]):.2f}x", ""]
     widths = [max(len(line[i]) for line in [head, *body, foot]) for i in range(len(head))]
 
     def fmt(line):
@@ -279,16 +280,39 @@ def table(rows: Sequence[BenchRow]) -> str:
     return "\n".join([fmt(head), rule, *map(fmt, body), rule, fmt(foot), served_summary(rows)])
 
 
-def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str, numpy_handoff: bool = True) -> dict:
+def baselines_line(info: BlasInfo, rows: Sequence[BenchRow], requested_core: Optional[str] = None) -> str:
+    """Two header lines on baselines: numpy's BLAS and its core (``BlasInfo.describe``); what
+    ``vs best`` is against, with how the child-process numpy ran when it did."""
+    libs = list(_library_ratios(rows))
+    core = _core_label(rows)
+    if core:
+        ran = core.split("@", 1)[1]
+        how = f"OPENBLAS_CORETYPE={requested_core}" + (
+            f", OpenBLAS ran {ran}" if requested_core and requested_core.lower() != ran.lower() else "")
+        libs = [f"{lib} (numpy in a child process, {how})" if lib == core else lib for lib in libs]
+    return f"# {info.describe()}\n# vs best: LoopTune against the fastest of {', '.join(libs)}, per problem"
+
+
+def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str, numpy_handoff: bool = True,
+            blas: Optional[BlasInfo] = None, numpy_core: Optional[str] = None) -> dict:
+    """Every number; ``blas``: numpy's BLAS and its core, ``numpy_core``: the OPENBLAS_CORETYPE the
+    child-process numpy was started with (None: not run; the rows' ``numpy_core`` is what ran)."""
     fresh = [r.served_vs_stored for r in rows if r.served_vs_stored is not None]
     into = [r.served_out_vs_stored for r in rows if r.served_out_vs_stored is not None]
+    ratios = _library_ratios(rows)
+    core = _core_label(rows)
     return {
         "machine": machine, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "numpy_handoff": numpy_handoff,
-        "rows": [{**asdict(r), "vs_numpy": r.vs_numpy, "vs_torch": r.vs_torch, "served_vs_stored": r.served_vs_stored,
-                  "served_out_vs_stored": r.served_out_vs_stored, "below_stored": r.below_stored} for r in rows],
-        "geomean_vs_numpy": geomean([r.vs_numpy for r in rows]),
-        "geomean_vs_torch": geomean([r.vs_torch or 0 for r in rows]) if any(r.torch_gflops for r in rows) else None,
+        "numpy_handoff": numpy_handoff, "blas": blas.to_dict() if blas is not None else None,
+        "numpy_core_requested": numpy_core, "baselines": list(ratios),
+        "rows": [{**asdict(r), "vs_numpy": r.vs_numpy, "vs_torch": r.vs_torch, "vs_numpy_core": r.vs_numpy_core,
+                  "best_library": r.best_library, "best_gflops": r.best_gflops, "vs_best": r.vs_best,
+                  "served_vs_stored": r.served_vs_stored, "served_out_vs_stored": r.served_out_vs_stored,
+                  "below_stored": r.below_stored} for r in rows],
+        "geomean_vs_best": geomean([r.vs_best for r in rows]),
+        "geomean_vs_numpy": geomean(ratios["numpy"]),
+        "geomean_vs_numpy_core": geomean(ratios[core]) if core else None,
+        "geomean_vs_torch": geomean(ratios["torch"]) if "torch" in ratios else None,
         "geomean_served_vs_stored": geomean(fresh) if fresh else None,
         "geomean_served_out_vs_stored": geomean(into) if into else None,
         "served_flag_ratio": SERVED_FLAG_RATIO,
@@ -297,8 +321,9 @@ def to_json(rows: Sequence[BenchRow], *, threads: int, machine: str, numpy_hando
 
 
 def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
-    """A grouped bar chart: speedup over numpy per problem (LoopTune, and torch when measured),
-    a line at 1.0, the geomean in the title.  Shapes served by a borrowed schedule are marked *."""
+    """A grouped bar chart: speedup over numpy (as installed) per problem of LoopTune and of each
+    other baseline measured (numpy on the fitting core, torch), a line at 1.0; the title has the
+    geomean against numpy and against the best library.  Shapes without an exact record are marked *."""
     try:
         import matplotlib
     except ImportError:
@@ -306,29 +331,37 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_torch = any(r.torch_gflops for r in rows)
-    labels = [r.problem.replace(" dtype=float64", " f64").replace(" dtype=bfloat16", " bf16").replace(" ", "\u00d7", 2) + ("" if r.stored_gflops else " *")
-              for r in rows]
+    core = _core_label(rows)
+    series = {"LoopTune": [r.vs_numpy for r in rows]}
+    if core:
+        series[core] = [(r.numpy_core_gflops or 0) / r.numpy_gflops if r.numpy_gflops else 0 for r in rows]
+    if any(r.torch_gflops for r in rows):
+        series["torch"] = [r.torch_vs_numpy or 0 for r in rows]
+    colors = {"LoopTune": "#1f77b4", "torch": "#ff7f0e"}
+    labels = [r.problem.replace(" dtype=float64", " f64").replace(" dtype=bfloat16", " bf16").replace(" ", "\u00d7", 2)
+              + ("" if r.stored_gflops else " *") for r in rows]
     x = np.arange(len(rows))
-    width = 0.4 if has_torch else 0.6
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(rows) + 2.5), 5.0), layout="constrained")
-    lt = [r.vs_numpy for r in rows]
-    bars = ax.bar(x - (width / 2 if has_torch else 0), lt, width, label="LoopTune", color="#1f77b4")
-    if has_torch:
-        ax.bar(x + width / 2, [r.torch_vs_numpy or 0 for r in rows], width, label="torch", color="#ff7f0e")
+    width = 0.8 / len(series) if len(series) > 1 else 0.6
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(rows) * len(series) ** 0.5 + 2.5), 5.0), layout="constrained")
+    bars = None
+    for i, (name, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        drawn = ax.bar(x + offset, values, width, label=name, color=colors.get(name, "#2ca02c"))
+        bars = drawn if bars is None else bars
     ax.axhline(1.0, color="black", linewidth=1.2, linestyle="--", label="numpy (1.0)")
+    lt = series["LoopTune"]
     if len(rows) <= 30:
         for bar, value in zip(bars, lt):
             ax.annotate(f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8 if len(rows) > 20 else 9)
-    ax.set_ylabel("speedup over numpy (higher is better)")
+    ax.set_ylabel("speedup over numpy as installed (higher is better)")
     ax.set_xlabel("problem M\u00d7N\u00d7K   (* = no record for this exact shape)")
-    geo = geomean(lt)
-    ax.set_title((title + "\n" if title else "") + f"LoopTune vs numpy: geomean {geo:.2f}x"
-                 + (f", torch {geomean([r.torch_vs_numpy or 0 for r in rows]):.2f}x" if has_torch else ""))
-    ax.set_ylim(0, max(1.2, max(lt + [r.torch_vs_numpy or 0 for r in rows])) * 1.25)   # head room for the legend
+    others = "".join(f", {name} {geomean(values):.2f}x" for name, values in series.items() if name != "LoopTune")
+    ax.set_title((title + "\n" if title else "") + f"LoopTune vs the best library: geomean "
+                 f"{geomean([r.vs_best for r in rows]):.2f}x\nover numpy: LoopTune {geomean(lt):.2f}x{others}")
+    ax.set_ylim(0, max(1.2, max(v for values in series.values() for v in values)) * 1.25)   # head room for the legend
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", ncol=3, frameon=False)
+    ax.legend(loc="upper left", ncol=4, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)

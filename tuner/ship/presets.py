@@ -1,7 +1,7 @@
 """Named problem families for ``looptune build-db --preset NAME`` and ``looptune bench --preset NAME``.
 
 Each preset is text in the shape-file format (``M N K [batch=B] [dtype=...] [layout=..]``, see
-``shared/shapes/README.md``), so what a preset holds reads like a shape file and parses through
+``tools/shapes/README.md``), so what a preset holds reads like a shape file and parses through
 the same ``parse_shapes``.  ``C[M, N] = A[M, K] @ B[K, N]``, row-major.
 
 =============  ========  ==============================================================
@@ -107,7 +107,7 @@ DECODE = """\
 """
 
 DL_PUBLIC = """\
-# The public performance set (shared/shapes/dl-public.txt)
+# The public performance set (tools/shapes/dl-public.txt)
 64 64 64
 128 128 128
 256 256 256

@@ -1,0 +1,382 @@
+"""Honest baselines: which BLAS core numpy runs, which core fits this CPU, and numpy timed with the
+fitting core; plus the alternating timer and thread pinning that ``looptune bench`` and ``tools/``
+share.
+
+    info = blas_info()          # threadpoolctl's view of numpy's BLAS, judged against detect_cpu()
+    info.core, info.fit, info.below   # "Haswell", "SkylakeX", True on an AVX-512 CPU
+    with NumpyChild(info.fit, threads=1) as child:  # numpy in a child process, OPENBLAS_CORETYPE=fit
+        child.load(problem)
+        seconds = time_interleaved({"numpy@" + child.core: child, "ours": lambda: ...})
+
+OpenBLAS picks its kernels by CPU when it loads and can pick kernels below the CPU's ISA (0.3.31
+runs its Haswell AVX2 kernels on AMD Zen 5, an AVX-512 CPU).  *Below* means its float32/float64
+kernels use a narrower vector ISA than the CPU has (SkylakeX, Cooperlake and SapphireRapids share
+the AVX-512 sgemm/dgemm kernels, so SkylakeX on an AMX CPU is not below).  ``OPENBLAS_CORETYPE``
+forces a core but is read only when OpenBLAS loads, hence the child process.  A speed claim is a
+claim against the best of numpy as installed, numpy on the fitting core and torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
+from looptune.runtime.compiler.workload import MatmulProblem, parse_shape_line
+
+ISA_CLASSES = ("sse", "avx", "avx2", "avx512")      # the vector ISA of OpenBLAS's float kernels, narrowest first
+CORE_ISA = {                                          # OpenBLAS x86 core names (lower case) -> ISA_CLASSES
+    **dict.fromkeys(("katmai", "coppermine", "northwood", "prescott", "banias", "atom", "core2", "penryn",
+                     "dunnington", "nehalem", "opteron", "opteron(sse3)", "barcelona", "nano", "bobcat"), "sse"),
+    **dict.fromkeys(("sandybridge", "bulldozer", "piledriver", "steamroller", "excavator"), "avx"),
+    **dict.fromkeys(("haswell", "zen"), "avx2"),
+    **dict.fromkeys(("skylakex", "cooperlake", "sapphirerapids"), "avx512"),
+}
+BLAS_DTYPES = ("float32", "float64")    # numpy hands these to its BLAS; bfloat16 runs numpy's own loop
+CHILD_MODULE = "looptune.tuner.ship.baselines"
+
+
+def cpu_isa(cpu: CpuInfo) -> Optional[str]:
+    """The widest of ``ISA_CLASSES`` the CPU has (its own features, whatever LOOPTUNE_ISA caps);
+    None off x86."""
+    if cpu.arch not in ("x86_64", "AMD64", "i686", "i386"):
+        return None
+    f = set(cpu.features)
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= f:
+        return "avx512"
+    if {"avx2", "fma"} <= f:
+        return "avx2"
+    return "avx" if "avx" in f else "sse"
+
+
+def fitting_core(cpu: CpuInfo) -> Optional[str]:
+    """The OpenBLAS core that fits the CPU: SapphireRapids where AMX, Cooperlake for AVX512-BF16,
+    SkylakeX for AVX-512, Haswell (Zen on AMD) for AVX2; None where not judged (off x86)."""
+    isa = cpu_isa(cpu)
+    amd = "amd" in cpu.model_name.lower()
+    ext = set(cpu.extensions)
+    if isa == "avx512":
+        if {"amx_bf16", "amx_tile", "avx512_bf16"} <= ext:
+            return "SapphireRapids"
+        return "Cooperlake" if "avx512_bf16" in ext else "SkylakeX"
+    if isa == "avx2":
+        return "Zen" if amd else "Haswell"
+    if isa == "avx":
+        return "Bulldozer" if amd else "Sandybridge"
+    if isa == "sse":
+        return "Nehalem" if "sse4_2" in cpu.features else "Prescott"
+    return None
+
+
+@dataclass(frozen=True)
+class BlasInfo:
+    """numpy's BLAS as threadpoolctl reports it, judged against the CPU."""
+    library: str            # threadpoolctl's internal_api: "openblas", "mkl", "blis", ... ("" unknown)
+    prefix: str             # "libscipy_openblas", "libopenblas", ...
+    version: str
+    core: str               # the kernels OpenBLAS runs (threadpoolctl's ``architecture``; "" unknown)
+    forced: str             # OPENBLAS_CORETYPE as the user set it ("" not set)
+    cpu_isa: str            # the CPU's class in ISA_CLASSES ("" off x86)
+    fit: str                # the core that fits the CPU ("" not judged)
+
+    @property
+    def core_isa(self) -> str:
+        return CORE_ISA.get(self.core.lower(), "")
+
+    @property
+    def below(self) -> bool:
+        """OpenBLAS runs float kernels of a narrower ISA than the CPU has."""
+        if self.library != "openblas" or not self.core_isa or not self.cpu_isa:
+            return False
+        return ISA_CLASSES.index(self.core_isa) < ISA_CLASSES.index(self.cpu_isa)
+
+    def describe(self) -> str:
+        """One line: the library, the core it runs, who chose it, and how it fits this CPU."""
+        if not self.library:
+            return "numpy's BLAS: unknown (threadpoolctl does not see it)"
+        name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(self.library, self.library)
+        version = ".".join(self.version.split(".")[:3]) if self.library == "openblas" else self.version
+        text = f"numpy's BLAS: {name} {version} ({self.prefix})".replace("  ", " ")
+        if not self.core:
+            return text
+        text += f", {self.core} kernels"
+        if self.forced:
+            text += (f", forced by OPENBLAS_CORETYPE={self.forced} (numpy runs that core)"
+                     if self.forced.lower() == self.core.lower() else
+                     f" (OPENBLAS_CORETYPE={self.forced} is set; OpenBLAS runs {self.core})")
+        isa = _ISA_NAMES.get(self.cpu_isa, "")
+        if self.below:
+            text += f": {_ISA_NAMES[self.core_isa]}, below this CPU's {isa} (fitting core: {self.fit})"
+        elif isa and self.fit and self.core_isa:
+            text += f": {_ISA_NAMES[self.core_isa]}, this CPU's ISA (fitting core: {self.fit})"
+        return text
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "core_isa": self.core_isa, "below": self.below}
+
+
+_ISA_NAMES = {"sse": "SSE", "avx": "AVX", "avx2": "AVX2", "avx512": "AVX-512"}
+
+
+def numpy_blas_entry(pool_info: Sequence[dict]) -> Optional[dict]:
+    """numpy's BLAS among threadpoolctl's entries: a BLAS loaded from numpy's folder, else the first."""
+    blas = [e for e in pool_info if e.get("user_api") == "blas"]
+    ours = [e for e in blas if "numpy" in str(e.get("filepath", "")).replace("\\", "/").lower()]
+    return (ours or blas or [None])[0]
+
+
+def blas_info(pool_info: Optional[Sequence[dict]] = None, cpu: Optional[CpuInfo] = None,
+              forced: Optional[str] = None) -> BlasInfo:
+    """numpy's BLAS judged against the CPU; the arguments default to threadpoolctl's report (numpy
+    loaded), ``detect_cpu()`` and ``$OPENBLAS_CORETYPE`` (tests pass fakes)."""
+    if pool_info is None:
+        import numpy  # noqa: F401  (loads its BLAS, so threadpoolctl sees it)
+        try:
+            from threadpoolctl import threadpool_info
+            pool_info = threadpool_info()
+        except ImportError:
+            pool_info = []
+    cpu = cpu or detect_cpu()
+    forced = os.environ.get("OPENBLAS_CORETYPE", "") if forced is None else forced   # OpenBLAS's variable, not ours
+    entry = numpy_blas_entry(pool_info) or {}
+    return BlasInfo(library=str(entry.get("internal_api", "")), prefix=str(entry.get("prefix", "")),
+                    version=str(entry.get("version") or ""), core=str(entry.get("architecture") or ""),
+                    forced=forced.strip(), cpu_isa=cpu_isa(cpu) or "", fit=fitting_core(cpu) or "")
+
+
+def baseline_core(info: BlasInfo, choice: Optional[str] = "auto") -> Optional[str]:
+    """The core to time numpy with in a child process: ``auto`` the fitting one when numpy runs a
+    core below it (else None), ``off``/None/"" never, anything else that core name."""
+    if not choice or choice.lower() == "off":
+        return None
+    if choice.lower() == "auto":
+        return info.fit if info.below and info.fit else None
+    return choice
+
+
+# ---- thread pinning and the alternating timer ---------------------------------------------------
+
+@contextlib.contextmanager
+def pinned_threads(threads: int, torch: Any = None) -> Iterator[None]:
+    """numpy's BLAS (and OpenMP) limited to ``threads`` for the duration, through threadpoolctl;
+    ``torch`` (the module, when the caller uses it) too, by ``torch.set_num_threads``."""
+    stack = contextlib.ExitStack()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        stack.enter_context(threadpool_limits(limits=threads))
+    except ImportError:     # without threadpoolctl, OPENBLAS_NUM_THREADS decides numpy's side
+        pass
+    if torch is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        stack.callback(torch.set_num_threads, before)
+    with stack:
+        yield
+
+
+def turn_order(names: Sequence[str], round_: int) -> list[str]:
+    """Who goes first takes turns: ``names`` on even rounds, reversed on odd ones."""
+    return list(names) if round_ % 2 == 0 else list(names)[::-1]
+
+
+def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_sample_s or number >= 1 << 20:
+            return number
+        number = max(number * 2, int(number * min_sample_s / max(elapsed, 1e-9) * 1.2))
+
+
+class LocalSampler:
+    """A function timed in this process: two warm-up calls, then samples of ``number`` calls."""
+
+    def __init__(self, fn: Callable[[], object]):
+        self.fn, self.number = fn, 1
+
+    def prepare(self, min_sample_s: float) -> None:
+        self.fn()
+        self.fn()
+        self.number = _calibrate(self.fn, min_sample_s)
+
+    def sample(self) -> tuple[float, float]:
+        """(seconds per call, seconds spent) of one sample."""
+        fn, n = self.fn, self.number
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        return dt / n, dt
+
+
+Timed = Union[Callable[[], object], "LocalSampler", "NumpyChild"]
+
+
+def time_interleaved(fns: dict[str, Timed], *, min_repeats: int = 7, max_repeats: int = 200, min_time_s: float = 0.1,
+                     min_sample_s: float = 1e-3, alternate: bool = False) -> dict[str, float]:
+    """Median seconds per call of each function (or sampler: ``NumpyChild``), sampled in turns until
+    each has ``min_repeats`` samples and ``min_time_s`` of them; every sample lasts at least
+    ``min_sample_s``; ``alternate`` reverses the order on odd rounds."""
+    samplers = {name: fn if hasattr(fn, "sample") else LocalSampler(fn) for name, fn in fns.items()}
+    for s in samplers.values():
+        s.prepare(min_sample_s)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    for r in range(max_repeats):
+        for name in (turn_order(list(samplers), r) if alternate else samplers):
+            per_call, dt = samplers[name].sample()
+            samples[name].append(per_call)
+            spent[name] += dt
+        if all(len(s) >= min_repeats for s in samples.values()) and min(spent.values()) >= min_time_s:
+            break
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def time_phased(fns: dict[str, Timed], *, rounds: int = 3, idle_s: float = 0.05, **kwargs) -> dict[str, float]:
+    """Median seconds per call of each function, each timed in blocks of its own (after ``idle_s``
+    of quiet, so the previous library's spinning threads have gone to sleep); ``rounds`` blocks per
+    function in alternating order, the best block's median kept."""
+    best: dict[str, float] = {}
+    for r in range(rounds):
+        for name in turn_order(list(fns), r):
+            time.sleep(idle_s)
+            t = time_interleaved({name: fns[name]}, **kwargs)[name]
+            best[name] = min(best.get(name, float("inf")), t)
+    return best
+
+
+# ---- numpy with another OpenBLAS core, in a child process ---------------------------------------
+
+class ChildError(RuntimeError):
+    pass
+
+
+class NumpyChild:
+    """``numpy.matmul`` in a child process started with ``OPENBLAS_CORETYPE=core`` and its BLAS
+    pinned to ``threads``; a sampler for ``time_interleaved`` (one sample per request, so it takes
+    turns with the libraries of this process).  ``core`` is what OpenBLAS runs there (it may fall
+    back from ``requested``)."""
+
+    def __init__(self, core: str, threads: int = 1):
+        env = dict(os.environ, OPENBLAS_CORETYPE=core, OPENBLAS_NUM_THREADS=str(threads))
+        self.requested = core
+        self.proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE, str(threads)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.core = self._read().get("core") or "?"
+
+    @property
+    def label(self) -> str:
+        return f"numpy@{self.core}"
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            self.close()
+            raise ChildError(f"numpy with OPENBLAS_CORETYPE={self.requested} stopped (exit {self.proc.returncode})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise ChildError(f"numpy with OPENBLAS_CORETYPE={self.requested}: {reply['error']}")
+        return reply
+
+    def _ask(self, **message) -> dict:
+        if self.proc.poll() is not None or self.proc.stdin is None:
+            raise ChildError(f"numpy with OPENBLAS_CORETYPE={self.requested} is not running")
+        try:
+            self.proc.stdin.write(json.dumps(message) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass            # _read reports it
+        return self._read()
+
+    def load(self, problem: Union[MatmulProblem, str], *, out: bool = False) -> None:
+        """Operands of ``problem`` (``make_operands(seed=0)``, as the bench makes them); ``out``:
+        time ``np.matmul(a, b, out=c)``."""
+        self._ask(load=str(problem), out=out)
+
+    def prepare(self, min_sample_s: float) -> None:
+        self._ask(prepare=min_sample_s)
+
+    def sample(self) -> tuple[float, float]:
+        reply = self._ask(sample=True)
+        return reply["seconds"], reply["spent"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> "NumpyChild":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _child_main(threads: int) -> None:
+    """The child's loop: one JSON request per stdin line, one JSON reply per stdout line."""
+    import numpy as np
+
+    def reply(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    with pinned_threads(threads):
+        reply({"core": blas_info().core})
+        sampler: Optional[LocalSampler] = None
+        for line in sys.stdin:
+            try:
+                msg = json.loads(line)
+                if "load" in msg:
+                    problem = parse_shape_line(msg["load"])
+                    a, b, _ = problem.make_operands(seed=0)
+                    if problem.batch == 1:
+                        a, b = a[0], b[0]
+                    c = np.matmul(a, b)
+                    sampler = LocalSampler((lambda: np.matmul(a, b, out=c)) if msg.get("out") else (lambda: np.matmul(a, b)))
+                    reply({"ok": True})
+                elif sampler is None:
+                    reply({"error": "no problem loaded"})
+                elif "prepare" in msg:
+                    sampler.prepare(float(msg["prepare"]))
+                    reply({"number": sampler.number})
+                else:
+                    seconds, spent = sampler.sample()
+                    reply({"seconds": seconds, "spent": spent})
+            except Exception as e:      # noqa: BLE001  (reported to the parent, which raises ChildError)
+                reply({"error": f"{type(e).__name__}: {e}"})
+
+
+def numpy_core_gflops(problems: Sequence[MatmulProblem], core: str, threads: int = 1, *, out: bool = False,
+                      **timing) -> tuple[str, list[Optional[float]]]:
+    """(the core that ran, GFLOPS of numpy.matmul per problem) with ``OPENBLAS_CORETYPE=core`` in a
+    child process, for tools whose other figures come from elsewhere; None for non-BLAS dtypes."""
+    figures: list[Optional[float]] = []
+    with NumpyChild(core, threads) as child:
+        for p in problems:
+            if p.dtype not in BLAS_DTYPES:
+                figures.append(None)
+                continue
+            child.load(p, out=out)
+            figures.append(p.flops / time_interleaved({"numpy": child}, **timing)["numpy"] / 1e9)
+        return child.core, figures
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
