@@ -160,10 +160,12 @@ class MachineKey:
 
     @classmethod
     def current(cls, compiler: str, codegen_version: str, cpu: CpuInfo | None = None) -> "MachineKey":
-        """This machine, as detected, with the toolchain the caller builds with."""
+        """This machine, as detected, with the toolchain the caller builds with.  Its features
+        carry the L1d and L2 sizes too (``cache_tokens``): virtual machines name their CPUs
+        generically ("AMD EPYC" for Zen 4 and Zen 5 alike), and the caches tell them apart."""
         cpu = cpu or detect_cpu()
         model = "".join(c if " " <= c <= "~" else "?" for c in cpu.model_name)[:256]   # /proc/cpuinfo is free text
-        return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features,
+        return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features + cache_tokens(cpu),
                    cores=cpu.machine_cores or cpu.cores, compiler=compiler, codegen_version=codegen_version)
 
     def key(self) -> str:
@@ -182,6 +184,11 @@ class MachineKey:
     def from_dict(cls, data: Any) -> "MachineKey":
         d = _fields(data, "machine", ("arch", "cpu_model", "isa", "features", "cores", "compiler", "codegen_version"))
         return cls(**d)
+
+
+def cache_tokens(cpu: CpuInfo) -> tuple[str, ...]:
+    """The cache sizes a schedule's blocking is tuned to, as feature names: ("l1d_48k", "l2_2048k")."""
+    return (f"l1d_{cpu.l1d_bytes >> 10}k", f"l2_{cpu.l2_bytes >> 10}k")
 
 
 @dataclass(frozen=True)
