@@ -10,9 +10,10 @@ Resolution for a problem the process has not seen yet:
 
 Records of other machines (another CPU model, ISA, core count, compiler or code generator) are
 never served: a schedule tuned elsewhere is a start point for tuning here, not an answer.  A
-float32 or float64 problem served by a guess (2 and 3) is tried against numpy on its first calls,
-and the faster serves from then on (``looptune.runtime.verdicts``; the verdict persists beside the
-user database).
+float32 or float64 problem served by any of them (1 to 3) is tried against numpy on its first
+calls, and the faster serves from then on (``looptune.runtime.verdicts``; the verdict persists
+beside the user database): a record's speed was measured in a tuning process, not in the
+application, and a guess was not measured at all.
 
 bfloat16 problems (ml_dtypes inputs, float32 results) resolve like the others, within their own
 family.  With ``float32_via_bfloat16`` (off by default) a float32 problem resolves as its bfloat16
@@ -89,8 +90,9 @@ def serial_after_fork(settings: RuntimeSettings) -> RuntimeSettings:
 
 # resolution sources whose schedule was tuned for the problem's very sizes: served by exact-size kernels
 EXACT_SOURCES = ("exact", "tuned")
-# resolution sources that are a guess for the problem: a trial against numpy decides (``looptune.runtime.verdicts``)
-GUESSED_SOURCES = ("nearest", "default")
+# resolution sources a trial against numpy confirms on the application's own calls (``looptune.runtime.verdicts``);
+# a live tuning's result ("tuned") was just measured against numpy in this process's conditions
+TRIED_SOURCES = ("exact", "nearest", "default")
 
 MAX_DISPATCH = 4096       # dispatch entries kept (oldest dropped first: they resolve again, from cached kernels)
 MAX_TRIAL_BUILDS = 256    # kernels a process builds for trials; past it, shapes without a verdict go to numpy
@@ -202,9 +204,9 @@ class Resolver:
 
     # ---- trials: a guess against numpy, on the caller's operands (``looptune.runtime.verdicts``) ----
     def _serve_or_try(self, key: tuple, resolution: Resolution) -> tuple:
-        """The hit for a resolution: its kernel; for a guess, what its verdict says, or a trial."""
+        """The hit for a resolution: what its verdict says, or a trial (float32 and float64 kernels)."""
         problem = resolution.problem
-        if not (resolution.source in GUESSED_SOURCES and self.settings.numpy_handoff and resolution.inputs is None
+        if not (resolution.source in TRIED_SOURCES and self.settings.numpy_handoff and resolution.inputs is None
                 and problem.dtype in ("float32", "float64")):
             return self._serve(resolution)
         if self._machine_key is None:

@@ -1,7 +1,8 @@
-"""Verdicts: whether a kernel or numpy serves a shape that no exact record of this machine covers.
+"""Verdicts: whether a kernel or numpy serves a shape, decided on this machine's own calls.
 
-Such a shape is served by a guess, the nearest record of this machine or the analytic default, and
-whether the guess beats numpy here only this machine can say.  So its first calls are a ``Trial``
+A shape is served by this machine's exact record, its nearest record or the analytic default, and
+whether that beats numpy here only this machine can say: a guess may not, and a record's speed was
+measured in a tuning process, not in the application.  So its first calls are a ``Trial``
 on the caller's own operands: the first call runs numpy (a shape called once never compiles
 anything), the second builds the kernel, then the kernel and numpy each serve a block of timed
 calls (``TrialProtocol``) and the faster serves from then on.  A kernel must beat numpy by
@@ -26,6 +27,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import statistics
 import threading
 import time
@@ -49,9 +51,9 @@ class TrialProtocol:
     """How a trial times its two sides (BENCHMARKS.md, "Verdicts", measures what it picks)."""
 
     margin: float = 0.02          # the kernel must be this much faster than numpy to win
-    samples: int = 3              # timed calls per side
-    samples_tiny: int = 7         # ... when a call takes under ``tiny_s``
-    tiny_s: float = 20e-6
+    samples: int = 3              # timed calls per side, at least ...
+    side_s: float = 2e-3          # ... and as many as take this long (a 4 us call is noisy alone) ...
+    max_samples: int = 64         # ... up to this many
     long_s: float = 0.25          # a call this long is timed once per side
     # after one of numpy's multi-threaded calls OpenBLAS's idle threads spin for about 0.1 s and
     # our kernel would get one core (README, "Threads next to numpy"): on several threads the
@@ -60,9 +62,10 @@ class TrialProtocol:
     settle_calls: int = 50
 
     def sample_count(self, warm_s: float) -> int:
-        if warm_s < self.tiny_s:
-            return self.samples_tiny
-        return 1 if warm_s >= self.long_s else self.samples
+        """Timed calls per side, from the kernel's warm-up call."""
+        if warm_s >= self.long_s:
+            return 1
+        return max(self.samples, min(self.max_samples, math.ceil(self.side_s / max(warm_s, 1e-9))))
 
 
 def fingerprint(machine_key: str, problem_key: str, source: str, origin: Optional[str], schedule_json: str) -> str:

@@ -62,7 +62,7 @@ def slowed(monkeypatch, side: str, delay_s: float = 2e-3):
         monkeypatch.setattr(NumpyKernel, "invoke", invoke)
 
 
-def run_calls(a, b, calls=20):
+def run_calls(a, b, calls=150):
     for _ in range(calls):
         np.testing.assert_allclose(runtime.matmul(a, b, threads=1), a @ b, rtol=1e-4, atol=1e-4)
 
@@ -182,7 +182,8 @@ def test_the_dispatch_table_and_trial_builds_are_bounded(user_db, monkeypatch):
 
 def test_trial_protocol_times_each_side_and_needs_a_margin():
     protocol = TrialProtocol()
-    assert protocol.sample_count(1e-6) == protocol.samples_tiny
+    assert protocol.sample_count(1e-6) == protocol.max_samples        # µs calls: many samples
+    assert protocol.sample_count(1e-4) == 20                          # as many as fill side_s (2 ms)
     assert protocol.sample_count(1e-3) == protocol.samples
     assert protocol.sample_count(1.0) == 1
 
