@@ -7,10 +7,11 @@ on the caller's own operands: the first call runs numpy (a shape called once nev
 anything), the second builds the kernel, then the kernel and numpy each serve a block of timed
 calls (``TrialProtocol``) and the faster serves from then on.  A kernel must beat numpy by
 ``TrialProtocol.margin`` to win; a tie goes to numpy.  Every call of a trial computes the right
-answer; only its speed is at stake.  Two blocks rather than alternate calls, because OpenBLAS's
-threads spin for about 0.1 s after each of its parallel calls and would slow the kernel call that
-follows (README, "Threads next to numpy"); the verdict is about the shape's steady state, in
-which one side serves every call.
+answer; only its speed is at stake.  The kernel's block comes right after numpy's: after each of
+numpy's multi-threaded calls OpenBLAS's idle threads spin for about 0.1 s, and a multi-threaded
+kernel then runs on about one core (README, "Threads next to numpy").  Applications call numpy
+too, so a kernel serves only if it wins in numpy's wake; measured with the cores settled, kernels
+that then lost to numpy in an application that alternates the two won their trials.
 
 Verdicts persist in ``VerdictStore``, a small JSON file beside the user database, so the next
 process starts decided.  A verdict holds which side won and a fingerprint of what was tried (the
@@ -55,11 +56,6 @@ class TrialProtocol:
     side_s: float = 2e-3          # ... and as many as take this long (a 4 us call is noisy alone) ...
     max_samples: int = 64         # ... up to this many
     long_s: float = 0.25          # a call this long is timed once per side
-    # after one of numpy's multi-threaded calls OpenBLAS's idle threads spin for about 0.1 s and
-    # our kernel would get one core (README, "Threads next to numpy"): on several threads the
-    # kernel's calls are timed from this long after numpy's first call, or after this many calls
-    settle_s: float = 0.15
-    settle_calls: int = 50
 
     def sample_count(self, warm_s: float) -> int:
         """Timed calls per side, from the kernel's warm-up call."""
@@ -99,18 +95,20 @@ class Trial:
     then serves); ``decide(verdict)`` is called once, by the call that completes the trial.
     """
 
-    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "phase", "times", "wanted", "numpy_end",
-                 "settling", "lock", "symbol", "dtype")
+    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "phase", "times", "wanted", "lock",
+                 "symbol", "dtype")
+
+    # first: numpy, untimed (a shape called once builds nothing); warm: the kernel is built and warmed
+    # up (its time sets how many calls each side times); then numpy's timed block, then the kernel's
+    PHASES = ("first", "warm", "numpy", "kernel", "done")
 
     def __init__(self, numpy_side, build: Callable[[], object], decide: Callable[[Verdict], None],
                  protocol: TrialProtocol = TrialProtocol()) -> None:
         self.numpy, self.build, self.decide, self.protocol = numpy_side, build, decide, protocol
         self.kernel = None
-        self.phase = "first"          # first (numpy, untimed) -> kernel (a warm-up, then timed) -> numpy -> done
+        self.phase = "first"
         self.times: tuple[list[float], list[float]] = ([], [])     # kernel's, numpy's
         self.wanted = protocol.samples
-        self.numpy_end = 0.0          # when numpy's last call ended
-        self.settling = 0             # kernel calls not timed because numpy's threads may still spin
         self.lock = threading.Lock()
         self.symbol = "trial"
         self.dtype = numpy_side.dtype
@@ -118,47 +116,37 @@ class Trial:
     def invoke(self, a, b, c, accumulate: int, nthreads: int) -> int:
         with self.lock:
             phase = self.phase
-            if phase == "kernel" and self.kernel is None:
+            if phase == "warm" and self.kernel is None:
                 try:
                     self.kernel = self.build()
                 except Exception as e:  # noqa: BLE001 - a kernel that cannot be had loses the trial
                     log.info("looptune: no kernel for the trial, numpy serves: %s", e)
                     self._finish(UNDECIDED)
                     phase = "done"
-        side = self.kernel if phase == "kernel" else self.numpy
+        side = self.kernel if phase in ("warm", "kernel") else self.numpy
         start = time.perf_counter()
         rc = side.invoke(a, b, c, accumulate, nthreads)
-        end = time.perf_counter()
+        elapsed = time.perf_counter() - start
         if rc != 0:
             return rc       # the caller copies the operands or hands the shape to numpy, as for any kernel
         with self.lock:
             if self.phase != phase or phase == "done":
                 return 0
             if phase == "first":
-                self.numpy_end, self.phase = end, "kernel"
-            elif phase == "kernel":
-                self._kernel_timed(start, end - start, nthreads)
+                self.phase = "warm"
+            elif phase == "warm":
+                self.wanted, self.phase = self.protocol.sample_count(elapsed), "numpy"
             else:
-                self.times[1].append(end - start)
-                if len(self.times[1]) >= self.wanted:
+                times = self.times[0 if phase == "kernel" else 1]
+                times.append(elapsed)
+                if len(times) < self.wanted:
+                    return 0
+                if phase == "numpy":
+                    self.phase = "kernel"
+                else:
                     kernel_s, numpy_s = statistics.median(self.times[0]), statistics.median(self.times[1])
                     self._finish(Verdict(kernel_s < numpy_s * (1 - self.protocol.margin), kernel_s, numpy_s))
         return 0
-
-    def _kernel_timed(self, start: float, elapsed: float, nthreads: int) -> None:
-        """Under ``lock``: count one kernel call (the first is its warm-up, which sets how many are
-        timed); on several threads, not while numpy's idle threads may still spin on the cores."""
-        p = self.protocol
-        if self.settling == 0 and not self.times[0]:
-            self.wanted = p.sample_count(elapsed)
-            self.settling = 1
-            return
-        if nthreads > 1 and start - self.numpy_end < p.settle_s and self.settling < p.settle_calls:
-            self.settling += 1
-            return
-        self.times[0].append(elapsed)
-        if len(self.times[0]) >= self.wanted:
-            self.phase = "numpy"
 
     def _finish(self, verdict: Verdict) -> None:
         """Under ``lock``: decide once."""
