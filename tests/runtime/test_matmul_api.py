@@ -244,7 +244,7 @@ def test_stored_schedule_that_fails_to_build_falls_back_to_the_default(monkeypat
     from looptune.runtime.compiler.build import BuildError
     from looptune.runtime.resolve import Resolution
 
-    runtime.configure()
+    runtime.configure(numpy_handoff=False)     # no trial against numpy: the kernel serves from the first call
     resolver = api._get_resolver()
     real_kernel = resolver.kernel
     real_resolve = resolver.resolve

@@ -183,7 +183,7 @@ def test_the_dispatch_table_and_trial_builds_are_bounded(user_db, monkeypatch):
 def test_trial_protocol_times_each_side_and_needs_a_margin():
     protocol = TrialProtocol()
     assert protocol.sample_count(1e-6) == protocol.max_samples        # µs calls: many samples
-    assert protocol.sample_count(1e-4) == 20                          # as many as fill side_s (2 ms)
+    assert protocol.sample_count(1e-4) == 50                          # as many as fill side_s (5 ms)
     assert protocol.sample_count(1e-3) == protocol.samples
     assert protocol.sample_count(1.0) == 1
 

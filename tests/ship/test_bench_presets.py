@@ -132,23 +132,25 @@ def test_bench_reports_stored_against_served_with_and_without_the_numpy_handoff(
     env = dict(_env(), LOOPTUNE_FALLBACK="off")
     args = ["--shapes", str(shapes), "--db", str(db)]
 
+    # with the hand-off: the record that says numpy was faster hands its problem to numpy
     report = _bench_json(args, env)
     assert report["numpy_handoff"] is True and report["all_correct"]
+    handed_row = {r["problem"]: r for r in report["rows"]}["40 24 32 dtype=float64"]
+    assert handed_row["source"] == "numpy" and handed_row["stored_gflops"] == 1e6 and handed_row["below_stored"]
+
+    # without it (and without trials against numpy, which would decide by timing) every row is a kernel
+    report = _bench_json([*args, "--no-handoff"], env)
+    assert report["numpy_handoff"] is False and report["all_correct"]
     rows = {r["problem"]: r for r in report["rows"]}
     kept_row, handed_row, none_row = rows["48 32 64"], rows["40 24 32 dtype=float64"], rows["20 20 20"]
     assert kept_row["source"] == "exact" and kept_row["stored_gflops"] == 1e-3 and not kept_row["below_stored"]
     assert kept_row["served_vs_stored"] == pytest.approx(kept_row["looptune_gflops"] / 1e-3)
     assert kept_row["served_out_vs_stored"] == pytest.approx(kept_row["looptune_out_gflops"] / 1e-3)
-    assert handed_row["source"] == "numpy" and handed_row["stored_gflops"] == 1e6 and handed_row["below_stored"]
+    assert handed_row["source"] == "exact" and handed_row["stored_gflops"] == 1e-3 and not handed_row["below_stored"]
     assert none_row["source"] == "default" and none_row["stored_gflops"] is None and not none_row["below_stored"]
     assert none_row["served_vs_stored"] is None and none_row["looptune_out_gflops"] > 0
     assert report["geomean_served_vs_stored"] == pytest.approx(
         geomean([kept_row["served_vs_stored"], handed_row["served_vs_stored"]]))
-
-    report = _bench_json([*args, "--no-handoff"], env)
-    assert report["numpy_handoff"] is False
-    handed_row = {r["problem"]: r for r in report["rows"]}["40 24 32 dtype=float64"]
-    assert handed_row["source"] == "exact" and handed_row["stored_gflops"] == 1e-3 and not handed_row["below_stored"]
 
 
 def test_bench_table_shows_the_served_summary(tmp_path):
