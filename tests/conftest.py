@@ -113,3 +113,34 @@ def _no_thread_left_behind(request):
     alive = sorted(t.name for t in set(threading.enumerate()) - before
                    if t.is_alive() and not t.name.startswith(LONG_LIVED_THREADS))
     assert not alive, f"{request.node.nodeid} left threads running: {alive}"
+
+
+@pytest.fixture
+def in_private_tmpfs(tmp_path):
+    """``run(script, *args, timeout=...)``: run a Python script under ``unshare -m`` (a private mount
+    namespace, where it may mount a small tmpfs on ``tmp_path / "mnt"``, passed as its first
+    argument) and return the finished process; skips where that needs what this machine lacks
+    (root, unshare(1), mount namespaces)."""
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and unshare(1) for a private tmpfs")
+    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here: {probe.stderr.decode()[-200:]}")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def run(script: str, *args: str, timeout: float):
+        path = tmp_path / "in_private_tmpfs.py"
+        path.write_text(textwrap.dedent(script))
+        return subprocess.run([unshare, "-m", "--propagation", "private", sys.executable, str(path), str(mnt), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    run.mnt = mnt
+    return run
+

@@ -11,10 +11,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -174,20 +170,9 @@ print("after", len(commit(path, new)), len(load(path)))
 """
 
 
-def test_a_really_full_file_system(tmp_path):
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and unshare(1) for a private tmpfs")
-    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace here: {probe.stderr.decode()[-200:]}")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    script = tmp_path / "full.py"
-    script.write_text(textwrap.dedent(REAL_SCRIPT))
-    here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([unshare, "-m", "--propagation", "private", sys.executable, str(script), str(mnt), here],
-                          capture_output=True, text=True, timeout=120)
+def test_a_really_full_file_system(in_private_tmpfs):
+    mnt = in_private_tmpfs.mnt
+    done = in_private_tmpfs(REAL_SCRIPT, os.path.dirname(os.path.abspath(__file__)), timeout=120)
     if done.returncode != 0 and "mount" in done.stderr and "tmpfs" in done.stderr and "error" not in done.stdout:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -13,9 +13,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -241,19 +238,9 @@ print(sorted(n for n in os.listdir(cache) if n.endswith(".json") or n.startswith
 """
 
 
-def test_a_really_full_file_system_under_the_cache(tmp_path):
-    unshare = shutil.which("unshare")
-    if unshare is None or os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("needs root and unshare(1) for a private tmpfs")
-    probe = subprocess.run([unshare, "-m", "true"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"no private mount namespace here: {probe.stderr.decode()[-200:]}")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    script = tmp_path / "full.py"
-    script.write_text(textwrap.dedent(REAL_SCRIPT))
-    done = subprocess.run([unshare, "-m", "--propagation", "private", sys.executable, str(script), str(mnt)],
-                          capture_output=True, text=True, timeout=600)
+def test_a_really_full_file_system_under_the_cache(in_private_tmpfs):
+    mnt = in_private_tmpfs.mnt
+    done = in_private_tmpfs(REAL_SCRIPT, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     full, listing, freed, refs = done.stdout.strip().splitlines()[-4:]
     full, freed = json.loads(full), json.loads(freed)
