@@ -176,7 +176,7 @@ class ScheduleIndex:
                     continue
                 seen = is_local.get(id(record.machine))
                 if seen is None:
-                    seen = is_local[id(record.machine)] = (record.machine, record.machine == machine)
+                    seen = is_local[id(record.machine)] = (record.machine, machine.owns(record.machine))
                 side = local if seen[1] else foreign
                 key = record.problem.key()
                 current = side.get(key)

@@ -20,7 +20,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping
 
 from looptune.database.errors import RecordError
@@ -168,6 +168,16 @@ class MachineKey:
         return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features + cache_tokens(cpu),
                    cores=cpu.machine_cores or cpu.cores, compiler=compiler, codegen_version=codegen_version)
 
+    def without_caches(self) -> "MachineKey":
+        """This key as machines were keyed before their cache sizes joined it (``cache_tokens``)."""
+        return replace(self, features=tuple(f for f in self.features if not f.startswith(CACHE_TOKEN_PREFIXES)))
+
+    def owns(self, record_machine: "MachineKey") -> bool:
+        """Whether a record made on ``record_machine`` was made on this machine: the same key, or
+        this key without its cache sizes (records written before they joined the key; the
+        runtime still tries them against numpy before serving them)."""
+        return record_machine == self or record_machine == self.without_caches()
+
     def key(self) -> str:
         """A stable one-line identity, used for ordering and display."""
         return "|".join((self.arch, self.cpu_model, self.isa, ",".join(self.features), str(self.cores),
@@ -184,6 +194,9 @@ class MachineKey:
     def from_dict(cls, data: Any) -> "MachineKey":
         d = _fields(data, "machine", ("arch", "cpu_model", "isa", "features", "cores", "compiler", "codegen_version"))
         return cls(**d)
+
+
+CACHE_TOKEN_PREFIXES = ("l1d_", "l2_")
 
 
 def cache_tokens(cpu: CpuInfo) -> tuple[str, ...]:

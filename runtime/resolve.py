@@ -70,7 +70,7 @@ from looptune.runtime.hooks import LiveTuneResult
 from looptune.runtime.live import LiveTuningQueue
 from looptune.runtime.numpy_kernel import NumpyKernel
 from looptune.runtime.configuration import RuntimeSettings
-from looptune.runtime.verdicts import UNDECIDED, Trial, Verdict, VerdictStore, fingerprint, register_for_exit, verdict_path
+from looptune.runtime.verdicts import Trial, Verdict, VerdictStore, fingerprint, register_for_exit, verdict_path
 
 log = logging.getLogger("looptune.runtime")
 
@@ -95,7 +95,7 @@ EXACT_SOURCES = ("exact", "tuned")
 TRIED_SOURCES = ("exact", "nearest", "default")
 
 MAX_DISPATCH = 4096       # dispatch entries kept (oldest dropped first: they resolve again, from cached kernels)
-MAX_TRIAL_BUILDS = 256    # kernels a process builds for trials; past it, shapes without a verdict go to numpy
+MAX_TRIAL_BUILDS = 256    # kernels a process compiles for trials; past it, shapes that need a new one go to numpy
 
 
 @dataclass(frozen=True)
@@ -225,10 +225,11 @@ class Resolver:
         served: list = []
 
         def build():
-            if self.trial_builds >= MAX_TRIAL_BUILDS:
+            compiled = len(self._kernels)
+            if self.trial_builds >= MAX_TRIAL_BUILDS and self._kernel_key(resolution) not in self._kernels:
                 raise LoopTuneError(f"this process built {MAX_TRIAL_BUILDS} kernels for trials already")
-            self.trial_builds += 1
             kernel, used = self._serve(resolution)
+            self.trial_builds += len(self._kernels) - compiled
             if isinstance(kernel, NumpyKernel):
                 raise LoopTuneError(used.reason or "no kernel")
             served.append(used)
@@ -250,7 +251,7 @@ class Resolver:
             if kernel is not None:
                 return kernel, resolution
             return self._serve(resolution)
-        reason = "no kernel could be tried" if verdict is UNDECIDED else verdict.describe()
+        reason = verdict.describe()
         return (NumpyKernel(resolution.problem.dtype, reason),
                 replace(resolution, source="numpy", reason=reason, verdict=reason))
 
@@ -275,6 +276,12 @@ class Resolver:
         reason = f"no kernel could be built or loaded: {first}"
         log.warning("looptune: numpy.matmul serves %s (%s)", problem, reason)
         return NumpyKernel(inputs or problem.dtype, reason), replace(resolution, source="numpy", reason=reason)
+
+    @staticmethod
+    def _kernel_key(resolution: Resolution) -> tuple:
+        """The key ``kernel`` caches the resolution's kernel under (see ``_kernel_for``)."""
+        sizes = FixedSizes.of(resolution.problem) if resolution.source in EXACT_SOURCES else None
+        return (resolution.schedule.to_json(), resolution.problem.dtype, resolution.inputs, sizes)
 
     def _kernel_for(self, resolution: Resolution) -> Kernel:
         """``kernel`` for a resolution: the exact-size kernel for a problem its own record (or live
@@ -386,6 +393,8 @@ class Resolver:
         self.settings = serial_after_fork(self.settings)
         self._lock = threading.Lock()
         self._key_locks = {}
+        for key in [k for k, hit in self.dispatch.items() if isinstance(hit[0], Trial)]:
+            del self.dispatch[key]          # a trial's lock may be held by a thread the child does not have
         self.databases.reset_after_fork()
         self.live.reset_after_fork()
         self.verdicts.reset_after_fork()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.abi import error_message
 
 log = logging.getLogger("looptune.runtime")
 
@@ -73,18 +74,21 @@ def fingerprint(machine_key: str, problem_key: str, source: str, origin: Optiona
 @dataclass(frozen=True)
 class Verdict:
     kernel_wins: bool
-    kernel_s: float          # median seconds per call, each side
+    kernel_s: float          # median seconds per call, each side (inf: the kernel was not timed)
     numpy_s: float
+    why: str = ""            # why the kernel was not timed
 
     def describe(self) -> str:
+        if self.why:
+            return self.why
         side = "the kernel" if self.kernel_wins else "numpy"
         return (f"{side} was faster on this machine's calls ({self.kernel_s * 1e6:.1f} us for the kernel, "
                 f"{self.numpy_s * 1e6:.1f} us for numpy)")
 
 
-# No verdict to keep: the kernel could not be built, failed, or refused every timed call; numpy serves
-# in this process, and the next one tries again.
-UNDECIDED = Verdict(False, float("inf"), 0.0)
+# No verdict to keep (the kernel could not be built, or refused the operands): numpy serves in this
+# process, and the next one tries again.
+UNDECIDED = Verdict(False, float("inf"), 0.0, "no kernel could be tried")
 
 
 class Trial:
@@ -95,7 +99,7 @@ class Trial:
     then serves); ``decide(verdict)`` is called once, by the call that completes the trial.
     """
 
-    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "phase", "times", "wanted", "lock",
+    __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "building", "phase", "times", "wanted", "lock",
                  "symbol", "dtype")
 
     # first: numpy, untimed (a shape called once builds nothing); warm: the kernel is built and warmed
@@ -106,6 +110,7 @@ class Trial:
                  protocol: TrialProtocol = TrialProtocol()) -> None:
         self.numpy, self.build, self.decide, self.protocol = numpy_side, build, decide, protocol
         self.kernel = None
+        self.building = False         # a thread is building the kernel (outside the lock: it may compile)
         self.phase = "first"
         self.times: tuple[list[float], list[float]] = ([], [])     # kernel's, numpy's
         self.wanted = protocol.samples
@@ -116,21 +121,29 @@ class Trial:
     def invoke(self, a, b, c, accumulate: int, nthreads: int) -> int:
         with self.lock:
             phase = self.phase
+            builder = phase == "warm" and self.kernel is None and not self.building
+            if builder:
+                self.building = True
+        if builder:
+            self._build()
+        with self.lock:
+            phase = self.phase
             if phase == "warm" and self.kernel is None:
-                try:
-                    self.kernel = self.build()
-                except Exception as e:  # noqa: BLE001 - a kernel that cannot be had loses the trial
-                    log.info("looptune: no kernel for the trial, numpy serves: %s", e)
-                    self._finish(UNDECIDED)
-                    phase = "done"
+                phase = "waiting"        # another thread is building it: numpy computes this call, untimed
         side = self.kernel if phase in ("warm", "kernel") else self.numpy
         start = time.perf_counter()
         rc = side.invoke(a, b, c, accumulate, nthreads)
         elapsed = time.perf_counter() - start
         if rc != 0:
+            if side is self.kernel:      # it refused these operands: every call would pay for copies
+                why = f"the kernel returned {rc} ({error_message(rc)}) during its trial"
+                with self.lock:
+                    if self.phase != "done":
+                        log.warning("looptune: numpy.matmul serves a %s shape from now on (%s)", self.dtype, why)
+                    self._finish(Verdict(False, float("inf"), 0.0, why))
             return rc       # the caller copies the operands or hands the shape to numpy, as for any kernel
         with self.lock:
-            if self.phase != phase or phase == "done":
+            if self.phase != phase or phase in ("done", "waiting"):
                 return 0
             if phase == "first":
                 self.phase = "warm"
@@ -147,6 +160,19 @@ class Trial:
                     kernel_s, numpy_s = statistics.median(self.times[0]), statistics.median(self.times[1])
                     self._finish(Verdict(kernel_s < numpy_s * (1 - self.protocol.margin), kernel_s, numpy_s))
         return 0
+
+    def _build(self) -> None:
+        """Build the kernel without holding the lock (a compile takes a while, and a fork meanwhile
+        must not leave the lock held in the child); a kernel that cannot be had loses the trial."""
+        try:
+            kernel = self.build()
+        except Exception as e:  # noqa: BLE001
+            log.info("looptune: no kernel for the trial, numpy serves: %s", e)
+            with self.lock:
+                self._finish(UNDECIDED)
+            return
+        with self.lock:
+            self.kernel = kernel
 
     def _finish(self, verdict: Verdict) -> None:
         """Under ``lock``: decide once."""
@@ -173,12 +199,13 @@ class VerdictStore:
         return Verdict(bool(entry["kernel"]), float(entry["kernel_s"]), float(entry["numpy_s"]))
 
     def put(self, fp: str, verdict: Verdict) -> None:
-        if verdict is UNDECIDED:
-            return
+        if verdict.kernel_s == float("inf"):
+            return          # nothing was timed: the next process tries again
         entry = {"kernel": verdict.kernel_wins, "kernel_s": verdict.kernel_s, "numpy_s": verdict.numpy_s,
                  "at": time.time()}
+        verdicts = self._loaded()
         with self._lock:
-            self._loaded()[fp] = entry
+            verdicts[fp] = entry
             if self.path is None or self.broken:
                 return
             self._pending[fp] = entry
@@ -191,14 +218,19 @@ class VerdictStore:
 
     # ---- the file ---------------------------------------------------------------------------
     def _loaded(self) -> dict[str, dict]:
-        if self._verdicts is None:
-            self._verdicts = {}
-            if self.path is not None:
-                try:
-                    self._verdicts = read_verdicts(self.path)
-                except (OSError, ValueError) as e:
-                    self._fail(f"cannot read {self.path}: {e}")
-        return self._verdicts
+        found = self._verdicts
+        if found is None:
+            with self._lock:
+                if self._verdicts is None:
+                    loaded: dict[str, dict] = {}
+                    if self.path is not None:
+                        try:
+                            loaded = read_verdicts(self.path)
+                        except Exception as e:  # noqa: BLE001 - any file at all: numpy serves, one warning
+                            self._fail(f"cannot read {self.path}: {type(e).__name__}: {e}"[:400])
+                    self._verdicts = loaded
+                found = self._verdicts
+        return found
 
     def _fail(self, reason: str) -> None:
         self.broken = reason
@@ -207,15 +239,27 @@ class VerdictStore:
 
     def _write_later(self) -> None:
         time.sleep(WRITE_DELAY_S)
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._writer = None
+
+    def close(self) -> None:
+        """Write what is pending, after a write under way (at exit: no verdict is cut off)."""
+        writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(timeout=2.0)
         self.flush()
 
     def flush(self) -> None:
         """Write pending verdicts now (merged with what other processes wrote meanwhile)."""
         with self._lock:
-            pending, self._pending, self._writer = self._pending, {}, None
+            pending, self._pending = self._pending, {}
         if not pending or self.path is None or self.broken:
             return
         from looptune.database.atomic import replace_atomically, write_lock   # lazy: only when a verdict is written
+        from looptune.database.errors import LockTimeoutError
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with write_lock(str(self.path), LOCK_TIMEOUT_S):
@@ -224,6 +268,9 @@ class VerdictStore:
                 newest = sorted(merged.items(), key=lambda kv: kv[1]["at"])[-MAX_VERDICTS:]
                 text = json.dumps({"format": FORMAT, "version": VERSION, "verdicts": dict(newest)}, separators=(",", ":"))
                 replace_atomically(str(self.path), lambda tmp: Path(tmp).write_text(text), fsync=False)
+        except LockTimeoutError:     # another process is writing: keep ours for the next write (or exit)
+            with self._lock:
+                self._pending = {**pending, **self._pending}
         except Exception as e:  # noqa: BLE001 - a full disk or a read-only directory: numpy serves, one warning
             self._fail(f"cannot write {self.path}: {e}")
 
@@ -274,7 +321,7 @@ def register_for_exit(store: VerdictStore) -> None:
 def _flush_at_exit() -> None:
     for store in list(_stores):
         try:
-            store.flush()
+            store.close()
         except Exception:  # noqa: BLE001
             pass
 

@@ -51,12 +51,6 @@ def shapes() -> list[str]:
     return lines
 
 
-def _without_caches(machine):
-    """``machine`` without its cache-size features (``records.cache_tokens``)."""
-    import dataclasses
-    return dataclasses.replace(machine, features=tuple(f for f in machine.features if not f.startswith(("l1d_", "l2_"))))
-
-
 def keep_other_machines(shipped: str, staging: str) -> int:
     """Copy into ``staging`` the records of ``shipped`` made on other machines by the current code
     generator (records of an older one would be recompiled by rules they were not tuned under)."""
@@ -66,7 +60,7 @@ def keep_other_machines(shipped: str, staging: str) -> int:
     built = load(staging).records
     here = {r.machine for r in built}
     # a machine keyed before its cache sizes joined the key is this machine's old record set: superseded
-    here_uncached = {_without_caches(m) for m in here}
+    here_uncached = {m.without_caches() for m in here}
     others = [r for r in load(shipped).records
               if r.machine not in here and r.machine not in here_uncached
               and r.machine.codegen_version == CODEGEN_VERSION]

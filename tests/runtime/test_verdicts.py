@@ -129,11 +129,13 @@ def test_other_machines_records_are_never_served(user_db):
     assert served.source == "default" and served.record_problem is None
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "unwritable"])
+@pytest.mark.parametrize("damage", ["corrupt", "deeply nested", "unwritable"])
 def test_an_unusable_verdict_store_hands_undecided_shapes_to_numpy(user_db, caplog, damage):
     store = verdict_path(user_db)
     if damage == "corrupt":
         store.write_text("{ not json")
+    elif damage == "deeply nested":
+        store.write_text("[" * 100000)      # json raises RecursionError, not ValueError
     else:
         store.mkdir()          # a directory where the file should be: reading fails, writing fails
     runtime.configure()
@@ -233,3 +235,35 @@ def test_the_kernel_is_timed_in_numpys_wake():
         trial.invoke(None, None, None, 0, 2)
     n = TrialProtocol().samples
     assert order == ["numpy", "kernel"] + ["numpy"] * n + ["kernel"] * n
+
+
+def test_shapes_that_share_a_kernel_do_not_spend_the_build_budget(user_db, monkeypatch):
+    save(user_db, [Record(MatmulProblem(32, 32, 32), current_machine(), TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1,
+                          1.7e9)])
+    runtime.configure()
+    monkeypatch.setattr(resolve, "MAX_TRIAL_BUILDS", 1)
+    for m in range(33, 41):       # all served by the record's generic kernel: one build
+        a, b = operands(m, 32, 32)
+        for _ in range(3):
+            runtime.matmul(a, b, threads=1)
+        assert runtime.explain(a, b, threads=1).source in ("nearest", "numpy")
+        assert "no kernel could be tried" not in (runtime.explain(a, b, threads=1).reason or "")
+    assert api.current_resolver().trial_builds == 1
+
+
+def test_a_forked_child_drops_trials_under_way(user_db):
+    a, b = operands(29, 27, 31)
+    runtime.matmul(a, b, threads=1)                  # a trial starts
+    resolver = api.current_resolver()
+    assert any(isinstance(hit[0], Trial) for hit in resolver.dispatch.values())
+    resolver.reset_after_fork()                      # what a forked child runs: its trials start afresh
+    assert not any(isinstance(hit[0], Trial) for hit in resolver.dispatch.values())
+    np.testing.assert_allclose(runtime.matmul(a, b, threads=1), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_records_keyed_before_cache_sizes_joined_the_key_are_this_machines(user_db):
+    legacy = current_machine().without_caches()
+    assert legacy != current_machine() and current_machine().owns(legacy)
+    save(user_db, [Record(MatmulProblem(40, 40, 40), legacy, TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1, 1.7e9)])
+    runtime.configure()
+    assert runtime.explain(operands(40, 40, 40)[0], operands(40, 40, 40)[1], threads=1).source == "exact"
