@@ -8,7 +8,7 @@ Resolution for a problem the process has not seen yet:
    analytic default when the family has none), ``tune`` serves that too while a background thread
    tunes the problem and swaps in the result, ``off`` uses the analytic default.
 
-Records of other machines (another CPU model, ISA, core count, compiler or code generator) are
+Records of other machines (another CPU model, cache sizes, ISA, core count, compiler or code generator) are
 never served: a schedule tuned elsewhere is a start point for tuning here, not an answer.  A
 float32 or float64 problem served by any of them (1 to 3) is tried against numpy on its first
 calls, and the faster serves from then on (``looptune.runtime.verdicts``; the verdict persists
@@ -64,8 +64,7 @@ from looptune.runtime.compiler.kernel import Kernel
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.databases import Databases
-from looptune.runtime.handoff import (DOT_PRODUCTS, dot_products, handoff_reason, numpy_beats_one_core,  # noqa: F401
-                                      numpy_serves_faster)
+from looptune.runtime.handoff import DOT_PRODUCTS, dot_products, handoff_reason
 from looptune.runtime.hooks import LiveTuneResult
 from looptune.runtime.live import LiveTuningQueue
 from looptune.runtime.numpy_kernel import NumpyKernel
@@ -98,6 +97,10 @@ MAX_DISPATCH = 4096       # dispatch entries kept (oldest dropped first: they re
 MAX_TRIAL_BUILDS = 256    # kernels a process compiles for trials; past it, shapes that need a new one go to numpy
 
 
+def _kernel_cache_key(schedule: Schedule, dtype: str, inputs: Optional[str], sizes: Optional[FixedSizes]) -> tuple:
+    return (schedule.to_json(), dtype, inputs, sizes)
+
+
 @dataclass(frozen=True)
 class Resolution:
     """Where a problem's schedule came from."""
@@ -114,7 +117,7 @@ class Resolution:
     reason: Optional[str] = None       # why numpy serves it (source "numpy")
     inputs: Optional[str] = None       # "float32": a bfloat16 problem's kernel reads float32 inputs
                                        # (``float32_via_bfloat16``); None: the problem's own dtype
-    verdict: Optional[str] = None      # a guess's trial against numpy: under way, or what it found
+    verdict: Optional[str] = None      # the trial against numpy: under way, or what it found
 
     def describe(self) -> str:
         lines = [f"problem:   {self.problem}", f"source:    {self.source}"]
@@ -202,7 +205,7 @@ class Resolver:
                 break
         dispatch[key] = hit
 
-    # ---- trials: a guess against numpy, on the caller's operands (``looptune.runtime.verdicts``) ----
+    # ---- trials: what serves a shape against numpy, on the caller's operands (``looptune.runtime.verdicts``) ----
     def _serve_or_try(self, key: tuple, resolution: Resolution) -> tuple:
         """The hit for a resolution: what its verdict says, or a trial (float32 and float64 kernels)."""
         problem = resolution.problem
@@ -245,7 +248,7 @@ class Resolver:
         return hit
 
     def _verdict_hit(self, resolution: Resolution, verdict: Verdict, kernel: Optional[Kernel]) -> tuple:
-        """The hit a verdict gives: the guess's kernel (built now if need be) or numpy."""
+        """The hit a verdict gives: the resolution's kernel (built now if need be) or numpy."""
         if verdict.kernel_wins:
             resolution = replace(resolution, verdict=verdict.describe())
             if kernel is not None:
@@ -279,9 +282,9 @@ class Resolver:
 
     @staticmethod
     def _kernel_key(resolution: Resolution) -> tuple:
-        """The key ``kernel`` caches the resolution's kernel under (see ``_kernel_for``)."""
+        """The key ``kernel`` caches the resolution's kernel under (the arguments ``_kernel_for`` passes)."""
         sizes = FixedSizes.of(resolution.problem) if resolution.source in EXACT_SOURCES else None
-        return (resolution.schedule.to_json(), resolution.problem.dtype, resolution.inputs, sizes)
+        return _kernel_cache_key(resolution.schedule, resolution.problem.dtype, resolution.inputs, sizes)
 
     def _kernel_for(self, resolution: Resolution) -> Kernel:
         """``kernel`` for a resolution: the exact-size kernel for a problem its own record (or live
@@ -353,7 +356,7 @@ class Resolver:
                sizes: Optional[FixedSizes] = None) -> Kernel:
         """``schedule``'s kernel computing in ``dtype``, reading ``inputs`` (default: ``dtype``);
         with ``sizes``, the exact-size kernel for them (it refuses other sizes with -2)."""
-        key = (schedule.to_json(), dtype, inputs, sizes)
+        key = _kernel_cache_key(schedule, dtype, inputs, sizes)
         k = self._kernels.get(key)
         if k is None:
             source = render(schedule, dtype, inputs=inputs, sizes=sizes)

@@ -15,8 +15,8 @@ that then lost to numpy in an application that alternates the two won their tria
 
 Verdicts persist in ``VerdictStore``, a small JSON file beside the user database, so the next
 process starts decided.  A verdict holds which side won and a fingerprint of what was tried (the
-machine, the problem, the guess's schedule and where it came from): when the records or the code
-generator change the guess, the fingerprint changes and the shape is tried again.  The file holds
+machine, the problem, the served schedule and where it came from): when the records or the code
+generator change what serves it, the fingerprint changes and the shape is tried again.  The file holds
 no schedule, only which side won, so an untrusted file can make numpy serve but cannot make us run
 anything the databases and the default do not already give.  It keeps the ``MAX_VERDICTS`` newest.
 If the file is corrupt or cannot be written, numpy serves every shape without a verdict, and one
@@ -50,7 +50,7 @@ LOCK_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True)
 class TrialProtocol:
-    """How a trial times its two sides (BENCHMARKS.md, "Verdicts", measures what it picks)."""
+    """How a trial times its two sides (BENCHMARKS.md, "Current", measures what it picks)."""
 
     margin: float = 0.02          # the kernel must be this much faster than numpy to win
     samples: int = 5              # timed calls per side, at least ...
@@ -66,7 +66,7 @@ class TrialProtocol:
 
 
 def fingerprint(machine_key: str, problem_key: str, source: str, origin: Optional[str], schedule_json: str) -> str:
-    """What a verdict was reached on: the machine, the problem and the guess (its schedule and where it came from)."""
+    """What a verdict was reached on: the machine, the problem and what served it (its schedule and where it came from)."""
     text = "\n".join((machine_key, problem_key, source, origin or "", schedule_json))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -102,9 +102,9 @@ class Trial:
     __slots__ = ("numpy", "build", "decide", "protocol", "kernel", "building", "phase", "times", "wanted", "lock",
                  "symbol", "dtype")
 
-    # first: numpy, untimed (a shape called once builds nothing); warm: the kernel is built and warmed
-    # up (its time sets how many calls each side times); then numpy's timed block, then the kernel's
-    PHASES = ("first", "warm", "numpy", "kernel", "done")
+    # phases: first (numpy, untimed: a shape called once builds nothing) -> warm (the kernel is built and
+    # warmed up; its time sets how many calls each side times; callers meanwhile get numpy, untimed) ->
+    # numpy's timed block -> the kernel's -> done
 
     def __init__(self, numpy_side, build: Callable[[], object], decide: Callable[[Verdict], None],
                  protocol: TrialProtocol = TrialProtocol()) -> None:

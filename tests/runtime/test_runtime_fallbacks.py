@@ -88,7 +88,7 @@ def test_on_several_threads_numpy_takes_problems_it_beat_per_thread(user_db):
 
 
 def test_the_per_thread_rule_counts_a_margin():
-    from looptune.runtime.resolve import numpy_beats_one_core
+    from looptune.runtime.handoff import numpy_beats_one_core
     assert numpy_beats_one_core(77.0, 71.0, 2) and numpy_beats_one_core(400.0, 50.0, 16)
     assert not numpy_beats_one_core(500.0, 250.0, 2)       # within the margin: ours on one core is about as fast
     assert not numpy_beats_one_core(77.0, 71.0, 1) and not numpy_beats_one_core(77.0, None, 2)
@@ -238,7 +238,7 @@ def test_out_is_written_in_place_on_the_fast_path():
 def test_the_handoff_counts_what_serving_through_numpy_costs():
     """A small problem goes to numpy only when numpy wins by more than our entry costs: the record
     times our kernel through runtime.matmul, numpy as a bare call."""
-    from looptune.runtime.resolve import numpy_serves_faster
+    from looptune.runtime.handoff import numpy_serves_faster
     small, large = MatmulProblem(64, 64, 64).flops, MatmulProblem(1024, 1024, 1024).flops
     assert not numpy_serves_faster(100.0, 120.0, small)      # 5.2 us ours, 4.4 + 1 us through numpy
     assert numpy_serves_faster(60.0, 120.0, small)
