@@ -20,7 +20,8 @@ import numpy as np
 
 from looptune.runtime import bf16
 
-KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}
+# numpy result dtypes a kernel computes in (float16: float32 arithmetic, rounded once; codegen_f16)
+KERNEL_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
 
 # operand preparation codes (bits): cast to the dtype the kernel reads, copy to C order
 CAST, COPY = 1, 2
@@ -64,7 +65,7 @@ def layout_char(rows: int, cols: int, s_row: int, s_col: int, item: int) -> Opti
 
 @functools.lru_cache(maxsize=256)
 def promoted(da: np.dtype, db: np.dtype) -> Optional[np.dtype]:
-    """numpy's result dtype for ``da @ db`` when a kernel computes it (native float32/float64
+    """numpy's result dtype for ``da @ db`` when a kernel computes it (native float16/float32/float64
     from bool, integer or float inputs), else None."""
     if da.kind not in "biuf" or db.kind not in "biuf":
         return None

@@ -56,7 +56,7 @@ from looptune.database.records import MachineKey
 from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, FixedSizes, render
-from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.defaults import default_schedule, small_stack_schedule
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler import pool
@@ -97,6 +97,17 @@ MAX_DISPATCH = 4096       # dispatch entries kept (oldest dropped first: they re
 MAX_TRIAL_BUILDS = 256    # kernels a process compiles for trials; past it, shapes that need a new one go to numpy
 
 
+def kernel_sizes(resolution: "Resolution") -> Optional[FixedSizes]:
+    """The sizes a resolution's kernel is compiled for: all of them for a schedule tuned for the
+    problem, the matrices' for a stack of small matrices (``defaults.small_stack_schedule``, the
+    default for such stacks), None (the generic kernel) otherwise."""
+    if resolution.source in EXACT_SOURCES:
+        return FixedSizes.of(resolution.problem)
+    if resolution.source == "default" and small_stack_schedule(resolution.problem) is not None:
+        return FixedSizes.of_matrices(resolution.problem)
+    return None
+
+
 def _kernel_cache_key(schedule: Schedule, dtype: str, inputs: Optional[str], sizes: Optional[FixedSizes]) -> tuple:
     return (schedule.to_json(), dtype, inputs, sizes)
 
@@ -133,8 +144,10 @@ class Resolution:
         if self.expected_gflops:
             ratio = f" ({self.expected_gflops / self.numpy_gflops:.2f}x numpy)" if self.numpy_gflops else ""
             lines.append(f"expected:  {self.expected_gflops:.1f} GFLOPS{ratio}")
-        if self.source in EXACT_SOURCES:
-            lines.append("kernel:    exact-size (these sizes are compile-time constants in it)")
+        sizes = kernel_sizes(self)
+        if sizes is not None:
+            lines.append("kernel:    exact-size (these sizes are compile-time constants in it"
+                         + (", for any batch)" if sizes.batch is None else ")"))
         if self.verdict:
             lines.append(f"verdict:   {self.verdict}")
         if self.tuning:
@@ -283,8 +296,8 @@ class Resolver:
     @staticmethod
     def _kernel_key(resolution: Resolution) -> tuple:
         """The key ``kernel`` caches the resolution's kernel under (the arguments ``_kernel_for`` passes)."""
-        sizes = FixedSizes.of(resolution.problem) if resolution.source in EXACT_SOURCES else None
-        return _kernel_cache_key(resolution.schedule, resolution.problem.dtype, resolution.inputs, sizes)
+        return _kernel_cache_key(resolution.schedule, resolution.problem.dtype, resolution.inputs,
+                                 kernel_sizes(resolution))
 
     def _kernel_for(self, resolution: Resolution) -> Kernel:
         """``kernel`` for a resolution: the exact-size kernel for a problem its own record (or live
@@ -294,8 +307,9 @@ class Resolver:
         extra = {}
         if resolution.inputs is not None:
             extra["inputs"] = resolution.inputs
-        if resolution.source in EXACT_SOURCES:
-            extra["sizes"] = FixedSizes.of(resolution.problem)
+        sizes = kernel_sizes(resolution)
+        if sizes is not None:
+            extra["sizes"] = sizes
         return self.kernel(resolution.schedule, resolution.problem.dtype, **extra)
 
     def demote(self, key: tuple, reason: str) -> NumpyKernel:
@@ -331,6 +345,8 @@ class Resolver:
                 if best is None or cand[:2] < best[:2]:
                     best = cand
                 break
+        if best is not None and not best[3].exact and small_stack_schedule(problem) is not None:
+            best = None     # a stack of small matrices: its own kernel form, not a record tuned for other sizes
         mode = self.settings.fallback
         if best is not None:
             distance, _, path, match, sched = best

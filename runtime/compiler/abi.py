@@ -11,7 +11,8 @@ worker and the exported C library use these definitions::
 
 ``T`` is the inputs' element type and ``TC`` the output's: the same for float32 and float64;
 bfloat16 inputs (``uint16_t`` bit patterns) give a float32 ``C``, as ``np.matmul`` does on
-ml_dtypes arrays, accumulated in float32 over the whole of K.
+ml_dtypes arrays, accumulated in float32 over the whole of K.  float16 inputs give a float16
+``C`` (bit patterns too), accumulated in float32 and rounded once (``codegen_f16``).
 
 Strides are in elements, so transposed and sliced views need no copy.  A kernel computes
 ``C = (accumulate ? C : 0) + A @ B`` per batch entry and returns 0 or one of ``ERRORS``.
@@ -27,8 +28,10 @@ ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "
             "{TC} *C, int64_t sCb, int64_t sCm, int64_t sCn, "
             "int32_t accumulate, int32_t nthreads")
 
-C_TYPE = {"float32": "float", "float64": "double", "bfloat16": "uint16_t"}    # the inputs' element type
-OUTPUT_DTYPE = {"float32": "float32", "float64": "float64", "bfloat16": "float32"}   # np.matmul's result dtype
+# the inputs' element type (bfloat16 and float16: their bit patterns)
+C_TYPE = {"float32": "float", "float64": "double", "bfloat16": "uint16_t", "float16": "uint16_t"}
+# np.matmul's result dtype
+OUTPUT_DTYPE = {"float32": "float32", "float64": "float64", "bfloat16": "float32", "float16": "float16"}
 
 
 def abi_args(dtype: str) -> str:

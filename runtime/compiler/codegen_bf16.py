@@ -155,10 +155,12 @@ def postlude(mode: str) -> list[str]:
     return ["#if defined(__clang__)", "#pragma clang attribute pop", "#else", "#pragma GCC pop_options", "#endif"]
 
 
-def pack_function(prefix: str, operand: str, R: int, mode: str, source_type: str, panel_type: str) -> list[str]:
-    """The pack of one operand block into panels of R in the layout of ``mode`` (see the module doc)."""
+def pack_function(prefix: str, operand: str, R: int, mode: str, source_type: str, panel_type: str,
+                  widen: str = "lt_bf16_to_f32") -> list[str]:
+    """The pack of one operand block into panels of R in the layout of ``mode`` (see the module doc);
+    ``widen``: the C function that makes a 16-bit input float32 (``codegen_f16.WIDEN`` for float16)."""
     G, P = k_group(mode, operand)
-    conv = {("uint16_t", "uint16_t"): "{}", ("uint16_t", "float"): "lt_bf16_to_f32({})",
+    conv = {("uint16_t", "uint16_t"): "{}", ("uint16_t", "float"): widen + "({})",
             ("float", "uint16_t"): "lt_f32_to_bf16({})",       # float32 inputs are rounded to bf16 ...
             ("float", "float"): "lt_bf16_to_f32(lt_f32_to_bf16({}))"}[(source_type, panel_type)]   # ... always
     c = conv.format

@@ -17,13 +17,15 @@ exact-size kernel (``looptune.runtime.resolve``).  The tuner times the same kern
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 
 class FixedSizes(NamedTuple):
-    """The sizes an exact-size kernel is compiled for."""
+    """The sizes an exact-size kernel is compiled for; ``batch`` None: any batch (the matrices'
+    sizes are constants, the batch count stays an argument: one kernel serves a stack of any
+    height, as ``defaults.small_stack_schedule``'s kernels do)."""
 
-    batch: int
+    batch: Optional[int]
     m: int
     n: int
     k: int
@@ -33,11 +35,16 @@ class FixedSizes(NamedTuple):
         """The sizes of a ``MatmulProblem`` (anything with batch, m, n and k)."""
         return cls(problem.batch, problem.m, problem.n, problem.k)
 
-    def key(self) -> str:
-        return f"{self.batch}x{self.m}x{self.n}x{self.k}"
+    @classmethod
+    def of_matrices(cls, problem) -> FixedSizes:
+        """The sizes of a problem's matrices, for any batch."""
+        return cls(None, problem.m, problem.n, problem.k)
 
-    def extents(self) -> dict[str, int]:
-        """Each loop dimension's full range (the IR's dimension names)."""
+    def key(self) -> str:
+        return f"{'any' if self.batch is None else self.batch}x{self.m}x{self.n}x{self.k}"
+
+    def extents(self) -> dict[str, Optional[int]]:
+        """Each loop dimension's full range (the IR's dimension names; None: not a constant)."""
         return {"b": self.batch, "m": self.m, "n": self.n, "k": self.k}
 
 

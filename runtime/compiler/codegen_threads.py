@@ -143,9 +143,17 @@ def _const_declaration(ctype: str, name: str) -> str:
     return f"{ctype}const {name}" if ctype.endswith("*") else f"const {ctype} {name}"
 
 
+PARALLEL_CHUNKS = 4     # tasks per thread of a chunked parallel loop (a late thread costs a quarter of its share)
+
+
 def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str], loop_var: str,
-                     start: str, length: str, step: int, indent: str) -> tuple[list[str], list[str]]:
+                     start: str, length: str, step: int, indent: str,
+                     chunked: bool = False) -> tuple[list[str], list[str]]:
     """Split a parallel loop into (file-scope C, the loop at its place in the kernel).
+
+    ``chunked`` (a parallel batch loop): the pool's tasks are ``PARALLEL_CHUNKS`` runs of
+    consecutive iterations per thread instead of single iterations, so a stack of thousands
+    of small products costs a few tasks, not a task per product.
 
     The loop is ``for (loop_var = start; loop_var < start + length; loop_var += step)``;
     ``body`` is its body as lines of a function at depth 1, reading ``loop_var`` and the thread
@@ -175,6 +183,8 @@ def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str
         "typedef struct {",
         *(f"    {t}{'' if t.endswith('*') else ' '}{n};" for t, n in used),
         "    int64_t lt_start;",
+        *(["    int64_t lt_count, lt_chunks;    /* iterations, and the runs of them the pool's tasks take */"]
+          if chunked else []),
         f"}} {ctx};",
         "",
         "/* one iteration of the parallel loop, run by thread number tid (it picks the thread's workspace copies) */",
@@ -189,13 +199,17 @@ def outline_parallel(prefix: str, visible: list[tuple[str, str]], body: list[str
         f"static void {task}(const void *context, int64_t it, int tid)",
         "{",
         f"    const {ctx} *ctx = (const {ctx} *)context;",
-        f"    {fn}(ctx, ctx->lt_start + it * {step}, tid);",
+        *([f"    for (int64_t i = it * ctx->lt_count / ctx->lt_chunks; i < (it + 1) * ctx->lt_count / ctx->lt_chunks; i++)",
+           f"        {fn}(ctx, ctx->lt_start + i * {step}, tid);"] if chunked else
+          [f"    {fn}(ctx, ctx->lt_start + it * {step}, tid);"]),
         "}",
     ]
+    count = f"({length} + {step - 1}) / {step}"
+    chunks = f", {count}, LT_MIN({count}, {PARALLEL_CHUNKS} * (int64_t)nthreads)" if chunked else ""
     at = [
-        f"const {ctx} ctx = {{{''.join(n + ', ' for _, n in used)}{start}}};",
+        f"const {ctx} ctx = {{{''.join(n + ', ' for _, n in used)}{start}{chunks}}};",
         "if (nthreads > 1 && LT_POOL_AVAILABLE) {",
-        f"    lt_pool_for(nthreads, ({length} + {step - 1}) / {step}, {task}, &ctx);",
+        f"    lt_pool_for(nthreads, {'ctx.lt_chunks' if chunked else count}, {task}, &ctx);",
         "} else if (nthreads > 1) {",
         "    #pragma omp parallel for num_threads(nthreads) schedule(static)",
         f"    {header} {fn}(&ctx, {loop_var}, omp_get_thread_num());",

@@ -39,7 +39,7 @@ class TileWriter:
         for operand in sorted(set(self.packs) | ({"A"} if self.amx_direct_a else set())):
             R = self.mr if TILE_DIM_FOR_OPERAND[operand] == "m" else self.nr
             if self.bf16:
-                out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP)
+                out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP, self.widen)
                 continue
             out += f"""
 /* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of {R}: dst[p*klen*{R} + k*{R} + r] */

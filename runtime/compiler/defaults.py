@@ -83,7 +83,14 @@ PREFETCH_KC = 4     # the k block of a streamed GEMV whose next block is prefetc
 def default_tile(cpu: CpuInfo, dtype: str) -> tuple[int, int]:
     if dtype == "bfloat16":
         return _BF16_TILES.get(cpu.bf16_isa) or _TILES[(cpu.vector_isa, "float32")]
+    if dtype == "float16":      # widened to float32 while packing: float32's tile (codegen_f16)
+        return _TILES[(cpu.vector_isa, "float32")]
     return _TILES[(cpu.vector_isa, dtype)]
+
+
+def panel_itemsize(problem: MatmulProblem) -> int:
+    """Bytes of one element of a packed panel: float16 kernels pack float32 (``codegen_f16``)."""
+    return 4 if problem.dtype == "float16" else problem.itemsize
 
 
 def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams:
@@ -92,7 +99,7 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     problems (M <= 16) stream B instead."""
     cpu = cpu or detect_cpu()
     mr, nr = default_tile(cpu, problem.dtype)
-    size = problem.itemsize
+    size = panel_itemsize(problem)
     kc = max(64, min(512, cpu.l1d_bytes // ((mr + nr) * size) // 16 * 16 * 2))
     if problem.dtype == "bfloat16" and cpu.bf16_isa == "amx":
         # AMX: C stays in tile registers over the whole k block, and reloading C costs more than
@@ -126,7 +133,7 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
             kc = max(32, min(4096, cpu.l2_bytes // 4 // (_round_up(problem.n, nr) * size)) // 32 * 32)
             params = BlockingParams(16, nr, 16, min(kc, _round_up(problem.k, 32)), _round_up(problem.n, nr),
                                     unroll_k=1)
-        if problem.m == 1 and problem.dtype != "bfloat16" and not params.pack_b:
+        if problem.m == 1 and problem.dtype in ("float32", "float64") and not params.pack_b:
             # One row of A: every B row is read once, and each k block opens new streams the
             # hardware prefetcher has to find.  Short k blocks with the next block's tile
             # prefetched into L1, in n blocks whose sweep (kc rows of nc) fits a third of L1 so the
@@ -157,8 +164,40 @@ def prefetched_n_block(cpu: CpuInfo, nr: int, itemsize: int) -> int:
     return max(nr, cpu.l1d_bytes // 3 // (PREFETCH_KC * itemsize) // nr * nr)
 
 
+# Stacks of matrices at most this big in every dimension get ``small_stack_schedule``.
+SMALL_MATRIX = 32
+
+
+def small_stack_schedule(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Schedule | None:
+    """A stack of small matrices (libxsmm's case): each product is one register tile or a few,
+    read straight from the operands (packing a 4x4 matrix costs more than multiplying it), k
+    unrolled, the batch the outer and parallel loop; rendered as an exact-size kernel for any
+    batch (``FixedSizes.of_matrices``).  None when the problem is not such a stack, or when its
+    rows are not whole 16-byte vectors (a scalar tile loses to numpy's loop; BENCHMARKS.md,
+    "Stacks of small matrices")."""
+    if problem.batch < 2 or max(problem.m, problem.n, problem.k) > SMALL_MATRIX:
+        return None
+    if problem.dtype not in ("float32", "float64") or problem.n % (16 // problem.itemsize):
+        return None
+    cpu = cpu or detect_cpu()
+    lanes = max(1, cpu.vector_bytes // problem.itemsize)
+    budget = max(4, cpu.vector_registers // 2)       # accumulators: half the registers
+    nr = problem.n if -(-problem.n // lanes) <= budget // 2 else lanes * (budget // 2)
+    mr = max(1, min(problem.m, budget // -(-nr // lanes)))
+    s = Schedule.initial()
+    s = s.step("split", loop="m", factor=max(2, mr)).step("split", loop="n", factor=max(2, nr))
+    s = s.step("split", loop="k", factor=max(2, problem.k))
+    s = s.step("reorder", order=["b", "n.o", "k.o", "m.o", "k.i", "m.i", "n.i"])
+    s = s.step("register_tile", m="m.i", n="n.i")
+    if problem.k > 1:
+        s = s.step("unroll", loop="k.i", factor=min(problem.k, 8))
+    if problem.threads > 1:
+        s = s.step("parallel", loop="b")     # in chunks of the stack (``codegen_threads.outline_parallel``)
+    return s
+
+
 def default_schedule(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Schedule:
-    return default_params(problem, cpu).schedule()
+    return small_stack_schedule(problem, cpu) or default_params(problem, cpu).schedule()
 
 
 def _round_up(x: int, to: int) -> int:

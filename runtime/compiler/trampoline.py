@@ -89,7 +89,8 @@ static int overlaps(const void *pc, const int64_t cs[3], const int64_t sc[3], in
 }
 
 /* METH_FASTCALL: no argument tuple to build or parse (a partial binding fn and typenum calls it directly).
-   typenum is the inputs' type; C is of the same type, or float32 for any other (bfloat16) */
+   typenum is the inputs' type; C is of the same type (float32, float64, float16), or float32 for
+   any other (bfloat16) */
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 7) { PyErr_SetString(PyExc_TypeError, "call(fn, typenum, A, B, C, accumulate, nthreads)"); return NULL; }
@@ -98,7 +99,7 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (PyErr_Occurred()) return NULL;
     PyObject *A = args[2], *B = args[3], *C = args[4];
     int64_t sc[3], cs[3], sa[3], as[3], sb[3], bs[3]; void *pa, *pb, *pc;
-    int out_typenum = (typenum == NPY_FLOAT || typenum == NPY_DOUBLE) ? (int)typenum : NPY_FLOAT;
+    int out_typenum = (typenum == NPY_FLOAT || typenum == NPY_DOUBLE || typenum == NPY_HALF) ? (int)typenum : NPY_FLOAT;
     int ec = operand(C, out_typenum, 1, 1, cs, sc, &pc), ea, eb;
     if (ec < 0) return NULL;
     if ((ea = operand(A, (int)typenum, 0, cs[0], as, sa, &pa)) < 0 || (eb = operand(B, (int)typenum, 0, cs[0], bs, sb, &pb)) < 0) return NULL;

@@ -17,8 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Mapping
 
 OPS = ("matmul",)
-DTYPES = ("float32", "float64", "bfloat16")     # the inputs' dtype; bfloat16 is ml_dtypes' (result: float32)
-ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2}
+# the inputs' dtype; bfloat16 is ml_dtypes' (result: float32); float16 is IEEE half (result: float16)
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 LAYOUTS = ("nn", "tn", "nt", "tt")   # t: that operand (A first, B second) is a transposed view
 MAX_DIM = 1 << 24
 MAX_THREADS = 1024

@@ -136,7 +136,7 @@ def test_layouts_one_thread(m, n, k, batch_a, batch_b, dta, dtb, la, lb, ndim, o
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(m=st.sampled_from([1, 7, 33]), n=st.sampled_from([1, 9, 40]), k=st.sampled_from([1, 16, 31]),
        batch_a=st.sampled_from([(), (3,), (2, 1)]), batch_b=st.sampled_from([(), (3,), (1, 3)]),
-       dta=st.sampled_from(["float32", "float64", "int32"]), dtb=st.sampled_from(["float32", "float64"]),
+       dta=st.sampled_from(["float32", "float64", "int32", "float16"]), dtb=st.sampled_from(["float32", "float64", "float16"]),
        la=st.sampled_from(LAYOUTS), lb=st.sampled_from(LAYOUTS), ndim=st.sampled_from([(2, 2), (1, 2), (2, 1)]),
        out=st.sampled_from([None, "C", "F", "step"]), threads=st.sampled_from([2, 4]), seed=st.integers(0, 1000),
        axis=st.integers(0, 5))
