@@ -33,6 +33,7 @@ from looptune.runtime.compiler.kernel import call_threads
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.resolve import Resolution, Resolver, serial_after_fork
 from looptune.runtime.configuration import RuntimeSettings
+from looptune.runtime.fused import matmul_fused
 
 log = logging.getLogger("looptune.runtime")
 
@@ -110,11 +111,15 @@ def _delegate(a, b, out, why: str):
     return np.matmul(a, b, out=out)
 
 
-def matmul(a, b, out=None, *, threads: int | None = None):
-    """Matrix product with numpy.matmul semantics; float32/float64 and bfloat16 run LoopTune kernels."""
+def matmul(a, b, out=None, *, threads: int | None = None, bias=None, activation: str | None = None, residual=None):
+    """Matrix product with numpy.matmul semantics; float16/float32/float64 and bfloat16 run LoopTune
+    kernels.  ``bias``, ``activation``, ``residual``: ``activation(a @ b + bias) + residual`` in
+    the same kernel (``looptune.runtime.fused``; activations ``relu``, ``gelu``, ``gelu_tanh``, ``silu``)."""
     resolver = _resolver or _get_resolver()
     if threads is not None:     # checked on every path alike, whether a kernel or numpy serves the call
         threads = _check_threads(threads)
+    if bias is not None or activation is not None or residual is not None:
+        return matmul_fused(matmul, resolver, a, b, out, threads, bias, activation, residual)
     if _serve is not None:      # the common calls, whole, in C; None: they take the paths below
         c = _serve(a, b, out, resolver.dispatch, resolver.settings.threads if threads is None else threads,
                    resolver.settings.small_flops)

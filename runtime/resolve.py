@@ -57,6 +57,7 @@ from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, FixedSizes, render
 from looptune.runtime.compiler.defaults import default_schedule, small_stack_schedule
+from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler import pool
@@ -108,8 +109,9 @@ def kernel_sizes(resolution: "Resolution") -> Optional[FixedSizes]:
     return None
 
 
-def _kernel_cache_key(schedule: Schedule, dtype: str, inputs: Optional[str], sizes: Optional[FixedSizes]) -> tuple:
-    return (schedule.to_json(), dtype, inputs, sizes)
+def _kernel_cache_key(schedule: Schedule, dtype: str, inputs: Optional[str], sizes: Optional[FixedSizes],
+                      op: str = PLAIN) -> tuple:
+    return (schedule.to_json(), dtype, inputs, sizes, op)
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,7 @@ class Resolver:
         """The hit for a resolution: what its verdict says, or a trial (float32 and float64 kernels)."""
         problem = resolution.problem
         if not (resolution.source in TRIED_SOURCES and self.settings.numpy_handoff and resolution.inputs is None
-                and problem.dtype in ("float32", "float64")):
+                and problem.dtype in ("float32", "float64") and problem.op == PLAIN):
             return self._serve(resolution)
         if self._machine_key is None:
             try:
@@ -297,7 +299,7 @@ class Resolver:
     def _kernel_key(resolution: Resolution) -> tuple:
         """The key ``kernel`` caches the resolution's kernel under (the arguments ``_kernel_for`` passes)."""
         return _kernel_cache_key(resolution.schedule, resolution.problem.dtype, resolution.inputs,
-                                 kernel_sizes(resolution))
+                                 kernel_sizes(resolution), resolution.problem.op)
 
     def _kernel_for(self, resolution: Resolution) -> Kernel:
         """``kernel`` for a resolution: the exact-size kernel for a problem its own record (or live
@@ -310,6 +312,8 @@ class Resolver:
         sizes = kernel_sizes(resolution)
         if sizes is not None:
             extra["sizes"] = sizes
+        if resolution.problem.op != PLAIN:
+            extra["op"] = resolution.problem.op
         return self.kernel(resolution.schedule, resolution.problem.dtype, **extra)
 
     def demote(self, key: tuple, reason: str) -> NumpyKernel:
@@ -326,6 +330,18 @@ class Resolver:
 
     # ---- resolution --------------------------------------------------------------------------
     def resolve(self, problem: MatmulProblem) -> Resolution:
+        """Where ``problem``'s schedule comes from (the module docstring).  A product with a fused
+        epilogue that has no record of its own family takes the plain product's schedule (the
+        loop structure is the same; the epilogue only changes the store stage)."""
+        resolution = self._resolve(problem)
+        if problem.op != PLAIN and resolution.source == "default":
+            plain = self._resolve(replace(problem, op=PLAIN))
+            if plain.source in ("exact", "nearest"):
+                return replace(plain, problem=problem, source="nearest", expected_gflops=None, numpy_gflops=None,
+                               tuning=resolution.tuning)
+        return resolution
+
+    def _resolve(self, problem: MatmulProblem) -> Resolution:
         best = None          # (distance, not user, path, match, schedule)
         for rank, (path, index) in enumerate(self.databases.indexes()):
             try:
@@ -369,17 +385,18 @@ class Resolver:
         return Resolution(problem, "default", default_schedule(problem), tuning=(mode == "tune"))
 
     def kernel(self, schedule: Schedule, dtype: str, inputs: Optional[str] = None,
-               sizes: Optional[FixedSizes] = None) -> Kernel:
+               sizes: Optional[FixedSizes] = None, op: str = PLAIN) -> Kernel:
         """``schedule``'s kernel computing in ``dtype``, reading ``inputs`` (default: ``dtype``);
-        with ``sizes``, the exact-size kernel for them (it refuses other sizes with -2)."""
-        key = _kernel_cache_key(schedule, dtype, inputs, sizes)
+        with ``sizes``, the exact-size kernel for them (it refuses other sizes with -2); ``op``:
+        the problem's, with its fused epilogue."""
+        key = _kernel_cache_key(schedule, dtype, inputs, sizes, op)
         k = self._kernels.get(key)
         if k is None:
-            source = render(schedule, dtype, inputs=inputs, sizes=sizes)
+            source = render(schedule, dtype, inputs=inputs, sizes=sizes, op=op)
             result = build(source, self.build_settings)
             if not result.ok:
                 raise BuildError(f"looptune kernel build failed: {result.error}")
-            k = self._kernels[key] = Kernel(result.so_path, result.symbol, source.dtype)
+            k = self._kernels[key] = Kernel(result.so_path, result.symbol, source.dtype, fused=op != PLAIN)
         return k
 
     # ---- live tuning ----------------------------------------------------------------------------

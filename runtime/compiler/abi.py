@@ -28,15 +28,21 @@ ABI_ARGS = ("int64_t batch, int64_t M, int64_t N, int64_t K, "
             "{TC} *C, int64_t sCb, int64_t sCm, int64_t sCn, "
             "int32_t accumulate, int32_t nthreads")
 
+# what a kernel with a fused epilogue (``epilogue``) takes after those: the bias vector and its
+# stride along n, the residual and its strides (0 where it broadcasts); NULL where the op has none
+EPILOGUE_ARGS = (", const {TC} *bias, int64_t sbias, "
+                 "const {TC} *R, int64_t sRb, int64_t sRm, int64_t sRn")
+
 # the inputs' element type (bfloat16 and float16: their bit patterns)
 C_TYPE = {"float32": "float", "float64": "double", "bfloat16": "uint16_t", "float16": "uint16_t"}
 # np.matmul's result dtype
 OUTPUT_DTYPE = {"float32": "float32", "float64": "float64", "bfloat16": "float32", "float16": "float16"}
 
 
-def abi_args(dtype: str) -> str:
-    """The kernel's C parameter list for inputs of ``dtype``."""
-    return ABI_ARGS.format(T=C_TYPE[dtype], TC=C_TYPE[OUTPUT_DTYPE[dtype]])
+def abi_args(dtype: str, fused: bool = False) -> str:
+    """The kernel's C parameter list for inputs of ``dtype`` (``fused``: with a fused epilogue)."""
+    tc = C_TYPE[OUTPUT_DTYPE[dtype]]
+    return ABI_ARGS.format(T=C_TYPE[dtype], TC=tc) + (EPILOGUE_ARGS.format(TC=tc) if fused else "")
 
 # Non-zero return codes.  -3 and -4 come from the call path (the trampoline and the cffi path),
 # never from a kernel; the caller then copies (-3) or computes into a temporary (-4).
@@ -53,9 +59,10 @@ def error_message(code: int) -> str:
     return ERRORS.get(code, "unknown error code")
 
 
-def function_type(name: str, dtype: str) -> str:
-    """A C typedef of a pointer to a kernel for inputs of ``dtype`` (``"void"``: any dtype)."""
-    args = ABI_ARGS.format(T="void", TC="void") if dtype == "void" else abi_args(dtype)
+def function_type(name: str, dtype: str, fused: bool = False) -> str:
+    """A C typedef of a pointer to a kernel for inputs of ``dtype`` (``"void"``: any dtype;
+    ``fused``: a kernel with a fused epilogue)."""
+    args = ABI_ARGS.format(T="void", TC="void") if dtype == "void" else abi_args(dtype, fused)
     return f"typedef int (*{name})({args});"
 
 

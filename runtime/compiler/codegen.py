@@ -24,7 +24,8 @@ from dataclasses import dataclass, replace
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler import codegen_f16 as f16
-from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, abi_args
+from looptune.runtime.compiler import epilogue as epi
+from looptune.runtime.compiler.abi import C_TYPE, EPILOGUE_ARGS, OUTPUT_DTYPE, abi_args
 from looptune.runtime.compiler.codegen_tiles import TileWriter
 from looptune.runtime.compiler.codegen_sizes import FixedSizes, block_length, fixed_length
 from looptune.runtime.compiler.codegen_threads import (POOL_DECLARATION_C, WORKSPACE_C, abi_variables, outline_parallel,
@@ -67,11 +68,13 @@ SYMBOL_LETTER = {"float32": "s", "float64": "d", "bfloat16": "b", "float16": "h"
 
 
 def kernel_symbol(schedule: Schedule, dtype: str, target: Target, inputs: str | None = None,
-                  sizes: FixedSizes | None = None) -> str:
+                  sizes: FixedSizes | None = None, op: str = epi.PLAIN) -> str:
     """The kernel's C name: a digest of everything its text depends on (an exact-size kernel's
-    sizes too, so it never shares a name, nor a cache entry, with the generic kernel)."""
+    sizes too, so it never shares a name, nor a cache entry, with the generic kernel; an
+    epilogue's op)."""
     inputs = inputs or dtype
     fixed = f"|{sizes.key()}" if sizes is not None else ""
+    fixed += f"|{op}" if op != epi.PLAIN else ""
     digest = hashlib.sha256(f"{CODEGEN_VERSION}|{dtype}|{inputs}|{target.key(dtype)}|{schedule.to_json()}{fixed}"
                             .encode()).hexdigest()
     letters = SYMBOL_LETTER[dtype] if inputs == dtype else SYMBOL_LETTER[inputs] + SYMBOL_LETTER[dtype]
@@ -79,11 +82,12 @@ def kernel_symbol(schedule: Schedule, dtype: str, target: Target, inputs: str | 
 
 
 def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol: str | None = None,
-           inputs: str | None = None, sizes: FixedSizes | None = None) -> KernelSource:
+           inputs: str | None = None, sizes: FixedSizes | None = None, op: str = epi.PLAIN) -> KernelSource:
     """C text of ``schedule``'s kernel computing in ``dtype``.  ``inputs="float32"`` with dtype
     bfloat16: the kernel reads float32 and rounds it to bf16 while packing (its ABI is float32's,
     and so is the returned ``KernelSource.dtype``).  ``sizes``: the exact-size kernel for those
-    sizes (``codegen_sizes``); None: the kernel for every size."""
+    sizes (``codegen_sizes``); None: the kernel for every size.  ``op``: the problem's, with its
+    fused epilogue (``epilogue``; float32, float64 and bfloat16 kernels)."""
     if target is None:
         target = Target.detect()
         if dtype == "bfloat16" and target.bf16 == "amx" and not amx_permitted():
@@ -95,14 +99,17 @@ def render(schedule: Schedule, dtype: str, target: Target | None = None, symbol:
         raise ValueError(f"a {dtype} kernel cannot read {inputs} inputs")
     if sizes is not None and (min(sizes[1:]) < 1 or sizes.batch is not None and sizes.batch < 1):
         raise ValueError(f"an exact-size kernel needs positive sizes, not {sizes}")
-    symbol = symbol or kernel_symbol(schedule, dtype, target, inputs, sizes)
-    body = _KernelWriter(schedule.nest, dtype, target, symbol, inputs, sizes).write()
+    epilogue = epi.of_op(op)
+    if not epilogue.empty and dtype == "float16":
+        raise ValueError("float16 kernels have no fused epilogue")
+    symbol = symbol or kernel_symbol(schedule, dtype, target, inputs, sizes, op)
+    body = _KernelWriter(schedule.nest, dtype, target, symbol, inputs, sizes, epilogue).write()
     return KernelSource(symbol, inputs, body)
 
 
 class _KernelWriter(TileWriter):
     def __init__(self, nest: LoopNest, dtype: str, target: Target, symbol: str, inputs: str,
-                 sizes: FixedSizes | None = None) -> None:
+                 sizes: FixedSizes | None = None, epilogue: epi.Epilogue = epi.Epilogue()) -> None:
         self.nest, self.dtype, self.target, self.symbol = nest, dtype, target, symbol
         self.sizes = sizes
         # each dimension's full range as the C text names it: the ABI's variables, or literals
@@ -113,6 +120,9 @@ class _KernelWriter(TileWriter):
         self.abi = f16.INNER_ABI if self.half else abi_args(inputs)
         self.T = C_TYPE[inputs]                       # the inputs' elements
         self.TC = "float" if self.half else C_TYPE[OUTPUT_DTYPE[dtype]]   # C's, the accumulators' and the vectors'
+        self.epilogue = None if epilogue.empty else epilogue
+        if self.epilogue:       # its operands' arguments follow the ABI's
+            self.abi += EPILOGUE_ARGS.format(TC=self.TC)
         self.itemsize = 4 if self.TC == "float" else 8
         self.prefix = symbol
         self.lines: list[str] = []
@@ -181,6 +191,8 @@ class _KernelWriter(TileWriter):
             out += f16.prelude()
         elif self.bf16:
             out += bf16.prelude(self.bf16)
+        if self.epilogue:
+            out += epi.c_prelude(self.epilogue, self.TC) + epi.c_function(self.prefix, self.epilogue, self.TC)
         if self.uses_workspace or self.half:
             out += WORKSPACE_C
         if self.outlined:
@@ -219,7 +231,13 @@ class _KernelWriter(TileWriter):
             e(f"        for (int64_t b = 0; b < {batch}; b++) for (int64_t m = 0; m < {M}; m++) "
               f"for (int64_t n = 0; n < {N}; n++)")
             e("            C[b * sCb + m * sCm + n * sCn] = 0;")
-            e(f"    if ({K} <= 0) return 0;")
+            if self.epilogue:
+                e(f"    if ({K} <= 0) {{")
+                e(f"        {self._whole_epilogue()}")
+                e("        return 0;")
+                e("    }")
+            else:
+                e(f"    if ({K} <= 0) return 0;")
             e("}")
         if not self.nest.tile:
             return
@@ -228,6 +246,12 @@ class _KernelWriter(TileWriter):
         self._workspace()
         if self.bf16 == "amx":
             e("lt_amx_configure();")
+
+    def _whole_epilogue(self) -> str:
+        """C applying the epilogue to all of C (a nest without a register tile, or K = 0)."""
+        b = self.extent["b"]
+        return (f"for (int64_t b = 0; b < {b}; b++) "
+                + epi.c_call(self.prefix, "C + b * sCb", self.extent["m"], self.extent["n"], "0", "0", "b"))
 
     def _sizes_mismatch(self) -> str:
         """C condition: the arguments are not the sizes an exact-size kernel was compiled for."""
@@ -344,6 +368,8 @@ class _KernelWriter(TileWriter):
         for _ in range(opened):
             self.depth -= 1
             e("}")
+        if self.epilogue and not nest.tile:
+            e(self._whole_epilogue())
         if self.bf16 == "amx" and kernel_part is not None:
             e("_tile_release();")
         if kernel_part is not None:
@@ -415,6 +441,7 @@ class _KernelWriter(TileWriter):
             for line in bf16.amx_tile_call(p, self.mr, self.nr, self._operand_pointer("A", rng),
                                            self._operand_pointer("B", rng), m_len, n_len, k_len, tid):
                 e(line)
+            self._emit_tile_epilogue(rng)
             return
         # An unpacked X read with vector loads needs unit stride along V; where the family's
         # layout does not give it (vectorizing m of a row-major A, n of a column-major B), its
@@ -453,3 +480,11 @@ class _KernelWriter(TileWriter):
         e(f"        for (int64_t u = 0; u < {u_len}; u++)")
         e(f"            {p}_scatter(tt + u * {V}, 1, {v_len}, tc + u * {cu}, {cu}, {cv}, ow);")
         e("}")
+        self._emit_tile_epilogue(rng)
+
+    def _emit_tile_epilogue(self, rng: dict[str, tuple[str, str]]) -> None:
+        """The store stage's epilogue: the tile just written has its final sums after the last k block."""
+        if self.epilogue:
+            (m_lo, m_len), (n_lo, n_len), (k_lo, k_len), (b_lo, _) = rng["m"], rng["n"], rng["k"], rng["b"]
+            self.emit(f"if ({k_lo} + {k_len} == {self.extent['k']}) "
+                      + epi.c_call(self.prefix, "tc", m_len, n_len, m_lo, n_lo, b_lo))

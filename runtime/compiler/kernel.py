@@ -37,6 +37,7 @@ log = logging.getLogger("looptune.runtime")
 
 _ffi = FFI()
 _ffi.cdef("\n".join(function_type(f"lt_{d}_fn", d) for d in C_TYPE))
+_ffi.cdef("\n".join(function_type(f"lt_{d}_fused_fn", d, fused=True) for d in C_TYPE if d != "float16"))
 
 _libs: dict[str, tuple[tuple[int, int, int], ctypes.CDLL]] = {}   # realpath -> (file identity, library)
 _libs_lock = threading.Lock()
@@ -138,9 +139,10 @@ class Kernel:
     code.  ``raw`` calls the ABI directly with addresses and element strides (any strides).
     """
 
-    __slots__ = ("so_path", "symbol", "dtype", "address", "typenum", "invoke", "_cfn", "_ptr_types", "_np_dtype")
+    __slots__ = ("so_path", "symbol", "dtype", "address", "typenum", "invoke", "_cfn", "_ptr_types", "_np_dtype",
+                 "_out_dtype", "fused")
 
-    def __init__(self, so_path: str, symbol: str, dtype: str) -> None:
+    def __init__(self, so_path: str, symbol: str, dtype: str, fused: bool = False) -> None:
         if dtype not in C_TYPE:
             raise ValueError(f"kernels are {', '.join(C_TYPE)}, not {dtype!r}")
         if not symbol.isidentifier():
@@ -153,12 +155,14 @@ class Kernel:
         self.so_path, self.symbol, self.dtype = so_path, symbol, dtype
         self.address: int = ctypes.cast(fn, ctypes.c_void_p).value  # type: ignore[assignment]
         self._np_dtype = numpy_dtype(dtype)
+        self._out_dtype = numpy_dtype(OUTPUT_DTYPE[dtype])
         self.typenum: int = self._np_dtype.num
-        self._cfn = _ffi.cast(f"lt_{dtype}_fn", self.address)
+        self.fused = fused          # a kernel with a fused epilogue: ``invoke_fused`` calls it
+        self._cfn = _ffi.cast(f"lt_{dtype}_fused_fn" if fused else f"lt_{dtype}_fn", self.address)
         self._ptr_types = (f"const {C_TYPE[dtype]} *", f"{C_TYPE[OUTPUT_DTYPE[dtype]]} *")
         module = trampoline.load()
         # a partial of a C function: calling it runs no Python bytecode
-        self.invoke = (functools.partial(module.call, self.address, self.typenum) if module is not None
+        self.invoke = (functools.partial(module.call, self.address, self.typenum) if module is not None and not fused
                        else self._invoke_cffi)
 
     def __repr__(self) -> str:
@@ -177,16 +181,42 @@ class Kernel:
             raise self.error(rc)
         return c
 
-    def raw(self, batch, m, n, k, a_ptr, sa, b_ptr, sb, c_ptr, sc, accumulate=0, nthreads=1) -> int:
-        """Call with addresses and element strides (each s* a (batch, row, col) triple)."""
+    def raw(self, batch, m, n, k, a_ptr, sa, b_ptr, sb, c_ptr, sc, accumulate=0, nthreads=1, *epilogue) -> int:
+        """Call with addresses and element strides (each s* a (batch, row, col) triple); a fused
+        kernel's epilogue arguments follow (``abi.EPILOGUE_ARGS``)."""
         ca, cc = self._ptr_types
         return self._cfn(batch, m, n, k,
                          _ffi.cast(ca, a_ptr), sa[0], sa[1], sa[2],
                          _ffi.cast(ca, b_ptr), sb[0], sb[1], sb[2],
                          _ffi.cast(cc, c_ptr), sc[0], sc[1], sc[2],
-                         accumulate, nthreads)
+                         accumulate, nthreads, *epilogue)
 
-    def _invoke_cffi(self, a, b, c, accumulate: int, nthreads: int) -> int:
+    def invoke_fused(self, a, b, c, bias, residual, accumulate: int, nthreads: int) -> int:
+        """A fused kernel's call: ``bias`` a 1-D array of C's dtype and length n (or None),
+        ``residual`` an array of C's shape and dtype, strides of 0 where it broadcasts (or None);
+        neither may overlap ``c`` (the caller copies them).  Returns the kernel's code, -3 for a
+        misaligned operand."""
+        extra = []
+        if bias is not None:
+            if bias.ndim != 1 or bias.shape[0] != c.shape[-1] or bias.dtype != c.dtype or bias.strides[0] % bias.itemsize:
+                raise ValueError("bias must be a vector of C's dtype and width")
+            extra += [_ffi.cast(self._ptr_types[1], bias.ctypes.data), bias.strides[0] // bias.itemsize]
+            if bias.ctypes.data % bias.itemsize:
+                return -3
+        else:
+            extra += [_ffi.NULL, 0]
+        if residual is not None:
+            if residual.shape != c.shape or residual.dtype != c.dtype or any(s % residual.itemsize for s in residual.strides):
+                raise ValueError("residual must have C's shape and dtype")
+            st = [s // residual.itemsize for s in residual.strides]
+            extra += [_ffi.cast(self._ptr_types[1], residual.ctypes.data), *([0] + st if residual.ndim == 2 else st)]
+            if residual.ctypes.data % residual.itemsize:
+                return -3
+        else:
+            extra += [_ffi.NULL, 0, 0, 0]
+        return self._invoke_cffi(a, b, c, accumulate, nthreads, extra)
+
+    def _invoke_cffi(self, a, b, c, accumulate: int, nthreads: int, extra: list | None = None) -> int:
         """``invoke`` without the trampoline: the trampoline's checks, then a cffi call."""
         c_shape, sc, c_ok = self._operand(c, True, 1)
         a_shape, sa, a_ok = self._operand(a, False, c_shape[0])
@@ -199,13 +229,13 @@ class Kernel:
         if c.size and a.size and b.size and (np.may_share_memory(c, a) or np.may_share_memory(c, b)):
             return -4
         return self.raw(batch, m, n, a_shape[2], a.ctypes.data, sa, b.ctypes.data, sb, c.ctypes.data, sc,
-                        accumulate, nthreads)
+                        accumulate, nthreads, *(extra or ()))
 
     def _operand(self, x, writable: bool, batch: int) -> tuple[tuple[int, int, int], tuple[int, int, int], bool]:
         """(shape, element strides, aligned) of an operand as (batch, rows, cols); batch stride 0 broadcasts."""
         if not isinstance(x, np.ndarray):
             raise TypeError("expected a numpy array")
-        if x.dtype != self._np_dtype:
+        if x.dtype != (self._out_dtype if writable else self._np_dtype):
             raise TypeError("array dtype does not match the kernel")
         if writable and not x.flags.writeable:
             raise ValueError("output array is read-only")

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Mapping
 
-OPS = ("matmul",)
+from looptune.runtime.compiler.epilogue import OPS   # "matmul", and with each fused epilogue
 # the inputs' dtype; bfloat16 is ml_dtypes' (result: float32); float16 is IEEE half (result: float16)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -63,8 +63,9 @@ class MatmulProblem:
     """One workload, everywhere: what the runtime dispatches, the tuner tunes and the
     database stores.  Constructing one validates it, so a problem that exists is in range.
 
-    ``op`` is always ``"matmul"``; it is a field because the key, the dict form and the
-    database's ``op`` column carry it, and a stored record naming another op must fail.
+    ``op`` is ``"matmul"`` or the product with a fused epilogue (``epilogue.OPS``, e.g.
+    ``"matmul+bias+gelu_tanh"``): a family of its own, in the key, the dict form and the
+    database's ``op`` column; a stored record naming an unknown op fails.
     """
 
     m: int
