@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Measure this machine's peak FMA throughput (GFLOPS) for float32, float64 and (AVX512-BF16) bfloat16.
 
+(``--dtype float16`` times float32's chains: float16 kernels compute in float32.)
+
     python tools/peak_flops.py                 # 1 thread and all cores, both dtypes
     python tools/peak_flops.py --threads 1 2 --json
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = detect_cpu()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, cpu.cores}))
-    ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), nargs="+",
+    ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), nargs="+",
                     default=["float32", "float64"] + (["bfloat16"] if cpu.bf16_isa != "convert" else []))
     ap.add_argument("--isa", choices=("avx512", "avx2", "neon", "portable"), default=None,
                     help=f"variant set to build (default: detected, {cpu.vector_isa})")

@@ -1,13 +1,15 @@
-"""The register-tiled micro-kernels and the packing routines of the code generator.
+"""The register-tiled micro-kernels, the packing routines and the tile calls of the code generator.
 
 ``TileWriter`` is the part of ``codegen``'s kernel writer that renders file-scope functions:
 packing an operand block into panels, and the micro-kernel that computes one register tile
-(``U x V`` accumulators over a k range) with any edge size.  The float micro-kernel is written
-with GCC/Clang vector extensions; the bfloat16 ones are in ``codegen_bf16``.
+(``U x V`` accumulators over a k range) with any edge size; and, in the kernel's body, the call
+of the tile (edges, narrow columns, the store stage's epilogue).  The float micro-kernel is
+written with GCC/Clang vector extensions; the bfloat16 ones are in ``codegen_bf16``.
 """
 from __future__ import annotations
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
+from looptune.runtime.compiler import epilogue as epi
 from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
 # at most this many accumulator updates (rows x vectors x unroll) in one unrolled body of a tile's k loop
@@ -176,3 +178,81 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         unroll = max((self.nest.unroll_factor(l.name) for l in absorbed), default=1)
         updates = self.U * (self.V // self.W)
         return max(1, min(unroll, MAX_UNROLLED_UPDATES // updates))
+
+    # ---- the call of the register tile at the innermost level of the nest ---------------------
+    def _operand_pointer(self, operand: str, rng: dict[str, tuple[str, str]]) -> str:
+        tdim = TILE_DIM_FOR_OPERAND[operand]
+        (t_lo, _), (k_lo, _), (b_lo, _) = rng[tdim], rng["k"], rng["b"]
+        if operand in self.packs:
+            R = self.mr if tdim == "m" else self.nr
+            return f"p{operand} + ({t_lo} - p{operand}_t0) * p{operand}_klen + ({k_lo} - p{operand}_k0) * {R}"
+        if operand == "A":
+            return f"A + {b_lo} * sAb + {t_lo} * sAm + {k_lo} * sAk"
+        return f"B + {b_lo} * sBb + {k_lo} * sBk + {t_lo} * sBn"
+
+    def _emit_tile_call(self, rng: dict[str, tuple[str, str]]) -> None:
+        e, p = self.emit, self.prefix
+        (m_lo, m_len), (n_lo, n_len), (k_lo, k_len), (b_lo, _) = rng["m"], rng["n"], rng["k"], rng["b"]
+        X, Y = self.X, self.Y
+        # strides of the unpacked operands, as the tile sees them: X along k; Y along u and k
+        xk, xv = ("sBk", "sBn") if X == "B" else ("sAk", "sAm")
+        yu, yk = ("sAm", "sAk") if Y == "A" else ("sBn", "sBk")
+        cu, cv = ("sCm", "sCn") if self.vdim == "n" else ("sCn", "sCm")
+        u_len, v_len = (m_len, n_len) if self.vdim == "n" else (n_len, m_len)
+        if self.bf16 != "amx":
+            e(f"const {self.TP if X in self.packs else self.T} *const tx = {self._operand_pointer(X, rng)};")
+            e(f"const {self.TP if Y in self.packs else self.T} *const ty = {self._operand_pointer(Y, rng)};")
+        e(f"{self.TC} *const tc = C + {b_lo} * sCb + {m_lo} * sCm + {n_lo} * sCn;")
+        e(f"const int ow = ({k_lo} == 0) && !accumulate;")
+        if self.bf16 == "amx":
+            tid = ("(int64_t)tid" if self.nest.parallel else "0") if self.amx_direct_a else None
+            for line in bf16.amx_tile_call(p, self.mr, self.nr, self._operand_pointer("A", rng),
+                                           self._operand_pointer("B", rng), m_len, n_len, k_len, tid):
+                e(line)
+            self._emit_tile_epilogue(rng)
+            return
+        # An unpacked X read with vector loads needs unit stride along V; where the family's
+        # layout does not give it (vectorizing m of a row-major A, n of a column-major B), its
+        # tile is gathered into a panel first, like an edge.
+        gather = X not in self.packs and self.W > 1
+        e(f"if ({u_len} == {self.U} && {v_len} == {self.V}{f' && {xv} == 1' if gather else ''}) {{")
+        e(f"    {p}_tile({k_len}, tx, {xk}, {xv}, ty, {yu}, {yk}, tc, {cu}, {cv}, ow);")
+        e("} else {")
+        # Edges stay vectorized: rows go through smaller tiles, largest first; a column block
+        # narrower than the tile is computed into a scratch tile (from zero-padded panels; an
+        # unpacked X edge is copied into one first) and only its valid part is stored.
+        T, V = self.T, self.V
+        e(f"    const {self.TP if X in self.packs else T} *ex = tx; int64_t exk = {xk}, exv = {xv};")
+        e(f"    {self.TC} tt[{self.U} * {V}] __attribute__((aligned(64)));")
+        e(f"    const int narrow = {v_len} < {V};")
+        if X not in self.packs:
+            tid = "(int64_t)tid" if self.nest.parallel else "0"
+            e(f"    if (narrow{f' || {xv} != 1' if gather else ''}) {{")
+            e(f"        {T} *xe = wsE_base + wsE * {tid};")
+            e(f"        for (int64_t kk = 0; kk < {k_len}; kk++) {{")
+            e(f"            for (int64_t v = 0; v < {v_len}; v++) xe[kk * {V} + v] = tx[kk * {xk} + v * {xv}];")
+            e(f"            for (int64_t v = {v_len}; v < {V}; v++) xe[kk * {V} + v] = 0;")
+            e("        }")
+            e(f"        ex = xe; exk = {V}; exv = 1;")
+            e("    }")
+        e(f"    {self.TC} *const dst = narrow ? tt : tc;")
+        e(f"    const int64_t du = narrow ? {V} : {cu}, dv = narrow ? 1 : {cv};")
+        e("    const int dow = narrow ? 1 : ow;")
+        e("    int64_t u0 = 0;")
+        y_row = (str(bf16.k_group(self.bf16, Y)[0]) if self.bf16 else "1") if Y in self.packs else yu
+        for r in self._row_variants():
+            name = f"{p}_tile" if r == self.U else f"{p}_tile{r}"
+            e(f"    for (; {u_len} - u0 >= {r}; u0 += {r})")
+            e(f"        {name}({k_len}, ex, exk, exv, ty + u0 * {y_row}, {yu}, {yk}, dst + u0 * du, du, dv, dow);")
+        e("    if (narrow)")
+        e(f"        for (int64_t u = 0; u < {u_len}; u++)")
+        e(f"            {p}_scatter(tt + u * {V}, 1, {v_len}, tc + u * {cu}, {cu}, {cv}, ow);")
+        e("}")
+        self._emit_tile_epilogue(rng)
+
+    def _emit_tile_epilogue(self, rng: dict[str, tuple[str, str]]) -> None:
+        """The store stage's epilogue: the tile just written has its final sums after the last k block."""
+        if self.epilogue:
+            (m_lo, m_len), (n_lo, n_len), (k_lo, k_len), (b_lo, _) = rng["m"], rng["n"], rng["k"], rng["b"]
+            self.emit(f"if ({k_lo} + {k_len} == {self.extent['k']}) "
+                      + epi.c_call(self.prefix, "tc", m_len, n_len, m_lo, n_lo, b_lo))

@@ -54,7 +54,9 @@ def _checked_int(value: object, name: str, hi: int) -> int:
 def _checked_choice(value: object, name: str, allowed: tuple[str, ...]) -> str:
     """``value`` as the matching entry of ``allowed`` (a plain str, whatever str subclass came in)."""
     if not isinstance(value, str) or value not in allowed:
-        raise ProblemError(f"{name} must be one of {list(allowed)}, got {short_repr(value)}")
+        choices = (f"'matmul', optionally with a fused epilogue such as 'matmul+bias+gelu_tanh+residual'"
+                   if allowed is OPS else str(list(allowed)))
+        raise ProblemError(f"{name} must be one of {choices}, got {short_repr(value)}")
     return allowed[allowed.index(value)]
 
 

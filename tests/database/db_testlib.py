@@ -53,7 +53,7 @@ def record_strategy():
 
     problems = st.builds(MatmulProblem, m=st.sampled_from([1, 7, 64, 1000]), n=st.sampled_from([16, 4096]),
                          k=st.sampled_from([3, 256]), batch=st.sampled_from([1, 2]),
-                         dtype=st.sampled_from(["float32", "float64", "bfloat16"]), layout=st.sampled_from(["nn", "tt"]),
+                         dtype=st.sampled_from(["float32", "float64", "bfloat16", "float16"]), layout=st.sampled_from(["nn", "tt"]),
                          threads=st.sampled_from([1, 4]))
     traces = st.sampled_from([TRACE, Trace(), Trace((Step.make("split", loop="k", factor=4),))])
     gflops = st.floats(0, 1000, allow_nan=False)

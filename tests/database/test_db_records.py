@@ -38,7 +38,7 @@ def test_problem_key_is_a_backward_compatible_alias():
 @pytest.mark.parametrize("key", ["matmul:float32:nn:t1:b1:64x64", "conv:float32:nn:t1:b1:1x1x1", "",
                                  "matmul:float32:nn:t1:b1:+64x64x64", "matmul:float32:nn:t1:b1:6_4x64x64",
                                  "matmul:float32:nn:t1:b1: 64x64x64", "matmul:float32:nn:t01:b1:64x64x64",
-                                 "matmul:float16:nn:t1:b1:64x64x64", "matmul:float32:nn:t0:b1:64x64x64",
+                                 "matmul:int8:nn:t1:b1:64x64x64", "matmul:float32:nn:t0:b1:64x64x64",
                                  "matmul:float32:nn:t1:b1:" + "9" * 5000 + "x1x1", None])
 def test_bad_problem_keys_are_rejected(key):
     with pytest.raises(ProblemError) as e:      # from a user: a ValueError, not a database error
@@ -49,7 +49,7 @@ def test_bad_problem_keys_are_rejected(key):
 
 
 @pytest.mark.parametrize("field, value", [("m", 0), ("n", 2**24 + 1), ("k", -5), ("batch", True), ("m", 3.0),
-                                          ("threads", 1025), ("dtype", "float16"), ("layout", "xx"),
+                                          ("threads", 1025), ("dtype", "int8"), ("layout", "xx"),
                                           ("op", "system"), ("dtype", ["float32"]), ("m", "8")])
 def test_problem_ranges(field, value):
     args = dict(m=8, n=8, k=8)

@@ -39,6 +39,11 @@ CASES.update({f"blis_32x32_bfloat16_{mode}_avx512": (BF16_SCHEDULE, "bfloat16", 
 # AMX reading an A the schedule leaves unpacked in place (packing only tiles it cannot read so)
 CASES["blis_32x32_bfloat16_amx_direct_a_avx512"] = (
     BlockingParams(32, 32, 64, 128, 256, unroll_k=2, pack_a=False).schedule(), "bfloat16", Target("avx512", 64, "amx"))
+# float16: widened while packing (both operands, whatever the schedule says), a float32 kernel
+# into a scratch C, and the exported wrapper rounding it to float16 (codegen_f16); built without
+# -mf16c here, so it compiles the portable conversions
+CASES["blis_8x32_float16_avx512"] = (
+    BlockingParams(8, 32, 64, 128, 256, pack_a=False).schedule(), "float16", Target("avx512", 64))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -31,4 +31,13 @@ def test_no_bfloat16_peak_without_the_instructions(monkeypatch):
     with pytest.raises(ValueError, match="no bfloat16"):
         measure_peak_gflops("bfloat16")
     with pytest.raises(ValueError, match="dtype must be"):
-        measure_peak_gflops("float16")
+        measure_peak_gflops("int8")
+
+
+def test_a_float16_peak_is_float32s():
+    """float16 kernels widen their inputs to float32 and accumulate there: one float32 FMA lane per
+    product, so the same chains measure their peak (no float16 arithmetic is timed)."""
+    fp32, fp16 = PeakVariant("avx512", 512, "float32", 16), PeakVariant("avx512", 512, "float16", 16)
+    assert fp16.lanes == fp32.lanes == 16 and fp16.flops_per_iter == fp32.flops_per_iter
+    for isa in ("avx512", "avx2", "neon", "portable"):
+        assert variants(isa, "float16") == variants(isa, "float32")

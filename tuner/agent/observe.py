@@ -22,6 +22,12 @@ element size (bfloat16: 2 bytes for A and B, 4 for the float32 C).  Adding bfloa
 the shapes and every float32 / float64 observation unchanged, so policies trained before stay
 valid; one trained before has never seen 0.5, so on bfloat16 it extrapolates.
 
+float16 is 0.25: a value no other dtype has, inside [0, 1], and nearest float32's 0 because a
+float16 kernel is a float32 kernel (float32 panels, tile and accumulator lanes) with a rounding
+store, so a policy that has not seen it extrapolates from the dtype whose schedules fit it best.
+Its footprints are bfloat16's: 2 bytes for A and B, 4 for C, the float32 scratch C the nest's
+loops write (``spaces.ACCUMULATOR_DTYPE``).  Adding it changed no other dtype's observation.
+
 The graph is returned dense (``adj[r]`` row-normalized adjacency per relation, ``eagg[r]``
 the mean stride label of the edges into each node), because graphs are tiny (<= 27 nodes) and
 dense batched matmuls are the fastest thing on a CPU in both numpy and torch.
@@ -33,11 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.ir import DIMS, MAX_LOOPS, TENSOR_DIMS
 from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 from looptune.tuner.agent.actions import AgentState, sizes_of
+from looptune.tuner.search.spaces import ACCUMULATOR_DTYPE
 
 OBSERVATION_VERSION = "looptune-graph-v1"
 
@@ -47,7 +53,7 @@ GLOBAL_FEATURES = 8
 RELATIONS = 4            # 0: parent -> child, 1: child -> parent, 2: loop -> tensor, 3: tensor -> loop
 FLAT_FEATURES = N_NODES * NODE_FEATURES + GLOBAL_FEATURES
 TENSORS = tuple(TENSOR_DIMS)     # A, B, C: the tensor nodes, in this order after the loop nodes
-DTYPE_FEATURE = {"float32": 0.0, "float64": 1.0, "bfloat16": 0.5}
+DTYPE_FEATURE = {"float32": 0.0, "float64": 1.0, "bfloat16": 0.5, "float16": 0.25}
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ def observe(state: AgentState, problem: MatmulProblem, step_fraction: float = 0.
     unroll = dict(nest.unroll)
     packs = dict(nest.pack)
     item = problem.itemsize                              # A and B
-    out_item = ITEMSIZE[OUTPUT_DTYPE[problem.dtype]]     # C
+    out_item = ITEMSIZE[ACCUMULATOR_DTYPE[problem.dtype]]     # C, as the loops write it
     dtype_feature = DTYPE_FEATURE[problem.dtype]
     x = np.zeros((N_NODES, NODE_FEATURES), dtype=np.float32)
     span = dict(sizes)

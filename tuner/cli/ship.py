@@ -152,7 +152,8 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
 def export(db_path, out_dir, shapes, threads, targets, do_build) -> None:
     """Write the tuned kernels as a standalone C library (no Python at run time).
 
-    looptune_sgemm / looptune_dgemm (and looptune_bgemm for bfloat16 records) compute C = A B
+    looptune_sgemm / looptune_dgemm (and looptune_bgemm for bfloat16 records, looptune_hgemm for
+    float16 ones) compute C = A B
     (row-major) with a kernel chosen by shape, falling back to the nearest tuned kernel or a
     general one for other shapes, at the highest kernel level the CPU runs
     (LOOPTUNE_CPU_LEVEL=avx2, for instance, caps it; looptune_cpu_level() says which serves).

@@ -28,8 +28,11 @@ from looptune.runtime.compiler.codegen import KernelSource
 from looptune.runtime.compiler.kernel import load_library
 from looptune.runtime.compiler.machine import detect_cpu
 
-_LANE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 4}     # bfloat16: float32 accumulator lanes
-_PRODUCTS_PER_LANE = {"float32": 1, "float64": 1, "bfloat16": 2}   # vdpbf16ps: two products per lane
+# bfloat16 and float16: float32 accumulator lanes; vdpbf16ps: two products per lane, float16
+# kernels (inputs widened to float32 while packing, codegen_f16) one: float32's FMA
+_LANE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 4, "float16": 4}
+_PRODUCTS_PER_LANE = {"float32": 1, "float64": 1, "bfloat16": 2, "float16": 1}
+_SAME_PEAK = {"float16": "float32"}     # dtypes whose kernels run another dtype's FMA chains
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,10 @@ class PeakVariant:
 def variants(isa: str, dtype: str) -> list[PeakVariant]:
     """The variants worth trying for an ISA (register file: 32 zmm/ymm with AVX-512, 16 ymm
     with AVX2, 32 q with NEON); two registers stay free for x and y.  ``bfloat16`` is AVX512-BF16's
-    ``vdpbf16ps`` (two bf16 products summed into each float32 lane), on CPUs that have it only."""
+    ``vdpbf16ps`` (two bf16 products summed into each float32 lane), on CPUs that have it only;
+    ``float16``'s are float32's (its kernels compute in float32)."""
+    if dtype in _SAME_PEAK:
+        return variants(isa, _SAME_PEAK[dtype])
     if dtype == "bfloat16":
         if isa != "avx512" or detect_cpu().bf16_isa == "convert":      # the code generator's own test
             return []
@@ -229,13 +235,15 @@ _PEAK_CACHE: dict[tuple[str, int], float] = {}
 
 def measure_peak_gflops(dtype: str = "float32", threads: int = 1) -> float:
     """Best FMA throughput in GFLOPS over all variants (~1-2 s), cached per process; for
-    ``bfloat16``, ``vdpbf16ps``'s (a ValueError where the CPU has no AVX512-BF16).
+    ``bfloat16``, ``vdpbf16ps``'s (a ValueError where the CPU has no AVX512-BF16); for ``float16``,
+    float32's (one float32 FMA per product: its kernels widen the inputs while packing).
 
     A result disturbed by other processes is returned with a warning but not cached, so
     the next call measures again instead of making every "% of peak" look too good.
     """
     if dtype not in _LANE_BYTES:
-        raise ValueError(f"dtype must be float32, float64 or bfloat16, got {dtype!r}")
+        raise ValueError(f"dtype must be float32, float64, bfloat16 or float16, got {dtype!r}")
+    dtype = _SAME_PEAK.get(dtype, dtype)
     key = (dtype, threads)
     if key not in _PEAK_CACHE:
         if not variants(detect_cpu().vector_isa, dtype):

@@ -17,6 +17,12 @@ from looptune.runtime.compiler.workload import MatmulProblem
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                    "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
+# float16 rounding: at most half an ulp, 2**-11 relative (10 stored significand bits); below 2**-14
+# (subnormal, spaced 2**-24 apart) at most 2**-25 absolute
+FLOAT16_UNIT_ROUNDOFF = 2.0 ** -11
+FLOAT16_SUBNORMAL_ROUNDOFF = 2.0 ** -25
+
+
 class RunStatus(str, enum.Enum):
     """How a candidate ended.  Only OK carries a time."""
 
@@ -38,9 +44,21 @@ def default_tolerance(dtype: str, k: int) -> tuple[float, float]:
     kernel that drops or repeats a single k term errs by ~1, far above the bound for any
     realistic K.  bfloat16 inputs are accumulated in float32 (their products are exact in
     float32), so they get float32's bound.
+
+    float16 inputs are accumulated in float32 too (products exact: 11 x 11 significand bits), and
+    each result is rounded once to float16, which adds at most ``u = 2**-11`` of it (half an ulp;
+    below 2**-14, a subnormal, at most 2**-25 absolute).  The check of C += A @ B (expected
+    ``2 ref``, atol doubled) sees two roundings: C = fl16(ref) from the first call (error
+    ``u |ref|``), widened exactly, plus A @ B, then rounded again (``u |2 ref|``): ``3 u |ref|
+    = 1.5 u |2 ref|`` on top of two float32 accumulations.  So float16 gets float32's bound plus
+    ``2 u`` relative (1.5 u, and room for the u x float32 cross terms) and 2**-25 absolute.  A
+    kernel that drops or repeats a k term still errs by ~1, far above ~1e-3 relative.
     """
     eps = 2.220446049250313e-16 if dtype == "float64" else 1.1920929e-07
-    return 16 * eps, 8 * eps * max(k, 16)
+    rtol, atol = 16 * eps, 8 * eps * max(k, 16)
+    if dtype == "float16":
+        rtol, atol = rtol + 2 * FLOAT16_UNIT_ROUNDOFF, atol + FLOAT16_SUBNORMAL_ROUNDOFF
+    return rtol, atol
 
 
 @dataclass(frozen=True)

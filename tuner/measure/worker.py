@@ -51,7 +51,7 @@ from looptune.runtime.configuration import RuntimeSettings
 from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 
 _GUARD = 1024          # sentinel elements on each side of C, to catch out-of-bounds writes
-_SENTINEL = 12345.678  # any value a correct kernel never writes into the guard zone
+_SENTINEL = 12345.678  # any value a correct kernel never writes into the guard zone (float16: 12344)
 # Where timed operands start within a cache line.  numpy's allocations are 16-byte aligned (glibc's
 # malloc; a large array is mmapped 16 bytes past a page), so an application's A, B and C mostly
 # straddle cache lines, and some kernels run a quarter slower so (measured on 1x1024x1024: 59
@@ -75,7 +75,7 @@ class Operands:
     """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel calls
     on them: ``Kernel.invoke`` (verification, accumulate) and the call ``runtime.matmul(a, b,
     out=c)`` makes (timing), with the thread count matmul would pass for this problem.  C has
-    the kernel's output dtype (float32 for bfloat16 inputs)."""
+    the kernel's output dtype (float32 for bfloat16 inputs, float16 for float16's)."""
 
     def __init__(self, problem, a0, b0, kernel: Kernel, shift: int = 0):
         self.a, self.b = _copy_keeping_layout(a0, shift), _copy_keeping_layout(b0, shift)
@@ -167,7 +167,8 @@ def verify(kernel: Kernel, problem, config: MeasureConfig, reference) -> Operand
     and the inputs are checked too: writing outside C, or into A or B, is a wrong answer.
     ``reference(seed)`` returns pristine (A, B, A @ B in float64); the kernel gets copies.
     bfloat16 products are exact in float64 (and in float32), so for bf16 inputs the tolerance is
-    float32's: what remains is the kernel's float32 accumulation.
+    float32's: what remains is the kernel's float32 accumulation.  float16 results add their
+    rounding to float16 (``protocol.default_tolerance``: float32's bound plus 2**-10 relative).
     """
     rtol, atol = config.tolerance(problem.dtype, problem.k)
     ops = None
@@ -328,7 +329,8 @@ class Worker:
 
     def reference(self, problem, config: MeasureConfig) -> tuple[list[float], int, float]:
         """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel (for
-        bfloat16, on the ml_dtypes arrays into a float32 C: what a numpy user gets)."""
+        bfloat16, on the ml_dtypes arrays into a float32 C; for float16, numpy's own loop into a
+        float16 C: what a numpy user gets)."""
         a, b, c = (_copy_keeping_layout(x) for x in problem.make_operands(0))   # placed as the kernel's
         # a C-level callable, as the kernel's call is: no Python frame per call on either side
         call = functools.partial(np.matmul, a, b, out=c)

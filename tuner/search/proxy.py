@@ -35,6 +35,7 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import MeasureConfig, RunResult
 
+NUMPY_FLOAT16_GFLOPS = 1.0      # numpy's float16 matmul: a scalar loop (no BLAS)
 PROXY_ABOVE_S = 0.15            # problems whose one timing the prior puts above this get a proxy
 PROXY_FLOPS_PER_THREAD = 4e8    # a proxy call: ~4 ms per thread at 100 GFLOPS
 PROXY_ELEMENTS = 1 << 22        # A + B + C of a proxy: its operands and reference are cheap
@@ -104,9 +105,11 @@ class Rates:
 
     @classmethod
     def prior(cls, problem: MatmulProblem) -> "Rates":
-        """Before anything is measured: 40 GFLOPS per thread in float32, half that in float64."""
+        """Before anything is measured: 40 GFLOPS per thread in float32, half that in float64;
+        numpy's float16 is a scalar loop on one thread (about 0.8 GFLOPS on a Sapphire Rapids core,
+        BENCHMARKS.md), so its timings are priced at 1."""
         g = PRIOR_GFLOPS_PER_THREAD * problem.threads * (0.5 if problem.dtype == "float64" else 1.0)
-        return cls(g, g)
+        return cls(g, NUMPY_FLOAT16_GFLOPS if problem.dtype == "float16" else g)
 
     @classmethod
     def measured(cls, kernel_gflops: Optional[float], numpy_gflops: Optional[float],

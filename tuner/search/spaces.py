@@ -22,10 +22,16 @@ from looptune.runtime.compiler.defaults import PREFETCH_KC, BlockingParams, defa
 from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 
+# The accumulators' element type for inputs of a dtype: the output's, except that a float16
+# kernel computes into a float32 scratch C and rounds once on store (``codegen_f16``).
+ACCUMULATOR_DTYPE = {**OUTPUT_DTYPE, "float16": "float32"}
+
+
 def accumulator_lanes(cpu: CpuInfo, dtype: str) -> int:
-    """Lanes of one vector register of accumulators for inputs of ``dtype``: the output's element
-    type counts (bfloat16 inputs accumulate in float32, so 16 lanes on AVX-512, not 32)."""
-    return cpu.vector_bytes // ITEMSIZE[OUTPUT_DTYPE[dtype]]
+    """Lanes of one vector register of accumulators for inputs of ``dtype``: the accumulators'
+    element type counts (bfloat16 and float16 inputs accumulate in float32, so 16 lanes on
+    AVX-512, not 32)."""
+    return cpu.vector_bytes // ITEMSIZE[ACCUMULATOR_DTYPE[dtype]]
 
 
 def tile_options(cpu: CpuInfo, dtype: str) -> list[tuple[int, int]]:

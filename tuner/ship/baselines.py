@@ -38,7 +38,7 @@ CORE_ISA = {                                          # OpenBLAS x86 core names 
     **dict.fromkeys(("haswell", "zen"), "avx2"),
     **dict.fromkeys(("skylakex", "cooperlake", "sapphirerapids"), "avx512"),
 }
-BLAS_DTYPES = ("float32", "float64")    # numpy hands these to its BLAS; bfloat16 runs numpy's own loop
+BLAS_DTYPES = ("float32", "float64")    # numpy hands these to its BLAS; bfloat16 and float16 run numpy's own loops
 CHILD_MODULE = "looptune.tuner.ship.baselines"
 
 

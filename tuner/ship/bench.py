@@ -148,7 +148,8 @@ def _torch():
 
 def _torch_operand(torch, x: np.ndarray):
     """``x`` as a torch tensor sharing its memory; torch cannot take ml_dtypes' bfloat16 arrays, so
-    those go over as their uint16 bit patterns, reinterpreted as torch.bfloat16."""
+    those go over as their uint16 bit patterns, reinterpreted as torch.bfloat16 (numpy's float16
+    is torch.float16 as it is)."""
     if x.dtype.name == "bfloat16":
         return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(x)
@@ -159,7 +160,7 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
               numpy_core: Optional[str] = None) -> list[BenchRow]:
     """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``.
     ``numpy_core``: also numpy with ``OPENBLAS_CORETYPE=numpy_core`` in a child process (float32
-    and float64 problems; bfloat16 does not reach the BLAS); its failure raises ``ChildError``."""
+    and float64 problems; bfloat16 and float16 do not reach the BLAS); its failure raises ``ChildError``."""
     from looptune import runtime
 
     torch = _torch() if with_torch else None
@@ -338,7 +339,8 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     if any(r.torch_gflops for r in rows):
         series["torch"] = [r.torch_vs_numpy or 0 for r in rows]
     colors = {"LoopTune": "#1f77b4", "torch": "#ff7f0e"}
-    labels = [r.problem.replace(" dtype=float64", " f64").replace(" dtype=bfloat16", " bf16").replace(" ", "\u00d7", 2)
+    labels = [r.problem.replace(" dtype=float64", " f64").replace(" dtype=bfloat16", " bf16")
+              .replace(" dtype=float16", " f16").replace(" ", "\u00d7", 2)
               + ("" if r.stored_gflops else " *") for r in rows]
     x = np.arange(len(rows))
     width = 0.8 / len(series) if len(series) > 1 else 0.6

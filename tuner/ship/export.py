@@ -9,6 +9,7 @@ The library has no Python, no LoopTune and no compiler at run time::
                        const float *B, int64_t ldb, float *C, int64_t ldc);   /* C = A B, row-major */
     int looptune_dgemm(... double ...);
     int looptune_bgemm(... const uint16_t *A ... const uint16_t *B ... float *C ...);   /* bfloat16 */
+    int looptune_hgemm(... const uint16_t *A ... const uint16_t *B ... uint16_t *C ...);  /* float16 */
     const char *looptune_cpu_level(void);     /* the level of the kernel set that serves */
 
 What goes in: the records of one machine for row-major (``nn``), unbatched problems of
@@ -16,7 +17,8 @@ one thread count, each distinct schedule rendered once (a schedule replays on ev
 of its family, so many shapes usually share a kernel).  With ``shapes``, exactly those
 shapes: their own record, else the nearest record's kernel.  ``looptune_bgemm``
 (bfloat16 inputs, float32 C) is there when the plan has bfloat16 shapes; see ``export_c`` for
-how its kernels pick AMX, vdpbf16ps or the portable form at run time.
+how its kernels pick AMX, vdpbf16ps or the portable form at run time.  ``looptune_hgemm``
+(float16 inputs and C, float32 accumulation) likewise when the plan has float16 shapes.
 
 Levels (``targets``, ``export_levels``): one kernel set per target level, each compiled for that
 level's instructions only, and the library runs the highest set the CPU can.  At the records' own
@@ -55,7 +57,7 @@ from looptune.runtime.compiler.machine import ISA_LEVELS
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.tuner.ship import export_levels as levels_
-from looptune.tuner.ship.export_c import PREFIX, header_text, source_text
+from looptune.tuner.ship.export_c import DTYPE_ORDER, OPTIONAL_DTYPES, PREFIX, header_text, source_text
 
 GENERAL_SIZE = 512             # the general kernel is the default schedule of a 512^3 problem
 
@@ -223,8 +225,8 @@ def make_plan(records: Iterable, *, machine=None, threads: int = 1,
             rows[(p.dtype, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), match.exact,
                                               r.gflops_median if match.exact else 0.0,
                                               r.numpy_gflops if match.exact else 0.0)
-    with_bf16 = any(dtype == "bfloat16" for dtype, *_ in rows)      # bfloat16 only where tuned
-    dtypes = ("float32", "float64") + (("bfloat16",) if with_bf16 else ())
+    # bfloat16 and float16 only where tuned
+    dtypes = tuple(d for d in DTYPE_ORDER if d not in OPTIONAL_DTYPES or any(dtype == d for dtype, *_ in rows))
     cpus = {level: levels_.LevelCpu.of(level) for level in levels}
     general = {(dtype, level): default_schedule(MatmulProblem(GENERAL_SIZE, GENERAL_SIZE, GENERAL_SIZE, dtype=dtype,
                                                               threads=threads), cpus[level])

@@ -7,9 +7,11 @@ only writes it out.  One entry point per dtype the plan holds::
     looptune_dgemm   double A, B -> double C
     looptune_bgemm   bfloat16 A, B (uint16_t bit patterns) -> float C, accumulated in float32
                      (only when the plan has bfloat16 shapes)
+    looptune_hgemm   float16 A, B -> float16 C (IEEE half, uint16_t bit patterns), accumulated
+                     in float32 and rounded once (only when the plan has float16 shapes)
 
 The kernels come in sets, one per level of the plan (``export_levels``), each between its own
-target pragmas; the helpers they share (workspace, thread pool, bf16 conversions) come first,
+target pragmas; the helpers they share (workspace, thread pool, bf16 and f16 conversions) come first,
 compiled for the baseline.  Each dtype's dispatcher has a list of kernel sets, highest rung
 first, and runs the first one at or below the CPU's rung (``lt_rung``, found once); a shape's
 table entry holds its kernel's index in each level's set (``lt_entry.kernel[slot]``).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, function_type
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target, render
+from looptune.runtime.compiler import codegen_f16
 from looptune.runtime.compiler.codegen_bf16 import choose_mode, prelude
 from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C
 from looptune.runtime.compiler.pool import POOL_C
@@ -35,18 +38,19 @@ from looptune.tuner.ship import export_levels as levels_
 # The exported dispatcher behaves as runtime.matmul with default settings:
 NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape
 SMALL_FLOPS = RuntimeSettings.small_flops             # below this a call runs on one thread
-PREFIX = {"float32": "s", "float64": "d", "bfloat16": "b"}
-DTYPE_ORDER = ("float32", "float64", "bfloat16")      # of the kernels and dispatchers in looptune.c
+PREFIX = {"float32": "s", "float64": "d", "bfloat16": "b", "float16": "h"}
+DTYPE_ORDER = ("float32", "float64", "bfloat16", "float16")   # of the kernels and dispatchers in looptune.c
+OPTIONAL_DTYPES = ("bfloat16", "float16")             # in the library only where the plan has their shapes
 AMX_REFUSED = -5                                      # abi.ERRORS: the OS refused AMX
 PORTABLE_SUFFIX = "_convert"                          # of a bfloat16 kernel's portable twin
 VDP_SUFFIX = "_vdp"                                   # of an AMX kernel's vdpbf16ps twin
 
 
 def library_dtypes(plan) -> list[str]:
-    """The dtypes the library has an entry point for: float32 and float64 always, bfloat16 when
-    the plan has bfloat16 kernels."""
+    """The dtypes the library has an entry point for: float32 and float64 always, bfloat16 and
+    float16 when the plan has kernels of theirs."""
     present = {k.dtype for k in plan.kernels}
-    return [d for d in DTYPE_ORDER if d in present or d != "bfloat16"]
+    return [d for d in DTYPE_ORDER if d in present or d not in OPTIONAL_DTYPES]
 
 
 def bf16_fast_mode(kernel, target: Target) -> str:
@@ -93,6 +97,12 @@ def shared_text(plan) -> list[str]:
     out += WORKSPACE_C + POOL_DECLARATION_C
     if "bfloat16" in library_dtypes(plan):
         out += prelude("convert")
+    if "float16" in library_dtypes(plan):
+        # Compiled here, at baseline, __F16C__ is not defined (no level's features name f16c, and
+        # neither avx2 nor avx512f imply it), so the conversions are the portable bit arithmetic,
+        # which is exact and right on every CPU; each float16 kernel's store loop tests __F16C__
+        # again inside its level's target pragma, and takes the same portable path there.
+        out += codegen_f16.prelude()
     return out
 
 
@@ -278,6 +288,15 @@ int looptune_bgemm(int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t l
 const char *looptune_bgemm_kernel(int64_t M, int64_t N, int64_t K);
 """
 
+_F16_DECLARATIONS = """
+/* float16: A, B and C hold IEEE half bit patterns (numpy's float16, C's _Float16); the products
+   are summed in float32 over the whole of K and each element of C rounded once to float16
+   (nearest even), as np.matmul computes on float16 arrays. */
+int looptune_hgemm(int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t lda,
+                   const uint16_t *B, int64_t ldb, uint16_t *C, int64_t ldc);
+const char *looptune_hgemm_kernel(int64_t M, int64_t N, int64_t K);
+"""
+
 
 def header_text(plan, build_command: str) -> str:
     dtypes = library_dtypes(plan)
@@ -344,7 +363,7 @@ const char *looptune_dgemm_kernel(int64_t M, int64_t N, int64_t K);
 /* The level whose kernels serve on this CPU: the highest of this library's levels at or below the
    CPU's (capped by {levels_.MASK_VARIABLE}), one of {served}{bf16_note}. */
 const char *looptune_cpu_level(void);
-{_BF16_DECLARATIONS if "bfloat16" in dtypes else ""}
+{_BF16_DECLARATIONS if "bfloat16" in dtypes else ""}{_F16_DECLARATIONS if "float16" in dtypes else ""}
 #ifdef __cplusplus
 }}
 #endif

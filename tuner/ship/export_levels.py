@@ -84,7 +84,11 @@ class LevelCpu(CpuInfo):
 
 
 def region_open(level: str) -> list[str]:
-    """C lines before a level's kernels: its features for every function up to ``region_close``."""
+    """C lines before a level's kernels: its features for every function up to ``region_close``.
+
+    GCC's pragma defines the feature macros of the features it names (clang's attribute defines
+    none), and no level names f16c: code testing ``__F16C__`` (the float16 kernels' store loop,
+    ``codegen_f16``) takes its portable path in every level, which is exact on every CPU."""
     feats = features(level)
     if not feats:
         return [f"/* ==== {level} kernels: baseline code ==== */"]
