@@ -74,7 +74,49 @@ static inline uint16_t lt_f32_to_f16(float f)
     return (uint16_t)(sign | (v.u >> 13));
 #endif
 }
+/* n consecutive halves widened into d: eight per vcvtph2ps where F16C is there */
+static inline void lt_f16_widen(const uint16_t *restrict s, float *restrict d, int64_t n)
+{
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(d + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+#endif
+    for (; j < n; j++) d[j] = lt_f16_to_f32(s[j]);
+}
 #endif""".splitlines()
+
+
+def pack_function(prefix: str, operand: str, R: int) -> list[str]:
+    """The pack of one float16 operand block into float32 panels of R (float32's layout,
+    ``dst[p*klen*R + k*R + r]``), widened eight at a time along whichever of t and k is contiguous."""
+    return f"""
+/* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk], float16) -> float32 panels of {R} */
+static void {prefix}_pack{operand}(const uint16_t *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
+{{
+    for (int64_t p = 0; p < tlen; p += {R}) {{
+        const int64_t r = LT_MIN({R}, tlen - p);
+        const uint16_t *s = src + p * st;
+        float *d = dst + p * klen;
+        if (r == {R} && st == 1) {{
+            for (int64_t k = 0; k < klen; k++) lt_f16_widen(s + k * sk, d + k * {R}, {R});
+        }} else if (r == {R} && sk == 1) {{
+            float w[16];
+            for (int64_t i = 0; i < {R}; i++) {{
+                int64_t k = 0;
+                for (; k + 16 <= klen; k += 16) {{
+                    lt_f16_widen(s + i * st + k, w, 16);
+                    for (int64_t j = 0; j < 16; j++) d[(k + j) * {R} + i] = w[j];
+                }}
+                for (; k < klen; k++) d[k * {R} + i] = lt_f16_to_f32(s[i * st + k]);
+            }}
+        }} else {{
+            for (int64_t k = 0; k < klen; k++) {{
+                for (int64_t i = 0; i < r; i++) d[k * {R} + i] = lt_f16_to_f32(s[i * st + k * sk]);
+                for (int64_t i = r; i < {R}; i++) d[k * {R} + i] = 0;
+            }}
+        }}
+    }}
+}}""".splitlines()
 
 
 def wrapper(symbol: str, sizes_check: str | None) -> list[str]:

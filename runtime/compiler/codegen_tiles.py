@@ -9,6 +9,7 @@ written with GCC/Clang vector extensions; the bfloat16 ones are in ``codegen_bf1
 from __future__ import annotations
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
+from looptune.runtime.compiler import codegen_f16 as f16
 from looptune.runtime.compiler import epilogue as epi
 from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
@@ -40,6 +41,9 @@ class TileWriter:
         T, out = self.T, []
         for operand in sorted(set(self.packs) | ({"A"} if self.amx_direct_a else set())):
             R = self.mr if TILE_DIM_FOR_OPERAND[operand] == "m" else self.nr
+            if self.half:
+                out += f16.pack_function(self.prefix, operand, R)
+                continue
             if self.bf16:
                 out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP, self.widen)
                 continue

@@ -49,6 +49,15 @@ static inline uint16_t lt_f32_to_f16(float f)
     return (uint16_t)(sign | (v.u >> 13));
 #endif
 }
+/* n consecutive halves widened into d: eight per vcvtph2ps where F16C is there */
+static inline void lt_f16_widen(const uint16_t *restrict s, float *restrict d, int64_t n)
+{
+    int64_t j = 0;
+#if defined(__F16C__)
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(d + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+#endif
+    for (; j < n; j++) d[j] = lt_f16_to_f32(s[j]);
+}
 #endif
 #ifndef LT_WORKSPACE_DEFINED
 #define LT_WORKSPACE_DEFINED
@@ -142,54 +151,58 @@ static void lt_ws_end(lt_ws **slot)
 typedef float golden_blis_8x32_float16_avx512_v __attribute__((vector_size(64)));
 typedef float golden_blis_8x32_float16_avx512_vu __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* A block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 8, k in groups of 1
-   padded to 1: dst[p*kp*8 + (k/1)*8 + r*1 + k%1], kp = klen rounded up to 1 */
+/* A block (tlen x klen, element (t, k) at src[t*st + k*sk], float16) -> float32 panels of 8 */
 static void golden_blis_8x32_float16_avx512_packA(const uint16_t *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
-    const int64_t kp = (klen + 0) / 1 * 1, kg = klen / 1 * 1;
     for (int64_t p = 0; p < tlen; p += 8) {
         const int64_t r = LT_MIN(8, tlen - p);
         const uint16_t *s = src + p * st;
-        float *d = dst + p * kp;
-        int64_t k0 = 0;
-        if (r == 8 && sk == 1) {
-            for (; k0 < kg; k0 += 1)
-                for (int64_t i = 0; i < 8; i++)
-                    for (int64_t g = 0; g < 1; g++) d[k0 * 8 + i * 1 + g] = lt_f16_to_f32(s[i * st + k0 + g]);
-        } else if (r == 8 && st == 1) {
-            for (; k0 < kg; k0 += 1)
-                for (int64_t i = 0; i < 8; i++)
-                    for (int64_t g = 0; g < 1; g++) d[k0 * 8 + i * 1 + g] = lt_f16_to_f32(s[(k0 + g) * sk + i]);
-        }
-        for (int64_t k = k0; k < kp; k++) {
-            float *dk = d + (k / 1) * 8 + k % 1;
-            for (int64_t i = 0; i < 8; i++) dk[i * 1] = (i < r && k < klen) ? lt_f16_to_f32(s[i * st + k * sk]) : 0;
+        float *d = dst + p * klen;
+        if (r == 8 && st == 1) {
+            for (int64_t k = 0; k < klen; k++) lt_f16_widen(s + k * sk, d + k * 8, 8);
+        } else if (r == 8 && sk == 1) {
+            float w[16];
+            for (int64_t i = 0; i < 8; i++) {
+                int64_t k = 0;
+                for (; k + 16 <= klen; k += 16) {
+                    lt_f16_widen(s + i * st + k, w, 16);
+                    for (int64_t j = 0; j < 16; j++) d[(k + j) * 8 + i] = w[j];
+                }
+                for (; k < klen; k++) d[k * 8 + i] = lt_f16_to_f32(s[i * st + k]);
+            }
+        } else {
+            for (int64_t k = 0; k < klen; k++) {
+                for (int64_t i = 0; i < r; i++) d[k * 8 + i] = lt_f16_to_f32(s[i * st + k * sk]);
+                for (int64_t i = r; i < 8; i++) d[k * 8 + i] = 0;
+            }
         }
     }
 }
 
-/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 32, k in groups of 1
-   padded to 1: dst[p*kp*32 + (k/1)*32 + r*1 + k%1], kp = klen rounded up to 1 */
+/* B block (tlen x klen, element (t, k) at src[t*st + k*sk], float16) -> float32 panels of 32 */
 static void golden_blis_8x32_float16_avx512_packB(const uint16_t *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
-    const int64_t kp = (klen + 0) / 1 * 1, kg = klen / 1 * 1;
     for (int64_t p = 0; p < tlen; p += 32) {
         const int64_t r = LT_MIN(32, tlen - p);
         const uint16_t *s = src + p * st;
-        float *d = dst + p * kp;
-        int64_t k0 = 0;
-        if (r == 32 && sk == 1) {
-            for (; k0 < kg; k0 += 1)
-                for (int64_t i = 0; i < 32; i++)
-                    for (int64_t g = 0; g < 1; g++) d[k0 * 32 + i * 1 + g] = lt_f16_to_f32(s[i * st + k0 + g]);
-        } else if (r == 32 && st == 1) {
-            for (; k0 < kg; k0 += 1)
-                for (int64_t i = 0; i < 32; i++)
-                    for (int64_t g = 0; g < 1; g++) d[k0 * 32 + i * 1 + g] = lt_f16_to_f32(s[(k0 + g) * sk + i]);
-        }
-        for (int64_t k = k0; k < kp; k++) {
-            float *dk = d + (k / 1) * 32 + k % 1;
-            for (int64_t i = 0; i < 32; i++) dk[i * 1] = (i < r && k < klen) ? lt_f16_to_f32(s[i * st + k * sk]) : 0;
+        float *d = dst + p * klen;
+        if (r == 32 && st == 1) {
+            for (int64_t k = 0; k < klen; k++) lt_f16_widen(s + k * sk, d + k * 32, 32);
+        } else if (r == 32 && sk == 1) {
+            float w[16];
+            for (int64_t i = 0; i < 32; i++) {
+                int64_t k = 0;
+                for (; k + 16 <= klen; k += 16) {
+                    lt_f16_widen(s + i * st + k, w, 16);
+                    for (int64_t j = 0; j < 16; j++) d[(k + j) * 32 + i] = w[j];
+                }
+                for (; k < klen; k++) d[k * 32 + i] = lt_f16_to_f32(s[i * st + k]);
+            }
+        } else {
+            for (int64_t k = 0; k < klen; k++) {
+                for (int64_t i = 0; i < r; i++) d[k * 32 + i] = lt_f16_to_f32(s[i * st + k * sk]);
+                for (int64_t i = r; i < 32; i++) d[k * 32 + i] = 0;
+            }
         }
     }
 }
