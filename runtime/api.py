@@ -29,8 +29,8 @@ from looptune.runtime import bf16
 from looptune.runtime.call_plan import KERNEL_DTYPES, PLANS, Plan, layout_char, plan_for, prepare
 from looptune.runtime.compiler import trampoline
 from looptune.runtime.compiler.abi import error_message
-from looptune.runtime.compiler.kernel import call_threads
-from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.dispatch import dispatch_key
+from looptune.runtime.compiler.dispatch import key_problem
 from looptune.runtime.resolve import Resolution, Resolver, serial_after_fork
 from looptune.runtime.configuration import RuntimeSettings
 from looptune.runtime.fused import matmul_fused
@@ -146,13 +146,13 @@ def matmul(a, b, out=None, *, threads: int | None = None, bias=None, activation:
                             c = out     # written in place; the call path answers -4 if it overlaps a or b
                         else:
                             return _general(a, b, out, threads)
-                        t = resolver.settings.threads if threads is None else threads    # checked on entry
-                        if 2.0 * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
-                            t = 1
-                        key = (name, m, n, k, 1, la + lb, t)
+                        settings = resolver.settings    # the key and the thread rule: dispatch_key
+                        key = dispatch_key(name, m, n, k, 1, la + lb, settings.threads if threads is None else threads,
+                                           settings.small_flops)
                         hit = resolver.dispatch.get(key)
                         if hit is None:
-                            hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, 1, name, la + lb, t))
+                            hit = resolver.lookup(key, lambda: key_problem(key))
+                        t = key[6]
                         rc = hit[0].invoke(a, b, c, 0, t)
                         if rc == 0:
                             return c
@@ -257,11 +257,10 @@ def _execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, threads):
     if loop is None:
         # _run, inlined: this is every planned call's path
         resolver = _resolver or _get_resolver()
-        t = resolver.settings.threads if threads is None else _check_threads(threads)
-        if 2.0 * count * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
-            t = 1
-        hit = resolver.dispatch.get((name, m, n, k, count, layout, t))
-        if hit is None or hit[0].invoke(x, y, c3, 0, t) != 0:
+        key = dispatch_key(name, m, n, k, count, layout, resolver.settings.threads if threads is None else threads,
+                           resolver.settings.small_flops)
+        hit = resolver.dispatch.get(key)
+        if hit is None or hit[0].invoke(x, y, c3, 0, key[6]) != 0:
             _run(plan, x, y, c3, count, threads)
     else:
         _run_looped(plan, x, y, c3, loop, threads)
@@ -273,15 +272,13 @@ def _execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, threads):
 def _run(plan: Plan, a: np.ndarray, b: np.ndarray, c: np.ndarray, count: int, threads) -> None:
     """One kernel call: c (count, m, n) = a @ b (2-D a or b broadcast over the batch); resolves a
     cold key, and copies or recovers when the call path refuses the operands."""
-    m, n, k = plan.m, plan.n, plan.k
     resolver = _resolver or _get_resolver()
-    t = resolver.settings.threads if threads is None else _check_threads(threads)
-    if 2.0 * count * m * n * k < resolver.settings.small_flops:    # call_threads, inlined
-        t = 1
-    key = (plan.name, m, n, k, count, plan.layout, t)
+    key = dispatch_key(plan.name, plan.m, plan.n, plan.k, count, plan.layout,
+                       resolver.settings.threads if threads is None else threads, resolver.settings.small_flops)
     hit = resolver.dispatch.get(key)
     if hit is None:
-        hit = resolver.lookup(key, lambda: MatmulProblem(m, n, k, count, plan.name, plan.layout, t))
+        hit = resolver.lookup(key, lambda: key_problem(key))
+    t = key[6]
     rc = hit[0].invoke(a, b, c, 0, t)
     if rc == -3 or rc == -4:
         # misaligned (-3) or an output overlapping an input (-4): aligned copies, a fresh output
@@ -309,10 +306,9 @@ def _run_looped(plan: Plan, a: np.ndarray, b: np.ndarray, c: np.ndarray, batch: 
 def _resolve(name: str, m: int, n: int, k: int, batch: int, layout: str, threads):
     """(kernel, resolution) for a problem, looked up as ``_run`` does."""
     resolver = _resolver or _get_resolver()
-    t = call_threads(2.0 * batch * m * n * k, resolver.settings.threads if threads is None else _check_threads(threads),
-                     resolver.settings.small_flops)
-    key = (name, m, n, k, batch, layout, t)
-    return resolver.dispatch.get(key) or resolver.lookup(key, lambda: MatmulProblem(m, n, k, batch, name, layout, t))
+    key = dispatch_key(name, m, n, k, batch, layout, resolver.settings.threads if threads is None else _check_threads(threads),
+                       resolver.settings.small_flops)
+    return resolver.dispatch.get(key) or resolver.lookup(key, lambda: key_problem(key))
 
 
 def explain(a, b=None, *, dtype=None, batch: int = 1, threads: int | None = None) -> Resolution:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.dispatch import SMALL_FLOPS
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MAX_THREADS
 
@@ -69,7 +70,7 @@ class RuntimeSettings:
     threads: int = 1                      # default thread count (threads= overrides per call)
     user_db: Path | None = None           # None: no user database
     embedded_db: Path | None = None       # None: no embedded database
-    small_flops: float = 1.5e6            # problems below this run single-threaded whatever is asked
+    small_flops: float = SMALL_FLOPS      # problems below this run single-threaded whatever is asked
     db_recheck_s: float = 1.0             # how often a running process looks for changed databases (0: never)
     numpy_handoff: bool = True            # serve numpy where the exact record says no kernel beat it
     # opt-in: float32 problems compute in bfloat16 (inputs rounded to bf16, float32 accumulation;

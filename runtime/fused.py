@@ -14,8 +14,8 @@ import numpy as np
 
 from looptune.runtime.call_plan import Plan, plan_for, prepare
 from looptune.runtime.compiler.epilogue import ACTIVATIONS, Epilogue, activate
-from looptune.runtime.compiler.kernel import Kernel, call_threads
-from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.runtime.compiler.dispatch import dispatch_key, key_problem
+from looptune.runtime.compiler.kernel import Kernel
 
 FUSED_DTYPES = ("float32", "float64", "bfloat16")
 
@@ -40,13 +40,12 @@ def matmul_fused(matmul, resolver, a, b, out, threads, bias, activation, residua
     _check_shapes(plan, pb, bias, residual)
     if not _fusable(plan, pb, out, bias, residual):
         return _composed(matmul, pa, pb, out, threads, bias, epilogue, residual)
-    t = resolver.settings.threads if threads is None else threads
-    t = call_threads(2.0 * plan.count * plan.m * plan.n * plan.k, t, resolver.settings.small_flops)
-    key = (plan.name, plan.m, plan.n, plan.k, plan.count, plan.layout, t, epilogue.op)
+    key = dispatch_key(plan.name, plan.m, plan.n, plan.k, plan.count, plan.layout,
+                       resolver.settings.threads if threads is None else threads, resolver.settings.small_flops, epilogue.op)
     hit = resolver.dispatch.get(key)
     if hit is None:
-        hit = resolver.lookup(key, lambda: MatmulProblem(plan.m, plan.n, plan.k, plan.count, plan.name, plan.layout,
-                                                         t, epilogue.op))
+        hit = resolver.lookup(key, lambda: key_problem(key))
+    t = key[6]
     kernel = hit[0]
     if not (isinstance(kernel, Kernel) and kernel.fused):      # numpy serves this problem
         return _composed(matmul, pa, pb, out, threads, bias, epilogue, residual)

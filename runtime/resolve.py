@@ -57,6 +57,7 @@ from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, FixedSizes, render
 from looptune.runtime.compiler.defaults import default_schedule, small_stack_schedule
+from looptune.runtime.compiler.dispatch import key_problem
 from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
@@ -318,9 +319,8 @@ class Resolver:
 
     def demote(self, key: tuple, reason: str) -> NumpyKernel:
         """Hand ``key`` to numpy for good: its kernel refused operands of this shape or failed."""
-        name, m, n, k, batch, layout, threads = key
         hit = self.dispatch.get(key)
-        problem = hit[1].problem if hit else MatmulProblem(m, n, k, batch, name, layout, threads)
+        problem = hit[1].problem if hit else key_problem(key)
         schedule = hit[1].schedule if hit else default_schedule(problem)
         inputs = hit[1].inputs if hit else None
         log.warning("looptune: numpy.matmul serves %s from now on (%s)", problem, reason)

@@ -31,7 +31,7 @@ from looptune.runtime.compiler.build import BuildError
 from looptune.runtime.compiler.cache import TEMP_PREFIX
 from looptune.runtime.compiler.workload import numpy_dtype
 
-__all__ = ["Kernel", "KernelError", "KernelLoadError", "call_threads", "load_library"]
+__all__ = ["Kernel", "KernelError", "KernelLoadError", "load_library"]
 
 log = logging.getLogger("looptune.runtime")
 
@@ -58,13 +58,6 @@ if hasattr(os, "register_at_fork"):     # POSIX
 
 class KernelLoadError(BuildError):
     """A shared object or a kernel symbol in it could not be loaded."""
-
-
-def call_threads(flops: float, threads: int, small_flops: float) -> int:
-    """The thread count a kernel call gets: one below ``small_flops`` (starting threads would
-    cost more than they save), else ``threads``.  ``runtime.matmul`` inlines this rule on its
-    fast path; the measurement worker applies it so tuned times match what matmul runs."""
-    return 1 if flops < small_flops else threads
 
 
 def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:

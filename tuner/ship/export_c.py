@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, function_type
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target, render
-from looptune.runtime.compiler import codegen_f16
+from looptune.runtime.compiler import codegen_f16, dispatch
 from looptune.runtime.compiler.codegen_bf16 import choose_mode, prelude
 from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C
 from looptune.runtime.compiler.pool import POOL_C
@@ -37,7 +37,7 @@ from looptune.tuner.ship import export_levels as levels_
 
 # The exported dispatcher behaves as runtime.matmul with default settings:
 NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape
-SMALL_FLOPS = RuntimeSettings.small_flops             # below this a call runs on one thread
+SMALL_FLOPS = dispatch.SMALL_FLOPS                    # below this a call runs on one thread (dispatch.call_threads)
 PREFIX = {"float32": "s", "float64": "d", "bfloat16": "b", "float16": "h"}
 DTYPE_ORDER = ("float32", "float64", "bfloat16", "float16")   # of the kernels and dispatchers in looptune.c
 OPTIONAL_DTYPES = ("bfloat16", "float16")             # in the library only where the plan has their shapes

@@ -1,0 +1,60 @@
+"""Every call path files a call under the key ``dispatch.dispatch_key`` gives (the one home of the
+key and of the thread rule): the compiled ``serve``, the 2-D fast path, planned and looped
+stacks, fused calls and ``explain``, on both sides of the small-problem threshold."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from looptune import runtime
+from looptune.runtime.api import current_resolver
+from looptune.runtime.compiler.dispatch import SMALL_FLOPS, dispatch_key, key_problem
+
+
+@pytest.fixture
+def fresh():
+    before = runtime.settings()
+    runtime.configure(threads=3, numpy_handoff=False)
+    yield current_resolver()
+    runtime.configure(threads=before.threads, numpy_handoff=before.numpy_handoff)
+
+
+def new_keys(resolver, call) -> set:
+    resolver.dispatch.clear()
+    call()
+    return set(resolver.dispatch)
+
+
+# (m, n, k): 2mnk just below and just above the threshold (1.5 MFLOP: 2 * 90 * 90 * 92 = 1.49e6)
+SIZES = [(90, 90, 92), (90, 90, 93)]
+
+
+@pytest.mark.parametrize("m, n, k", SIZES)
+@pytest.mark.parametrize("path", ["serve", "fast", "planned", "looped", "fused", "explain"])
+def test_every_path_files_the_key_dispatch_key_gives(fresh, m, n, k, path):
+    assert fresh.settings.small_flops == SMALL_FLOPS
+    a = np.ones((m, k), np.float32)
+    b = np.ones((k, n), np.float32)
+    count, layout = 1, "nn"
+    if path == "serve":
+        call = lambda: runtime.matmul(a, b)                         # noqa: E731 - plain arrays: the C path
+    elif path == "fast":
+        call = lambda: runtime.matmul(a, b, threads=3)              # noqa: E731
+    elif path == "planned":
+        at = np.asfortranarray(a)
+        layout = "tn"
+        call = lambda: runtime.matmul(at, b.astype(np.int8))        # noqa: E731 - a cast and a transposed a
+    elif path == "looped":
+        a3 = np.ones((2, 1, m, k), np.float32)
+        b3 = np.broadcast_to(np.ones((1, 2, k, n), np.float32), (2, 2, k, n))
+        count = 2
+        call = lambda: runtime.matmul(a3, b3)                       # noqa: E731 - one call per leading index
+    elif path == "fused":
+        call = lambda: runtime.matmul(a, b, activation="relu")      # noqa: E731
+    else:
+        call = lambda: runtime.explain(a, b)                        # noqa: E731
+    op = "matmul+relu" if path == "fused" else "matmul"
+    want = dispatch_key("float32", m, n, k, count, layout, 3, op=op)
+    assert new_keys(fresh, call) == {want}
+    assert want[6] == (1 if 2 * count * m * n * k < SMALL_FLOPS else 3)
+    assert key_problem(want).key() == fresh.dispatch[want][1].problem.key()
