@@ -210,7 +210,7 @@ class _KernelWriter(TileWriter):
             check = None
             if self.sizes:
                 check = self._sizes_mismatch()
-            out += f16.wrapper(self.symbol, check)
+            out += f16.wrapper(self.symbol, check, bool(self.nest.tile))
         elif self.bf16:
             out += bf16.postlude(self.bf16)
         return "\n".join(out) + "\n"

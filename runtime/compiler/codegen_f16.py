@@ -11,8 +11,9 @@ symbol has the float16 ABI (``abi.abi_args("float16")``) and wraps it::
 
     int SYMBOL(... const uint16_t *A ... const uint16_t *B ... uint16_t *C ...)
         scratch (batch x M x N float32, this thread's, reused)  <- C widened, when accumulating
-        SYMBOL_f32(..., scratch, M*N, N, 1, accumulate, nthreads)
-        C <- scratch rounded to nearest even
+        SYMBOL_f32(..., scratch, M*N, N, 1, accumulate, nthreads, C, sCb, sCm, sCn)
+            each register tile, after its last k block: rounded to nearest even into C
+            (a nest without a register tile: the wrapper rounds all of C after the call)
 
 Conversions use F16C where the kernel is compiled for it (``__F16C__``), else exact bit
 arithmetic, so the same text is right for every target.
@@ -23,8 +24,9 @@ from looptune.runtime.compiler.abi import ABI_ARGS, abi_args
 
 WIDEN = "lt_f16_to_f32"
 
-# the inner kernel's parameter list: float16 inputs, float32 C
-INNER_ABI = ABI_ARGS.format(T="uint16_t", TC="float")
+# the inner kernel's parameter list: float16 inputs, float32 C (the scratch), and the float16 C
+# (H) a tiled kernel rounds each finished tile into
+INNER_ABI = ABI_ARGS.format(T="uint16_t", TC="float") + ", uint16_t *H, int64_t sHb, int64_t sHm, int64_t sHn"
 
 
 def inner_symbol(symbol: str) -> str:
@@ -74,6 +76,20 @@ static inline uint16_t lt_f32_to_f16(float f)
     return (uint16_t)(sign | (v.u >> 13));
 #endif
 }
+/* a finished rows x cols float32 tile (c, strides cm, cn) rounded into the float16 C (h, hm, hn) */
+static void lt_f16_store(const float *c, int64_t rows, int64_t cols, int64_t cm, int64_t cn,
+                         uint16_t *h, int64_t hm, int64_t hn)
+{
+    for (int64_t i = 0; i < rows; i++, c += cm, h += hm) {
+        int64_t j = 0;
+#if defined(__F16C__)
+        if (cn == 1 && hn == 1)
+            for (; j + 8 <= cols; j += 8)
+                _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(c + j), 0));
+#endif
+        for (; j < cols; j++) h[j * hn] = lt_f32_to_f16(c[j * cn]);
+    }
+}
 /* n consecutive halves widened into d: eight per vcvtph2ps where F16C is there */
 static inline void lt_f16_widen(const uint16_t *restrict s, float *restrict d, int64_t n)
 {
@@ -119,9 +135,15 @@ static void {prefix}_pack{operand}(const uint16_t *restrict src, int64_t st, int
 }}""".splitlines()
 
 
-def wrapper(symbol: str, sizes_check: str | None) -> list[str]:
+def store_call(c_ptr: str, rows: str, cols: str, b_lo: str, m_lo: str, n_lo: str) -> str:
+    """The store stage of a float16 kernel's tile: its final float32 sums rounded into H."""
+    return f"lt_f16_store({c_ptr}, {rows}, {cols}, sCm, sCn, H + {b_lo} * sHb + {m_lo} * sHm + {n_lo} * sHn, sHm, sHn);"
+
+
+def wrapper(symbol: str, sizes_check: str | None, tiled: bool) -> list[str]:
     """The exported float16-ABI function around the float32-C kernel ``inner_symbol(symbol)``;
-    ``sizes_check``: an exact-size kernel's C condition for sizes it was not compiled for."""
+    ``sizes_check``: an exact-size kernel's C condition for sizes it was not compiled for;
+    ``tiled``: the inner kernel rounds its tiles into C itself (else the wrapper does, after it)."""
     inner = inner_symbol(symbol)
     check = [f"    if ({sizes_check}) return -2;  /* not the sizes compiled for */"] if sizes_check else []
     return [
@@ -136,20 +158,11 @@ def wrapper(symbol: str, sizes_check: str | None) -> list[str]:
         "        for (int64_t b = 0; b < batch; b++) for (int64_t m = 0; m < M; m++) for (int64_t n = 0; n < N; n++)",
         "            t[(b * M + m) * N + n] = lt_f16_to_f32(C[b * sCb + m * sCm + n * sCn]);",
         f"    const int rc = {inner}(batch, M, N, K, A, sAb, sAm, sAk, B, sBb, sBk, sBn, t, M * N, N, 1,",
-        "                            accumulate, nthreads);",
+        "                            accumulate, nthreads, C, sCb, sCm, sCn);",
         "    if (rc) return rc;",
-        "    for (int64_t b = 0; b < batch; b++)",
-        "        for (int64_t m = 0; m < M; m++) {",
-        "            const float *src = t + (b * M + m) * N;",
-        "            uint16_t *dst = C + b * sCb + m * sCm;",
-        "            int64_t n = 0;",
-        "#if defined(__F16C__)",
-        "            if (sCn == 1)",
-        "                for (; n + 8 <= N; n += 8)",
-        "                    _mm_storeu_si128((__m128i *)(dst + n), _mm256_cvtps_ph(_mm256_loadu_ps(src + n), 0));",
-        "#endif",
-        "            for (; n < N; n++) dst[n * sCn] = lt_f32_to_f16(src[n]);",
-        "        }",
+        f"    if ({'K <= 0' if tiled else '1'})      /* else every tile was rounded into C as it was finished */",
+        "        for (int64_t b = 0; b < batch; b++)",
+        "            lt_f16_store(t + b * M * N, M, N, N, 1, C + b * sCb, sCm, sCn);",
         "    return 0;",
         "}",
     ]

@@ -255,8 +255,10 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
         self._emit_tile_epilogue(rng)
 
     def _emit_tile_epilogue(self, rng: dict[str, tuple[str, str]]) -> None:
-        """The store stage's epilogue: the tile just written has its final sums after the last k block."""
-        if self.epilogue:
+        """The store stage: the tile just written has its final sums after the last k block; a fused
+        epilogue finishes it, a float16 kernel rounds it into the float16 C."""
+        if self.epilogue or self.half:
             (m_lo, m_len), (n_lo, n_len), (k_lo, k_len), (b_lo, _) = rng["m"], rng["n"], rng["k"], rng["b"]
-            self.emit(f"if ({k_lo} + {k_len} == {self.extent['k']}) "
-                      + epi.c_call(self.prefix, "tc", m_len, n_len, m_lo, n_lo, b_lo))
+            finish = (f16.store_call("tc", m_len, n_len, b_lo, m_lo, n_lo) if self.half
+                      else epi.c_call(self.prefix, "tc", m_len, n_len, m_lo, n_lo, b_lo))
+            self.emit(f"if ({k_lo} + {k_len} == {self.extent['k']}) " + finish)

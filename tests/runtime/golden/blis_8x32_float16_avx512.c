@@ -49,6 +49,20 @@ static inline uint16_t lt_f32_to_f16(float f)
     return (uint16_t)(sign | (v.u >> 13));
 #endif
 }
+/* a finished rows x cols float32 tile (c, strides cm, cn) rounded into the float16 C (h, hm, hn) */
+static void lt_f16_store(const float *c, int64_t rows, int64_t cols, int64_t cm, int64_t cn,
+                         uint16_t *h, int64_t hm, int64_t hn)
+{
+    for (int64_t i = 0; i < rows; i++, c += cm, h += hm) {
+        int64_t j = 0;
+#if defined(__F16C__)
+        if (cn == 1 && hn == 1)
+            for (; j + 8 <= cols; j += 8)
+                _mm_storeu_si128((__m128i *)(h + j), _mm256_cvtps_ph(_mm256_loadu_ps(c + j), 0));
+#endif
+        for (; j < cols; j++) h[j * hn] = lt_f32_to_f16(c[j * cn]);
+    }
+}
 /* n consecutive halves widened into d: eight per vcvtph2ps where F16C is there */
 static inline void lt_f16_widen(const uint16_t *restrict s, float *restrict d, int64_t n)
 {
@@ -385,7 +399,7 @@ static __attribute__((noinline)) void golden_blis_8x32_float16_avx512_tile1(int6
         golden_blis_8x32_float16_avx512_scatter(t, 1, 32, c, cu, cv, overwrite);
     }
 }
-static int golden_blis_8x32_float16_avx512_f32(int64_t batch, int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t sAb, int64_t sAm, int64_t sAk, const uint16_t *B, int64_t sBb, int64_t sBk, int64_t sBn, float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads)
+static int golden_blis_8x32_float16_avx512_f32(int64_t batch, int64_t M, int64_t N, int64_t K, const uint16_t *A, int64_t sAb, int64_t sAm, int64_t sAk, const uint16_t *B, int64_t sBb, int64_t sBk, int64_t sBn, float *C, int64_t sCb, int64_t sCm, int64_t sCn, int32_t accumulate, int32_t nthreads, uint16_t *H, int64_t sHb, int64_t sHm, int64_t sHn)
 {
     if (batch <= 0 || M <= 0 || N <= 0) return 0;
     if (nthreads < 1) nthreads = 1;
@@ -459,6 +473,7 @@ static int golden_blis_8x32_float16_avx512_f32(int64_t batch, int64_t M, int64_t
                                     for (int64_t u = 0; u < len_m_i_o; u++)
                                         golden_blis_8x32_float16_avx512_scatter(tt + u * 32, 1, len_n_i_o, tc + u * sCm, sCm, sCn, ow);
                             }
+                            if (lo_k_o + len_k_o == K) lt_f16_store(tc, len_m_i_o, len_n_i_o, sCm, sCn, H + lo_b * sHb + lo_m_i_o * sHm + lo_n_i_o * sHn, sHm, sHn);
                         }
                     }
                 }
@@ -478,19 +493,10 @@ int golden_blis_8x32_float16_avx512(int64_t batch, int64_t M, int64_t N, int64_t
         for (int64_t b = 0; b < batch; b++) for (int64_t m = 0; m < M; m++) for (int64_t n = 0; n < N; n++)
             t[(b * M + m) * N + n] = lt_f16_to_f32(C[b * sCb + m * sCm + n * sCn]);
     const int rc = golden_blis_8x32_float16_avx512_f32(batch, M, N, K, A, sAb, sAm, sAk, B, sBb, sBk, sBn, t, M * N, N, 1,
-                            accumulate, nthreads);
+                            accumulate, nthreads, C, sCb, sCm, sCn);
     if (rc) return rc;
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t m = 0; m < M; m++) {
-            const float *src = t + (b * M + m) * N;
-            uint16_t *dst = C + b * sCb + m * sCm;
-            int64_t n = 0;
-#if defined(__F16C__)
-            if (sCn == 1)
-                for (; n + 8 <= N; n += 8)
-                    _mm_storeu_si128((__m128i *)(dst + n), _mm256_cvtps_ph(_mm256_loadu_ps(src + n), 0));
-#endif
-            for (; n < N; n++) dst[n * sCn] = lt_f32_to_f16(src[n]);
-        }
+    if (K <= 0)      /* else every tile was rounded into C as it was finished */
+        for (int64_t b = 0; b < batch; b++)
+            lt_f16_store(t + b * M * N, M, N, N, 1, C + b * sCb, sCm, sCn);
     return 0;
 }
