@@ -62,7 +62,7 @@ from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.errors import LoopTuneError
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler import pool
-from looptune.runtime.compiler.kernel import Kernel
+from looptune.runtime.compiler.kernel import Kernel, KernelLike
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.databases import Databases
@@ -177,7 +177,7 @@ class Resolver:
         register_for_exit(self.verdicts)
         self._machine_key: Optional[str] = None
         self._lock = threading.Lock()
-        self.dispatch: dict[tuple, tuple[Kernel, Resolution]] = {}   # key -> hit; read directly by matmul's fast path
+        self.dispatch: dict[tuple, tuple[KernelLike, Resolution]] = {}   # key -> hit; read directly by matmul's fast path
         self._key_locks: dict[tuple, threading.Lock] = {}
         self._kernels: dict[tuple, Kernel] = {}   # (schedule JSON, dtype, inputs, sizes) -> kernel
         self.trial_builds = 0                     # kernels built for trials (``MAX_TRIAL_BUILDS``)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from cffi import FFI
@@ -31,7 +32,7 @@ from looptune.runtime.compiler.build import BuildError
 from looptune.runtime.compiler.cache import TEMP_PREFIX
 from looptune.runtime.compiler.workload import numpy_dtype
 
-__all__ = ["Kernel", "KernelError", "KernelLoadError", "load_library"]
+__all__ = ["Kernel", "KernelError", "KernelLike", "KernelLoadError", "load_library"]
 
 log = logging.getLogger("looptune.runtime")
 
@@ -58,6 +59,21 @@ if hasattr(os, "register_at_fork"):     # POSIX
 
 class KernelLoadError(BuildError):
     """A shared object or a kernel symbol in it could not be loaded."""
+
+
+@runtime_checkable
+class KernelLike(Protocol):
+    """What a dispatch-table entry serves a call with, and every call path calls: a compiled
+    ``Kernel``, ``runtime.numpy_kernel.NumpyKernel`` (numpy serves) or ``runtime.verdicts.Trial``
+    (a trial against numpy under way).  ``invoke(a, b, c, accumulate, nthreads)`` computes
+    ``C = (accumulate ? C : 0) + A @ B`` and returns 0 or an ``abi.ERRORS`` code.  The compiled
+    ``serve`` path reads one more attribute, ``address``: a kernel function it calls itself, 0 for
+    numpy (it calls numpy.matmul), absent for an entry it must leave to the Python paths."""
+
+    symbol: str
+    dtype: str
+
+    def invoke(self, a: np.ndarray, b: np.ndarray, c: np.ndarray, accumulate: int, nthreads: int) -> int: ...
 
 
 def load_library(so_path: str | os.PathLike) -> ctypes.CDLL:

@@ -58,3 +58,18 @@ def test_every_path_files_the_key_dispatch_key_gives(fresh, m, n, k, path):
     assert new_keys(fresh, call) == {want}
     assert want[6] == (1 if 2 * count * m * n * k < SMALL_FLOPS else 3)
     assert key_problem(want).key() == fresh.dispatch[want][1].problem.key()
+
+
+def test_every_dispatch_entry_is_a_kernel_like():
+    """The declared protocol holds for every kind of entry: compiled kernels, numpy, trials."""
+    from looptune.runtime.compiler.kernel import Kernel, KernelLike
+    from looptune.runtime.numpy_kernel import NumpyKernel
+    from looptune.runtime.verdicts import Trial
+
+    numpy_side = NumpyKernel("float32", "test")
+    assert isinstance(numpy_side, KernelLike)
+    assert isinstance(Trial(numpy_side, lambda: numpy_side, lambda verdict: None), KernelLike)
+    runtime.matmul(np.ones((64, 64), np.float32), np.ones((64, 64), np.float32))
+    kernels = [hit[0] for hit in current_resolver().dispatch.values()]
+    assert kernels and all(isinstance(k, KernelLike) for k in kernels)
+    assert any(isinstance(k, (Kernel, Trial)) for k in kernels)

@@ -129,8 +129,6 @@ def test_render_ansi_shows_the_nest_and_cursor():
     assert "64 80 96" in text and "for k (k): 96 iters" in text and "<- cursor" in text
     with pytest.raises(ValueError):
         make_env(render_mode="human")
-    with pytest.raises(ValueError, match="no problem"):
-        make_env(problems=[]).reset()
 
 
 def test_default_evaluator_measures_locally_and_is_closed_with_the_env():
@@ -166,3 +164,17 @@ def test_bfloat16_problems_are_episodes_too():
             assert obs in env.observation_space and np.isfinite(reward)
             if terminated or truncated:
                 break
+
+
+def test_make_without_problems_tunes_the_papers_grid():
+    """As CompilerGym's environments do, the default is a documented problem set: the paper's grid."""
+    env = gymnasium.make(ENV_ID, evaluator=Evaluator(SyntheticRunner()))
+    sizes = set(range(64, 257, 16))
+    seen = set()
+    for seed in range(5):
+        obs, info = env.reset(seed=seed)
+        p = info["problem"]
+        assert {p.m, p.n, p.k} <= sizes and p.dtype == "float32" and p.threads == 1
+        seen.add(p)
+    assert len(env.unwrapped.problems) == 13 ** 3 and len(seen) > 1
+    env.close()

@@ -42,6 +42,7 @@ from looptune.runtime.compiler.workload import MAX_DIM, MatmulProblem
 from looptune.tuner.agent.actions import NUM_ACTIONS, sizes_of
 from looptune.tuner.agent.env import LoopTuneEnv
 from looptune.tuner.agent.observe import FLAT_FEATURES, Graph
+from looptune.tuner.agent.trainset import paper_grid
 from looptune.tuner.measure.evaluator import Evaluator
 
 ENV_ID = "LoopTune/Matmul-v0"
@@ -54,7 +55,10 @@ OBS_HIGH = math.log2(MAX_DIM) / 8 + 1.0
 
 
 class LoopTuneGymEnv(gymnasium.Env):
-    """One matmul problem per episode, sampled from ``problems`` (or given in ``reset``'s options).
+    """One matmul problem per episode, sampled from ``problems`` (or given in ``reset``'s options);
+    without ``problems``, from the LoopTune paper's grid (``trainset.paper_grid``: m, n, k each in
+    64..256 step 16, float32, one thread), measured live on this machine as CompilerGym's
+    environments default to a benchmark set.
 
     ``evaluator`` measures the schedules; the default is ``Evaluator.local()``, which compiles
     and times kernels on this machine (and is closed with the environment).  Tests and offline
@@ -71,7 +75,7 @@ class LoopTuneGymEnv(gymnasium.Env):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         if max_steps < 1:
             raise ValueError(f"max_steps must be at least 1, got {max_steps}")
-        self.problems = list(problems)
+        self.problems = list(problems) or paper_grid()
         self.owns_evaluator = evaluator is None
         self.core = LoopTuneEnv(Evaluator.local() if evaluator is None else evaluator, max_steps=max_steps)
         self.render_mode = render_mode
@@ -88,8 +92,6 @@ class LoopTuneGymEnv(gymnasium.Env):
         options = options or {}
         problem = options.get("problem")
         if problem is None:
-            if not self.problems:
-                raise ValueError("no problem to tune: pass problems= to the constructor or options={'problem': ...}")
             problem = self.problems[int(self.np_random.integers(len(self.problems)))]
         graph, info = self.core.reset(problem, start=options.get("start"))
         return self._obs(graph), self._info(info)

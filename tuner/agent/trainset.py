@@ -96,8 +96,16 @@ def _odd(rng: random.Random, lo: int = 17, hi: int = 320) -> int:
             return v
 
 
+PAPER_SIZES = range(64, 257, 16)       # the paper's grid: m, n and k each in 64..256 step 16
+
+
+def paper_grid() -> list[MatmulProblem]:
+    """The paper's 2197 problems (float32, one thread)."""
+    return [MatmulProblem(m, n, k) for m in PAPER_SIZES for n in PAPER_SIZES for k in PAPER_SIZES]
+
+
 def _paper(rng: random.Random) -> tuple[int, int, int]:
-    return tuple(rng.randrange(64, 257, 16) for _ in range(3))  # type: ignore[return-value]
+    return tuple(rng.randrange(PAPER_SIZES.start, PAPER_SIZES.stop, PAPER_SIZES.step) for _ in range(3))  # type: ignore[return-value]
 
 
 def _one(rng: random.Random, family: str) -> MatmulProblem:
