@@ -82,7 +82,7 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
     one's best median: the same protocol for every method, so no method profits from having
     taken the maximum of more noisy measurements during its search."""
     keys = sorted(schedules)
-    builds = dict(zip(keys, build_many([render(schedules[k], problem.dtype) for k in keys])))
+    builds = dict(zip(keys, build_many([render(schedules[k], problem.dtype, op=problem.op) for k in keys])))
     best: dict[str, float] = {}
     for i in range(rounds):
         order = keys if i % 2 == 0 else keys[::-1]

@@ -50,7 +50,7 @@ def main() -> None:
             t0 = time.perf_counter()
             cands = blocking_candidates(p, args.candidates, seed=0)
             schedules = [c.schedule() for c in cands]
-            builds = build_many([render(s, p.dtype) for s in schedules])
+            builds = build_many([render(s, p.dtype, op=p.op) for s in schedules])
             results = runner.run([Candidate.from_build(p, b, s.to_json()) for s, b in zip(schedules, builds)])
             ok = [i for i, r in enumerate(results) if r.ok]
             if not ok:

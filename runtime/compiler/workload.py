@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Mapping
 
-from looptune.runtime.compiler.epilogue import OPS   # "matmul", and with each fused epilogue
+from looptune.runtime.compiler.epilogue import OPS, PLAIN, Epilogue   # "matmul", and with each fused epilogue
 # the inputs' dtype; bfloat16 is ml_dtypes' (result: float32); float16 is IEEE half (result: float16)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -161,6 +161,7 @@ class MatmulProblem:
         extra += [f"dtype={self.dtype}"] if self.dtype != "float32" else []
         extra += [f"layout={self.layout}"] if self.layout != "nn" else []
         extra += [f"threads={self.threads}"] if self.threads != 1 else []
+        extra += [f"epilogue={','.join(self.op.split('+')[1:])}"] if self.op != PLAIN else []
         return " ".join([f"{self.m} {self.n} {self.k}", *extra])
 
     def make_operands(self, seed: int = 0):
@@ -194,7 +195,8 @@ def numpy_dtype(name: str):
 
 
 def parse_shape_line(line: str, *, threads: int = 1) -> MatmulProblem | None:
-    """``M N K [batch=B] [dtype=...] [layout=..]`` -> problem; blank lines and comments -> None."""
+    """``M N K [batch=B] [dtype=...] [layout=..] [epilogue=bias,relu]`` -> problem (``epilogue``:
+    ``Epilogue.parse``'s parts, the problem's op); blank lines and comments -> None."""
     text = line.split("#", 1)[0].strip()
     if not text:
         return None
@@ -208,8 +210,13 @@ def parse_shape_line(line: str, *, threads: int = 1) -> MatmulProblem | None:
     opts: dict[str, object] = {}
     for p in parts[3:]:
         key, sep, value = p.partition("=")
-        if not sep or key not in ("batch", "dtype", "layout", "threads"):
+        if not sep or key not in ("batch", "dtype", "layout", "threads", "epilogue"):
             raise ProblemError(f"unknown option {p!r} in {line.strip()!r}")
+        if key == "epilogue":
+            try:
+                key, value = "op", Epilogue.parse(value).op
+            except ValueError as e:
+                raise ProblemError(f"{e} in {line.strip()!r}") from None
         opts[key] = int(value) if key in ("batch", "threads") and value.isdigit() else value
     opts.setdefault("threads", threads)
     return MatmulProblem(m, n, k, **opts)  # type: ignore[arg-type]

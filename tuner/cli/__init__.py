@@ -57,20 +57,20 @@ def info(as_json: bool) -> None:
               help="a schedule trace (JSON); default: the analytic default schedule")
 @click.option("--c", "show_c", is_flag=True, help="print the generated C instead of the loop nest")
 @click.option("--json", "as_json", is_flag=True, help="print the trace as JSON")
-def schedule(m, n, k, dtype, batch, layout, threads, trace_file, show_c, as_json) -> None:
+def schedule(m, n, k, dtype, batch, layout, threads, epilogue, trace_file, show_c, as_json) -> None:
     """Show a schedule for a problem: its loop nest, trace or generated C."""
     from looptune.runtime.compiler.codegen import render
     from looptune.runtime.compiler.defaults import default_schedule
     from looptune.runtime.compiler.ir import ScheduleError
     from looptune.runtime.compiler.schedule import Schedule
 
-    problem = make_problem(m, n, k, dtype, batch, layout, threads)
+    problem = make_problem(m, n, k, dtype, batch, layout, threads, epilogue)
     try:
         sched = Schedule.from_json(read_text(trace_file)) if trace_file else default_schedule(problem)
     except ScheduleError as e:
         raise click.ClickException(f"illegal schedule: {e}") from None
     if show_c:
-        click.echo(render(sched, problem.dtype).text)
+        click.echo(render(sched, problem.dtype, op=problem.op).text)
     elif as_json:
         click.echo(sched.to_json())
     else:

@@ -17,6 +17,7 @@ import click
 
 from looptune.database.errors import DatabaseError
 from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.epilogue import PLAIN, Epilogue
 from looptune.runtime.compiler.workload import DTYPES, LAYOUTS, MAX_THREADS, MatmulProblem, ProblemError
 from looptune.runtime.configuration import not_a_database_file
 
@@ -59,8 +60,22 @@ class DatabasePath(click.Path):
         return path
 
 
+class EpilogueOption(click.ParamType):
+    """A fused epilogue (``--epilogue bias,gelu_tanh``, as a shape file's ``epilogue=``), given as
+    the problem's op (``"matmul+bias+gelu_tanh"``); bad parts fail at parse time, named."""
+
+    name = "parts"
+
+    def convert(self, value, param, ctx) -> str:
+        try:
+            return Epilogue.parse(value).op
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 BUDGET_S = PositiveSeconds()
 DATABASE = DatabasePath()
+EPILOGUE = EpilogueOption()
 
 
 def database_path(db_path: str | None) -> str:
@@ -119,6 +134,9 @@ def check_writable(db_path: str) -> None:
 
 def problem_options(f):
     """Shared options that, with M N K arguments, describe one problem."""
+    f = click.option("--epilogue", type=EPILOGUE, default=PLAIN,
+                     help="fused epilogue, activation(A @ B + bias) + residual: comma-separated parts from "
+                          "bias, residual and one of relu, gelu, gelu_tanh, silu (e.g. bias,gelu_tanh)")(f)
     f = click.option("--threads", type=THREADS, default=1, show_default=True, help="threads the kernel runs on")(f)
     f = click.option("--layout", type=click.Choice(LAYOUTS), default="nn", show_default=True,
                      help="t marks a transposed operand view (A first)")(f)
@@ -130,8 +148,20 @@ def problem_options(f):
     return f
 
 
-def make_problem(m, n, k, dtype, batch, layout, threads) -> MatmulProblem:
+def make_problem(m, n, k, dtype, batch, layout, threads, op: str = PLAIN) -> MatmulProblem:
     try:
-        return MatmulProblem(m, n, k, batch=batch, dtype=dtype, layout=layout, threads=threads)
+        problem = MatmulProblem(m, n, k, batch=batch, dtype=dtype, layout=layout, threads=threads, op=op)
     except ProblemError as e:
         raise click.BadParameter(str(e)) from None
+    reason = untunable(problem)
+    if reason:
+        raise click.BadParameter(reason, param_hint="'--epilogue'")
+    return problem
+
+
+def untunable(problem: MatmulProblem) -> str | None:
+    """Why no kernel can be tuned for ``problem`` (None: one can): float16 kernels have no fused
+    epilogue (``codegen.render``; the runtime composes float16 with numpy's element-wise operations)."""
+    if problem.op != PLAIN and problem.dtype == "float16":
+        return f"float16 kernels have no fused epilogue ({problem.op})"
+    return None

@@ -7,9 +7,10 @@ import sys
 
 import click
 
+from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shapes
 from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, INTERRUPTED_EXIT, THREADS, check_writable,
-                                       database_path, read_text, user_errors)
+                                       database_path, read_text, untunable, user_errors)
 
 BENCH_AFTER_BUILD_MAX = 24      # build-db ends with the bench table for families this small
 
@@ -21,7 +22,12 @@ def _problems(shapes: str | None, preset: str | None, threads: int, required: bo
         raise click.UsageError("give --shapes or --preset, not both")
     try:
         if shapes:
-            return list(parse_shapes(read_text(shapes).splitlines(), threads=threads))
+            problems = list(parse_shapes(read_text(shapes).splitlines(), threads=threads))
+            for p in problems:
+                reason = untunable(p)
+                if reason:
+                    raise ProblemError(f"{p}: {reason}")
+            return problems
         if preset:
             return preset_problems(preset, threads=threads)
     except ProblemError as e:
@@ -129,7 +135,7 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
         raise SystemExit(INTERRUPTED_EXIT)
     if do_bench is None:
         do_bench = report.total <= BENCH_AFTER_BUILD_MAX
-    if do_bench and not as_json and report.problems:
+    if do_bench and not as_json and any(p.op == PLAIN for p in report.problems):
         click.echo("")
         _bench_and_print(report.problems, db_path, threads, as_json=False, plot_path=None)
     if report.failed or report.refused:
@@ -230,7 +236,7 @@ def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch,
 
 
 def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
-    """The shapes this machine has records for at this thread count, in size order."""
+    """The plain products this machine has records for at this thread count, in size order."""
     if not os.path.exists(db_path):
         return []
     from looptune.database import load
@@ -238,7 +244,8 @@ def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
     from looptune.tuner.ship.builddb import target_machine
 
     machine = target_machine()
-    keys = sorted({r.problem for r in load(db_path) if r.machine == machine and r.problem.threads == threads})
+    keys = sorted({r.problem for r in load(db_path)
+                   if r.machine == machine and r.problem.threads == threads and r.problem.op == PLAIN})
     return [MatmulProblem(p.m, p.n, p.k, batch=p.batch, dtype=p.dtype, layout=p.layout, threads=p.threads) for p in keys]
 
 
@@ -257,7 +264,9 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
     if numpy_handoff is not None:
         runtime.configure(numpy_handoff=numpy_handoff)
     handoff = runtime.settings().numpy_handoff
-    problems = list(dict.fromkeys(problems))
+    # the plain products: a fused problem's measurement (against numpy's unfused composition and
+    # torch) is tools/bench_fused.py's
+    problems = list(dict.fromkeys(p for p in problems if p.op == PLAIN))
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm

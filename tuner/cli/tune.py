@@ -1,5 +1,6 @@
 """``looptune tune M N K``: tune one problem with the shipped policy (or other weights, or none) and
-store the result.  ``--policy none`` runs the ablation baseline: tune() without the policy."""
+store the result.  ``--policy none`` runs the ablation baseline: tune() without the policy.
+``--epilogue bias,gelu_tanh`` tunes the fused problem (its op is in the record's key)."""
 from __future__ import annotations
 
 import json
@@ -18,14 +19,14 @@ from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, os_error
               help="policy weights (npz); 'none': no policy (analytic default, templates and a "
                    "random-order hill-climb: the ablation baseline); default: the shipped policy")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def tune(m, n, k, dtype, batch, layout, threads, budget, db_path, policy_path, as_json) -> None:
+def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, policy_path, as_json) -> None:
     """Tune one matmul problem: policy rollout plus a few measurements, keeping the best."""
     # imported here, not at the top: ``looptune --help`` and the other commands do not load the tuner
     from looptune.tuner.agent.policy import Policy, PolicyError
     from looptune.tuner.search.tune import NO_POLICY, tune as run_tune
     from looptune.tuner.ship.builddb import store_result
 
-    problem = make_problem(m, n, k, dtype, batch, layout, threads)
+    problem = make_problem(m, n, k, dtype, batch, layout, threads, epilogue)
     policy = NO_POLICY
     if policy_path != NO_POLICY:
         try:

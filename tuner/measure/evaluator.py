@@ -181,8 +181,9 @@ class Evaluator:
             return results
         t0 = time.perf_counter()
         scheds = {k: Schedule.from_json(k) for _, k in todo}
-        # each problem's exact-size kernels: what the runtime serves from the record (protocol.Candidate)
-        builds = build_many([render(scheds[k], p.dtype, sizes=FixedSizes.of(p)) for p, k in todo])
+        # each problem's exact-size kernels, with its op's epilogue: what the runtime serves from the record
+        # (protocol.Candidate)
+        builds = build_many([render(scheds[k], p.dtype, sizes=FixedSizes.of(p), op=p.op) for p, k in todo])
         self.stats.built += sum(1 for b in builds if not b.cached)
         self.wait()
         t1 = time.perf_counter()

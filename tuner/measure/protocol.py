@@ -124,8 +124,9 @@ class Candidate:
 
     The artifact is the kernel ``runtime.matmul`` will serve for ``problem`` once its record is
     stored: the schedule's exact-size kernel for the problem's sizes (``codegen.render(...,
-    sizes=FixedSizes.of(problem))``, as the runtime builds for an exact record), so the stored
-    GFLOPS is what is served.  The worker calls it with exactly those sizes."""
+    sizes=FixedSizes.of(problem), op=problem.op)``, as the runtime builds for an exact record), so
+    the stored GFLOPS is what is served.  The worker calls it with exactly those sizes (and a fused
+    problem's epilogue operands: ``looptune.tuner.measure.fused``)."""
 
     problem: MatmulProblem
     artifact: Artifact | None

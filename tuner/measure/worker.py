@@ -20,6 +20,8 @@ without the trampoline, ``Kernel.invoke``), with the kernel in the runtime's dis
 the thread count matmul passes by default, on operands of the
 problem's very sizes: the artifact is the kernel the runtime serves from the problem's record,
 its exact-size kernel (``protocol.Candidate``), so a measured time is what the runtime serves.
+A fused problem (an op with an epilogue) is verified and timed as ``looptune.tuner.measure.fused``
+describes, through ``runtime.matmul(a, b, out=c, bias=, activation=, residual=)``.
 
 The worker writes its answers to a private duplicate of fd 1 and points fd 1 at stderr, so a
 kernel that ``printf``s cannot corrupt the protocol.  Thread counts are pinned by the parent
@@ -43,22 +45,18 @@ import numpy as np   # the parent set the thread variables before this process s
 
 from looptune.runtime.compiler import pool, trampoline
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE, error_message
-from looptune.runtime.compiler.kernel import Kernel, KernelLoadError, call_threads
+from looptune.runtime.compiler.dispatch import call_threads, dispatch_key
+from looptune.runtime.compiler.kernel import Kernel, KernelLoadError
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime import api as runtime_api
-from looptune.runtime.configuration import RuntimeSettings
+from looptune.tuner.measure.fused import (FusedReference, fused_reference, fused_runtime_call, is_fused,
+                                          numpy_unfused_call)
+from looptune.tuner.measure.placement import copy_keeping_layout, placed
 from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 
 _GUARD = 1024          # sentinel elements on each side of C, to catch out-of-bounds writes
 _SENTINEL = 12345.678  # any value a correct kernel never writes into the guard zone (float16: 12344)
-# Where timed operands start within a cache line.  numpy's allocations are 16-byte aligned (glibc's
-# malloc; a large array is mmapped 16 bytes past a page), so an application's A, B and C mostly
-# straddle cache lines, and some kernels run a quarter slower so (measured on 1x1024x1024: 59
-# GFLOPS 64-byte aligned, 40 at 16 past).  Kernels and numpy are timed on operands placed where
-# applications' usually are, not wherever the worker's allocator put them this time.
-CACHE_LINE_BYTES = 64
-TIMING_OFFSET_BYTES = 16
 
 
 class _Failure(Exception):
@@ -75,43 +73,59 @@ class Operands:
     """A, B (copies in the problem's layout) and C inside a guarded buffer, and the kernel calls
     on them: ``Kernel.invoke`` (verification, accumulate) and the call ``runtime.matmul(a, b,
     out=c)`` makes (timing), with the thread count matmul would pass for this problem.  C has
-    the kernel's output dtype (float32 for bfloat16 inputs, float16 for float16's)."""
+    the kernel's output dtype (float32 for bfloat16 inputs, float16 for float16's).  A fused
+    problem's bias and residual are copies too, and its calls pass them (``Kernel.invoke_fused``,
+    ``runtime.matmul(..., bias=, activation=, residual=)``)."""
 
-    def __init__(self, problem, a0, b0, kernel: Kernel, shift: int = 0):
-        self.a, self.b = _copy_keeping_layout(a0, shift), _copy_keeping_layout(b0, shift)
+    def __init__(self, problem, a0, b0, kernel: Kernel, shift: int = 0, bias0=None, residual0=None):
+        self.a, self.b = copy_keeping_layout(a0, shift), copy_keeping_layout(b0, shift)
+        self.bias, self.residual = (None if x is None else copy_keeping_layout(x, shift) for x in (bias0, residual0))
         size = problem.batch * problem.m * problem.n
         dtype = np.dtype(OUTPUT_DTYPE[problem.dtype])
-        self.buf = _placed((size + 2 * _GUARD,), dtype, (dtype.itemsize,), first=_GUARD, shift=shift)
+        self.buf = placed((size + 2 * _GUARD,), dtype, (dtype.itemsize,), first=_GUARD, shift=shift)
         self.buf[...] = _SENTINEL
         self.c = self.buf[_GUARD:_GUARD + size].reshape(problem.batch, problem.m, problem.n)
-        self.threads = call_threads(problem.flops, problem.threads, RuntimeSettings.small_flops)
+        self.threads = call_threads(problem.flops, problem.threads)
         self.problem, self.kernel, self.invoke = problem, kernel, kernel.invoke
 
     def call(self, accumulate: int) -> int:
+        if self.kernel.fused:
+            return self.kernel.invoke_fused(self.a, self.b, self.c, self.bias, self.residual, accumulate, self.threads)
         return self.invoke(self.a, self.b, self.c, accumulate, self.threads)
 
     def timed_call(self) -> tuple[Callable[[], Any], Callable[[Any, str], None]]:
         """(the very call an application makes, ``runtime.matmul(a, b, out=c)`` with the default
         thread count, with this kernel in the runtime's dispatch table under the problem's key:
         its Python entry, the compiled ``serve`` and the kernel, as a partial with no frame of
-        ours; the check of what it returns).  Without the trampoline: ``call(0)`` and its code."""
+        ours; the check of what it returns).  Without the trampoline: ``call(0)`` and its code.
+        A fused kernel: ``runtime.matmul(a, b, out=c, bias=, activation=, residual=)``, once
+        first with a counting twin of the kernel served, to see that the call reaches it."""
         module = trampoline.load()
-        if module is None:
+        if module is None and not self.kernel.fused:
             return functools.partial(self.invoke, self.a, self.b, self.c, 0, self.threads), _check_rc
         p = self.problem
-        if p.dtype == "bfloat16":       # serve takes bfloat16 operands once told their type number
+        if p.dtype == "bfloat16" and module is not None:   # serve takes bfloat16 operands once told their type number
             module.set_bfloat16(self.a.dtype.num)
         if runtime_api.settings().threads != p.threads:
             # this process serves nothing else: no databases, and the problem's threads as the default
             runtime_api.configure(threads=p.threads, user_db=None, embedded_db=None, fallback="off")
-        # under every layout's key: serve names a layout by the strides, and a core dimension of 1
-        # has both (the kernel takes any strides)
-        dispatch = runtime_api.current_resolver().dispatch
-        hit = (self.kernel, None)
+        if not self.kernel.fused:
+            self._serve(self.kernel)
+            return functools.partial(runtime_api.matmul, self.a, self.b, out=self.c), self.check_served
+        call, rc = fused_runtime_call(self, self._serve)
+        if rc is None:
+            raise _Failure(RunStatus.RUNNER_ERROR, "runtime.matmul did not serve the fused call with the kernel")
+        _check_rc(rc, "called by runtime.matmul")
+        return call, _returned_c(self.c, "runtime.matmul")
+
+    def _serve(self, kernel: Kernel) -> None:
+        """``kernel`` in the runtime's dispatch table for this problem, under every layout's key:
+        serve names a layout by the strides, and a core dimension of 1 has both (the kernel
+        takes any strides); ``dispatch.dispatch_key`` adds a fused problem's op."""
+        p, dispatch = self.problem, runtime_api.current_resolver().dispatch
         for la in "nt":
             for lb in "nt":
-                dispatch[(p.dtype, p.m, p.n, p.k, p.batch, la + lb, self.threads)] = hit
-        return functools.partial(runtime_api.matmul, self.a, self.b, out=self.c), self.check_served
+                dispatch[dispatch_key(p.dtype, p.m, p.n, p.k, p.batch, la + lb, self.threads, op=p.op)] = (kernel, None)
 
     def check_served(self, result: Any, when: str) -> None:
         """matmul returns C through ``serve``; anything else means the compiled path declined the call
@@ -126,31 +140,11 @@ class Operands:
         return bool(np.all(g[:_GUARD] == _SENTINEL) and np.all(g[-_GUARD:] == _SENTINEL))
 
 
-def _copy_keeping_layout(x, shift: int = 0):
-    """A fresh copy with the same strides pattern (a transposed view stays transposed), placed
-    ``TIMING_OFFSET_BYTES`` into a cache line (``shift`` bytes further into its memory)."""
-    y = _placed(x.shape, x.dtype, np.empty_like(x, order="K").strides, shift=shift)
-    np.copyto(y, x)
-    return y
-
-
-def _placed(shape, dtype, strides, first: int = 0, shift: int = 0):
-    """An uninitialized array of non-negative ``strides`` whose element number ``first`` (in
-    memory order) starts ``TIMING_OFFSET_BYTES`` past a cache-line boundary, at least ``shift``
-    bytes into freshly allocated memory (``MeasureConfig.operand_shift_bytes``: other pages and
-    cache sets for the same data)."""
-    dtype = np.dtype(dtype)
-    nbytes = sum((n - 1) * st for n, st in zip(shape, strides)) + dtype.itemsize if all(shape) else 0
-    raw = np.empty(nbytes + CACHE_LINE_BYTES + shift, np.uint8)
-    start = shift + (TIMING_OFFSET_BYTES - first * dtype.itemsize - raw.ctypes.data - shift) % CACHE_LINE_BYTES
-    return np.ndarray(shape, dtype, buffer=raw, offset=start, strides=strides)
-
-
-def _returned_c(c) -> Callable[[Any, str], None]:
+def _returned_c(c, who: str = "numpy.matmul") -> Callable[[Any, str], None]:
     """A ``time_calls`` check for a call that returns its output array ``c`` (numpy raises on failure)."""
     def check(result: Any, when: str) -> None:
         if result is not c:
-            raise _Failure(RunStatus.RUNNER_ERROR, f"numpy.matmul did not write into out= {when}")
+            raise _Failure(RunStatus.RUNNER_ERROR, f"{who} did not write into out= {when}")
     return check
 
 
@@ -169,29 +163,37 @@ def verify(kernel: Kernel, problem, config: MeasureConfig, reference) -> Operand
     bfloat16 products are exact in float64 (and in float32), so for bf16 inputs the tolerance is
     float32's: what remains is the kernel's float32 accumulation.  float16 results add their
     rounding to float16 (``protocol.default_tolerance``: float32's bound plus 2**-10 relative).
+    A fused problem's ``reference(seed)`` is a ``fused.FusedReference`` (its bias and residual
+    are inputs too, its tolerance is derived element by element; accumulate=0 only).
     """
     rtol, atol = config.tolerance(problem.dtype, problem.k)
     ops = None
     for seed in range(config.seeds):
-        a0, b0, ref = reference(seed)
-        ops = Operands(problem, a0, b0, kernel, config.operand_shift_bytes)
+        data = reference(seed)
+        if isinstance(data, FusedReference):
+            a0, b0, extra = data.a, data.b, (data.bias, data.residual)
+            checks = [(0, data.expect, data.bound(rtol, atol))]
+        else:
+            (a0, b0, ref), extra = data, ()
+            checks = [(0, ref, atol + rtol * np.abs(ref))]
+            checks += [(1, 2 * ref, 2 * atol + rtol * np.abs(2 * ref))] if config.verify_accumulate else []
+        ops = Operands(problem, a0, b0, kernel, config.operand_shift_bytes, *extra)
         ops.c[...] = np.nan
-        checks = [(0, ref, 1.0)] + ([(1, 2 * ref, 2.0)] if config.verify_accumulate else [])
-        for accumulate, expect, scale in checks:
+        inputs = [(x, x0) for x, x0 in zip((ops.a, ops.b, ops.bias, ops.residual), (a0, b0, *extra)) if x0 is not None]
+        for accumulate, expect, bound in checks:
             _check_rc(ops.call(accumulate), f"during verification (accumulate={accumulate})")
             what = f"seed {seed}, accumulate={accumulate}"
             if not ops.guard_intact():
                 raise _Failure(RunStatus.WRONG_ANSWER, f"wrote outside C ({what})")
-            if not (np.array_equal(ops.a, a0) and np.array_equal(ops.b, b0)):
+            if not all(np.array_equal(x, x0) for x, x0 in inputs):
                 raise _Failure(RunStatus.WRONG_ANSWER, f"modified an input operand ({what})")
-            err = np.abs(ops.c - expect)
-            bad = ~(err <= scale * atol + rtol * np.abs(expect))    # also catches NaN
+            bad = ~(np.abs(ops.c - expect) <= bound)    # also catches NaN
             if bad.any():
                 idx = tuple(int(i) for i in np.argwhere(bad)[0])
                 raise _Failure(RunStatus.WRONG_ANSWER,
                                f"{int(bad.sum())} of {bad.size} elements wrong ({what}); first at "
                                f"[b,m,n]={list(idx)}: got {float(ops.c[idx])!r}, expected {float(expect[idx])!r} "
-                               f"(rtol={rtol:.3g}, atol={scale * atol:.3g})")
+                               f"(tolerance {float(bound[idx]):.3g} there; rtol={rtol:.3g}, atol={atol:.3g})")
     assert ops is not None
     return ops
 
@@ -268,30 +270,33 @@ class Worker:
         self._flusher: _Flusher | None = None
         self._refs: dict[tuple[Any, int], tuple[Any, Any, Any]] = {}
 
-    def kernel(self, so_path: str, symbol: str, dtype: str) -> Kernel:
-        """The kernel, loaded by the runtime's loader (a file rebuilt in place is loaded afresh);
-        a load failure is a BUILD_ERROR result."""
+    def kernel(self, so_path: str, symbol: str, dtype: str, fused: bool = False) -> Kernel:
+        """The kernel, loaded by the runtime's loader (a file rebuilt in place is loaded afresh;
+        ``fused``: with a fused epilogue's arguments); a load failure is a BUILD_ERROR result."""
         try:
             st = os.stat(so_path)
         except OSError as e:
             raise _Failure(RunStatus.BUILD_ERROR, f"cannot open {so_path}: {e.strerror}") from None
-        key = (so_path, symbol, dtype, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = (so_path, symbol, dtype, fused, st.st_ino, st.st_size, st.st_mtime_ns)
         kernel = self._kernels.get(key)
         if kernel is None:
             try:
-                kernel = self._kernels[key] = Kernel(so_path, symbol, dtype)
+                kernel = self._kernels[key] = Kernel(so_path, symbol, dtype, fused)
             except KernelLoadError as e:
                 raise _Failure(RunStatus.BUILD_ERROR, str(e)) from None
         return kernel
 
     def reference_data(self, problem, seed: int):
-        """(A, B, A @ B in float64) for one seed, kept for the current problem only.
+        """(A, B, A @ B in float64) for one seed, kept for the current problem only (a fused
+        problem: its ``fused.FusedReference``).
 
         Search measures many candidates of one problem in a row; recomputing a float64 matmul
         for each would, for large problems, cost more than timing the kernel.
         """
         if any(p != problem for p, _ in self._refs):
             self._refs.clear()
+        if (problem, seed) not in self._refs and is_fused(problem):
+            self._refs[(problem, seed)] = fused_reference(problem, seed)
         if (problem, seed) not in self._refs:
             a, b, _ = problem.make_operands(seed)
             a.flags.writeable = b.flags.writeable = False
@@ -310,7 +315,7 @@ class Worker:
             problem = MatmulProblem.from_key(req["problem"])
             config = MeasureConfig(**req["config"])
             if req["op"] == "run":
-                kernel = self.kernel(req["so_path"], req["symbol"], problem.dtype)
+                kernel = self.kernel(req["so_path"], req["symbol"], problem.dtype, is_fused(problem))
                 ops = verify(kernel, problem, config, lambda s: self.reference_data(problem, s))
                 ref = req.get("reference_seconds")
                 give_up = config.slow_cutoff * ref if config.slow_cutoff > 0 and ref else None
@@ -330,11 +335,14 @@ class Worker:
     def reference(self, problem, config: MeasureConfig) -> tuple[list[float], int, float]:
         """Time ``np.matmul(A, B, out=C)`` on the same layouts and thread count as the kernel (for
         bfloat16, on the ml_dtypes arrays into a float32 C; for float16, numpy's own loop into a
-        float16 C: what a numpy user gets)."""
-        a, b, c = (_copy_keeping_layout(x) for x in problem.make_operands(0))   # placed as the kernel's
+        float16 C: what a numpy user gets).  A fused problem: numpy's unfused composition
+        (``fused.numpy_unfused``: the product into C, then the bias, activation and residual)."""
+        a, b, c = (copy_keeping_layout(x) for x in problem.make_operands(0))   # placed as the kernel's
         # a C-level callable, as the kernel's call is: no Python frame per call on either side
-        call = functools.partial(np.matmul, a, b, out=c)
-        result = time_calls(call, config, self.flusher(config), problem.threads, check=_returned_c(c))
+        call, check = functools.partial(np.matmul, a, b, out=c), _returned_c(c)
+        if is_fused(problem):
+            call, check = numpy_unfused_call(self.reference_data(problem, 0), c), lambda result, when: None
+        result = time_calls(call, config, self.flusher(config), problem.threads, check=check)
         if problem.threads > 1 and not pool.openblas_served():
             time.sleep(0.05)   # let OpenBLAS's spinning workers go idle before the kernel runs
         return result

@@ -8,15 +8,21 @@ schedule replays on any size of its family), and a near record of this machine s
 kernels and numpy run at about this size, which the real-size cost model uses
 (``proxy.Rates``) before anything is measured.
 
+A fused problem (an op with an epilogue) is seeded by its own family's records first, then by
+its plain twin's (``MatmulProblem.op`` "matmul"): the loop structure is the same, only the store
+stage differs, as the runtime serves a fused problem without records of its own.  The plain
+records' rates are not the fused problem's (``seed_rates`` keeps to the family).
+
 Loading takes ~0.3 s (h5py, the index), so ``DatabaseSeeds`` loads in a background thread
 started with the tune, while the measurement worker starts; ``get`` waits for it.
 """
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
+from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -57,15 +63,17 @@ def nearest_seeds(problem: MatmulProblem, count: int = SEEDS) -> list[Seed]:
         dbs.check()         # a database that changed since (a file stat each) is loaded again
         indexes = dbs.indexes()
     out: list[Seed] = []
+    families = [problem] if problem.op == PLAIN else [problem, replace(problem, op=PLAIN)]
     for _, index in indexes:
-        for match in index.nearest(problem, count):
-            try:
-                sched = canonical_schedule(Schedule.from_trace(match.record.trace).nest)
-            except ScheduleError:
-                continue
-            rec = match.record
-            out.append(Seed(sched, rec.problem, match.distance, match.local, rec.gflops_median, rec.numpy_gflops))
-    out.sort(key=lambda s: (s.distance, not s.local))
+        for member in families:
+            for match in index.nearest(member, count):
+                try:
+                    sched = canonical_schedule(Schedule.from_trace(match.record.trace).nest)
+                except ScheduleError:
+                    continue
+                rec = match.record
+                out.append(Seed(sched, rec.problem, match.distance, match.local, rec.gflops_median, rec.numpy_gflops))
+    out.sort(key=lambda s: (s.distance, not s.local, s.problem.op != problem.op))
     return out
 
 

@@ -10,6 +10,7 @@ The library has no Python, no LoopTune and no compiler at run time::
     int looptune_dgemm(... double ...);
     int looptune_bgemm(... const uint16_t *A ... const uint16_t *B ... float *C ...);   /* bfloat16 */
     int looptune_hgemm(... const uint16_t *A ... const uint16_t *B ... uint16_t *C ...);  /* float16 */
+    int looptune_sgemm_bias_gelu_tanh(... float *C, int64_t ldc, const float *bias);   /* fused */
     const char *looptune_cpu_level(void);     /* the level of the kernel set that serves */
 
 What goes in: the records of one machine for row-major (``nn``), unbatched problems of
@@ -18,7 +19,10 @@ of its family, so many shapes usually share a kernel).  With ``shapes``, exactly
 shapes: their own record, else the nearest record's kernel.  ``looptune_bgemm``
 (bfloat16 inputs, float32 C) is there when the plan has bfloat16 shapes; see ``export_c`` for
 how its kernels pick AMX, vdpbf16ps or the portable form at run time.  ``looptune_hgemm``
-(float16 inputs and C, float32 accumulation) likewise when the plan has float16 shapes.
+(float16 inputs and C, float32 accumulation) likewise when the plan has float16 shapes.  Fused
+epilogues (records or shapes whose op is not "matmul") get an entry point per dtype and op
+(``export_fused``, which says why), with kernels of their own: a fused shape without a record
+of its op takes the plain product's nearest record, as ``runtime.matmul`` does.
 
 Levels (``targets``, ``export_levels``): one kernel set per target level, each compiled for that
 level's instructions only, and the library runs the highest set the CPU can.  At the records' own
@@ -53,11 +57,13 @@ from typing import Iterable, Optional, Sequence
 from looptune.runtime.compiler.build import BuildSettings, compile_errors, portable_flags
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION
 from looptune.runtime.compiler.defaults import default_schedule
+from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.machine import ISA_LEVELS
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
 from looptune.tuner.ship import export_levels as levels_
-from looptune.tuner.ship.export_c import DTYPE_ORDER, OPTIONAL_DTYPES, PREFIX, header_text, source_text
+from looptune.tuner.ship.export_c import DTYPE_ORDER, OPTIONAL_DTYPES, entry_points, header_text, source_text
+from looptune.tuner.ship.export_fused import FUSED_DTYPES, entry_name, family
 
 GENERAL_SIZE = 512             # the general kernel is the default schedule of a 512^3 problem
 
@@ -76,6 +82,7 @@ class Entry:
     exact: bool              # tuned for exactly this shape (else: borrowed from the nearest record)
     gflops: float            # the record's measured GFLOPS (0 when borrowed)
     numpy_gflops: float
+    op: str = PLAIN          # a fused epilogue's shape: its entry point's table
 
     @property
     def kernel(self) -> int:
@@ -91,6 +98,7 @@ class Kernel:
     general: bool = False
     level: str = levels_.FLOOR   # the level it is rendered and compiled for
     tuned: bool = False          # a record's trace (else an analytic default)
+    op: str = PLAIN              # rendered with this fused epilogue
 
 
 @dataclass(frozen=True)
@@ -98,9 +106,10 @@ class Plan:
     machine: object                  # database MachineKey
     threads: int
     kernels: tuple[Kernel, ...]
-    entries: tuple[Entry, ...]       # sorted by (dtype, m, n, k)
+    entries: tuple[Entry, ...]       # sorted by (dtype, op, m, n, k)
     levels: tuple[str, ...] = (levels_.FLOOR,)   # kernel sets, highest first (export_levels.with_floor)
     targets: tuple[str, ...] = (levels_.FLOOR,)  # the levels with a kernel per shape (the rest: general only)
+    fused: tuple[tuple[str, str], ...] = ()     # (dtype, op) of each fused entry point, sorted
 
     def cflags(self) -> tuple[str, ...]:
         """Baseline flags, no -march=native and no ISA flags: the dispatcher and the lower levels'
@@ -192,41 +201,53 @@ def make_plan(records: Iterable, *, machine=None, threads: int = 1,
     usable = [r for r in records if r.machine == machine and r.problem.layout == "nn"
               and r.problem.batch == 1 and r.problem.threads == threads and r.verified]
     kernels: list[Kernel] = []
-    by_trace: dict[tuple[str, str, str], int] = {}
+    by_trace: dict[tuple[str, str, str, str], int] = {}
 
-    def kernel_for(dtype: str, level: str, schedule: Schedule, general: bool = False, tuned: bool = False) -> int:
-        key = (level, dtype, schedule.to_json())
+    def kernel_for(dtype: str, level: str, schedule: Schedule, general: bool = False, tuned: bool = False,
+                   op: str = PLAIN) -> int:
+        key = (level, dtype, op, schedule.to_json())
         if key not in by_trace:
             by_trace[key] = len(kernels)
-            count = sum(1 for k in kernels if k.dtype == dtype and k.level == level and not k.general)
+            count = sum(1 for k in kernels if k.dtype == dtype and k.op == op and k.level == level and not k.general)
             kind = "general" if general else f"{'k' if tuned else 'd'}{count}"
             home = "" if level == machine.isa else f"{level}_"
-            kernels.append(Kernel(dtype, schedule, f"looptune_{PREFIX[dtype]}_{home}{kind}", general, level, tuned))
+            kernels.append(Kernel(dtype, schedule, f"looptune_{family(dtype, op)}_{home}{kind}", general, level, tuned,
+                                  op))
         elif general:       # a tuned or default kernel that is also the general one
             kernels[by_trace[key]] = replace(kernels[by_trace[key]], general=True)
         return by_trace[key]
 
-    # (problem, the record's schedule, exact, gflops, numpy_gflops) per exported shape
-    rows: dict[tuple[str, int, int, int], tuple] = {}
+    # (problem, the record's schedule, exact, gflops, numpy_gflops) per exported shape, by (dtype, op, m, n, k)
+    rows: dict[tuple[str, str, int, int, int], tuple] = {}
+    fused = set()               # (dtype, op) of the fused entry points
     if shapes is None:
-        for r in sorted(usable, key=lambda r: (r.problem.dtype, r.problem.m, r.problem.n, r.problem.k)):
+        for r in sorted(usable, key=lambda r: (r.problem.dtype, r.problem.op, r.problem.m, r.problem.n, r.problem.k)):
             p = r.problem
-            rows[(p.dtype, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), True, r.gflops_median, r.numpy_gflops)
+            rows[(p.dtype, p.op, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), True, r.gflops_median,
+                                                    r.numpy_gflops)
     else:
         index = ScheduleIndex(usable, machine)
         for s in shapes:
             if s.layout != "nn" or s.batch != 1:
                 continue             # the library's API is row-major and unbatched
-            p = MatmulProblem(s.m, s.n, s.k, dtype=s.dtype, threads=threads)
+            p = MatmulProblem(s.m, s.n, s.k, dtype=s.dtype, threads=threads, op=s.op)
+            fused.add((p.dtype, p.op))      # an op asked for has its entry point, records or not
             match = index.best(p.key())
+            if match is None and p.op != PLAIN:     # no record of the op: the plain product's, as the runtime
+                match = index.best(replace(p, op=PLAIN).key())
             if match is None:
                 continue             # no record of the family: the general kernel serves it
             r = match.record
-            rows[(p.dtype, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), match.exact,
-                                              r.gflops_median if match.exact else 0.0,
-                                              r.numpy_gflops if match.exact else 0.0)
+            exact = match.exact and r.problem.op == p.op
+            rows[(p.dtype, p.op, p.m, p.n, p.k)] = (p, Schedule.from_trace(r.trace), exact,
+                                                    r.gflops_median if exact else 0.0, r.numpy_gflops if exact else 0.0)
+    fused = tuple(sorted(f for f in fused | {(dtype, op) for dtype, op, *_ in rows} if f[1] != PLAIN))
+    wrong = [f"{op} on {dtype}" for dtype, op in fused if dtype not in FUSED_DTYPES]
+    if wrong:
+        raise ExportError(f"no fused epilogue for {', '.join(wrong)}: fused kernels are {', '.join(FUSED_DTYPES)}")
     # bfloat16 and float16 only where tuned
-    dtypes = tuple(d for d in DTYPE_ORDER if d not in OPTIONAL_DTYPES or any(dtype == d for dtype, *_ in rows))
+    dtypes = tuple(d for d in DTYPE_ORDER
+                   if d not in OPTIONAL_DTYPES or any(dtype == d for dtype, *_ in rows) or any(f[0] == d for f in fused))
     cpus = {level: levels_.LevelCpu.of(level) for level in levels}
     general = {(dtype, level): default_schedule(MatmulProblem(GENERAL_SIZE, GENERAL_SIZE, GENERAL_SIZE, dtype=dtype,
                                                               threads=threads), cpus[level])
@@ -237,16 +258,16 @@ def make_plan(records: Iterable, *, machine=None, threads: int = 1,
         for key in sorted(rows):
             p, schedule, *_ = rows[key]
             if level == machine.isa:
-                at[key] = kernel_for(p.dtype, level, schedule, tuned=True)
+                at[key] = kernel_for(p.dtype, level, schedule, tuned=True, op=p.op)
             elif level in targets:
-                at[key] = kernel_for(p.dtype, level, default_schedule(p, cpus[level]))
+                at[key] = kernel_for(p.dtype, level, default_schedule(p, cpus[level]), op=p.op)
             else:
-                at[key] = kernel_for(p.dtype, level, general[(p.dtype, level)], general=True)
-        for dtype in dtypes:
-            kernel_for(dtype, level, general[(dtype, level)], general=True)
-    entries = tuple(Entry(*key, tuple(per_level[level][key] for level in levels), *rows[key][2:])
-                    for key in sorted(rows))
-    return Plan(machine, threads, tuple(kernels), entries, levels, targets)
+                at[key] = kernel_for(p.dtype, level, general[(p.dtype, level)], general=True, op=p.op)
+        for dtype, op in [(dtype, PLAIN) for dtype in dtypes] + list(fused):
+            kernel_for(dtype, level, general[(dtype, level)], general=True, op=op)
+    entries = tuple(Entry(dtype, m, n, k, tuple(per_level[level][key] for level in levels), *rows[key][2:], op=op)
+                    for key in sorted(rows) for dtype, op, m, n, k in [key])
+    return Plan(machine, threads, tuple(kernels), entries, levels, targets, fused)
 
 
 def makefile_text(plan: Plan) -> str:
@@ -280,7 +301,7 @@ clean:
 def manifest(plan: Plan) -> dict:
     """What the library holds, for people and tools: machine, kernels with their traces, shapes."""
     return {
-        "format": "looptune-export", "version": 2, "codegen_version": CODEGEN_VERSION,
+        "format": "looptune-export", "version": 3, "codegen_version": CODEGEN_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": plan.machine.to_dict(), "threads": plan.threads, "cflags": list(plan.cflags()),
         # kernel sets, highest first: the library runs the highest one the CPU can (CPUID, capped
@@ -288,9 +309,11 @@ def manifest(plan: Plan) -> dict:
         # default of each shape for that level, "general": one general kernel per dtype only
         "levels": [{"level": level, "kernels": kind} for level, kind in plan.level_kinds()],
         "cpu_level_variable": levels_.MASK_VARIABLE,
-        "kernels": [{"symbol": k.symbol, "dtype": k.dtype, "level": k.level, "general": k.general, "tuned": k.tuned,
-                     "trace": json.loads(k.schedule.to_json())} for k in plan.kernels],
-        "shapes": [{"dtype": e.dtype, "m": e.m, "n": e.n, "k": e.k, "kernel": plan.kernels[e.kernel].symbol,
+        # version 3: fused epilogues, an entry point per (dtype, op); kernels and shapes name their op
+        "entry_points": [{"name": entry_name(dtype, op), "dtype": dtype, "op": op} for dtype, op in entry_points(plan)],
+        "kernels": [{"symbol": k.symbol, "dtype": k.dtype, "op": k.op, "level": k.level, "general": k.general,
+                     "tuned": k.tuned, "trace": json.loads(k.schedule.to_json())} for k in plan.kernels],
+        "shapes": [{"dtype": e.dtype, "op": e.op, "m": e.m, "n": e.n, "k": e.k, "kernel": plan.kernels[e.kernel].symbol,
                     "kernels": {level: plan.kernels[i].symbol for level, i in zip(plan.levels, e.kernels)},
                     "exact": e.exact, "gflops": e.gflops, "numpy_gflops": e.numpy_gflops} for e in plan.entries],
     }

@@ -9,6 +9,7 @@ only writes it out.  One entry point per dtype the plan holds::
                      (only when the plan has bfloat16 shapes)
     looptune_hgemm   float16 A, B -> float16 C (IEEE half, uint16_t bit patterns), accumulated
                      in float32 and rounded once (only when the plan has float16 shapes)
+and one per fused epilogue the plan has shapes of, e.g. ``looptune_sgemm_bias_relu`` (``export_fused``).
 
 The kernels come in sets, one per level of the plan (``export_levels``), each between its own
 target pragmas; the helpers they share (workspace, thread pool, bf16 and f16 conversions) come first,
@@ -26,19 +27,20 @@ the convert twin, and lower CPUs the bfloat16 kernels of their own level.
 """
 from __future__ import annotations
 
-from looptune.runtime.compiler.abi import C_TYPE, OUTPUT_DTYPE, function_type
+from looptune.runtime.compiler.abi import function_type
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION, Target, render
 from looptune.runtime.compiler import codegen_f16, dispatch
 from looptune.runtime.compiler.codegen_bf16 import choose_mode, prelude
 from looptune.runtime.compiler.codegen_threads import POOL_DECLARATION_C, WORKSPACE_C
+from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.pool import POOL_C
 from looptune.runtime.configuration import RuntimeSettings
+from looptune.tuner.ship import export_fused as fused_
 from looptune.tuner.ship import export_levels as levels_
 
 # The exported dispatcher behaves as runtime.matmul with default settings:
 NEAREST_MAX_DISTANCE = RuntimeSettings.max_distance   # log2 size units: nearer records serve a shape
 SMALL_FLOPS = dispatch.SMALL_FLOPS                    # below this a call runs on one thread (dispatch.call_threads)
-PREFIX = {"float32": "s", "float64": "d", "bfloat16": "b", "float16": "h"}
 DTYPE_ORDER = ("float32", "float64", "bfloat16", "float16")   # of the kernels and dispatchers in looptune.c
 OPTIONAL_DTYPES = ("bfloat16", "float16")             # in the library only where the plan has their shapes
 AMX_REFUSED = -5                                      # abi.ERRORS: the OS refused AMX
@@ -47,7 +49,7 @@ VDP_SUFFIX = "_vdp"                                   # of an AMX kernel's vdpbf
 
 
 def library_dtypes(plan) -> list[str]:
-    """The dtypes the library has an entry point for: float32 and float64 always, bfloat16 and
+    """The dtypes the library has a plain entry point for: float32 and float64 always, bfloat16 and
     float16 when the plan has kernels of theirs."""
     present = {k.dtype for k in plan.kernels}
     return [d for d in DTYPE_ORDER if d in present or d not in OPTIONAL_DTYPES]
@@ -76,7 +78,7 @@ def kernel_text(kernel, target: Target, symbol: str | None = None) -> str:
     """The rendered kernel, made file-local: its symbol and helpers stay out of the library's ABI
     (a bfloat16 kernel's target pragma is its own: ``codegen_bf16`` pushes and pops it)."""
     symbol = symbol or kernel.symbol
-    text = render(kernel.schedule, kernel.dtype, target, symbol=symbol).text
+    text = render(kernel.schedule, kernel.dtype, target, symbol=symbol, op=kernel.op).text
     head = f"int {symbol}("
     if text.count("\n" + head) != 1:
         raise AssertionError(f"unexpected kernel text for {symbol}")
@@ -103,7 +105,7 @@ def shared_text(plan) -> list[str]:
         # which is exact and right on every CPU; each float16 kernel's store loop tests __F16C__
         # again inside its level's target pragma, and takes the same portable path there.
         out += codegen_f16.prelude()
-    return out
+    return out + fused_.shared_math(plan)
 
 
 def kernels_text(plan) -> list[str]:
@@ -126,14 +128,14 @@ def kernels_text(plan) -> list[str]:
     return out
 
 
-def kernel_sets(plan, dtype: str) -> list[tuple[str, int, list[str]]]:
+def kernel_sets(plan, dtype: str, op: str = PLAIN) -> list[tuple[str, int, list[str]]]:
     """(rung, slot, symbols) of each kernel set of ``dtype``, highest rung first: the slot is the
     level's index in ``plan.levels`` (of ``lt_entry.kernel``), the symbols are the level's kernels
     of the dtype in plan order (their local index).  A level's bfloat16 kernels under AVX-512
-    make up to three sets (amx, avx512bf16, avx512), where their forms differ."""
+    make up to three sets (amx, avx512bf16, avx512), where their forms differ (``op``: a fused one's)."""
     sets = []
     for slot, level in enumerate(plan.levels):
-        kernels = [k for k in plan.kernels if k.dtype == dtype and k.level == level]
+        kernels = [k for k in plan.kernels if k.dtype == dtype and k.op == op and k.level == level]
         symbols = [k.symbol for k in kernels]
         if dtype == "bfloat16":
             versions = [bf16_versions(k, levels_.target(level)) for k in kernels]
@@ -147,20 +149,22 @@ def kernel_sets(plan, dtype: str) -> list[tuple[str, int, list[str]]]:
     return sets
 
 
-def dispatch_text(plan, dtype: str) -> str:
-    p, T, TC = PREFIX[dtype], C_TYPE[dtype], C_TYPE[OUTPUT_DTYPE[dtype]]
+def dispatch_text(plan, dtype: str, op: str = PLAIN) -> str:
+    """The entry point of ``dtype`` (and ``op``: a fused epilogue's), its tables and kernel sets."""
+    p = fused_.family(dtype, op)
     P = p.upper()
     local = {}                  # plan kernel index -> index in its level's set
     for level in plan.levels:
-        mine = [i for i, k in enumerate(plan.kernels) if k.dtype == dtype and k.level == level]
+        mine = [i for i, k in enumerate(plan.kernels) if k.dtype == dtype and k.op == op and k.level == level]
         local.update({i: j for j, i in enumerate(mine)})
-    general = [next(local[i] for i, k in enumerate(plan.kernels) if k.dtype == dtype and k.level == level and k.general)
-               for level in plan.levels]
-    entries = [e for e in plan.entries if e.dtype == dtype]
-    sets = kernel_sets(plan, dtype)
-    fn = "looptune_" + p + "gemm"
-    out = [f"/* ---- {dtype}: {len(entries)} shapes; kernel sets {', '.join(r for r, *_ in sets)} ---- */",
-           function_type(f"lt_{p}fn", dtype),
+    general = [next(local[i] for i, k in enumerate(plan.kernels)
+                    if k.dtype == dtype and k.op == op and k.level == level and k.general) for level in plan.levels]
+    entries = [e for e in plan.entries if e.dtype == dtype and e.op == op]
+    sets = kernel_sets(plan, dtype, op)
+    fn = fused_.entry_name(dtype, op)
+    out = [f"/* ---- {dtype}{'' if op == PLAIN else ' ' + op}: {len(entries)} shapes; "
+           f"kernel sets {', '.join(r for r, *_ in sets)} ---- */",
+           function_type(f"lt_{p}fn", dtype, fused=op != PLAIN),
            f"typedef struct {{ int32_t rung, slot; const lt_{p}fn *fn; const char *const *name; }} lt_{p}_set;"]
     for j, (rung, slot, symbols) in enumerate(sets):
         out += [f"static const lt_{p}fn lt_{p}_fn{j}[{len(symbols)}] = {{ {', '.join(symbols)} }};",
@@ -181,7 +185,8 @@ def dispatch_text(plan, dtype: str) -> str:
         out.append("};")
     else:
         out.append(f"static const lt_entry lt_{p}_table[1] = {{{{0, 0, 0, {{0}}}}}};")
-    args = "(1, M, N, K, A, M * lda, lda, 1, B, K * ldb, ldb, 1,\n            C, M * ldc, ldc, 1, 0, t)"
+    args = (f"(1, M, N, K, A, M * lda, lda, 1, B, K * ldb, ldb, 1,\n            C, M * ldc, ldc, 1, 0, t"
+            f"{fused_.call_arguments(dtype, op)})")
     out += [
         "/* the table's entry for a shape: exact, else the nearest within LT_NEAREST_MAX; -1: the general kernels */",
         f"static int64_t lt_{p}_entry(int64_t M, int64_t N, int64_t K)",
@@ -200,11 +205,11 @@ def dispatch_text(plan, dtype: str) -> str:
         "}",
         f"#define LT_{P}_KERNEL(set, e) ((e) < 0 ? lt_{p}_general[(set)->slot] : lt_{p}_table[e].kernel[(set)->slot])",
         "",
-        f"int {fn}(int64_t M, int64_t N, int64_t K, const {T} *A, int64_t lda, const {T} *B, int64_t ldb,",
-        f"    {TC} *C, int64_t ldc)",
+        f"int {fn}({fused_.parameters(dtype, op)})",
         "{",
         "    int rc = lt_check(M, N, K, A, lda, B, ldb, C, ldc);",
         "    if (rc <= 0) return rc;",
+        *fused_.checks(op),
         "    const int32_t t = lt_call_threads(M, N, K);",
         f"    const int64_t e = lt_{p}_entry(M, N, K);",
         f"    for (int s = lt_{p}_first(); ; s++) {{",
@@ -300,7 +305,7 @@ const char *looptune_hgemm_kernel(int64_t M, int64_t N, int64_t K);
 
 def header_text(plan, build_command: str) -> str:
     dtypes = library_dtypes(plan)
-    counts = {d: sum(1 for e in plan.entries if e.dtype == d) for d in dtypes}
+    counts = {d: sum(1 for e in plan.entries if e.dtype == d and e.op == PLAIN) for d in dtypes}
     shapes = ", ".join(f"{counts[d]} {d}" for d in dtypes[:-1]) + f" and {counts[dtypes[-1]]} {dtypes[-1]}"
     rungs = sorted(set(library_rungs(plan)), key=levels_.rung, reverse=True)
     served = ", ".join(f'"{r}"' for r in rungs)
@@ -363,7 +368,8 @@ const char *looptune_dgemm_kernel(int64_t M, int64_t N, int64_t K);
 /* The level whose kernels serve on this CPU: the highest of this library's levels at or below the
    CPU's (capped by {levels_.MASK_VARIABLE}), one of {served}{bf16_note}. */
 const char *looptune_cpu_level(void);
-{_BF16_DECLARATIONS if "bfloat16" in dtypes else ""}{_F16_DECLARATIONS if "float16" in dtypes else ""}
+{_BF16_DECLARATIONS if "bfloat16" in dtypes else ""}{_F16_DECLARATIONS if "float16" in dtypes else ""}\
+{fused_.declarations(plan)}
 #ifdef __cplusplus
 }}
 #endif
@@ -373,7 +379,12 @@ const char *looptune_cpu_level(void);
 
 def library_rungs(plan) -> list[str]:
     """The rungs of every kernel set of the library (``looptune_cpu_level``'s answers)."""
-    return [rung for dtype in library_dtypes(plan) for rung, *_ in kernel_sets(plan, dtype)]
+    return [rung for dtype, op in entry_points(plan) for rung, *_ in kernel_sets(plan, dtype, op)]
+
+
+def entry_points(plan) -> list[tuple[str, str]]:
+    """(dtype, op) of each entry point: the plain products', then the fused epilogues'."""
+    return [(dtype, PLAIN) for dtype in library_dtypes(plan)] + list(plan.fused)
 
 
 def source_text(plan) -> str:
@@ -391,7 +402,7 @@ def source_text(plan) -> str:
              "\n".join(shared_text(plan))]
     parts += kernels_text(plan)
     parts.append(levels_.cpu_text(library_rungs(plan)))
-    parts.append(_COMMON)
-    for dtype in library_dtypes(plan):
-        parts.append(dispatch_text(plan, dtype))
+    parts.append(_COMMON + (fused_.OVERLAP_C if plan.fused else ""))
+    for dtype, op in entry_points(plan):
+        parts.append(dispatch_text(plan, dtype, op))
     return "\n".join(parts)
