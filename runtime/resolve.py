@@ -101,10 +101,14 @@ MAX_TRIAL_BUILDS = 256    # kernels a process compiles for trials; past it, shap
 
 def kernel_sizes(resolution: "Resolution") -> Optional[FixedSizes]:
     """The sizes a resolution's kernel is compiled for: all of them for a schedule tuned for the
-    problem, the matrices' for a stack of small matrices (``defaults.small_stack_schedule``, the
-    default for such stacks), None (the generic kernel) otherwise."""
-    if resolution.source in EXACT_SOURCES:
-        return FixedSizes.of(resolution.problem)
+    problem's sizes (its own record, or for a fused epilogue the plain product's exact record), the
+    matrices' for a stack of small matrices (``defaults.small_stack_schedule``, the default for
+    such stacks), None (the generic kernel) otherwise."""
+    p = resolution.problem
+    if resolution.source in EXACT_SOURCES or (
+            resolution.source == "nearest" and p.op != PLAIN and resolution.distance == 0.0
+            and resolution.record_problem == replace(p, op=PLAIN).key()):
+        return FixedSizes.of(p)
     if resolution.source == "default" and small_stack_schedule(resolution.problem) is not None:
         return FixedSizes.of_matrices(resolution.problem)
     return None
@@ -336,9 +340,9 @@ class Resolver:
         resolution = self._resolve(problem)
         if problem.op != PLAIN and resolution.source == "default":
             plain = self._resolve(replace(problem, op=PLAIN))
-            if plain.source in ("exact", "nearest"):
+            if plain.source in ("exact", "nearest"):    # an exact one is served as an exact-size kernel
                 return replace(plain, problem=problem, source="nearest", expected_gflops=None, numpy_gflops=None,
-                               tuning=resolution.tuning)
+                               tuning=resolution.tuning, distance=0.0 if plain.source == "exact" else plain.distance)
         return resolution
 
     def _resolve(self, problem: MatmulProblem) -> Resolution:

@@ -229,3 +229,26 @@ def test_worker_reports_a_kernel_for_other_sizes():
     reply = Worker().handle({"op": "run", "problem": MatmulProblem(24, 40, 17).key(), "so_path": result.so_path,
                              "symbol": result.symbol, "config": config.to_json()})
     assert reply["status"] == RunStatus.KERNEL_ERROR.value and "-2" in reply["error"]
+
+
+def test_a_fused_product_runs_the_plain_records_exact_size_kernel(user_db, monkeypatch):
+    """A fused epilogue with no record of its own takes the plain product's: tuned for these very
+    sizes, it is compiled as an exact-size kernel (with the epilogue); at other sizes, generic."""
+    asked = []
+    real_kernel = Resolver.kernel
+
+    def kernel(self, schedule, dtype, inputs=None, sizes=None, op="matmul"):
+        asked.append((sizes, op))
+        return real_kernel(self, schedule, dtype, inputs, sizes, op)
+
+    monkeypatch.setattr(Resolver, "kernel", kernel)
+    save(user_db, [_record(MatmulProblem(40, 36, 20))])
+    runtime.configure(user_db=user_db)
+    rng = np.random.default_rng(3)
+    a, b, bias = (rng.standard_normal(s).astype(np.float32) for s in ((40, 20), (20, 36), (36,)))
+    a2 = rng.standard_normal((41, 20)).astype(np.float32)
+    np.testing.assert_allclose(runtime.matmul(a, b, bias=bias, activation="relu"), np.maximum(a @ b + bias, 0),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runtime.matmul(a2, b, bias=bias, activation="relu"), np.maximum(a2 @ b + bias, 0),
+                               rtol=1e-5, atol=1e-5)
+    assert asked == [(FixedSizes(1, 40, 36, 20), "matmul+bias+relu"), (None, "matmul+bias+relu")]
