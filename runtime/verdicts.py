@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from looptune.database.errors import LockTimeoutError
 from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.abi import error_message
 
@@ -259,7 +260,6 @@ class VerdictStore:
         if not pending or self.path is None or self.broken:
             return
         from looptune.database.atomic import replace_atomically, write_lock   # lazy: only when a verdict is written
-        from looptune.database.errors import LockTimeoutError
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with write_lock(str(self.path), LOCK_TIMEOUT_S):

@@ -22,6 +22,7 @@ float32 results are within about 1e-6 relative of the exact function (README, "F
 """
 from __future__ import annotations
 
+import math
 from itertools import product
 from typing import NamedTuple, Optional
 
@@ -185,8 +186,6 @@ def activate(x, activation: Optional[str]):
             return np.divide(x, 1 + np.exp(u), out=x)
     if activation == "gelu":
         if x.dtype == np.float64:       # to float64's accuracy, one element at a time
-            import math
-
             half = np.frompyfunc(math.erfc, 1, 1)(x * -0.70710678118654752440).astype(np.float64) * 0.5
         else:                           # the kernels' erfc, vectorized (fractional error below 1.2e-7)
             z = np.abs(x.astype(np.float64)) * 0.70710678118654752440

@@ -166,7 +166,7 @@ class MatmulProblem:
 
     def make_operands(self, seed: int = 0):
         """Random A, B (as views with this problem's layout) and a C to write into."""
-        import numpy as np
+        import numpy as np     # lazily: the workload type is imported without numpy
 
         rng = np.random.default_rng(seed)
         dt = numpy_dtype(self.dtype)

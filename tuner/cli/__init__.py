@@ -6,7 +6,10 @@ import sys
 
 import click
 
+from looptune.runtime.compiler.ir import ScheduleError
+from looptune.runtime.compiler.machine import detect_cpu
 from looptune.tuner.cli.common import INTERRUPTED_EXIT, make_problem, problem_options, read_text
+from looptune.tuner.cli.ship import bench, build_db, export
 
 
 class _Group(click.Group):
@@ -32,9 +35,9 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def info(as_json: bool) -> None:
     """Show the detected CPU, vector ISA, compiler and cache directory."""
-    from looptune.runtime.compiler.machine import detect_cpu
+    # deferred: the code generator loads only for the commands that use it, not for --help or the others
     from looptune.runtime.compiler.build import BuildSettings, compiler_identity
-    from looptune.runtime.compiler.codegen import CODEGEN_VERSION
+    from looptune.runtime.compiler.codegen import CODEGEN_VERSION     # (as above)
 
     cpu = detect_cpu()
     settings = BuildSettings.from_env()
@@ -59,10 +62,10 @@ def info(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the trace as JSON")
 def schedule(m, n, k, dtype, batch, layout, threads, epilogue, trace_file, show_c, as_json) -> None:
     """Show a schedule for a problem: its loop nest, trace or generated C."""
+    # deferred: the code generator loads only for the commands that use it, not for --help or the others
     from looptune.runtime.compiler.codegen import render
-    from looptune.runtime.compiler.defaults import default_schedule
-    from looptune.runtime.compiler.ir import ScheduleError
-    from looptune.runtime.compiler.schedule import Schedule
+    from looptune.runtime.compiler.defaults import default_schedule     # (as above)
+    from looptune.runtime.compiler.schedule import Schedule             # (as above)
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads, epilogue)
     try:
@@ -80,15 +83,15 @@ def schedule(m, n, k, dtype, batch, layout, threads, epilogue, trace_file, show_
 
 
 def _attach_optional_commands() -> None:
-    from looptune.tuner.cli.ship import bench, build_db, export
+    # here, not at the top: a package-level ``tune`` would shadow the submodule looptune.tuner.cli.tune
     from looptune.tuner.cli.tune import tune
 
     main.add_command(tune)
     for command in (build_db, export, bench):
         main.add_command(command)
     try:
-        from looptune.database.cli import db
-    except ImportError:  # database CLI not available in this build
+        from looptune.database.cli import db     # in the try: it loads h5py; without h5py the other commands still run
+    except ImportError:  # h5py missing or broken: `looptune db` is left out, the rest still works
         return
     main.add_command(db)
 

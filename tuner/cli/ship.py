@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 
 import click
 
+from looptune import runtime
 from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shapes
 from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, INTERRUPTED_EXIT, THREADS, check_writable,
                                        database_path, read_text, untunable, user_errors)
+from looptune.tuner.ship.presets import PRESETS, PresetError, preset_problems
 
 BENCH_AFTER_BUILD_MAX = 24      # build-db ends with the bench table for families this small
 
 
 def _problems(shapes: str | None, preset: str | None, threads: int, required: bool = True) -> list[MatmulProblem] | None:
-    from looptune.tuner.ship.presets import PresetError, preset_problems
-
     if shapes and preset:
         raise click.UsageError("give --shapes or --preset, not both")
     try:
@@ -40,8 +41,6 @@ def _problems(shapes: str | None, preset: str | None, threads: int, required: bo
 
 
 def _preset_choice():
-    from looptune.tuner.ship.presets import PRESETS
-
     return click.Choice(list(PRESETS))
 
 
@@ -76,9 +75,10 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     the same command after Ctrl-C, a kill or a crash.  Workers return records; this
     process alone commits them, each within about a second of finishing.
     """
+    # deferred: the tuner loads only when this command runs, not for --help or the other commands
     from looptune.tuner.agent.policy import PolicyError
-    from looptune.tuner.search.loop import MAX_BUDGET_S
-    from looptune.tuner.ship.builddb import SerialExecutor, build_db as run_build, plan, target_machine
+    from looptune.tuner.search.loop import MAX_BUDGET_S     # (as above)
+    from looptune.tuner.ship.builddb import SerialExecutor, build_db as run_build, plan, target_machine  # (as above)
 
     shown_budget_s, budget_s = budget_s, min(budget_s, MAX_BUDGET_S)   # any finite budget: "no limit" beyond
     problems = _problems(shapes, preset, threads)
@@ -90,19 +90,18 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
         todo, done = plan(problems, db_path, machine)
     if limit is not None:
         if shuffle:
-            import random
             random.Random(0).shuffle(todo)
         problems = done + todo[:limit]
     executor = None
     try:
         if scheduler:
-            from looptune.tuner.ship.distributed import DaskExecutor
+            from looptune.tuner.ship.distributed import DaskExecutor     # deferred: only --scheduler uses it
 
             executor = DaskExecutor(scheduler, budget_s=budget_s, machine=machine, workers=workers, tuner=tuner_spec,
                                     cores_per_worker=cores)
             where = f"Dask workers of {executor.address} ({executor.slots} now)"
         elif workers > 1:
-            from looptune.tuner.ship.distributed import PoolExecutor
+            from looptune.tuner.ship.distributed import PoolExecutor     # deferred: only --workers > 1 uses it
 
             executor = PoolExecutor(workers, budget_s=budget_s, machine=machine, tuner=tuner_spec, cores_per_worker=cores)
             where = f"{workers} pinned local workers"
@@ -164,6 +163,7 @@ def export(db_path, out_dir, shapes, threads, targets, do_build) -> None:
     general one for other shapes, at the highest kernel level the CPU runs
     (LOOPTUNE_CPU_LEVEL=avx2, for instance, caps it; looptune_cpu_level() says which serves).
     """
+    # deferred: the C library exporter loads only when this command runs
     from looptune.tuner.ship.export import ExportError, export_library
 
     db_path = database_path(db_path)
@@ -226,8 +226,6 @@ def bench(db_path, shapes, preset, threads, limit, as_json, plot_path, no_torch,
         with user_errors():
             problems = _database_problems(db_path, threads)
         if not problems:
-            from looptune.tuner.ship.presets import preset_problems
-
             problems = preset_problems("quick", threads=threads)
     if limit is not None:
         problems = problems[:limit]
@@ -239,9 +237,8 @@ def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
     """The plain products this machine has records for at this thread count, in size order."""
     if not os.path.exists(db_path):
         return []
-    from looptune.database import load
-
-    from looptune.tuner.ship.builddb import target_machine
+    from looptune.database import load     # lazily: h5py loads with the store
+    from looptune.tuner.ship.builddb import target_machine     # deferred: builddb loads the whole tuner
 
     machine = target_machine()
     keys = sorted({r.problem for r in load(db_path)
@@ -253,11 +250,10 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
                      numpy_handoff: bool | None = None, numpy_core: str = "auto") -> None:
     """Bench ``problems`` and print the table (or JSON); ``numpy_handoff`` None keeps the runtime's
     setting; ``numpy_core``: ``baselines.baseline_core``'s choice (auto, off or a core)."""
-    from looptune import runtime
-
+    # deferred: the bench and the tuner load only when a bench runs, not for --help or the other commands
     from looptune.tuner.ship.baselines import ChildError, baseline_core, blas_info
-    from looptune.tuner.ship.bench import baselines_line, plot, run_bench, table, to_json
-    from looptune.tuner.ship.builddb import target_machine
+    from looptune.tuner.ship.bench import baselines_line, plot, run_bench, table, to_json     # (as above)
+    from looptune.tuner.ship.builddb import target_machine                                     # (as above)
 
     if db_path and os.path.exists(db_path):
         runtime.configure(user_db=db_path)
@@ -269,7 +265,7 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
     problems = list(dict.fromkeys(p for p in problems if p.op == PLAIN))
     bar = None
     if sys.stderr.isatty():
-        from tqdm import tqdm
+        from tqdm import tqdm     # lazily: the progress bar is drawn only on a terminal
 
         bar = tqdm(total=len(problems), unit="problem", desc="bench", file=sys.stderr, leave=False)
     try:

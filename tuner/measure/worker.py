@@ -352,7 +352,7 @@ def _pin_threads() -> Any:
     """Limit BLAS/OpenMP pools to the count the parent put in the environment."""
     n = int(os.environ.get("OMP_NUM_THREADS", "1"))
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits     # tolerated if missing: the thread variables alone pin then
     except ImportError:
         return None
     return threadpool_limits(limits=n)

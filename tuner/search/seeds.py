@@ -51,8 +51,8 @@ def nearest_seeds(problem: MatmulProblem, count: int = SEEDS) -> list[Seed]:
     # imported here, not at the top: the databases (and h5py) are loaded in a background thread,
     # and ``looptune tune --help`` or a tune without seeds does not pay for them
     from looptune.runtime.configuration import RuntimeSettings
-    from looptune.runtime.databases import Databases
-    from looptune.runtime.resolve import current_machine
+    from looptune.runtime.databases import Databases         # (as above)
+    from looptune.runtime.resolve import current_machine     # (as above)
 
     settings = RuntimeSettings.from_env()
     paths = tuple(p for p in (settings.user_db, settings.embedded_db) if p is not None)

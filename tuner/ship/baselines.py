@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
+import numpy as np     # also loads its BLAS, so threadpoolctl (blas_info) sees it
+
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem, parse_shape_line
 
@@ -136,9 +138,8 @@ def blas_info(pool_info: Optional[Sequence[dict]] = None, cpu: Optional[CpuInfo]
     """numpy's BLAS judged against the CPU; the arguments default to threadpoolctl's report (numpy
     loaded), ``detect_cpu()`` and ``$OPENBLAS_CORETYPE`` (tests pass fakes)."""
     if pool_info is None:
-        import numpy  # noqa: F401  (loads its BLAS, so threadpoolctl sees it)
         try:
-            from threadpoolctl import threadpool_info
+            from threadpoolctl import threadpool_info     # tolerated if missing: numpy's BLAS then shows as unknown
             pool_info = threadpool_info()
         except ImportError:
             pool_info = []
@@ -168,7 +169,7 @@ def pinned_threads(threads: int, torch: Any = None) -> Iterator[None]:
     ``torch`` (the module, when the caller uses it) too, by ``torch.set_num_threads``."""
     stack = contextlib.ExitStack()
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_limits     # tolerated if missing (see the except below)
 
         stack.enter_context(threadpool_limits(limits=threads))
     except ImportError:     # without threadpoolctl, OPENBLAS_NUM_THREADS decides numpy's side
@@ -331,8 +332,6 @@ class NumpyChild:
 
 def _child_main(threads: int) -> None:
     """The child's loop: one JSON request per stdin line, one JSON reply per stdout line."""
-    import numpy as np
-
     def reply(obj: dict) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from looptune import runtime     # the package only: the runtime itself loads on first use (PEP 562)
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.protocol import default_tolerance
 from looptune.tuner.ship import baselines
@@ -133,14 +134,14 @@ def pinned_threads(threads: int, with_torch: bool) -> Iterator[None]:
     """numpy's BLAS (and OpenMP) and torch limited to ``threads`` for the duration."""
     torch = None
     if with_torch:
-        import torch
+        import torch     # optional dependency (the [train] extra), heavy: only when torch is benched
     with baselines.pinned_threads(threads, torch):
         yield
 
 
 def _torch():
     try:
-        import torch
+        import torch     # optional dependency (the [train] extra): None without it
     except ImportError:
         return None
     return torch
@@ -161,8 +162,6 @@ def run_bench(problems: Sequence[MatmulProblem], *, threads: int = 1, with_torch
     """One row per problem.  ``problem.threads`` is ignored: everything runs on ``threads``.
     ``numpy_core``: also numpy with ``OPENBLAS_CORETYPE=numpy_core`` in a child process (float32
     and float64 problems; bfloat16 and float16 do not reach the BLAS); its failure raises ``ChildError``."""
-    from looptune import runtime
-
     torch = _torch() if with_torch else None
     rows = []
     with contextlib.ExitStack() as stack:
@@ -326,11 +325,11 @@ def plot(rows: Sequence[BenchRow], path: str, *, title: str = "") -> None:
     other baseline measured (numpy on the fitting core, torch), a line at 1.0; the title has the
     geomean against numpy and against the best library.  Shapes without an exact record are marked *."""
     try:
-        import matplotlib
+        import matplotlib     # optional dependency (the [plot] extra)
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install matplotlib (LoopTune's [plot] extra)") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt     # optional as well, and after choosing the Agg backend (no display)
 
     core = _core_label(rows)
     series = {"LoopTune": [r.vs_numpy for r in rows]}

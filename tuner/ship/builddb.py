@@ -297,7 +297,7 @@ def _progress_bar(total: int, enabled: bool):
     if not enabled:
         return None
     try:
-        from tqdm import tqdm          # optional dependency: no progress bar without it
+        from tqdm import tqdm          # loaded only when a bar is drawn; a broken install draws none
     except ImportError:
         return None
     return tqdm(total=total, unit="problem", desc="build-db", dynamic_ncols=True, file=sys.stderr,

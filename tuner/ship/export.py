@@ -160,7 +160,7 @@ def choose_machine(records, machine=None):
         if machine not in machines:
             raise ExportError(f"the database has no records for {machine.short()}")
         return machine
-    from looptune.runtime.resolve import current_machine
+    from looptune.runtime.resolve import current_machine     # lazily: the runtime loads only to find this machine
 
     here = current_machine()
     if here in machines:
@@ -192,7 +192,7 @@ def check_targets(targets: Optional[Sequence[str] | str], isa: str) -> tuple[str
 def make_plan(records: Iterable, *, machine=None, threads: int = 1,
               shapes: Optional[Iterable[MatmulProblem]] = None,
               targets: Optional[Sequence[str] | str] = None) -> Plan:
-    from looptune.database import ScheduleIndex
+    from looptune.database import ScheduleIndex     # lazily: the lookup loads numpy, only when a plan is made
 
     records = list(records)
     machine = choose_machine(records, machine)
@@ -336,7 +336,7 @@ def export_library(db_path: str | os.PathLike, out_dir: str | os.PathLike, *, th
                    targets: Optional[Sequence[str] | str] = None) -> ExportFiles:
     """Read the database, choose kernels and write ``looptune.c``, ``looptune.h``, ``Makefile``
     and ``manifest.json`` into ``out_dir``; ``targets``: the kernel levels (``make_plan``)."""
-    from looptune.database import load
+    from looptune.database import load     # lazily: h5py loads with the store, only when a database is read
 
     plan = make_plan(load(db_path), machine=machine, threads=threads, shapes=shapes, targets=targets)
     if not plan.entries:
