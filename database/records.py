@@ -159,10 +159,30 @@ class MachineKey:
         _text(self.codegen_version, "machine.codegen_version", _TOKEN)
 
     @classmethod
-    def current(cls, compiler: str, codegen_version: str, cpu: CpuInfo | None = None) -> "MachineKey":
-        """This machine, as detected, with the toolchain the caller builds with.  Its features
-        carry the L1d and L2 sizes too (``cache_tokens``): virtual machines name their CPUs
-        generically ("AMD EPYC" for Zen 4 and Zen 5 alike), and the caches tell them apart."""
+    def current(cls, compiler: str | None = None, codegen_version: str | None = None,
+                cpu: CpuInfo | None = None) -> "MachineKey":
+        """This machine: the one home of the key the runtime looks records up under and the
+        tuner (``tune --db``, build-db and its workers, live tuning, export) files them under.
+
+        The CPU is ``detect_cpu()``'s (or ``cpu``).  ``compiler`` defaults to the identity of the
+        C compiler kernels are built with here (``BuildSettings.from_env()``, named by its
+        ``--version``), ``codegen_version`` to the code generator's ``CODEGEN_VERSION``; pass
+        them to key another toolchain.  Nothing is cached here beyond what ``detect_cpu`` and
+        ``compiler_identity`` cache: the compiler setting is read from the environment on every
+        call, and callers on a hot path keep the key (``runtime.resolve.Resolver``).
+
+        Its features carry the L1d and L2 sizes too (``cache_tokens``): virtual machines name
+        their CPUs generically ("AMD EPYC" for Zen 4 and Zen 5 alike), and the caches tell them apart."""
+        if compiler is None or codegen_version is None:
+            # deferred: the build module and the code generator load only when this machine's own
+            # toolchain is asked for, not with every reader of a database (``looptune db``, the store)
+            from looptune.runtime.compiler.build import BuildSettings, compiler_identity
+            from looptune.runtime.compiler.codegen import CODEGEN_VERSION     # (as above)
+
+            if compiler is None:
+                compiler = compiler_identity(BuildSettings.from_env().compiler)
+            if codegen_version is None:
+                codegen_version = CODEGEN_VERSION
         cpu = cpu or detect_cpu()
         model = "".join(c if " " <= c <= "~" else "?" for c in cpu.model_name)[:256]   # /proc/cpuinfo is free text
         return cls(arch=cpu.arch, cpu_model=model, isa=cpu.vector_isa, features=cpu.features + cache_tokens(cpu),

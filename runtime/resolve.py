@@ -54,8 +54,8 @@ from typing import Optional
 
 from looptune.database.records import MachineKey
 from looptune.runtime.bf16 import arithmetic_problem
-from looptune.runtime.compiler.build import BuildError, BuildSettings, build, compiler_identity
-from looptune.runtime.compiler.codegen import CODEGEN_VERSION, FixedSizes, render
+from looptune.runtime.compiler.build import BuildError, BuildSettings, build
+from looptune.runtime.compiler.codegen import FixedSizes, render
 from looptune.runtime.compiler.defaults import default_schedule, small_stack_schedule
 from looptune.runtime.compiler.dispatch import key_problem
 from looptune.runtime.compiler.epilogue import PLAIN
@@ -165,15 +165,11 @@ class Resolution:
         return "\n".join(lines)
 
 
-def current_machine() -> MachineKey:
-    return MachineKey.current(compiler_identity(BuildSettings.from_env().compiler), CODEGEN_VERSION)
-
-
 class Resolver:
     def __init__(self, settings: RuntimeSettings) -> None:
         self.settings = settings
         self.databases = Databases([p for p in (settings.user_db, settings.embedded_db) if p is not None],
-                                   current_machine, recheck_s=settings.db_recheck_s, on_change=self._forget_choices)
+                                   MachineKey.current, recheck_s=settings.db_recheck_s, on_change=self._forget_choices)
         self.live = LiveTuningQueue(settings.tune_budget_s, str(settings.user_db) if settings.user_db else None,
                                     self._tuned)
         self.build_settings = BuildSettings.from_env()
@@ -234,7 +230,7 @@ class Resolver:
             return self._serve(resolution)
         if self._machine_key is None:
             try:
-                self._machine_key = current_machine().key()
+                self._machine_key = MachineKey.current().key()
             except (LoopTuneError, OSError):
                 return self._serve(resolution)      # no toolchain: no kernel to try (``_serve`` says why)
         fp = fingerprint(self._machine_key, problem.key(), resolution.source, resolution.record_problem,

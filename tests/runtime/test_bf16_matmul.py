@@ -16,11 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from looptune import runtime
-from looptune.database import Record, save
+from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.configuration import RuntimeSettings
-from looptune.runtime.resolve import current_machine
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -160,7 +159,7 @@ def test_a_bf16_record_is_served_like_float32s(tmp_path, settings_restored):
     path = tmp_path / "user.h5"
     trace = Trace((Step.make("split", loop="n", factor=16),))
     problem = MatmulProblem(64, 48, 32, dtype="bfloat16")
-    save(path, [Record(problem, current_machine(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)])
+    save(path, [Record(problem, MachineKey.current(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)])
     runtime.configure(user_db=path, embedded_db=None, fallback="off")
     a, b = bf16_array((64, 32), 14), bf16_array((32, 48), 15)
     found = runtime.explain(a, b)

@@ -23,7 +23,6 @@ from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.configuration import RuntimeSettings
 from looptune.runtime.databases import Databases
-from looptune.runtime.resolve import current_machine
 
 RECHECK_S = 0.05
 WAIT_S = 20.0
@@ -133,7 +132,7 @@ def wait_for_source(a, b, source: str) -> None:
 
 
 def test_the_runtime_keeps_serving_through_a_corrupt_replacement(user_db, caplog):
-    save(user_db, [record(48, machine=current_machine())])
+    save(user_db, [record(48, machine=MachineKey.current())])
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((48, 64)).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32)
     wait_for_source(a, b, "exact")
@@ -144,7 +143,7 @@ def test_the_runtime_keeps_serving_through_a_corrupt_replacement(user_db, caplog
         wait_for_source(a, b, "default")                   # right answers throughout, from the default
     assert "ignoring schedule database" in caplog.text
     good = user_db.with_name("good.tmp")
-    save(good, [record(48, machine=current_machine())])
+    save(good, [record(48, machine=MachineKey.current())])
     os.replace(good, user_db)
     wait_for_source(a, b, "exact")
 
@@ -154,14 +153,13 @@ import os, sys, threading, time, traceback
 import numpy as np
 from looptune import runtime
 from looptune.runtime import api
-from looptune.database import Record, commit
+from looptune.database import MachineKey, Record, commit
 from looptune.runtime.compiler.trace import Trace
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.resolve import current_machine
 
 path, trace = sys.argv[1], Trace.from_json(sys.argv[2])
 def record(m):
-    return Record(MatmulProblem(m, 64, 64), current_machine(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)
+    return Record(MatmulProblem(m, 64, 64), MachineKey.current(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)
 commit(path, [record(64)])
 runtime.configure(user_db=path, embedded_db=None, fallback="off", db_recheck_s=0.05, numpy_handoff=False)
 assert runtime.explain((64, 64, 64), threads=1).source == "exact"    # loaded: the parent watches

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from looptune import runtime
-from looptune.database import Record, save
+from looptune.database import MachineKey, Record, save
 from looptune.runtime import api
 from looptune.runtime.compiler.build import BuildSettings, build, build_many, cache_key
 from looptune.runtime.compiler.codegen import FixedSizes, KernelSource, Target, kernel_symbol, render
@@ -22,7 +22,7 @@ from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.configuration import RuntimeSettings
-from looptune.runtime.resolve import Resolver, current_machine
+from looptune.runtime.resolve import Resolver
 from looptune.tuner.measure.protocol import MeasureConfig, RunStatus
 from looptune.tuner.measure.worker import Worker
 
@@ -155,7 +155,7 @@ def user_db(tmp_path):
 
 def _record(problem):
     trace = Trace((Step.make("split", loop="n", factor=16),))
-    return Record(problem, current_machine(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)
+    return Record(problem, MachineKey.current(), trace, 50.0, 1.0, 40.0, True, "test", "test", 1, 1.7e9)
 
 
 def test_runtime_serves_exact_records_with_exact_size_kernels(user_db, monkeypatch):

@@ -19,11 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from looptune import runtime
-from looptune.database import Record, save
+from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.configuration import RuntimeSettings
-from looptune.runtime.resolve import current_machine
 
 pytestmark = pytest.mark.target      # kernels differ per target ISA: CI reruns this file per ISA
 
@@ -280,7 +279,7 @@ def test_a_f16_record_is_served_like_float32s(tmp_path, settings_restored):
     path = tmp_path / "user.h5"
     trace = Trace((Step.make("split", loop="n", factor=16),))
     problem = MatmulProblem(64, 48, 32, dtype="float16")
-    save(path, [Record(problem, current_machine(), trace, 50.0, 1.0, 4.0, True, "test", "test", 1, 1.7e9)])
+    save(path, [Record(problem, MachineKey.current(), trace, 50.0, 1.0, 4.0, True, "test", "test", 1, 1.7e9)])
     runtime.configure(user_db=path, embedded_db=None, fallback="off")
     a, b = f16_array((64, 32), 14), f16_array((32, 48), 15)
     found = runtime.explain(a, b)

@@ -22,7 +22,6 @@ from looptune.runtime.compiler.schedule import Schedule
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.hooks import LiveTuneResult, register_live_tuner
-from looptune.runtime.resolve import current_machine
 from looptune.runtime.configuration import RuntimeSettings, embedded_db_path
 
 # A legal schedule that differs from every analytic default: serving it is visible in explain().
@@ -34,7 +33,7 @@ FOREIGN = MachineKey("aarch64", "Other CPU", "neon", ("asimd",), 4, "clang 17.0.
 
 def record(problem: MatmulProblem, *, trace: Trace = MARK, machine: MachineKey | None = None,
            verified: bool = True, gflops: float = 50.0) -> Record:
-    return Record(problem, machine or current_machine(), trace, gflops, 1.0, 40.0, verified, "test", "test", 1,
+    return Record(problem, machine or MachineKey.current(), trace, gflops, 1.0, 40.0, verified, "test", "test", 1,
                   1.7e9)
 
 

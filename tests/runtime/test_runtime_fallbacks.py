@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from looptune import runtime
-from looptune.database import Record, save
+from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.resolve import Resolver, current_machine
+from looptune.runtime.resolve import Resolver
 from looptune.runtime.configuration import RuntimeSettings
 
 
@@ -30,7 +30,7 @@ def user_db(tmp_path):
 
 
 def record(problem, trace=Trace((Step.make("split", loop="n", factor=16),)), gflops=50.0, numpy_gflops=40.0):
-    return Record(problem, current_machine(), trace, gflops, 1.0, numpy_gflops, True, "test", "test", 1, 1.7e9)
+    return Record(problem, MachineKey.current(), trace, gflops, 1.0, numpy_gflops, True, "test", "test", 1, 1.7e9)
 
 
 def test_numpy_handoff_when_no_candidate_beat_numpy(user_db, caplog):

@@ -18,7 +18,7 @@ from looptune.runtime.compiler.trace import Step, Trace
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.configuration import RuntimeSettings
 from looptune.runtime.numpy_kernel import NumpyKernel
-from looptune.runtime.resolve import Resolver, current_machine
+from looptune.runtime.resolve import Resolver
 from looptune.runtime.verdicts import Trial, TrialProtocol, Verdict, VerdictStore, verdict_path
 
 TRACE = Trace((Step.make("split", loop="n", factor=16),))
@@ -113,14 +113,14 @@ def test_a_new_record_near_the_shape_reopens_its_verdict(user_db, monkeypatch):
     a, b = operands(33, 31, 35)
     run_calls(a, b)
     assert runtime.explain(a, b, threads=1).source == "numpy"
-    save(user_db, [Record(MatmulProblem(32, 32, 32), current_machine(), TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1, 1.7e9)])
+    save(user_db, [Record(MatmulProblem(32, 32, 32), MachineKey.current(), TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1, 1.7e9)])
     runtime.configure()
     again = runtime.explain(a, b, threads=1)
     assert again.source == "nearest" and again.verdict.startswith("trial")
 
 
 def test_other_machines_records_are_never_served(user_db):
-    other = dataclasses.replace(current_machine(), cpu_model="Some Other CPU")
+    other = dataclasses.replace(MachineKey.current(), cpu_model="Some Other CPU")
     problem = MatmulProblem(48, 40, 56)
     save(user_db, [Record(problem, other, TRACE, 500.0, 1.0, 40.0, True, "t", "t", 1, 1.7e9)])
     runtime.configure()
@@ -238,7 +238,7 @@ def test_the_kernel_is_timed_in_numpys_wake():
 
 
 def test_shapes_that_share_a_kernel_do_not_spend_the_build_budget(user_db, monkeypatch):
-    save(user_db, [Record(MatmulProblem(32, 32, 32), current_machine(), TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1,
+    save(user_db, [Record(MatmulProblem(32, 32, 32), MachineKey.current(), TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1,
                           1.7e9)])
     runtime.configure()
     monkeypatch.setattr(resolve, "MAX_TRIAL_BUILDS", 1)
@@ -262,8 +262,8 @@ def test_a_forked_child_drops_trials_under_way(user_db):
 
 
 def test_records_keyed_before_cache_sizes_joined_the_key_are_this_machines(user_db):
-    legacy = current_machine().without_caches()
-    assert legacy != current_machine() and current_machine().owns(legacy)
+    legacy = MachineKey.current().without_caches()
+    assert legacy != MachineKey.current() and MachineKey.current().owns(legacy)
     save(user_db, [Record(MatmulProblem(40, 40, 40), legacy, TRACE, 50.0, 1.0, 40.0, True, "t", "t", 1, 1.7e9)])
     runtime.configure()
     assert runtime.explain(operands(40, 40, 40)[0], operands(40, 40, 40)[1], threads=1).source == "exact"

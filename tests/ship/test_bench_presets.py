@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from looptune.database import Record, save
+from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem, read_shapes
 from looptune.tuner.ship.bench import BenchRow, geomean, served_summary, table, time_interleaved
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.presets import PRESETS, preset_problems, preset_text
 
 LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]
@@ -112,7 +111,7 @@ def test_bench_json_and_plot(tmp_path):
 
 
 def _record(problem: MatmulProblem, gflops: float, numpy_gflops: float) -> Record:
-    return Record(problem, target_machine(), default_schedule(problem).trace, gflops, 0.0, numpy_gflops, True)
+    return Record(problem, MachineKey.current(), default_schedule(problem).trace, gflops, 0.0, numpy_gflops, True)
 
 
 def _bench_json(args, env) -> dict:

@@ -19,8 +19,9 @@ from looptune.tuner.agent.policy import Policy, PolicyError
 from looptune.tuner.cli import main
 from looptune.tuner.measure.protocol import RunResult, RunStatus
 from looptune.tuner.search.loop import TuneResult
-from looptune.tuner.ship.builddb import (AgentTuner, SearchTuner, build_db, close_tuner, make_tuner, plan, run_one,
-                                         target_machine)
+from looptune.tuner.ship.builddb import build_db, plan
+from looptune.tuner.ship.executors import run_one
+from looptune.tuner.ship.tuners import AgentTuner, SearchTuner, close_tuner, make_tuner
 
 import ship_fakes
 
@@ -49,7 +50,7 @@ def test_builds_every_problem_and_commits_records_for_this_machine(tmp_path):
     assert len(seen) == 3                                   # the duplicate problem is tuned once
     records = {r.problem.key(): r for r in load(db)}
     assert set(records) == {p.key() for p in ps}
-    machine = target_machine()
+    machine = MachineKey.current()
     for r in records.values():
         assert r.machine == machine and r.verified
         assert r.policy == "fake-v0" and r.search == "fake" and r.candidates == 3
@@ -75,9 +76,9 @@ def test_rerun_skips_what_the_database_has(tmp_path):
 def test_records_of_another_machine_do_not_count_as_done(tmp_path):
     db = tmp_path / "s.h5"
     ps = problems((16, 16, 16))
-    other = MachineKey(**{**target_machine().to_dict(), "compiler": "gcc 1.0 (another toolchain)"})
+    other = MachineKey(**{**MachineKey.current().to_dict(), "compiler": "gcc 1.0 (another toolchain)"})
     build_db(ps, db, tuner=ship_fakes.fake_tune, machine=other)
-    todo, done = plan(ps, db, target_machine())
+    todo, done = plan(ps, db, MachineKey.current())
     assert todo == ps and done == []
 
 
@@ -87,7 +88,7 @@ def test_a_failed_problem_is_reported_not_stored_and_retried_next_time(tmp_path)
     report = build_db(ps, db, tuner=ship_fakes.fake_tune)
     assert (report.done, report.failed) == (1, 1)
     assert report.failures[0][0] == ps[0].key() and "wrong answer" in report.failures[0][1]
-    assert plan(ps, db, target_machine())[0] == ps[:1]
+    assert plan(ps, db, MachineKey.current())[0] == ps[:1]
 
 
 def test_a_tuner_that_raises_fails_one_problem_only(tmp_path):
@@ -114,13 +115,13 @@ def test_a_record_carries_the_tune_result():
     run = RunResult(RunStatus.OK, seconds=1e-5, q1_seconds=0.9e-5, q3_seconds=1.1e-5, gflops=52.4,
                     numpy_seconds=2e-5, numpy_gflops=26.2)
     reply = run_one(p, 1.0, lambda problem, budget_s: TuneResult(p, default_schedule(p), run, "policy-beam",
-                                                                 "dqn-v1", 7, 1.9), target_machine())
+                                                                 "dqn-v1", 7, 1.9), MachineKey.current())
     assert reply["status"] == "ok" and reply["gflops"] == 52.4
     record = json.loads(reply["record"])
     assert record["gflops_spread"] == pytest.approx(0.2 * 52.4) and record["numpy_gflops"] == 26.2
     assert (record["search"], record["policy"]) == ("policy-beam", "dqn-v1")
     failed = TuneResult(p, default_schedule(p), RunResult(RunStatus.CRASH, error="boom"), "none", "", 1, 0.1)
-    reply = run_one(p, 1.0, lambda problem, budget_s: failed, target_machine())
+    reply = run_one(p, 1.0, lambda problem, budget_s: failed, MachineKey.current())
     assert reply["status"] == "failed" and reply["error"] == "boom" and "record" not in reply
 
 

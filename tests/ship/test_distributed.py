@@ -13,7 +13,7 @@ import pytest
 
 from looptune.database import MachineKey, load
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import build_db, target_machine
+from looptune.tuner.ship.builddb import build_db
 from looptune.tuner.ship.distributed import DaskExecutor, PoolExecutor, claim_cores
 
 HERE = Path(__file__).parent
@@ -26,7 +26,7 @@ def problems(count, start=16):
 
 
 def other_machine() -> MachineKey:
-    return MachineKey(**{**target_machine().to_dict(), "cpu_model": "Some Other CPU 9000"})
+    return MachineKey(**{**MachineKey.current().to_dict(), "cpu_model": "Some Other CPU 9000"})
 
 
 def test_core_claims_are_exclusive_per_host(tmp_path):
@@ -48,7 +48,7 @@ def test_process_pool_pins_each_worker_to_its_own_core(tmp_path):
     replies = []
     os.environ["LOOPTUNE_FAKE_SLEEP"] = "0.05"
     try:
-        report = build_db(problems(8), db, executor=PoolExecutor(2, budget_s=0.1, machine=target_machine(), tuner=FAKE),
+        report = build_db(problems(8), db, executor=PoolExecutor(2, budget_s=0.1, machine=MachineKey.current(), tuner=FAKE),
                           on_reply=lambda p, r: replies.append(r))
     finally:
         del os.environ["LOOPTUNE_FAKE_SLEEP"]
@@ -71,7 +71,7 @@ def test_ctrl_c_with_a_pool_keeps_the_problems_that_were_running(tmp_path):
 
     os.environ["LOOPTUNE_FAKE_SLEEP"] = "0.3"
     try:
-        report = build_db(problems(12), db, executor=PoolExecutor(2, budget_s=0.1, machine=target_machine(), tuner=FAKE),
+        report = build_db(problems(12), db, executor=PoolExecutor(2, budget_s=0.1, machine=MachineKey.current(), tuner=FAKE),
                           on_reply=on_reply, commit_interval_s=3600)
     finally:
         del os.environ["LOOPTUNE_FAKE_SLEEP"]
@@ -81,7 +81,7 @@ def test_ctrl_c_with_a_pool_keeps_the_problems_that_were_running(tmp_path):
 
 def test_process_pool_refuses_more_workers_than_cores():
     with pytest.raises(ValueError, match="share cores"):
-        PoolExecutor(len(os.sched_getaffinity(0)) + 1, budget_s=1.0, machine=target_machine())
+        PoolExecutor(len(os.sched_getaffinity(0)) + 1, budget_s=1.0, machine=MachineKey.current())
 
 
 try:
@@ -127,14 +127,14 @@ def test_dask_workers_return_records_the_driver_commits(cluster, tmp_path):
     problems of each worker."""
     db = tmp_path / "s.h5"
     replies = []
-    ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=target_machine(), tuner=FAKE)
+    ex = DaskExecutor(cluster.scheduler_address, budget_s=0.1, machine=MachineKey.current(), tuner=FAKE)
     with workers_env(cluster.scheduler_address, "LOOPTUNE_FAKE_SLEEP", "0.05"):
         report = build_db(problems(10) + [MatmulProblem(13, 8, 8)], db, executor=ex,
                           on_reply=lambda p, r: replies.append(r))
     assert (report.done, report.failed, report.refused) == (10, 1, 0)
     assert all(r["seconds"] >= 0.05 for r in replies if r["status"] == "ok")     # the workers saw the sleep
     records = load(db)
-    assert len(records) == 10 and all(r.machine == target_machine() for r in records)
+    assert len(records) == 10 and all(r.machine == MachineKey.current() for r in records)
     cluster_workers = cluster.scheduler_info["workers"]
     assert len(cluster_workers) == (2 if TWO_CORES else 1)
     per_worker = collections.Counter(r["worker"] for r in replies)
@@ -173,4 +173,4 @@ def test_cli_scheduler_runs_real_tuning_on_dask_workers(cluster, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(done.stdout)
     assert (report["done"], report["failed"]) == (2, 0)
-    assert all(r.verified and r.gflops_median > 0 and r.machine == target_machine() for r in load(db))
+    assert all(r.verified and r.gflops_median > 0 and r.machine == MachineKey.current() for r in load(db))

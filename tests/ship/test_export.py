@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from looptune.database import Record, commit
+from looptune.database import MachineKey, Record, commit
 from ship_fakes import export_and_link
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import ExportError, export_library, make_plan
 from looptune.tuner.search.spaces import blocking_candidates
 
@@ -57,7 +56,7 @@ int main(int argc, char **argv)
 
 
 def _records():
-    machine = target_machine()
+    machine = MachineKey.current()
     out = []
     for m, n, k, dtype, variant in TUNED:
         p = MatmulProblem(m, n, k, dtype=dtype)
@@ -124,7 +123,7 @@ def test_manifest_lists_each_kernel_once(library):
     tuned_kernels = {s["kernel"] for s in shapes}
     symbols = [k["symbol"] for k in manifest["kernels"]]
     assert len(symbols) == len(set(symbols))
-    isa = target_machine().isa
+    isa = MachineKey.current().isa
     home = [k for k in manifest["kernels"] if k["level"] == isa]       # the tuned level's set
     assert len(home) == len(tuned_kernels) + 2 and all(k["tuned"] != k["general"] for k in home)
     levels = [lv["level"] for lv in manifest["levels"]]

@@ -9,12 +9,11 @@ import subprocess
 import numpy as np
 import pytest
 
-from looptune.database import Record, commit
+from looptune.database import MachineKey, Record, commit
 from ship_fakes import export_and_link
 from looptune.runtime.compiler.defaults import BlockingParams, default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
 from looptune.tuner.ship.export_levels import MASK_VARIABLE
@@ -56,7 +55,7 @@ int main(int argc, char **argv)
 
 
 def _records():
-    machine = target_machine()
+    machine = MachineKey.current()
     out = [Record(MatmulProblem(m, n, k, dtype="bfloat16"), machine, s.trace, 50.0, 1.0, 40.0, True, "t", "t", 1)
            for m, n, k, s in TUNED]
     p = MatmulProblem(48, 48, 48)
@@ -118,7 +117,7 @@ def test_fast_kernels_run_only_where_the_cpu_has_avx512_bf16(library):
                 else amx_shaped + "_vdp" if "avx512_bf16" in extensions     # its vdpbf16ps twin (Zen 4 and 5)
                 else amx_shaped + "_convert")                               # its portable twin
     served = run_driver(library, 64, 64, 64)
-    if target_machine().isa == "avx512":
+    if MachineKey.current().isa == "avx512":
         assert f"static int {amx_shaped}_convert(" in source          # the AMX-shaped tile's portable twin
         assert f"static int {convert_only}_convert(" not in source    # a tile no fast form runs: one rendering
         assert served == expected
@@ -140,7 +139,7 @@ def test_lesser_cpus_match_numpy(library, level):
     no AMX (avx512bf16, Zen 4: vdpbf16ps twins of the AMX kernels): LOOPTUNE_CPU_LEVEL caps the
     level the library reads from CPUID."""
     source = (library / "lib" / "looptune.c").read_text()
-    if target_machine().isa != "avx512" or "lt_amx_granted" not in source:
+    if MachineKey.current().isa != "avx512" or "lt_amx_granted" not in source:
         pytest.skip("no fast bfloat16 kernels for this ISA")
     if level == "avx512bf16" and "avx512_bf16" not in detect_cpu().extensions:
         pytest.skip("this CPU cannot run vdpbf16ps")

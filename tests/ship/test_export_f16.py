@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from looptune.database import Record, commit, load
+from looptune.database import MachineKey, Record, commit, load
 from ship_fakes import export_and_link
 from looptune.runtime.compiler.defaults import BlockingParams, default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.cli import main
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
 from looptune.tuner.ship.export_levels import MASK_VARIABLE
@@ -60,7 +59,7 @@ int main(int argc, char **argv)
 
 
 def _records():
-    machine = target_machine()
+    machine = MachineKey.current()
     out = [Record(MatmulProblem(m, n, k, dtype="float16"), machine, s.trace, 50.0, 1.0, 1.0, True, "t", "t", 1)
            for m, n, k, s in TUNED]
     for p in (MatmulProblem(48, 48, 48), MatmulProblem(30, 20, 70, dtype="bfloat16")):    # dtypes side by side

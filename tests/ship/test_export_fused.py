@@ -16,12 +16,11 @@ import pytest
 
 from click.testing import CliRunner
 
-from looptune.database import Record, commit, load
+from looptune.database import MachineKey, Record, commit, load
 from looptune.runtime.compiler.defaults import BlockingParams, default_schedule
 from looptune.runtime.compiler.epilogue import activate, of_op
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.cli import main
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import ExportError, make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
 from looptune.tuner.ship.export_levels import MASK_VARIABLE
@@ -100,7 +99,7 @@ int main(int argc, char **argv)
 
 
 def _records():
-    machine = target_machine()
+    machine = MachineKey.current()
     out = [Record(MatmulProblem(m, n, k, dtype=dtype, op=op), machine, s.trace, 50.0, 1.0, 40.0, True, "t", "t", 1)
            for m, n, k, dtype, op, s in TUNED]
     for m, n, k, dtype, _, _ in TUNED[:2]:      # the plain product of the same sizes: its own family and kernels

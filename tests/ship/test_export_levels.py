@@ -19,11 +19,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from looptune.database import Record, commit
+from looptune.database import MachineKey, Record, commit
 from looptune.runtime.compiler.defaults import BlockingParams, default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import target_machine
 from looptune.tuner.ship.export import ExportError, make_plan
 from looptune.tuner.ship.export_c import header_text, source_text
 from looptune.tuner.ship.export_levels import LADDER, MASK_VARIABLE, LevelCpu
@@ -69,7 +68,7 @@ int main(int argc, char **argv)
 
 def avx512_machine():
     """The key of an AVX-512 machine, whatever this one is."""
-    return replace(target_machine(), cpu_model="Test AVX-512 CPU", isa="avx512", features=AVX512)
+    return replace(MachineKey.current(), cpu_model="Test AVX-512 CPU", isa="avx512", features=AVX512)
 
 
 def _records():

@@ -18,7 +18,8 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.evaluator import SECOND_PLACEMENT_SHIFT_BYTES, Evaluator
 from looptune.tuner.measure.protocol import MeasureConfig, RunResult, RunStatus
 from looptune.tuner.measure.runner import Runner
-from looptune.tuner.search.loop import Budget, Strategy, _confirm, run
+from looptune.tuner.search.budget import Budget
+from looptune.tuner.search.loop import Strategy, _confirm, run
 
 PROBLEM = MatmulProblem(64, 64, 64)
 SCHEDULES = {

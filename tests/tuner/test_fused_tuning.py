@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from looptune.database import Record, commit, load
+from looptune.database import MachineKey, Record, commit, load
 from looptune.runtime.compiler.build import build_many
 from looptune.runtime.compiler.codegen import FixedSizes, render
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.epilogue import activate
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shape_line
-from looptune.runtime.resolve import current_machine
 from looptune.tuner.agent.actions import AgentState
 from looptune.tuner.agent.observe import observe
 from looptune.tuner.cli import main
@@ -119,7 +118,7 @@ def test_a_fused_problem_searches_and_observes_as_its_plain_twin():
 
 
 def test_seeds_of_a_fused_problem_come_from_its_own_family_then_the_plain_one(tmp_path, monkeypatch):
-    machine = current_machine()
+    machine = MachineKey.current()
     own, plain = MatmulProblem(64, 64, 64, op=GELU), MatmulProblem(64, 64, 64)
     far = MatmulProblem(512, 512, 512, op=GELU)
     records = [Record(p, machine, default_schedule(p).trace, g, 0.1, 10.0, True, "t", "t", 1)

@@ -12,7 +12,8 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent.policy import Policy
 from looptune.tuner.measure.evaluator import Evaluator
 from looptune.tuner.measure.runner import RunResult, RunStatus
-from looptune.tuner.search.loop import Budget, run
+from looptune.tuner.search.budget import Budget
+from looptune.tuner.search.loop import run
 from looptune.tuner.search.proxy import PROXY_ABOVE_S, Rates, confirm_cost_s, prior_timing_s, proxy_problem
 from looptune.tuner.search.tune import NO_POLICY, PolicyTune, tune
 
@@ -163,7 +164,6 @@ def test_nearest_seeds_replay_in_the_problems_family(tmp_path, monkeypatch):
     from looptune.database import MachineKey, Record, save
     from looptune.runtime.compiler.schedule import Schedule, canonical_schedule
     from looptune.runtime.compiler.trace import Step, Trace
-    from looptune.runtime.resolve import current_machine
     from looptune.tuner.search.seeds import nearest_seeds
 
     foreign = MachineKey("aarch64", "Other CPU", "neon", ("asimd",), 4, "clang 17.0.6", "0")
@@ -172,7 +172,7 @@ def test_nearest_seeds_replay_in_the_problems_family(tmp_path, monkeypatch):
     broken = Trace((Step.make("split", loop="m.i", factor=4),))     # valid grammar, does not replay
 
     def record(m, n, k, trace, machine=None, **family):
-        return Record(MatmulProblem(m, n, k, **family), machine or current_machine(), trace, 90.0, 1.0, 70.0, True,
+        return Record(MatmulProblem(m, n, k, **family), machine or MachineKey.current(), trace, 90.0, 1.0, 70.0, True,
                       "test", "test", 1, 1.7e9)
 
     near, far = record(1024, 1024, 1024, near_trace), record(512, 512, 512, far_trace)

@@ -9,6 +9,7 @@ import sys
 import click
 
 from looptune import runtime
+from looptune.database import MachineKey
 from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError, parse_shapes
 from looptune.tuner.cli.common import (BUDGET_S, COUNT, DATABASE, INTERRUPTED_EXIT, THREADS, check_writable,
@@ -77,14 +78,15 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     """
     # deferred: the tuner loads only when this command runs, not for --help or the other commands
     from looptune.tuner.agent.policy import PolicyError
-    from looptune.tuner.search.loop import MAX_BUDGET_S     # (as above)
-    from looptune.tuner.ship.builddb import SerialExecutor, build_db as run_build, plan, target_machine  # (as above)
+    from looptune.tuner.search.budget import MAX_BUDGET_S     # (as above)
+    from looptune.tuner.ship.builddb import build_db as run_build, plan      # (as above)
+    from looptune.tuner.ship.executors import SerialExecutor                # (as above)
 
     shown_budget_s, budget_s = budget_s, min(budget_s, MAX_BUDGET_S)   # any finite budget: "no limit" beyond
     problems = _problems(shapes, preset, threads)
     db_path = database_path(db_path)
     check_writable(db_path)
-    machine = target_machine()
+    machine = MachineKey.current()
     cores = max(p.threads for p in problems) if problems else 1
     with user_errors():     # a corrupt or newer-schema database stops the build before any tuning
         todo, done = plan(problems, db_path, machine)
@@ -238,9 +240,8 @@ def _database_problems(db_path: str, threads: int) -> list[MatmulProblem]:
     if not os.path.exists(db_path):
         return []
     from looptune.database import load     # lazily: h5py loads with the store
-    from looptune.tuner.ship.builddb import target_machine     # deferred: builddb loads the whole tuner
 
-    machine = target_machine()
+    machine = MachineKey.current()
     keys = sorted({r.problem for r in load(db_path)
                    if r.machine == machine and r.problem.threads == threads and r.problem.op == PLAIN})
     return [MatmulProblem(p.m, p.n, p.k, batch=p.batch, dtype=p.dtype, layout=p.layout, threads=p.threads) for p in keys]
@@ -253,7 +254,6 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
     # deferred: the bench and the tuner load only when a bench runs, not for --help or the other commands
     from looptune.tuner.ship.baselines import ChildError, baseline_core, blas_info
     from looptune.tuner.ship.bench import baselines_line, plot, run_bench, table, to_json     # (as above)
-    from looptune.tuner.ship.builddb import target_machine                                     # (as above)
 
     if db_path and os.path.exists(db_path):
         runtime.configure(user_db=db_path)
@@ -278,7 +278,7 @@ def _bench_and_print(problems, db_path, threads, *, as_json: bool, plot_path, wi
     finally:
         if bar is not None:
             bar.close()
-    machine = target_machine()
+    machine = MachineKey.current()
     if as_json:
         click.echo(json.dumps(to_json(rows, threads=threads, machine=machine.short(), numpy_handoff=handoff, blas=blas,
                                       numpy_core=core)))

@@ -24,7 +24,7 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
     # imported here, not at the top: ``looptune --help`` and the other commands do not load the tuner
     from looptune.tuner.agent.policy import Policy, PolicyError
     from looptune.tuner.search.tune import NO_POLICY, tune as run_tune     # (as above)
-    from looptune.tuner.ship.builddb import store_result                  # (as above)
+    from looptune.tuner.ship.records_from_results import store_result     # (as above)
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads, epilogue)
     policy = NO_POLICY

@@ -16,7 +16,7 @@ accounting:
   (``prior_timing_s``: 8192^3 in 0.5 s) is not started at all: the result says so
   (``over_budget``) in milliseconds instead of timing out for a minute;
 * later batches are small, and none is started that the remaining budget cannot pay for by a
-  cost model fitted to the batches so far (``BatchCost``), with a margin before the end;
+  cost model fitted to the batches so far (``budget.BatchCost``), with a margin before the end;
 * a problem whose one timing is expensive is searched on a smaller *proxy* of its family
   (``proxy.proxy_problem``: 520x1024x512 for 1024^3) and its best few are then timed on the
   real size (``proxy.confirm_on_real_size``); that confirmation's cost is reserved from the
@@ -42,15 +42,12 @@ from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.machine import detect_cpu
 from looptune.runtime.compiler.schedule import Schedule, canonical_key, canonical_schedule
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.measure.evaluator import EvalStats, Evaluator, gflops_of
+from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult, RunStatus
+from looptune.tuner.search.budget import MAX_BUDGET_S, Budget
 from looptune.tuner.search.proxy import CONFIRM_MEASURE, Rates, confirm_cost_s, confirm_on_real_size, prior_timing_s
 
 MIN_CALL_TIMEOUT_S = 1.0     # a measurement call may always take this long (worker start-up, tiny budgets)
-# Budgets above this are treated as this (about 31 years: "no limit" in practice), so that every
-# figure derived from a budget (candidate counts, deadlines, timeouts) stays a finite float and
-# fits an int: ``--budget 1e308`` tunes until the strategy has nothing left.
-MAX_BUDGET_S = 1e9
 
 Callback = Callable[[MatmulProblem, Sequence[Any], Sequence[RunResult]], None]
 
@@ -120,65 +117,6 @@ def prior_cost_s(problem: MatmulProblem) -> float:
     return 0.2 / min(cores, 4) + prior_timing_s(problem)
 
 
-class BatchCost:
-    """What the next batch of n candidates will cost, from what the earlier ones did.
-
-    Compiles run ``cores`` at a time, so a batch costs ``ceil(n / cores)`` compile rounds plus
-    n timings; a lone candidate pays a whole compile round.  Every figure is the worse of
-    the latest observation and the running average (a single-round batch keeps the worst
-    round seen): overrunning the budget is the failure, stopping a little early is not.
-    """
-
-    def __init__(self) -> None:
-        self.cores = max(1, detect_cpu().cores)
-        self.compile_round_s = 0.25    # wall per round of parallel compiles, until measured
-        self.run_s = 0.0               # per candidate timing
-        self.other_s = 0.0             # per candidate, not explained by the two (IPC, Python)
-
-    def estimate(self, n: int) -> float:
-        return -(-n // self.cores) * self.compile_round_s + n * (self.run_s + self.other_s)
-
-    def observe(self, n: int, wall_s: float, before: EvalStats, after: EvalStats) -> None:
-        built = after.built - before.built
-        build_s = after.build_seconds - before.build_seconds
-        run_total_s = after.run_seconds - before.run_seconds
-        if built:
-            rounds = -(-built // self.cores)
-            seen = build_s / rounds
-            # a small batch pays gcc's fixed costs for fewer kernels than the first one did
-            self.compile_round_s = max(seen, self.compile_round_s if rounds < 2 else 0.5 * (self.compile_round_s + seen))
-        run = run_total_s / n
-        self.run_s = max(run, 0.5 * (self.run_s + run)) if self.run_s else run
-        other = max(0.0, wall_s - build_s - run_total_s) / n
-        self.other_s = max(other, 0.5 * (self.other_s + other)) if self.other_s else other
-
-
-class Budget:
-    """The wall clock of one run, as the loop and the strategies see it."""
-
-    def __init__(self, budget_s: float, clock: Callable[[], float] = time.perf_counter,
-                 start: Optional[float] = None) -> None:
-        self.budget_s = budget_s = min(budget_s, MAX_BUDGET_S)
-        self.clock = clock
-        self.t0 = clock() if start is None else start
-        # keep a margin: cost estimates are noisy, and a VM can stall a process for 0.1-0.2 s
-        self.deadline_s = budget_s - max(0.25, 0.125 * budget_s)
-        self.reserve_s = 0.0        # kept for later work (the real-size confirmation after a proxy search)
-        self.cost = BatchCost()
-
-    def elapsed_s(self) -> float:
-        return self.clock() - self.t0
-
-    def fits(self, n: int, extra_s: float = 0.0) -> bool:
-        """Can ``n`` more candidates (after ``extra_s`` of other work) be paid for before the
-        deadline, the reserve left untouched?"""
-        return self.elapsed_s() + extra_s + self.cost.estimate(n) <= self.deadline_s - self.reserve_s
-
-    def left_s(self) -> float:
-        """Seconds of the budget not spent or reserved."""
-        return self.budget_s - self.elapsed_s() - self.reserve_s
-
-
 class Strategy(abc.ABC):
     """Proposes candidates for one problem and learns from their measurements."""
 
@@ -220,128 +158,187 @@ def run(strategy: Strategy, evaluator: Evaluator, budget_s: float, *, batch: int
     no room for a first proxy batch, the first candidate proposed is timed alone on the real size
     (as the analytic default is without a proxy).  Callbacks hear the problem each batch ran on.
     ``history`` holds proxy GFLOPS, then the real-size figure of the result."""
-    problem = strategy.problem
-    target = proxy if proxy is not None and proxy != problem else problem
-    proxied = target != problem
-    budget_s = min(budget_s, MAX_BUDGET_S)
-    budget = Budget(budget_s, clock, start)
-    prior_s, timing_s = prior_cost_s(target), prior_timing_s(target)
-    queue: list[Any] = []
-    first: list[Any] = []                  # the first candidate proposed: the result's schedule if nothing ran
-    measured: dict[str, RunResult] = {}
-    by_key: dict[str, Any] = {}
-    best: Optional[tuple[float, Any, RunResult]] = None
-    history: list[tuple[float, float]] = []
-    best_schedules: list[tuple[float, Schedule]] = []
-    real: dict[str, RunResult] = {}        # with a proxy: real-size results
-    # Not even asked when one measurement takes several budgets (8192^3 in 0.5 s): that fails fast.
-    # Without a proxy, when it takes more than the budget but not that much (2048^3 in 2.5 s), the
-    # analytic default is measured alone, once, with the light real-size protocol, and the run
-    # overruns its budget by that measurement: a database gets a verified record for every
-    # problem it can time at all.  (With a proxy, the same holds for the first candidate proposed
-    # when the confirmation leaves no room for a proxy batch: ``single``.)
-    too_large = prior_timing_s(problem) > OVER_BUDGET_FACTOR * budget_s
-    default_only = not too_large and not proxied and timing_s > budget_s
-    single: list[Any] = []                 # with a proxy, when no confirmation fits: the one candidate timed
-    known = Rates.prior(problem)
-    # The per-call limit is a safety net against hangs, not the budget (the batch planning holds
-    # that): a first call also builds the operands and their reference, which for a large operand
-    # (16x11008x4096: 180 MB of B) is most of a 2.5 s budget on its own.
-    call_limit_s = max(MIN_CALL_TIMEOUT_S, 2 * budget_s, 1.5 * prior_timing_s(problem))
-    with evaluator.time_limit(call_limit_s):
-        if default_only:
-            single = [default_schedule(problem)]
-        elif not too_large:
-            evaluator.prefetch(target)     # worker start and numpy timing overlap the first proposals
-        while not too_large and not single:
-            if not queue:
-                proposed = strategy.ask(budget)
-                first = first or proposed[:1]
-                if proxied and not history:        # plan the real-size confirmation
-                    known = rates() or known
-                    budget.reserve_s = confirm_cost_s(problem, known, first=True) + budget.cost.compile_round_s
-                    if budget.reserve_s + prior_s > budget.deadline_s - budget.elapsed_s():
-                        single = proposed[:1]      # no room for a proxy batch before the confirmation
-                        break
-                queue = []
-                for c in proposed:
-                    k = canonical_key(c.nest)
-                    if k not in measured and k not in by_key:
-                        by_key[k] = c
-                        queue.append(c)
-                if not queue:
-                    break
-            if not history:                # the first batch: one compiler call, cut by the prior
-                left_s = budget.left_s()
-                n = min(len(queue), max(2, int(0.5 * budget_s / prior_s)))
-                while n > 1 and n * prior_s > left_s:
-                    n -= 1                 # one candidate is timed whatever set-up cost: it fits the budget
-            else:
-                n = min(batch, len(queue))
-                while n and not budget.fits(n):
-                    n -= 1
-            if not n:
-                break
-            chunk, queue = queue[:n], queue[n:]
-            before = replace(evaluator.stats)
-            t1 = clock()
-            results = evaluator.evaluate([(target, c.nest) for c in chunk])
-            budget.cost.observe(n, clock() - t1, before, evaluator.stats)
-            strategy.tell(chunk, results)
-            changed = False
-            for c, r in zip(chunk, results):
-                measured[canonical_key(c.nest)] = r
-                g = gflops_of(r)
-                if g is not None and (best is None or g > best[0]):
-                    best, changed = (g, c, r), True
-            if proxied and best is not None:   # the proxy's rates, scaled to the real size, re-plan the reserve
-                known = Rates.measured(best[0], best[2].numpy_gflops, known)
-                budget.reserve_s = confirm_cost_s(problem, known, first=True) + budget.cost.compile_round_s
-            now = budget.elapsed_s()
-            history.append((now, best[0] if best else 0.0))
-            if changed:
-                best_schedules.append((now, canonical_schedule(best[1].nest)))
-            for callback in callbacks:
-                callback(target, chunk, results)
-        if single:
-            # one real-size timing, with the light protocol: the budget does not pay for more
-            c = single[0]
-            by_key[canonical_key(c.nest)] = c
-            with evaluator.protocol(CONFIRM_MEASURE):
-                (r,) = evaluator.evaluate([(problem, c.nest)])
-            measured = {canonical_key(c.nest): r}
-            best = (gflops_of(r), c, r) if gflops_of(r) is not None else None
-            if best is not None:
-                history.append((budget.elapsed_s(), best[0]))
-                best_schedules.append((budget.elapsed_s(), canonical_schedule(c.nest)))
-            for callback in callbacks:
-                callback(problem, [c], [r])
-        elif best is not None and proxied:
-            budget.reserve_s = 0.0
-            best = confirm_on_real_size(problem, evaluator, measured, by_key, budget, max(1, confirm), known, real,
-                                        lambda cands, results: [cb(problem, cands, results) for cb in callbacks])
-            if best is not None:
-                history.append((budget.elapsed_s(), best[0]))
-                best_schedules.append((budget.elapsed_s(), canonical_schedule(best[1].nest)))
-        elif best is not None and confirm:
-            best = _confirm(problem, evaluator, measured, by_key, best, budget, confirm)
+    one = _Run(strategy, evaluator, budget_s, batch, confirm, callbacks, clock, start, proxy, rates)
+    with evaluator.time_limit(one.call_limit_s):
+        if one.default_only:               # one timing takes longer than the budget: the default, alone
+            one.single = [default_schedule(one.problem)]
+        elif not one.too_large:            # (too large: nothing is measured, the result says why)
+            evaluator.prefetch(one.target)     # worker start and numpy timing overlap the first proposals
+            one.search()
+        one.finish()
         evaluator.wait()
-    seconds = budget.elapsed_s()
-    common = dict(policy=strategy.policy_name, candidates=len(measured) + len(real), seconds=seconds,
-                  history=tuple(history), best_schedules=tuple(best_schedules),
-                  searched_on=target if proxied and not single else None)
-    if best is not None:
-        g, c, r = best
-        found_by = "default" if default_only else strategy.found_by(c)
-        return TuneResult(problem, canonical_schedule(c.nest), r, found_by, **common)
-    schedule = canonical_schedule(first[0].nest) if first else canonical_schedule(default_schedule(problem).nest)
-    failures = real or measured        # with a proxy: the real-size failures, if any ran
-    if proxied and not real and measured:
-        failures = {"": RunResult(RunStatus.TIMEOUT, problem.key(), schedule.to_json(),
-                                  error=f"no real-size timing fitted the {budget_s:g} s budget")} \
-            if any(gflops_of(r) for r in measured.values()) else measured
-    why = _failure(problem, schedule, failures, too_large, prior_timing_s(problem), budget_s)
-    return TuneResult(problem, schedule, why, "none", **common)
+    return one.result()
+
+
+class _Run:
+    """One call of ``run``: its state, the batched search, the finish, the result.
+
+    Phases, in order: ``search`` (ask, dedupe, size a batch, measure, tell, until the budget or the
+    strategy runs out), then ``finish`` (one of: time ``single`` alone on the real size, confirm a
+    proxy search's best on the real size, or re-time the finalists), then ``result``."""
+
+    def __init__(self, strategy: Strategy, evaluator: Evaluator, budget_s: float, batch: int, confirm: int,
+                 callbacks: Sequence[Callback], clock: Callable[[], float], start: Optional[float],
+                 proxy: Optional[MatmulProblem], rates: Callable[[], Optional[Rates]]) -> None:
+        self.strategy, self.evaluator, self.clock, self.rates = strategy, evaluator, clock, rates
+        self.batch, self.confirm, self.callbacks = batch, confirm, callbacks
+        self.problem = problem = strategy.problem
+        self.target = proxy if proxy is not None and proxy != problem else problem
+        self.proxied = self.target != problem
+        self.budget_s = budget_s = min(budget_s, MAX_BUDGET_S)
+        self.budget = Budget(budget_s, clock, start)
+        self.prior_s = prior_cost_s(self.target)
+        self.queue: list[Any] = []
+        self.first: list[Any] = []         # the first candidate proposed: the result's schedule if nothing ran
+        self.measured: dict[str, RunResult] = {}
+        self.by_key: dict[str, Any] = {}
+        self.best: Optional[tuple[float, Any, RunResult]] = None
+        self.history: list[tuple[float, float]] = []
+        self.best_schedules: list[tuple[float, Schedule]] = []
+        self.real: dict[str, RunResult] = {}   # with a proxy: real-size results
+        # Not even asked when one measurement takes several budgets (8192^3 in 0.5 s): that fails fast.
+        # Without a proxy, when it takes more than the budget but not that much (2048^3 in 2.5 s), the
+        # analytic default is measured alone, once, with the light real-size protocol, and the run
+        # overruns its budget by that measurement: a database gets a verified record for every
+        # problem it can time at all.  (With a proxy, the same holds for the first candidate proposed
+        # when the confirmation leaves no room for a proxy batch: ``single``.)
+        self.timing_s = prior_timing_s(problem)
+        self.too_large = self.timing_s > OVER_BUDGET_FACTOR * budget_s
+        self.default_only = not self.too_large and not self.proxied and self.timing_s > budget_s
+        self.single: list[Any] = []        # the one candidate timed alone on the real size, if any
+        self.known = Rates.prior(problem)
+        # The per-call limit is a safety net against hangs, not the budget (the batch planning holds
+        # that): a first call also builds the operands and their reference, which for a large operand
+        # (16x11008x4096: 180 MB of B) is most of a 2.5 s budget on its own.
+        self.call_limit_s = max(MIN_CALL_TIMEOUT_S, 2 * budget_s, 1.5 * self.timing_s)
+
+    # ---- the search: batches until the budget or the strategy runs out ----------------------
+    def search(self) -> None:
+        while self.queue or self._ask():
+            n = self._batch_size()
+            if not n:
+                return
+            chunk, self.queue = self.queue[:n], self.queue[n:]
+            self._measure(chunk)
+
+    def _ask(self) -> bool:
+        """Queue the strategy's new proposals; False when the search ends here (nothing new, or,
+        with a proxy, no room for a proxy batch before the confirmation: then ``single``)."""
+        proposed = self.strategy.ask(self.budget)
+        self.first = self.first or proposed[:1]
+        if self.proxied and not self.history:        # plan the real-size confirmation
+            self.known = self.rates() or self.known
+            self._reserve_confirmation()
+            budget = self.budget
+            if budget.reserve_s + self.prior_s > budget.deadline_s - budget.elapsed_s():
+                self.single = proposed[:1]
+                return False
+        self.queue = []
+        for c in proposed:
+            k = canonical_key(c.nest)
+            if k not in self.measured and k not in self.by_key:
+                self.by_key[k] = c
+                self.queue.append(c)
+        return bool(self.queue)
+
+    def _reserve_confirmation(self) -> None:
+        """Keep the real-size confirmation's cost, at the rates known now, out of the batches."""
+        self.budget.reserve_s = confirm_cost_s(self.problem, self.known, first=True) + self.budget.cost.compile_round_s
+
+    def _batch_size(self) -> int:
+        """How many queued candidates the next batch takes (0: none fits, the search ends)."""
+        if not self.history:               # the first batch: one compiler call, cut by the prior
+            left_s = self.budget.left_s()
+            n = min(len(self.queue), max(2, int(0.5 * self.budget_s / self.prior_s)))
+            while n > 1 and n * self.prior_s > left_s:
+                n -= 1                     # one candidate is timed whatever set-up cost: it fits the budget
+            return n
+        n = min(self.batch, len(self.queue))
+        while n and not self.budget.fits(n):
+            n -= 1
+        return n
+
+    def _measure(self, chunk: list[Any]) -> None:
+        """Measure a batch, tell the strategy, and note the best, the cost model and the history."""
+        evaluator, budget = self.evaluator, self.budget
+        before = replace(evaluator.stats)
+        t1 = self.clock()
+        results = evaluator.evaluate([(self.target, c.nest) for c in chunk])
+        budget.cost.observe(len(chunk), self.clock() - t1, before, evaluator.stats)
+        self.strategy.tell(chunk, results)
+        changed = False
+        for c, r in zip(chunk, results):
+            self.measured[canonical_key(c.nest)] = r
+            g = gflops_of(r)
+            if g is not None and (self.best is None or g > self.best[0]):
+                self.best, changed = (g, c, r), True
+        if self.proxied and self.best is not None:   # the proxy's rates, scaled to the real size, re-plan the reserve
+            self.known = Rates.measured(self.best[0], self.best[2].numpy_gflops, self.known)
+            self._reserve_confirmation()
+        now = budget.elapsed_s()
+        self.history.append((now, self.best[0] if self.best else 0.0))
+        if changed:
+            self.best_schedules.append((now, canonical_schedule(self.best[1].nest)))
+        for callback in self.callbacks:
+            callback(self.target, chunk, results)
+
+    # ---- the finish: a real-size answer, or a second look at the finalists ------------------
+    def finish(self) -> None:
+        if self.single:
+            self._time_single()
+        elif self.best is not None and self.proxied:
+            self._confirm_on_real_size()
+        elif self.best is not None and self.confirm:
+            self.best = _confirm(self.problem, self.evaluator, self.measured, self.by_key, self.best, self.budget,
+                                 self.confirm)
+
+    def _time_single(self) -> None:
+        """One real-size timing, with the light protocol: the budget does not pay for more."""
+        c = self.single[0]
+        self.by_key[canonical_key(c.nest)] = c
+        with self.evaluator.protocol(CONFIRM_MEASURE):
+            (r,) = self.evaluator.evaluate([(self.problem, c.nest)])
+        self.measured = {canonical_key(c.nest): r}
+        self.best = (gflops_of(r), c, r) if gflops_of(r) is not None else None
+        if self.best is not None:
+            self._note_final_best()
+        for callback in self.callbacks:
+            callback(self.problem, [c], [r])
+
+    def _confirm_on_real_size(self) -> None:
+        self.budget.reserve_s = 0.0
+        self.best = confirm_on_real_size(
+            self.problem, self.evaluator, self.measured, self.by_key, self.budget, max(1, self.confirm), self.known,
+            self.real, lambda cands, results: [cb(self.problem, cands, results) for cb in self.callbacks])
+        if self.best is not None:
+            self._note_final_best()
+
+    def _note_final_best(self) -> None:
+        self.history.append((self.budget.elapsed_s(), self.best[0]))
+        self.best_schedules.append((self.budget.elapsed_s(), canonical_schedule(self.best[1].nest)))
+
+    # ---- the result -------------------------------------------------------------------------
+    def result(self) -> TuneResult:
+        common = dict(policy=self.strategy.policy_name, candidates=len(self.measured) + len(self.real),
+                      seconds=self.budget.elapsed_s(), history=tuple(self.history),
+                      best_schedules=tuple(self.best_schedules),
+                      searched_on=self.target if self.proxied and not self.single else None)
+        if self.best is not None:
+            g, c, r = self.best
+            found_by = "default" if self.default_only else self.strategy.found_by(c)
+            return TuneResult(self.problem, canonical_schedule(c.nest), r, found_by, **common)
+        first = self.first[0].nest if self.first else default_schedule(self.problem).nest
+        schedule = canonical_schedule(first)
+        return TuneResult(self.problem, schedule, self._why_nothing(schedule), "none", **common)
+
+    def _why_nothing(self, schedule: Schedule) -> RunResult:
+        """The failure a result without a verified candidate reports (``_failure``)."""
+        failures = self.real or self.measured      # with a proxy: the real-size failures, if any ran
+        if self.proxied and not self.real and self.measured:
+            failures = {"": RunResult(RunStatus.TIMEOUT, self.problem.key(), schedule.to_json(),
+                                      error=f"no real-size timing fitted the {self.budget_s:g} s budget")} \
+                if any(gflops_of(r) for r in self.measured.values()) else self.measured
+        return _failure(self.problem, schedule, failures, self.too_large, self.timing_s, self.budget_s)
 
 
 def _failure(problem: MatmulProblem, schedule: Schedule, measured: dict[str, RunResult], too_large: bool,

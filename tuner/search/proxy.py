@@ -166,7 +166,7 @@ def confirm_on_real_size(problem: MatmulProblem, evaluator: Evaluator, measured:
     must carry its real size's measurement, even when that overruns the budget: a problem whose
     operands alone take a second to set up, such as 1 x 11008 x 4096, would otherwise get no
     record at all), the others only when ``confirm_cost_s`` says they fit before ``budget``'s
-    deadline (a ``loop.Budget``).  Fills ``real`` (key -> result) and returns the fastest
+    deadline (a ``budget.Budget``).  Fills ``real`` (key -> result) and returns the fastest
     real-size result as (GFLOPS, candidate, result), None if none verified."""
     first, numpy_timed = True, False
     for k in finalists(problem, measured, by_key, top):

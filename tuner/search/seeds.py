@@ -50,16 +50,16 @@ def nearest_seeds(problem: MatmulProblem, count: int = SEEDS) -> list[Seed]:
     there are none (or none can be read: seeding is an optimization, never an error)."""
     # imported here, not at the top: the databases (and h5py) are loaded in a background thread,
     # and ``looptune tune --help`` or a tune without seeds does not pay for them
-    from looptune.runtime.configuration import RuntimeSettings
-    from looptune.runtime.databases import Databases         # (as above)
-    from looptune.runtime.resolve import current_machine     # (as above)
+    from looptune.database.records import MachineKey
+    from looptune.runtime.configuration import RuntimeSettings     # (as above)
+    from looptune.runtime.databases import Databases               # (as above)
 
     settings = RuntimeSettings.from_env()
     paths = tuple(p for p in (settings.user_db, settings.embedded_db) if p is not None)
     with _open_lock:        # one loaded index per database and process: build-db tunes many problems
         dbs = _open.get(paths)
         if dbs is None:
-            dbs = _open[paths] = Databases(list(paths), current_machine, recheck_s=0)   # no watcher thread
+            dbs = _open[paths] = Databases(list(paths), MachineKey.current, recheck_s=0)   # no watcher thread
         dbs.check()         # a database that changed since (a file stat each) is loaded again
         indexes = dbs.indexes()
     out: list[Seed] = []

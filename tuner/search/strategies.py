@@ -32,7 +32,8 @@ from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent.actions import STOP, AgentState, apply, legal_mask, neighbors
 from looptune.tuner.measure.evaluator import gflops_of
 from looptune.tuner.measure.protocol import RunResult
-from looptune.tuner.search.loop import Budget, Strategy
+from looptune.tuner.search.budget import Budget
+from looptune.tuner.search.loop import Strategy
 from looptune.tuner.search.spaces import blocking_candidates
 
 

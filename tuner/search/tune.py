@@ -81,7 +81,8 @@ from looptune.tuner.agent.policy import Policy, PolicyError
 from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
-from looptune.tuner.search.loop import Budget, Callback, Strategy, TuneResult, run
+from looptune.tuner.search.budget import Budget
+from looptune.tuner.search.loop import Callback, Strategy, TuneResult, run
 from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations, prefetch_mutations
 from looptune.tuner.search.proxy import proxy_problem
 from looptune.tuner.search.seeds import DatabaseSeeds, Seed, seed_rates

@@ -1,230 +1,41 @@
 """``looptune build-db``: tune every problem of a family into the schedule database, resumably.
 
-    from looptune.tuner.ship.builddb import build_db, SerialExecutor
+    from looptune.tuner.ship.builddb import build_db
     report = build_db(problems, "schedules.h5", budget_s=2.0)
 
-The driver is the database's only writer.  Executors (in this process, a local process
-pool, Dask workers on other machines) tune problems and hand back *records* as JSON; the
-driver commits them through the database's atomic ``commit`` (lock, merge, write a
-temporary, fsync, rename), at most ``commit_interval_s`` apart.  So:
+The driver is the database's only writer.  Executors (``executors.SerialExecutor`` in this
+process, ``distributed``'s local process pool or Dask workers on other machines) tune problems
+and hand back *records* as JSON; the driver commits them through the database's atomic
+``commit`` (lock, merge, write a temporary, fsync, rename), at most ``commit_interval_s`` apart.
+So:
 
 * a rerun skips every problem that already has a record for the target machine;
 * Ctrl-C or SIGTERM stops submitting, commits what finished, and returns a report with
   ``interrupted=True``;
 * kill -9 loses at most the records of the last ``commit_interval_s``, never the database.
 
-A *tuner* is any callable ``tuner(problem, budget_s) -> TuneResult`` (the one result type of
-``looptune.tuner.search.loop``); ``make_tuner`` names the built-in ones, each a strategy on the
-budgeted loop.  A problem too large to time within the budget fails fast and is recorded
-*unverified* (the analytic default, 0 GFLOPS): the runtime never serves unverified records, so
-it keeps using the analytic default there, and a rerun skips the problem instead of failing
-on it again (``looptune db prune --unverified`` drops such records, to retry with a larger
-budget).
+Which tuner runs is ``tuners.make_tuner``'s choice; how a result becomes a record (and why a
+problem too large for the budget is recorded *unverified*, so a rerun skips it) is
+``records_from_results``'.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from looptune.database import Record, commit, load
-from looptune.runtime.compiler.defaults import default_schedule
+from looptune.database import MachineKey, Record, commit, load
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.resolve import current_machine
-from looptune.tuner.agent.policy import Policy, PolicyError
-from looptune.tuner.measure.evaluator import Evaluator
-from looptune.tuner.search.loop import MAX_BUDGET_S, TuneResult, run
-from looptune.tuner.search.strategies import BlockingSearch
-from looptune.tuner.search.tune import tune
+from looptune.tuner.search.budget import MAX_BUDGET_S
+from looptune.tuner.ship.executors import Executor, SerialExecutor
+from looptune.tuner.ship.tuners import Tuner
 
-OVER_BUDGET = "over-budget"      # the ``search`` of the unverified record of a problem too large for the budget
-
-
-# ----------------------------------------------------------------------------- tuners
-
-class Tuner(Protocol):
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult: ...
-
-
-class AgentTuner:
-    """``tune()`` with the shipped policy, through one measurement runner shared by every problem
-    of the build (a fresh runner per problem costs a process start)."""
-
-    name = "agent"
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-        self.evaluator = Evaluator.local()
-
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult:
-        self.evaluator.forget()          # results never repeat across problems: keep the memo small
-        return tune(problem, budget_s=budget_s, policy=self.policy, evaluator=self.evaluator)
-
-    def close(self) -> None:
-        self.evaluator.close()
-
-
-class SearchTuner:
-    """Random search over the BLIS-shaped blocking space (``strategies.BlockingSearch``), best
-    measured under the budget: the tuner when no policy can be loaded."""
-
-    name = "search"
-
-    def __init__(self, batch: int = 4, seed: int = 0) -> None:
-        self.batch = batch
-        self.seed = seed
-        self.evaluator = Evaluator.local()
-
-    def __call__(self, problem: MatmulProblem, budget_s: float) -> TuneResult:
-        self.evaluator.forget()
-        return run(BlockingSearch(problem, seed=self.seed, batch=self.batch), self.evaluator, budget_s,
-                   batch=self.batch)
-
-    def close(self) -> None:
-        self.evaluator.close()
-
-
-def make_tuner(spec: str | None = None) -> Tuner:
-    """``"agent"``: ``tune()`` with the shipped policy; ``"search"``: random blocking search;
-    ``None``/``"auto"``: the agent if the shipped policy loads, else the search; or
-    ``"package.module:name"``: a callable ``f(problem, budget_s) -> TuneResult`` (a class is
-    instantiated first, so it can keep state such as a runner)."""
-    spec = spec or "auto"
-    if spec in ("auto", "agent"):
-        try:
-            return AgentTuner(Policy.load())
-        except PolicyError:
-            if spec == "agent":
-                raise
-            return SearchTuner()
-    if spec == "search":
-        return SearchTuner()
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"tuner must be auto, agent, search or 'module:callable', got {spec!r}")
-    obj = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj() if isinstance(obj, type) else obj
-
-
-def close_tuner(tuner: Any) -> None:
-    close = getattr(tuner, "close", None)
-    if callable(close):
-        close()
-
-
-# ----------------------------------------------------------------------------- records
-
-def target_machine():
-    """The machine key of this process (what the runtime here will look records up under)."""
-    return current_machine()
-
-
-def _token(text: str) -> str:
-    """Record tokens are [A-Za-z0-9_.:/@+=-], at most 128 characters."""
-    return "".join(c if c.isalnum() or c in "_.:/@+=-" else "-" for c in text)[:128]
-
-
-def to_record(problem: MatmulProblem, result: TuneResult, machine) -> Record:
-    """A database ``Record`` for a successful result (measured means verified: the runner
-    checks every kernel against numpy before timing it)."""
-    return Record(problem, machine, result.schedule.trace, float(result.gflops),
-                  float(result.gflops_spread), float(result.numpy_gflops or 0.0), True,
-                  policy=_token(result.policy or "none"), search=_token(result.found_by or "tune"),
-                  candidates=int(result.candidates))
-
-
-def over_budget_record(problem: MatmulProblem, machine) -> Record:
-    """The record of a problem that cannot be timed within the budget: the analytic default,
-    unverified (so never served) and 0 GFLOPS; it marks the problem done for reruns."""
-    return Record(problem, machine, default_schedule(problem).trace, 0.0, 0.0, 0.0, False,
-                  policy="none", search=OVER_BUDGET, candidates=0)
-
-
-def store_result(result: TuneResult, db_path: str) -> Optional[Record]:
-    """Commit a successful tune result for this machine; returns the record, or None when
-    nothing verified was found."""
-    if not result.ok:
-        return None
-    record = to_record(result.problem, result, target_machine())
-    commit(db_path, [record])
-    return record
-
-
-def run_one(problem: MatmulProblem, budget_s: float, tuner: Tuner, machine) -> dict:
-    """Tune one problem: a JSON-able reply ``{"status": "ok", "record": ...}`` or ``"failed"``
-    (with the unverified ``record`` of a problem too large for the budget).  Never raises for a
-    bad problem or kernel: that is a failed reply, the build goes on."""
-    t0 = time.perf_counter()
-    base = {"problem": problem.key(), "host": socket.gethostname(), "pid": os.getpid()}
-    try:
-        result = tuner(problem, budget_s)
-        if not result.ok:
-            reply = {**base, "status": "failed", "seconds": time.perf_counter() - t0,
-                     "error": result.error or "no candidate could be measured"}
-            if result.over_budget:
-                reply["record"] = over_budget_record(problem, machine).to_json()
-                reply["error"] += ("; recorded unverified, so a rerun skips it "
-                                   "(`looptune db prune --unverified` to retry with a larger --budget)")
-            return reply
-        record = to_record(problem, result, machine)
-    except KeyboardInterrupt:
-        raise
-    except Exception as e:  # a tuner bug must not end a thousand-problem build
-        return {**base, "status": "failed", "seconds": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
-    return {**base, "status": "ok", "seconds": time.perf_counter() - t0, "record": record.to_json(),
-            "gflops": result.gflops, "numpy_gflops": result.numpy_gflops}
-
-
-# ----------------------------------------------------------------------------- executors
-
-class Executor(Protocol):
-    """Runs problems somewhere and yields ``(problem, reply)`` as they finish."""
-
-    slots: int
-
-    def run(self, problems: Iterable[MatmulProblem]) -> Iterator[tuple[MatmulProblem, dict]]: ...
-
-    def drain(self) -> Iterator[tuple[MatmulProblem, dict]]:
-        """After an interrupt: what was running when it came (may be nothing)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class SerialExecutor:
-    """Tune in this process, one problem at a time."""
-
-    slots = 1
-
-    def __init__(self, budget_s: float, machine, tuner: Tuner | str | None = None) -> None:
-        self.budget_s = budget_s
-        self.machine = machine
-        self._own = not callable(tuner)
-        self.tuner = make_tuner(tuner) if self._own else tuner
-
-    def run(self, problems: Iterable[MatmulProblem]) -> Iterator[tuple[MatmulProblem, dict]]:
-        for problem in problems:
-            yield problem, run_one(problem, self.budget_s, self.tuner, self.machine)
-
-    def drain(self) -> Iterator[tuple[MatmulProblem, dict]]:
-        return iter(())        # the interrupt stopped the one running problem itself
-
-    def close(self) -> None:
-        if self._own:
-            close_tuner(self.tuner)
-
-
-# ----------------------------------------------------------------------------- the driver
 
 @dataclass
 class BuildReport:
@@ -319,7 +130,7 @@ def build_db(problems: Iterable[MatmulProblem], db_path: str | os.PathLike, *, b
     t0 = time.perf_counter()
     budget_s = min(budget_s, MAX_BUDGET_S)      # a huge budget means "no limit": keep its arithmetic finite
     db_path = os.fspath(db_path)
-    machine = machine or target_machine()
+    machine = machine or MachineKey.current()
     todo, done = plan(problems, db_path, machine)
     report = BuildReport(total=len(todo) + len(done), skipped=len(done), problems=todo + done)
     if order_seed is not None:

@@ -40,7 +40,8 @@ from typing import Iterable, Iterator, Optional
 
 from looptune.database import MachineKey
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.tuner.ship.builddb import make_tuner, run_one, target_machine
+from looptune.tuner.ship.executors import run_one
+from looptune.tuner.ship.tuners import make_tuner
 
 _LOCK_DIR = "looptune-cpus"
 
@@ -120,7 +121,7 @@ def tune_task(problem_key: str, budget_s: float, target: dict, tuner_spec: Optio
     state = _STATE
     with state.lock:
         if state.machine is None:
-            state.machine = target_machine()    # before pinning: the key counts the cores we may use
+            state.machine = MachineKey.current()    # the machine's key (all its cores), whatever this worker is pinned to
         wanted = MachineKey.from_dict(target)
         if state.machine != wanted:
             return {**base, "status": "refused", "error": f"machine differs: {_machine_difference(state.machine, wanted)}"}

@@ -54,6 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from looptune.database.records import MachineKey
 from looptune.runtime.compiler.build import BuildSettings, compile_errors, portable_flags
 from looptune.runtime.compiler.codegen import CODEGEN_VERSION
 from looptune.runtime.compiler.defaults import default_schedule
@@ -160,9 +161,7 @@ def choose_machine(records, machine=None):
         if machine not in machines:
             raise ExportError(f"the database has no records for {machine.short()}")
         return machine
-    from looptune.runtime.resolve import current_machine     # lazily: the runtime loads only to find this machine
-
-    here = current_machine()
+    here = MachineKey.current()
     if here in machines:
         return here
     if len(machines) == 1:

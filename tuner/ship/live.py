@@ -12,7 +12,7 @@ from typing import Optional
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.hooks import LiveTuneResult
 from looptune.tuner.search.tune import tune
-from looptune.tuner.ship.builddb import store_result
+from looptune.tuner.ship.records_from_results import store_result
 
 
 def tune_and_store(problem: MatmulProblem, budget_s: float, user_db: Optional[str]) -> Optional[LiveTuneResult]:
