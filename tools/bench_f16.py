@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np      # first, as in an application
@@ -104,18 +102,14 @@ def main() -> None:
     env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
     if args.db:
         env["LOOPTUNE_DB"] = os.path.abspath(args.db)
-    results = []
+    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+
     with tempfile.TemporaryDirectory() as cache:
         if not args.warm_cache:
             env["LOOPTUNE_CACHE_DIR"] = cache
-        for threads in args.threads:      # a fresh process per thread count: pools sized once
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(threads),
-                                   "--repeats", str(args.repeats), "--min-time", str(args.min_time),
-                                   "--shapes", *(" ".join(map(str, s)) for s in shapes)],
-                                  env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(done.stderr[-3000:])
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results = per_thread_count(__file__, args.threads, ["--repeats", str(args.repeats), "--min-time",
+                                                            str(args.min_time), "--shapes",
+                                                            *(" ".join(map(str, s)) for s in shapes)], env)
     if args.json:
         print(json.dumps(results))
         return

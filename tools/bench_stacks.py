@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import numpy as np      # first, as in an application
@@ -68,16 +66,12 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args.stacks, args.repeats, args.min_time)))
         return
-    results = []
+    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+
     with tempfile.TemporaryDirectory() as scratch:      # a new user: cold kernel cache, no database
         env = dict(os.environ, LOOPTUNE_CACHE_DIR=scratch, LOOPTUNE_DB=os.path.join(scratch, "user.h5"))
-        for threads in args.threads:
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", str(threads),
-                                   "--repeats", str(args.repeats), "--min-time", str(args.min_time),
-                                   "--stacks", *args.stacks], env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(done.stderr[-3000:])
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results = per_thread_count(__file__, args.threads, ["--repeats", str(args.repeats), "--min-time",
+                                                            str(args.min_time), "--stacks", *args.stacks], env)
     if args.json:
         print(json.dumps(results))
         return

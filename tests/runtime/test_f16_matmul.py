@@ -18,6 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dtype_cases import VECTOR_AND_EDGE_SHAPES, VIEWS, batch_shapes, with_broadcast_ones
+
 from looptune import runtime
 from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.trace import Step, Trace
@@ -105,31 +107,17 @@ def test_odd_sizes_like_numpy(m, n, k, seed):
     assert_like_numpy(f16_array((m, k), seed, 4.0), f16_array((k, n), seed + 1, 0.25))
 
 
-batch_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
-
-
 @settings(max_examples=10)
 @given(ba=batch_shapes, bb=batch_shapes, m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 40),
        ones=st.integers(0, 7))
 def test_stacks_broadcast_like_numpy(ba, bb, m, n, k, ones):
-    # some batch dimensions of one operand set to 1 so that they broadcast (and some do not fold)
-    ba = tuple(1 if ones >> i & 1 else d for i, d in enumerate(ba))
+    ba = with_broadcast_ones(ba, ones)
     assert_like_numpy(f16_array(ba + (m, k), 1), f16_array(bb + (k, n), 2))
 
 
-@pytest.mark.parametrize("a_shape,b_shape", [((7,), (7, 5)), ((6, 7), (7,)), ((7,), (7,)), ((3, 7), (2, 7, 4)),
-                                             ((9,), (2, 9, 3)), ((2, 0, 3), (3, 4)), ((5, 3), (4, 2))])
+@pytest.mark.parametrize("a_shape,b_shape", VECTOR_AND_EDGE_SHAPES)
 def test_vectors_empty_and_mismatched_like_numpy(a_shape, b_shape):
     assert_like_numpy(f16_array(a_shape, 3), f16_array(b_shape, 4))
-
-
-VIEWS = {
-    "transposed": lambda x: x.T,
-    "strided": lambda x: x[::2, ::3],
-    "negative strides": lambda x: x[::-1, ::-2],
-    "column slice": lambda x: x[:, 5:70],
-    "fortran copy": lambda x: np.asfortranarray(x),
-}
 
 
 @pytest.mark.parametrize("view_a", sorted(VIEWS))

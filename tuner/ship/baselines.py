@@ -379,3 +379,17 @@ def numpy_core_gflops(problems: Sequence[MatmulProblem], core: str, threads: int
 
 if __name__ == "__main__":
     _child_main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+
+
+def per_thread_count(script: str, threads: Sequence[int], args: Sequence[str], env: dict) -> list[dict]:
+    """``script --worker T *args`` for each thread count T, each in a fresh process (every pool
+    sized once, numpy imported first as in an application): the JSON line each prints last.  A
+    worker that fails ends the tool with its error."""
+    results = []
+    for t in threads:
+        done = subprocess.run([sys.executable, os.path.abspath(script), "--worker", str(t), *args],
+                              env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(done.stderr[-3000:])
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
