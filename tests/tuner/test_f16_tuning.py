@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from hand_kernels import FAST, build_kernels, runner  # noqa: F401 - runner is a fixture
+
 from looptune.database import load
 from looptune.runtime.compiler.abi import abi_args
 from looptune.runtime.compiler.build import build_many
@@ -26,7 +28,7 @@ from looptune.runtime.compiler.workload import MAX_DIM, MatmulProblem, parse_sha
 from looptune.tuner.agent.actions import AgentState
 from looptune.tuner.agent.observe import DTYPE_FEATURE, observe
 from looptune.tuner.cli import main
-from looptune.tuner.measure.runner import Artifact, Candidate, LocalRunner, MeasureConfig, RunStatus, default_tolerance
+from looptune.tuner.measure.runner import Candidate, RunStatus, default_tolerance
 from looptune.tuner.search.mutate import factor_mutations
 from looptune.tuner.search.spaces import accumulator_lanes, blocking_candidates, tile_options
 
@@ -63,24 +65,12 @@ KERNELS = {
         "lt_f32_to_f16(acc)", "lt_f32_to_f16(bf(acc))"),
 }
 
-FAST = MeasureConfig(warmup=1, min_repeats=3, max_repeats=20, min_total_seconds=0.005, timeout_seconds=5.0)
 PROBLEM = MatmulProblem(24, 20, 64, dtype="float16")
 
 
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("f16_kernels")
-    src = d / "kernels.c"
-    src.write_text(PRELUDE + "\n".join(SIGNATURE.format(name=f"k_{n}") + body for n, body in KERNELS.items()))
-    so = d / "kernels.so"
-    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
-    return {name: Artifact(str(so), f"k_{name}") for name in KERNELS}
-
-
-@pytest.fixture(scope="module")
-def runner():
-    with LocalRunner(FAST) as r:
-        yield r
+    return build_kernels(tmp_path_factory.mktemp("f16_kernels"), PRELUDE, SIGNATURE, KERNELS)
 
 
 def test_f16_tolerance_is_float32s_plus_float16_rounding():
