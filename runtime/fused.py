@@ -6,7 +6,8 @@ numpy's promotion, a batch that folds into one call), a bias vector of length N 
 that broadcasts to the product's shape, neither changing numpy's result dtype.  Every other
 call is composed from ``runtime.matmul`` and numpy's element-wise operations, which give numpy's
 values, dtypes, broadcasting and exceptions (``activation`` computed as the kernels compute it,
-``epilogue.activate``).  Bad arguments raise ValueError naming the argument.
+``epilogue.activate``); so is a call whose plain product numpy serves faster than our kernel
+(``_kernel_serves_the_product``).  Bad arguments raise ValueError naming the argument.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from looptune.runtime.call_plan import Plan, plan_for, prepare
 from looptune.runtime.compiler.epilogue import ACTIVATIONS, Epilogue, activate
 from looptune.runtime.compiler.dispatch import dispatch_key, key_problem
 from looptune.runtime.compiler.kernel import Kernel
+from looptune.runtime.resolve import EXACT_SOURCES
 
 FUSED_DTYPES = ("float32", "float64", "bfloat16")
 
@@ -47,7 +49,7 @@ def matmul_fused(matmul, resolver, a, b, out, threads, bias, activation, residua
         hit = resolver.lookup(key, lambda: key_problem(key))
     t = key[6]
     kernel = hit[0]
-    if not (isinstance(kernel, Kernel) and kernel.fused):      # numpy serves this problem
+    if not (isinstance(kernel, Kernel) and kernel.fused) or not _kernel_serves_the_product(resolver, key, hit):
         return _composed(matmul, pa, pb, out, threads, bias, epilogue, residual)
     c = np.empty(plan.shape, plan.dtype) if out is None else out
     x = prepare(pa, plan.prep_a, plan.operands) if plan.prep_a else pa
@@ -71,6 +73,20 @@ def matmul_fused(matmul, resolver, a, b, out, threads, bias, activation, residua
     if rc != 0:
         return _composed(matmul, pa, pb, out, threads, bias, epilogue, residual)
     return c
+
+
+def _kernel_serves_the_product(resolver, key: tuple, hit: tuple) -> bool:
+    """Whether the fused kernel may serve: always for a record tuned for this very epilogue (its
+    timing was against numpy's composition); else only where a kernel serves the plain product,
+    which a trial against numpy decides on this machine (``runtime.verdicts``).  Until then, and
+    where numpy won, the call is composed, and its plain product runs through ``runtime.matmul``
+    (advancing that trial), so no fused call is slower than numpy's GEMM plus the epilogue."""
+    resolution = hit[1]     # None: an entry the measurement worker put there to time that kernel
+    if resolution is None or resolution.source in EXACT_SOURCES or not resolver.settings.numpy_handoff:
+        return True
+    plain_key = key[:7]
+    plain = resolver.dispatch.get(plain_key) or resolver.lookup(plain_key, lambda: key_problem(plain_key))
+    return isinstance(plain[0], Kernel)
 
 
 def _check_shapes(plan: Plan, b: np.ndarray, bias, residual) -> None:

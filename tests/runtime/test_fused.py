@@ -195,3 +195,40 @@ def test_store_stage_c_matches_golden(update_golden):
     assert path.exists(), f"no golden file {path.name}: generate it with --update-golden and review it"
     assert text == path.read_text(), f"generated C for {name} changed; review and rerun with --update-golden"
     assert "if (lo_k_o + len_k_o == K) golden_" in text       # the tile's last k block finishes it
+
+
+def test_a_fused_call_follows_the_plain_products_verdict():
+    """Where numpy serves the plain product (its trial, or a record's hand-off), the fused call is
+    composed from numpy's product and the epilogue; where a kernel serves it, the fused kernel runs."""
+    from looptune.runtime.compiler.dispatch import dispatch_key
+    from looptune.runtime.numpy_kernel import NumpyKernel
+
+    before = runtime.settings()
+    runtime.configure(numpy_handoff=True)
+    try:
+        resolver = current_resolver()
+        rng = np.random.default_rng(4)
+        a, b = _operands(rng, (48, 40), (40, 56))
+        bias = rng.standard_normal(56).astype(np.float32)
+        plain = dispatch_key("float32", 48, 56, 40, 1, "nn", 1)
+        fused = dispatch_key("float32", 48, 56, 40, 1, "nn", 1, op="matmul+bias+relu")
+        calls = []
+
+        class Counting:         # numpy, counted (no ``address``: the compiled serve path leaves it to Python)
+            symbol, dtype = "counting numpy", "float32"
+
+            def invoke(self, *args):
+                calls.append(1)
+                return NumpyKernel("float32", "numpy won this shape's trial").invoke(*args)
+
+        resolver.dispatch[plain] = (Counting(), None)
+        want = np.maximum(a.astype(np.float64) @ b + bias, 0)
+        np.testing.assert_allclose(runtime.matmul(a, b, bias=bias, activation="relu", threads=1), want, rtol=2e-5, atol=2e-5)
+        assert calls and resolver.dispatch[fused][0].fused           # composed: numpy's product ran
+        compiled = resolver.kernel(resolver.dispatch[fused][1].schedule, "float32")
+        resolver.dispatch[plain] = (compiled, None)                   # a kernel serves the product
+        calls.clear()
+        np.testing.assert_allclose(runtime.matmul(a, b, bias=bias, activation="relu", threads=1), want, rtol=2e-5, atol=2e-5)
+        assert not calls
+    finally:
+        runtime.configure(numpy_handoff=before.numpy_handoff)
