@@ -57,7 +57,7 @@ def matmul_fused(matmul, resolver, a, b, out, threads, bias, activation, residua
     x = x.reshape(plan.view_a) if plan.view_a is not None else x
     y = y.reshape(plan.view_b) if plan.view_b is not None else y
     c3 = c.reshape(plan.view_c) if plan.view_c is not None else c
-    if not np.shares_memory(c3, c) and c3.size:       # out's strides do not fold: a fresh result, copied
+    if not np.may_share_memory(c3, c):       # out's strides do not fold: a fresh result, copied
         return _store(out, matmul_fused(matmul, resolver, a, b, None, threads, bias, activation, residual))
     fb = None if bias is None else _operand(bias.astype(c.dtype, copy=False), c)
     fr = None

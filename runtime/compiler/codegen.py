@@ -368,8 +368,6 @@ class _KernelWriter(TileWriter):
         for _ in range(opened):
             self.depth -= 1
             e("}")
-        if self.epilogue and not nest.tile:
-            e(self._whole_epilogue())
         if self.bf16 == "amx" and kernel_part is not None:
             e("_tile_release();")
         if kernel_part is not None:
@@ -380,6 +378,8 @@ class _KernelWriter(TileWriter):
             for _ in range(opened):
                 self.depth -= 1
                 e("}")
+        if self.epilogue and not nest.tile:     # after every loop (and a parallel one's threads): once
+            e(self._whole_epilogue())
 
     def _inside_parallel(self, index: int) -> bool:
         return self.nest.parallel is not None and index >= self.nest.index(self.nest.parallel)

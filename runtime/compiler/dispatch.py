@@ -29,7 +29,7 @@ def call_threads(flops: float, threads: int, small_flops: float = SMALL_FLOPS) -
 def dispatch_key(name: str, m: int, n: int, k: int, count: int, layout: str, threads: int,
                  small_flops: float = SMALL_FLOPS, op: str = PLAIN) -> tuple:
     """The key of a kernel call (the module docstring), the thread rule applied to ``threads``."""
-    t = 1 if 2.0 * count * m * n * k < small_flops else threads
+    t = call_threads(2.0 * count * m * n * k, threads, small_flops)
     return (name, m, n, k, count, layout, t) if op == PLAIN else (name, m, n, k, count, layout, t, op)
 
 

@@ -232,3 +232,22 @@ def test_a_fused_call_follows_the_plain_products_verdict():
         assert not calls
     finally:
         runtime.configure(numpy_handoff=before.numpy_handoff)
+
+
+def test_a_nest_without_a_tile_finishes_c_once_after_its_parallel_loop():
+    """Without a register tile the epilogue is one pass over C after every loop: not inside the
+    outlined parallel body, where each iteration would apply it to all of C again."""
+    from looptune.runtime.compiler.build import build
+    from looptune.runtime.compiler.kernel import Kernel
+    from looptune.runtime.compiler.schedule import Schedule
+
+    source = render(Schedule.initial().step("parallel", loop="m"), "float32", op="matmul+bias+silu+residual")
+    result = build(source)
+    assert result.ok, result.error
+    kernel = Kernel(result.so_path, result.symbol, "float32", fused=True)
+    rng = np.random.default_rng(5)
+    a, b = _operands(rng, (2, 9, 7), (2, 7, 5))
+    bias, residual = rng.standard_normal(5).astype(np.float32), rng.standard_normal((2, 9, 5)).astype(np.float32)
+    c = np.full((2, 9, 5), np.nan, np.float32)
+    assert kernel.invoke_fused(a, b, c, bias, residual, 0, 3) == 0
+    np.testing.assert_allclose(c, _unfused(a, b, bias, "silu", residual), rtol=2e-5, atol=2e-5)
