@@ -29,8 +29,7 @@ from looptune.runtime import bf16
 from looptune.runtime.call_plan import KERNEL_DTYPES, PLANS, Plan, layout_char, plan_for, prepare
 from looptune.runtime.compiler import trampoline
 from looptune.runtime.compiler.abi import error_message
-from looptune.runtime.compiler.dispatch import dispatch_key
-from looptune.runtime.compiler.dispatch import key_problem
+from looptune.runtime.compiler.dispatch import dispatch_key, key_problem
 from looptune.runtime.resolve import Resolution, Resolver, serial_after_fork
 from looptune.runtime.configuration import RuntimeSettings
 from looptune.runtime.fused import matmul_fused
