@@ -187,6 +187,8 @@ class _KernelWriter(TileWriter):
             "#ifdef _OPENMP", "#include <omp.h>", "#else", "#define omp_get_thread_num() 0", "#endif",
             "#define LT_MIN(a, b) ((a) < (b) ? (a) : (b))",
         ]
+        if self.nest.tile and self._one_register_product():
+            out.append("#include <immintrin.h>")
         if self.half:
             out += f16.prelude()
         elif self.bf16:

@@ -100,7 +100,28 @@ static void lt_ws_end(lt_ws **slot)
 typedef float golden_blis_6x16_float32_avx2_v __attribute__((vector_size(32)));
 typedef float golden_blis_6x16_float32_avx2_vu __attribute__((vector_size(32), aligned(4), may_alias));
 
-/* A block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 6: dst[p*klen*6 + k*6 + r] */
+typedef float golden_blis_6x16_float32_avx2_q __attribute__((vector_size(16)));
+typedef float golden_blis_6x16_float32_avx2_qu __attribute__((vector_size(16), aligned(4), may_alias));
+typedef int32_t golden_blis_6x16_float32_avx2_qi __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define golden_blis_6x16_float32_avx2_SHUF(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
+#else
+#define golden_blis_6x16_float32_avx2_SHUF(a, b, i, j, k, l) __builtin_shuffle(a, b, (golden_blis_6x16_float32_avx2_qi){i, j, k, l})
+#endif
+static inline void golden_blis_6x16_float32_avx2_t4(const float *restrict s, int64_t st, float *restrict d, int64_t dr)
+{
+    const golden_blis_6x16_float32_avx2_q r0 = *(const golden_blis_6x16_float32_avx2_qu *)s, r1 = *(const golden_blis_6x16_float32_avx2_qu *)(s + st);
+    const golden_blis_6x16_float32_avx2_q r2 = *(const golden_blis_6x16_float32_avx2_qu *)(s + 2 * st), r3 = *(const golden_blis_6x16_float32_avx2_qu *)(s + 3 * st);
+    const golden_blis_6x16_float32_avx2_q lo01 = golden_blis_6x16_float32_avx2_SHUF(r0, r1, 0, 4, 1, 5), lo23 = golden_blis_6x16_float32_avx2_SHUF(r2, r3, 0, 4, 1, 5);
+    const golden_blis_6x16_float32_avx2_q hi01 = golden_blis_6x16_float32_avx2_SHUF(r0, r1, 2, 6, 3, 7), hi23 = golden_blis_6x16_float32_avx2_SHUF(r2, r3, 2, 6, 3, 7);
+    *(golden_blis_6x16_float32_avx2_qu *)d = golden_blis_6x16_float32_avx2_SHUF(lo01, lo23, 0, 1, 4, 5);
+    *(golden_blis_6x16_float32_avx2_qu *)(d + dr) = golden_blis_6x16_float32_avx2_SHUF(lo01, lo23, 2, 3, 6, 7);
+    *(golden_blis_6x16_float32_avx2_qu *)(d + 2 * dr) = golden_blis_6x16_float32_avx2_SHUF(hi01, hi23, 0, 1, 4, 5);
+    *(golden_blis_6x16_float32_avx2_qu *)(d + 3 * dr) = golden_blis_6x16_float32_avx2_SHUF(hi01, hi23, 2, 3, 6, 7);
+}
+
+/* A block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 6: dst[p*klen*6 + k*6 + r];
+   with k contiguous (a transpose), four rows by four k at a time through registers */
 static void golden_blis_6x16_float32_avx2_packA(const float *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
     for (int64_t p = 0; p < tlen; p += 6) {
@@ -111,11 +132,14 @@ static void golden_blis_6x16_float32_avx2_packA(const float *restrict src, int64
             for (int64_t k = 0; k < klen; k++)
                 for (int64_t i = 0; i < 6; i++) d[k * 6 + i] = s[k * sk + i];
         } else if (r == 6 && sk == 1) {
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < 6; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * 6 + i] = s[i * st + k];
+            int64_t k = 0;
+            for (; k + 4 <= klen; k += 4) {
+                golden_blis_6x16_float32_avx2_t4(s + 0 * st + k, st, d + k * 6 + 0, 6);
+                for (int64_t i = 4; i < 6; i++)
+                    for (int64_t j = 0; j < 4; j++) d[(k + j) * 6 + i] = s[i * st + k + j];
             }
+            for (; k < klen; k++)
+                for (int64_t i = 0; i < 6; i++) d[k * 6 + i] = s[i * st + k];
         } else {
             for (int64_t k = 0; k < klen; k++) {
                 for (int64_t i = 0; i < r; i++) d[k * 6 + i] = s[i * st + k * sk];
@@ -125,7 +149,8 @@ static void golden_blis_6x16_float32_avx2_packA(const float *restrict src, int64
     }
 }
 
-/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 16: dst[p*klen*16 + k*16 + r] */
+/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 16: dst[p*klen*16 + k*16 + r];
+   with k contiguous (a transpose), four rows by four k at a time through registers */
 static void golden_blis_6x16_float32_avx2_packB(const float *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
     for (int64_t p = 0; p < tlen; p += 16) {
@@ -136,11 +161,15 @@ static void golden_blis_6x16_float32_avx2_packB(const float *restrict src, int64
             for (int64_t k = 0; k < klen; k++)
                 for (int64_t i = 0; i < 16; i++) d[k * 16 + i] = s[k * sk + i];
         } else if (r == 16 && sk == 1) {
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < 16; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * 16 + i] = s[i * st + k];
+            int64_t k = 0;
+            for (; k + 4 <= klen; k += 4) {
+                golden_blis_6x16_float32_avx2_t4(s + 0 * st + k, st, d + k * 16 + 0, 16);
+                golden_blis_6x16_float32_avx2_t4(s + 4 * st + k, st, d + k * 16 + 4, 16);
+                golden_blis_6x16_float32_avx2_t4(s + 8 * st + k, st, d + k * 16 + 8, 16);
+                golden_blis_6x16_float32_avx2_t4(s + 12 * st + k, st, d + k * 16 + 12, 16);
             }
+            for (; k < klen; k++)
+                for (int64_t i = 0; i < 16; i++) d[k * 16 + i] = s[i * st + k];
         } else {
             for (int64_t k = 0; k < klen; k++) {
                 for (int64_t i = 0; i < r; i++) d[k * 16 + i] = s[i * st + k * sk];

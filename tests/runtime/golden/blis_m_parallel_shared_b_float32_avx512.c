@@ -106,7 +106,28 @@ extern int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const voi
 typedef float golden_blis_m_parallel_shared_b_float32_avx512_v __attribute__((vector_size(64)));
 typedef float golden_blis_m_parallel_shared_b_float32_avx512_vu __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* A block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 8: dst[p*klen*8 + k*8 + r] */
+typedef float golden_blis_m_parallel_shared_b_float32_avx512_q __attribute__((vector_size(16)));
+typedef float golden_blis_m_parallel_shared_b_float32_avx512_qu __attribute__((vector_size(16), aligned(4), may_alias));
+typedef int32_t golden_blis_m_parallel_shared_b_float32_avx512_qi __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define golden_blis_m_parallel_shared_b_float32_avx512_SHUF(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
+#else
+#define golden_blis_m_parallel_shared_b_float32_avx512_SHUF(a, b, i, j, k, l) __builtin_shuffle(a, b, (golden_blis_m_parallel_shared_b_float32_avx512_qi){i, j, k, l})
+#endif
+static inline void golden_blis_m_parallel_shared_b_float32_avx512_t4(const float *restrict s, int64_t st, float *restrict d, int64_t dr)
+{
+    const golden_blis_m_parallel_shared_b_float32_avx512_q r0 = *(const golden_blis_m_parallel_shared_b_float32_avx512_qu *)s, r1 = *(const golden_blis_m_parallel_shared_b_float32_avx512_qu *)(s + st);
+    const golden_blis_m_parallel_shared_b_float32_avx512_q r2 = *(const golden_blis_m_parallel_shared_b_float32_avx512_qu *)(s + 2 * st), r3 = *(const golden_blis_m_parallel_shared_b_float32_avx512_qu *)(s + 3 * st);
+    const golden_blis_m_parallel_shared_b_float32_avx512_q lo01 = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(r0, r1, 0, 4, 1, 5), lo23 = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(r2, r3, 0, 4, 1, 5);
+    const golden_blis_m_parallel_shared_b_float32_avx512_q hi01 = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(r0, r1, 2, 6, 3, 7), hi23 = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(r2, r3, 2, 6, 3, 7);
+    *(golden_blis_m_parallel_shared_b_float32_avx512_qu *)d = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(lo01, lo23, 0, 1, 4, 5);
+    *(golden_blis_m_parallel_shared_b_float32_avx512_qu *)(d + dr) = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(lo01, lo23, 2, 3, 6, 7);
+    *(golden_blis_m_parallel_shared_b_float32_avx512_qu *)(d + 2 * dr) = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(hi01, hi23, 0, 1, 4, 5);
+    *(golden_blis_m_parallel_shared_b_float32_avx512_qu *)(d + 3 * dr) = golden_blis_m_parallel_shared_b_float32_avx512_SHUF(hi01, hi23, 2, 3, 6, 7);
+}
+
+/* A block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 8: dst[p*klen*8 + k*8 + r];
+   with k contiguous (a transpose), four rows by four k at a time through registers */
 static void golden_blis_m_parallel_shared_b_float32_avx512_packA(const float *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
     for (int64_t p = 0; p < tlen; p += 8) {
@@ -117,11 +138,13 @@ static void golden_blis_m_parallel_shared_b_float32_avx512_packA(const float *re
             for (int64_t k = 0; k < klen; k++)
                 for (int64_t i = 0; i < 8; i++) d[k * 8 + i] = s[k * sk + i];
         } else if (r == 8 && sk == 1) {
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < 8; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * 8 + i] = s[i * st + k];
+            int64_t k = 0;
+            for (; k + 4 <= klen; k += 4) {
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 0 * st + k, st, d + k * 8 + 0, 8);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 4 * st + k, st, d + k * 8 + 4, 8);
             }
+            for (; k < klen; k++)
+                for (int64_t i = 0; i < 8; i++) d[k * 8 + i] = s[i * st + k];
         } else {
             for (int64_t k = 0; k < klen; k++) {
                 for (int64_t i = 0; i < r; i++) d[k * 8 + i] = s[i * st + k * sk];
@@ -131,7 +154,8 @@ static void golden_blis_m_parallel_shared_b_float32_avx512_packA(const float *re
     }
 }
 
-/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 32: dst[p*klen*32 + k*32 + r] */
+/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 32: dst[p*klen*32 + k*32 + r];
+   with k contiguous (a transpose), four rows by four k at a time through registers */
 static void golden_blis_m_parallel_shared_b_float32_avx512_packB(const float *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
     for (int64_t p = 0; p < tlen; p += 32) {
@@ -142,11 +166,19 @@ static void golden_blis_m_parallel_shared_b_float32_avx512_packB(const float *re
             for (int64_t k = 0; k < klen; k++)
                 for (int64_t i = 0; i < 32; i++) d[k * 32 + i] = s[k * sk + i];
         } else if (r == 32 && sk == 1) {
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < 32; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * 32 + i] = s[i * st + k];
+            int64_t k = 0;
+            for (; k + 4 <= klen; k += 4) {
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 0 * st + k, st, d + k * 32 + 0, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 4 * st + k, st, d + k * 32 + 4, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 8 * st + k, st, d + k * 32 + 8, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 12 * st + k, st, d + k * 32 + 12, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 16 * st + k, st, d + k * 32 + 16, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 20 * st + k, st, d + k * 32 + 20, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 24 * st + k, st, d + k * 32 + 24, 32);
+                golden_blis_m_parallel_shared_b_float32_avx512_t4(s + 28 * st + k, st, d + k * 32 + 28, 32);
             }
+            for (; k < klen; k++)
+                for (int64_t i = 0; i < 32; i++) d[k * 32 + i] = s[i * st + k];
         } else {
             for (int64_t k = 0; k < klen; k++) {
                 for (int64_t i = 0; i < r; i++) d[k * 32 + i] = s[i * st + k * sk];

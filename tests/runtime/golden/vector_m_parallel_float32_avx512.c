@@ -106,7 +106,28 @@ extern int lt_pool_for(int nthreads, int64_t count, lt_pool_task task, const voi
 typedef float golden_vector_m_parallel_float32_avx512_v __attribute__((vector_size(64)));
 typedef float golden_vector_m_parallel_float32_avx512_vu __attribute__((vector_size(64), aligned(4), may_alias));
 
-/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 6: dst[p*klen*6 + k*6 + r] */
+typedef float golden_vector_m_parallel_float32_avx512_q __attribute__((vector_size(16)));
+typedef float golden_vector_m_parallel_float32_avx512_qu __attribute__((vector_size(16), aligned(4), may_alias));
+typedef int32_t golden_vector_m_parallel_float32_avx512_qi __attribute__((vector_size(16)));
+#if defined(__clang__)
+#define golden_vector_m_parallel_float32_avx512_SHUF(a, b, i, j, k, l) __builtin_shufflevector(a, b, i, j, k, l)
+#else
+#define golden_vector_m_parallel_float32_avx512_SHUF(a, b, i, j, k, l) __builtin_shuffle(a, b, (golden_vector_m_parallel_float32_avx512_qi){i, j, k, l})
+#endif
+static inline void golden_vector_m_parallel_float32_avx512_t4(const float *restrict s, int64_t st, float *restrict d, int64_t dr)
+{
+    const golden_vector_m_parallel_float32_avx512_q r0 = *(const golden_vector_m_parallel_float32_avx512_qu *)s, r1 = *(const golden_vector_m_parallel_float32_avx512_qu *)(s + st);
+    const golden_vector_m_parallel_float32_avx512_q r2 = *(const golden_vector_m_parallel_float32_avx512_qu *)(s + 2 * st), r3 = *(const golden_vector_m_parallel_float32_avx512_qu *)(s + 3 * st);
+    const golden_vector_m_parallel_float32_avx512_q lo01 = golden_vector_m_parallel_float32_avx512_SHUF(r0, r1, 0, 4, 1, 5), lo23 = golden_vector_m_parallel_float32_avx512_SHUF(r2, r3, 0, 4, 1, 5);
+    const golden_vector_m_parallel_float32_avx512_q hi01 = golden_vector_m_parallel_float32_avx512_SHUF(r0, r1, 2, 6, 3, 7), hi23 = golden_vector_m_parallel_float32_avx512_SHUF(r2, r3, 2, 6, 3, 7);
+    *(golden_vector_m_parallel_float32_avx512_qu *)d = golden_vector_m_parallel_float32_avx512_SHUF(lo01, lo23, 0, 1, 4, 5);
+    *(golden_vector_m_parallel_float32_avx512_qu *)(d + dr) = golden_vector_m_parallel_float32_avx512_SHUF(lo01, lo23, 2, 3, 6, 7);
+    *(golden_vector_m_parallel_float32_avx512_qu *)(d + 2 * dr) = golden_vector_m_parallel_float32_avx512_SHUF(hi01, hi23, 0, 1, 4, 5);
+    *(golden_vector_m_parallel_float32_avx512_qu *)(d + 3 * dr) = golden_vector_m_parallel_float32_avx512_SHUF(hi01, hi23, 2, 3, 6, 7);
+}
+
+/* B block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of 6: dst[p*klen*6 + k*6 + r];
+   with k contiguous (a transpose), four rows by four k at a time through registers */
 static void golden_vector_m_parallel_float32_avx512_packB(const float *restrict src, int64_t st, int64_t sk, int64_t tlen, int64_t klen, float *restrict dst)
 {
     for (int64_t p = 0; p < tlen; p += 6) {
@@ -117,11 +138,14 @@ static void golden_vector_m_parallel_float32_avx512_packB(const float *restrict 
             for (int64_t k = 0; k < klen; k++)
                 for (int64_t i = 0; i < 6; i++) d[k * 6 + i] = s[k * sk + i];
         } else if (r == 6 && sk == 1) {
-            for (int64_t k0 = 0; k0 < klen; k0 += 64) {
-                const int64_t kn = LT_MIN(64, klen - k0);
-                for (int64_t i = 0; i < 6; i++)
-                    for (int64_t k = k0; k < k0 + kn; k++) d[k * 6 + i] = s[i * st + k];
+            int64_t k = 0;
+            for (; k + 4 <= klen; k += 4) {
+                golden_vector_m_parallel_float32_avx512_t4(s + 0 * st + k, st, d + k * 6 + 0, 6);
+                for (int64_t i = 4; i < 6; i++)
+                    for (int64_t j = 0; j < 4; j++) d[(k + j) * 6 + i] = s[i * st + k + j];
             }
+            for (; k < klen; k++)
+                for (int64_t i = 0; i < 6; i++) d[k * 6 + i] = s[i * st + k];
         } else {
             for (int64_t k = 0; k < klen; k++) {
                 for (int64_t i = 0; i < r; i++) d[k * 6 + i] = s[i * st + k * sk];
