@@ -3,9 +3,11 @@
 bf16 matmul and ``np.matmul`` on the same arrays, plus our own float32 for the bf16/fp32 ratio.
 
 One process per thread count, numpy imported first like an application; every library pinned to
-the same thread count (torch.set_num_threads, threadpoolctl for numpy's BLAS, ``threads=`` for us);
-each figure the median of 9 runs of at least 20 ms, the libraries timed in turns (at 2+ threads
-a quarter second apart, so no library's idle threads still spin), after one call (which compiles our kernel,
+the same thread count (``threads=`` for us, threadpoolctl for numpy, ``torch.set_num_threads``) and
+timed with the shared timer of ``looptune bench`` (``tuner/ship/timing.py``): samples of at least
+20 ms, at least 9 per library, the median kept; at one thread the libraries take turns sample by
+sample, at 2+ each is timed in blocks of its own a quarter second apart (so no library's idle
+threads still spin), the best block kept.  Two warm-up calls first (the first compiles our kernel,
 from a cold cache unless --warm-cache).  ``--db`` serves the records of a database built with
 ``looptune build-db --dtype bfloat16 ...``; without it the analytic default schedule is served.
 
@@ -18,115 +20,80 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
-import textwrap
 
-# How many calls make a timed run of about 20 ms: calibrated on a loop, not on one call (a first
-# call can be slow); pasted into both timing scripts (the torch-alone one must not import LoopTune).
-CALLS_PER_RUN = textwrap.dedent("""
-    def calls_per_run(fn, run_s=0.02):
-        fn()
-        r = 1
-        while True:
-            t0 = time.perf_counter()
-            for _ in range(r):
-                fn()
-            spent = time.perf_counter() - t0
-            if spent >= run_s / 4 or r >= 1 << 20:
-                return max(1, int(r * run_s / max(spent, 1e-9)))
-            r *= 4
-""")
+SAMPLE_S = 0.02     # seconds per sample at least
+SAMPLES = 9         # samples per library at least (the median is kept)
+QUIET_S = 0.25      # at 2+ threads, between libraries: libgomp spins for milliseconds, OpenBLAS yields longer
 
-TIMER = textwrap.dedent("""
-    import json, statistics, sys, time
+
+def operands(shape: list, rng):
+    """float32 A and B of ``[batch, m, n, k, layout]`` (a transposed view where the layout says t)."""
     import numpy as np
+
+    b, m, n, k, layout = shape
+    lead = (b,) if b > 1 else ()
+    a32 = rng.standard_normal(lead + (m, k)).astype(np.float32)
+    b32 = rng.standard_normal(lead + (k, n)).astype(np.float32)
+    if layout[0] == "t":      # A a transposed view of a (k, m) array, as the layout says
+        a32 = np.swapaxes(np.ascontiguousarray(np.swapaxes(a32, -1, -2)), -1, -2)
+    if layout[1] == "t":
+        b32 = np.swapaxes(np.ascontiguousarray(np.swapaxes(b32, -1, -2)), -1, -2)
+    return a32, b32
+
+
+def measure(threads: int, shapes: list[list], with_fp32: bool) -> dict:
+    """In this process: GFLOPS of each library on each shape at ``threads``."""
+    import numpy as np      # first, as in an application
     import ml_dtypes
     import torch
-    from threadpoolctl import threadpool_limits
+
     from looptune import runtime
     from looptune.runtime.compiler.machine import detect_cpu
-    threads = int(sys.argv[1]); shapes = json.loads(sys.argv[2]); with_fp32 = sys.argv[3] == "1"
-    torch.set_num_threads(threads)
-    bf16 = ml_dtypes.bfloat16
-""") + CALLS_PER_RUN + textwrap.dedent("""
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved, time_phased
 
-    def timed(fns):
-        # median seconds per call of each of fns, timed in turns (runs of >= 20 ms each), so a
-        # change of machine speed during the measurement hits all of them alike
-        reps = [calls_per_run(fn) for fn in fns]
-        runs = [[] for _ in fns]
-        for _ in range(9):
-            for fn, r, out in zip(fns, reps, runs):
-                if threads > 1:
-                    # let the previous library's idle threads go to sleep first (libgomp spins for
-                    # milliseconds, OpenBLAS yields for longer), or this run measures the two
-                    # pools fighting over the cores rather than this library; then one untimed
-                    # call wakes this library's own sleeping threads (a loop in an application
-                    # pays that once, not per call)
-                    time.sleep(0.25)
-                    fn()
-                t0 = time.perf_counter()
-                for _ in range(r):
-                    fn()
-                out.append((time.perf_counter() - t0) / r)
-        return [statistics.median(x) for x in runs]
-
+    timing = {"min_repeats": SAMPLES, "min_sample_s": SAMPLE_S}
     out = []
-    with threadpool_limits(limits=threads):
-        for b, m, n, k, layout in shapes:
-            rng = np.random.default_rng(0)
-            lead = (b,) if b > 1 else ()
-            a32 = rng.standard_normal(lead + (m, k)).astype(np.float32)
-            b32 = rng.standard_normal(lead + (k, n)).astype(np.float32)
-            if layout[0] == "t":      # A a transposed view of a (k, m) array, as the layout says
-                a32 = np.ascontiguousarray(np.swapaxes(a32, -1, -2)); a32 = np.swapaxes(a32, -1, -2)
-            if layout[1] == "t":
-                b32 = np.ascontiguousarray(np.swapaxes(b32, -1, -2)); b32 = np.swapaxes(b32, -1, -2)
-            a, bb = a32.astype(bf16), b32.astype(bf16)
-            ta, tb = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16), torch.from_numpy(bb.astype(np.float32)).to(torch.bfloat16)
+    with pinned_threads(threads, torch):
+        for shape in shapes:
+            b, m, n, k, layout = shape
+            a32, b32 = operands(shape, np.random.default_rng(0))
+            a, bb = a32.astype(ml_dtypes.bfloat16), b32.astype(ml_dtypes.bfloat16)
+            ta = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+            tb = torch.from_numpy(bb.astype(np.float32)).to(torch.bfloat16)
             c = runtime.matmul(a, bb, threads=threads)
             ref = np.matmul(a.astype(np.float32), bb.astype(np.float32))
             assert c.dtype == np.float32 and np.allclose(c, ref, rtol=1e-4, atol=1e-4 * k ** 0.5)
-            flops = 2.0 * b * m * n * k
-            fns = [lambda: runtime.matmul(a, bb, threads=threads), lambda: torch.matmul(ta, tb),
-                   lambda: np.matmul(a, bb)]
+            fns = {"ours": lambda: runtime.matmul(a, bb, threads=threads), "torch": lambda: torch.matmul(ta, tb),
+                   "numpy": lambda: np.matmul(a, bb)}
             if with_fp32:
-                fns.append(lambda: runtime.matmul(a32, b32, threads=threads))
-            seconds = timed(fns)
-            row = {"shape": [b, m, n, k, layout], "source": runtime.explain(a, bb, threads=threads).source}
-            for name, sec in zip(("ours", "torch", "numpy", "ours_fp32"), seconds):
-                row[name] = flops / sec / 1e9
+                fns["ours_fp32"] = lambda: runtime.matmul(a32, b32, threads=threads)
+            seconds = (time_phased(fns, idle_s=QUIET_S, **timing) if threads > 1 else time_interleaved(fns, **timing))
+            row = {"shape": shape, "source": runtime.explain(a, bb, threads=threads).source}
+            row.update({name: 2.0 * b * m * n * k / sec / 1e9 for name, sec in seconds.items()})
             out.append(row)
-    print(json.dumps({"cpu": detect_cpu().model_name, "bf16": detect_cpu().bf16_isa, "rows": out}))
-""")
+    cpu = detect_cpu()
+    return {"cpu": cpu.model_name, "bf16": cpu.bf16_isa, "rows": out}
 
 
-TORCH_ALONE = textwrap.dedent("""
-    import json, statistics, sys, time
+def measure_torch_alone(threads: int, shapes: list[list]) -> list[float]:
+    """In this process, where only torch computes (LoopTune's runtime never loads, numpy's BLAS is
+    never called): torch's bf16 GFLOPS on each shape at ``threads``, its best case."""
     import torch
-    threads = int(sys.argv[1]); shapes = json.loads(sys.argv[2])
-    torch.set_num_threads(threads)
-""") + CALLS_PER_RUN + textwrap.dedent("""
+
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved
+
     rows = []
-    for b, m, n, k, layout in shapes:
-        lead = (b,) if b > 1 else ()
-        ta = torch.randn(lead + ((k, m) if layout[0] == "t" else (m, k))).to(torch.bfloat16)
-        tb = torch.randn(lead + ((n, k) if layout[1] == "t" else (k, n))).to(torch.bfloat16)
-        ta = ta.transpose(-1, -2) if layout[0] == "t" else ta
-        tb = tb.transpose(-1, -2) if layout[1] == "t" else tb
-        fn = lambda: torch.matmul(ta, tb)
-        r = calls_per_run(fn)
-        runs = []
-        for _ in range(9):
-            t0 = time.perf_counter()
-            for _ in range(r):
-                fn()
-            runs.append((time.perf_counter() - t0) / r)
-        rows.append(2.0 * b * m * n * k / statistics.median(runs) / 1e9)
-    print(json.dumps(rows))
-""")
+    with pinned_threads(threads, torch):
+        for b, m, n, k, layout in shapes:
+            lead = (b,) if b > 1 else ()
+            ta = torch.randn(lead + ((k, m) if layout[0] == "t" else (m, k))).to(torch.bfloat16)
+            tb = torch.randn(lead + ((n, k) if layout[1] == "t" else (k, n))).to(torch.bfloat16)
+            ta = ta.transpose(-1, -2) if layout[0] == "t" else ta
+            tb = tb.transpose(-1, -2) if layout[1] == "t" else tb
+            sec = time_interleaved({"torch": lambda: torch.matmul(ta, tb)}, min_repeats=SAMPLES, min_sample_s=SAMPLE_S)
+            rows.append(2.0 * b * m * n * k / sec["torch"] / 1e9)
+    return rows
 
 
 def parse_shapes(lines: list[str]) -> list[list[int]]:
@@ -153,28 +120,31 @@ def main() -> None:
     ap.add_argument("--torch-alone", action="store_true",
                     help="also time torch in a process of its own (no numpy BLAS, no LoopTune: its best case); "
                          "at 2+ threads torch's figures inside the shared process can collapse")
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)             # one thread count, in this process
+    ap.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)   # the worker times torch alone
     args = ap.parse_args()
     lines = list(args.shapes)
     if args.shapes_file:
         with open(args.shapes_file) as f:
             lines += f.read().splitlines()
     shapes = parse_shapes(lines) or [[1, 1024, 1024, 1024, "nn"]]
+    if args.worker is not None:
+        print(json.dumps(measure_torch_alone(args.worker, shapes) if args.torch_only
+                         else measure(args.worker, shapes, args.fp32)))
+        return
+    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+
+    shape_args = ["--shapes", *(f"{m} {n} {k} batch={b} layout={layout}" for b, m, n, k, layout in shapes)]
     env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
     if args.db:
         env["LOOPTUNE_DB"] = os.path.abspath(args.db)
     with tempfile.TemporaryDirectory() as cache:
         if not args.warm_cache:
             env["LOOPTUNE_CACHE_DIR"] = cache
-        done = subprocess.run([sys.executable, "-c", TIMER, str(args.threads), json.dumps(shapes),
-                               "1" if args.fp32 else "0"], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(done.stderr[-3000:])
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+        [result] = per_thread_count(__file__, [args.threads], [*shape_args, *(["--fp32"] if args.fp32 else [])], env)
     alone = None
     if args.torch_alone:
-        solo = subprocess.run([sys.executable, "-c", TORCH_ALONE, str(args.threads), json.dumps(shapes)],
-                              capture_output=True, text=True, check=True)
-        alone = json.loads(solo.stdout.strip().splitlines()[-1])
+        [alone] = per_thread_count(__file__, [args.threads], [*shape_args, "--torch-only"], dict(os.environ))
     print(f"# {result['cpu']}, bf16 via {result['bf16']}, {args.threads} thread(s)")
     head = "| shape | ours GFLOPS | torch bf16 | np.matmul (ml_dtypes) | ours/torch | ours/numpy |"
     head += " torch alone | ours/torch alone |" if alone else ""

@@ -8,7 +8,7 @@ Two views, both single-threaded unless --threads says otherwise:
   build cache with its flags) called through the kernel ABI.  Only compile flags and the
   dispatcher differ.  Each is run 3 times, alternating; the median of the medians counts.
 * python: ``runtime.matmul(a, b)`` against the exported library called through ctypes, in
-  the same process, sampled in turns (``looptune.tuner.ship.bench.time_interleaved``).
+  the same process, sampled in turns (``looptune.tuner.ship.timing.time_interleaved``).
 
     nice -n 10 taskset -c 1 python tools/bench_export.py --db schedules.h5 --out /tmp/lib [--json out.json]
 """
@@ -94,7 +94,7 @@ def main() -> None:
     from looptune.runtime.compiler.build import build
     from looptune.runtime.compiler.codegen import render
     from looptune.runtime.compiler.workload import MatmulProblem
-    from looptune.tuner.ship.bench import pinned_threads, time_interleaved
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved
     from looptune.tuner.ship.export import export_library
 
     out = Path(args.out or tempfile.mkdtemp(prefix="looptune-export-"))
@@ -108,7 +108,7 @@ def main() -> None:
     runtime.configure(user_db=args.db, threads=args.threads)
 
     rows = []
-    with pinned_threads(args.threads, with_torch=False):
+    with pinned_threads(args.threads):
         for e in files.plan.entries:
             if not e.exact or e.op != "matmul":     # the plain entry points' tuned shapes
                 continue

@@ -5,8 +5,8 @@ is installed, ``torch.matmul`` on float16 CPU tensors.
 
 One process per thread count, numpy imported first like an application; every library pinned to
 the same thread count (``threads=`` for us, threadpoolctl for numpy, ``torch.set_num_threads``:
-``looptune.tuner.ship.baselines.pinned_threads``) and timed with the shared timer of ``looptune
-bench`` (``baselines.time_interleaved`` at one thread, the libraries taking turns sample by sample;
+``looptune.tuner.ship.timing.pinned_threads``) and timed with the shared timer of ``looptune
+bench`` (``timing.time_interleaved`` at one thread, the libraries taking turns sample by sample;
 ``time_phased`` at more, each library in blocks of its own so no other pool's threads still spin):
 two warm-up calls (the first compiles our kernel, from a cold cache unless --warm-cache), so
 samples start at the third call; each figure is the median sample, and the ratios are of medians
@@ -51,7 +51,7 @@ def measure(threads: int, shapes: list[list[int]], repeats: int, min_time_s: flo
     """In this process: GFLOPS of each library on each shape at ``threads``."""
     from looptune import runtime
     from looptune.runtime.compiler.machine import detect_cpu
-    from looptune.tuner.ship.baselines import pinned_threads, time_interleaved, time_phased
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved, time_phased
 
     try:
         import torch

@@ -14,7 +14,7 @@ users write; two fused calls on our side).  GFLOPS count the products' 2MNK only
 
 One process per thread count, numpy imported first like an application; every library pinned to
 the same thread count (``threads=`` for us, threadpoolctl for numpy, ``torch.set_num_threads``:
-``looptune.tuner.ship.baselines.pinned_threads``) and timed with the shared timer of ``looptune
+``looptune.tuner.ship.timing.pinned_threads``) and timed with the shared timer of ``looptune
 bench`` (``time_interleaved`` at one thread, the libraries taking turns sample by sample;
 ``time_phased`` at more): two warm-up calls (the first compiles our kernel), so samples start at
 the third call; each figure is the median sample, and the ratios are of medians of the same run.
@@ -104,7 +104,8 @@ def measure(threads: int, repeats: int, min_time_s: float) -> dict:
     """In this process: GFLOPS of each library on each case at ``threads``."""
     from looptune.runtime.api import current_resolver
     from looptune.runtime.compiler.dispatch import dispatch_key
-    from looptune.tuner.ship.baselines import blas_info, pinned_threads, time_interleaved, time_phased
+    from looptune.tuner.ship.baselines import blas_info
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved, time_phased
 
     try:
         import torch

@@ -16,7 +16,8 @@ and once with ``np.matmul`` in its place (everything else identical):
             for a small multi-threaded problem (just above the runtime's small_flops)
 
 Threads are pinned on both sides: threadpoolctl for numpy's BLAS, ``threads=`` for runtime.matmul
-(LOOPTUNE_NUM_THREADS is set too; pinning and turn order are ``looptune.tuner.ship.baselines``'s).  Each sample is a fresh process that runs every workload
+(LOOPTUNE_NUM_THREADS is set too; pinning, sampler and turn order are ``tuner/ship/timing.py``'s,
+shared with ``looptune bench``).  Each sample is a fresh process that runs every workload
 once, after ``--idle`` seconds of quiet and a short warm-up, as ``--iters`` back-to-back
 iterations; the two sides take turns ``--repeats`` times, and the table gives the median
 milliseconds per iteration and runtime.matmul / np.matmul.  The np.matmul side never loads
@@ -49,7 +50,8 @@ import time
 
 import numpy as np
 
-from looptune.tuner.ship.baselines import baseline_core, blas_info, pinned_threads, turn_order
+from looptune.tuner.ship.baselines import baseline_core, blas_info
+from looptune.tuner.ship.timing import LocalSampler, pinned_threads, turn_order
 
 
 # libgomp's and OpenBLAS's environment for each candidate policy; "looptune" leaves both unset, so
@@ -112,12 +114,9 @@ def per_iteration_s(fn, iters: int, idle_s: float) -> float:
     """Seconds per iteration of ``iters`` back-to-back iterations, after ``idle_s`` of quiet (every
     pool asleep, as after other work) and two warm-up iterations."""
     time.sleep(idle_s)
-    fn()
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
+    sampler = LocalSampler(fn, calls_per_sample=iters)
+    sampler.prepare(min_sample_s=0.0)
+    return sampler.sample()[0]
 
 
 def side_seconds(side: str, threads: int, workloads, *, iters: int, idle_s: float) -> dict:

@@ -7,7 +7,7 @@ imports numpy first like an application, ``C = runtime.matmul(A, B, out=C)`` aga
 ``np.matmul(A, B, out=C)`` (fp32, row-major), each timed as the median of 15 runs of at least
 20 ms, the two taking turns run by run (this VM changes speed for minutes at a time; timing
 one side after the other measured numpy against itself at 0.67x), threads pinned on both sides (``threads=T``; threadpoolctl limits numpy's BLAS to T).
-Timer and pinning are ``looptune.tuner.ship.baselines``'s, shared with ``looptune bench``.
+Timer and pinning are ``looptune.tuner.ship.timing``'s, shared with ``looptune bench``.
 
 Where numpy's OpenBLAS runs kernels below the CPU's ISA (``baselines.blas_info``), numpy with
 ``OPENBLAS_CORETYPE`` set to the core that fits (``--numpy-core``, default auto) takes turns
@@ -40,7 +40,8 @@ TIMER = textwrap.dedent("""
     import contextlib, json, sys
     import numpy as np
     from looptune import runtime
-    from looptune.tuner.ship.baselines import NumpyChild, pinned_threads, time_interleaved
+    from looptune.tuner.ship.baselines import NumpyChild
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved
     m, n, k, threads = (int(x) for x in sys.argv[1:5])
     core = sys.argv[5] if len(sys.argv) > 5 else ""
     rng = np.random.default_rng(0)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Per-call overhead of runtime.matmul on cached kernels against numpy.matmul, one table row per
 call path (fresh output, out=, 1-D operands, stacks, broadcast, transposed and strided views,
-mixed dtypes), at one thread on both sides; medians over blocks of calls, alternating
-between the two so that a shared machine's load changes hit both alike.  "kernel alone" is
+mixed dtypes), at one thread on both sides; medians over blocks of 50 calls, the two taking
+turns block by block (the shared timer of ``looptune bench``, ``tuner/ship/timing.py``, with a
+fixed block) so that a shared machine's load changes hit both alike.  "kernel alone" is
 the kernel call the path makes (on operands prepared beforehand), "call path" what the path
 adds to it (the kernel's speed against OpenBLAS is the rest of the difference).
 
@@ -12,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-# one thread on both sides, set before numpy (OpenBLAS) and looptune read them
+# one thread on both sides, set before numpy (OpenBLAS) and looptune read them, so no pool starts
+# idle threads; pinned_threads (threadpoolctl) in main pins every pool that loaded all the same
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["LOOPTUNE_NUM_THREADS"] = "1"
@@ -25,30 +25,19 @@ import numpy as np  # noqa: E402
 from looptune import runtime  # noqa: E402
 from looptune.runtime.api import current_resolver  # noqa: E402
 from looptune.runtime.call_plan import plan_for, prepare  # noqa: E402
-
-try:  # optional: pins every BLAS/OpenMP pool numpy may have loaded, whatever the variables said
-    from threadpoolctl import threadpool_limits  # noqa: E402
-except ImportError:  # pragma: no cover - threadpoolctl is not a dependency
-    threadpool_limits = None
+from looptune.tuner.ship.timing import LocalSampler, pinned_threads, time_interleaved  # noqa: E402
 
 STACK = 8     # batch size of the stacked paths
 
 
 def paired_us(ours, ref, reps: int, block: int = 50) -> tuple[float, float]:
-    """Median per-call times (us) of ``ours`` and ``ref``, measured in alternating blocks of
-    ``block`` calls so that load changes on a shared machine hit both alike."""
-    for fn in (ours, ref):
-        for _ in range(min(reps, 500)):
-            fn()
-    clock = time.perf_counter
-    times: tuple[list, list] = ([], [])
-    for _ in range(max(1, reps // block)):
-        for fn, samples in zip((ours, ref), times):
-            t = clock()
-            for _ in range(block):
-                fn()
-            samples.append((clock() - t) / block)
-    return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
+    """Median per-call times (us) of ``ours`` and ``ref`` over ``reps`` timed calls each (after
+    up to 500 untimed ones), taking turns in blocks of ``block`` calls."""
+    blocks = max(1, reps // block)
+    samplers = {name: LocalSampler(fn, warmup_calls=min(reps, 500), calls_per_sample=block)
+                for name, fn in (("ours", ours), ("ref", ref))}
+    seconds = time_interleaved(samplers, min_repeats=blocks, max_repeats=blocks, min_time_s=0.0, alternate=True)
+    return seconds["ours"] * 1e6, seconds["ref"] * 1e6
 
 
 def kernel_call(operands: tuple):
@@ -100,6 +89,27 @@ def call_paths(n: int, dtype: str):
     ]
 
 
+def print_table(sizes: list[int], dtype: str, reps: int) -> None:
+    """The table, one row per size and call path."""
+    print(f"| size | path | runtime.matmul (us) | numpy.matmul (us) | difference (us) | kernel alone (us) "
+          f"| call path (us) |   ({dtype}, 1 thread)")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for n in sizes:
+        for name, operands, out in call_paths(n, dtype):
+            if out is None:
+                ours, ref = paired_us(lambda: runtime.matmul(*operands), lambda: np.matmul(*operands), reps)
+            else:
+                ours, ref = paired_us(lambda: runtime.matmul(*operands, out=out),
+                                      lambda: np.matmul(*operands, out=out), reps)
+            kernel = kernel_call(operands)
+            if kernel is None:
+                alone = path = "-"
+            else:
+                k_us, ours2 = paired_us(kernel, lambda: runtime.matmul(*operands), reps)
+                alone, path = f"{k_us:.2f}", f"{ours2 - k_us:.2f}"
+            print(f"| {n}^3 | {name} | {ours:.2f} | {ref:.2f} | {ours - ref:+.2f} | {alone} | {path} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reps", type=int, default=20000)
@@ -107,25 +117,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     args = ap.parse_args()
     runtime.configure(threads=1)
-    if threadpool_limits is not None:
-        threadpool_limits(1)
-    print(f"| size | path | runtime.matmul (us) | numpy.matmul (us) | difference (us) | kernel alone (us) "
-          f"| call path (us) |   ({args.dtype}, 1 thread)")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for n in args.sizes:
-        for name, operands, out in call_paths(n, args.dtype):
-            if out is None:
-                ours, ref = paired_us(lambda: runtime.matmul(*operands), lambda: np.matmul(*operands), args.reps)
-            else:
-                ours, ref = paired_us(lambda: runtime.matmul(*operands, out=out),
-                                      lambda: np.matmul(*operands, out=out), args.reps)
-            kernel = kernel_call(operands)
-            if kernel is None:
-                alone = path = "-"
-            else:
-                k_us, ours2 = paired_us(kernel, lambda: runtime.matmul(*operands), args.reps)
-                alone, path = f"{k_us:.2f}", f"{ours2 - k_us:.2f}"
-            print(f"| {n}^3 | {name} | {ours:.2f} | {ref:.2f} | {ours - ref:+.2f} | {alone} | {path} |", flush=True)
+    with pinned_threads(1):
+        print_table(args.sizes, args.dtype, args.reps)
 
 
 if __name__ == "__main__":

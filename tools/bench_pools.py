@@ -3,7 +3,8 @@
 
 For each size, ``runtime.matmul(a, b, out=c, threads=T)`` is timed call by call, each call
 right after nothing, after a numpy matmul (OpenBLAS's pool) or after a torch matmul (libgomp's
-pool), both at T threads.  The table gives our median GFLOPS and our slowest call.  Run it once
+pool), both at T threads (every library pinned to T, and each call timed on its own, by
+``tuner/ship/timing.py``).  The table gives our median GFLOPS and our slowest call.  Run it once
 per setting to compare, e.g. our pool against OpenMP:
 
     python tools/bench_pools.py
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from looptune import runtime
+from looptune.tuner.ship.timing import call_seconds, pinned_threads
 
 
 def main() -> None:
@@ -30,13 +30,12 @@ def main() -> None:
     args = ap.parse_args()
     try:
         import torch        # optional: the libgomp case
-        torch.set_num_threads(args.threads)
     except ImportError:
         torch = None
     rng = np.random.default_rng(0)
     print(f"| n (n x n x n) | before each call | runtime.matmul GFLOPS (median) | slowest call ms |   ({args.threads} threads)")
     print("| --- | --- | --- | --- |")
-    with threadpool_limits(args.threads):
+    with pinned_threads(args.threads, torch):
         for n in args.sizes:
             a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
             c = np.empty((n, n), np.float32)
@@ -46,12 +45,7 @@ def main() -> None:
                 ta, tb = torch.from_numpy(a), torch.from_numpy(b)
                 others["torch matmul"] = lambda: torch.mm(ta, tb)
             for name, other in others.items():
-                seconds = []
-                for _ in range(args.calls):
-                    other()
-                    t0 = time.perf_counter()
-                    runtime.matmul(a, b, out=c, threads=args.threads)
-                    seconds.append(time.perf_counter() - t0)
+                seconds = call_seconds(lambda: runtime.matmul(a, b, out=c, threads=args.threads), args.calls, other)
                 print(f"| {n} | {name} | {2 * n ** 3 / statistics.median(seconds) / 1e9:.1f} | {max(seconds) * 1e3:.2f} |")
 
 

@@ -5,7 +5,7 @@ matrix) and, when torch is installed, ``torch.matmul``; out of the box (no user 
 trials against numpy on), float32.
 
 One process per thread count, numpy imported first; every library pinned to the same thread count
-and timed with the shared timer of ``looptune bench`` (``tuner/ship/baselines.py``) after two
+and timed with the shared timer of ``looptune bench`` (``tuner/ship/timing.py``) after two
 warm-up calls, so samples start at the third call (trials included: they are what a user meets);
 medians, ratios within one run.  Each result is checked against numpy before it is timed.
 
@@ -27,7 +27,7 @@ DEFAULT_STACKS = ["4096 4 4 4", "2048 8 8 8", "1024 16 16 16", "256 32 32 32", "
 def measure(threads: int, stacks: list[str], repeats: int, min_time_s: float) -> dict:
     from looptune import runtime
     from looptune.runtime.compiler.machine import detect_cpu
-    from looptune.tuner.ship.baselines import pinned_threads, time_interleaved, time_phased
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved, time_phased
 
     try:
         import torch

@@ -45,6 +45,7 @@ from looptune.tuner.measure.runner import LocalRunner
 from looptune.tuner.search.loop import run
 from looptune.tuner.search.strategies import STRATEGIES, PolicyBeamSearch
 from looptune.tuner.search.tune import NO_POLICY, analytic_default, tune
+from looptune.tuner.ship.timing import turn_order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (1.0, 2.0, 10.0, 30.0, 60.0)
@@ -85,7 +86,7 @@ def remeasure(problem, runner, schedules: dict[str, object], rounds: int = 2) ->
     builds = dict(zip(keys, build_many([render(schedules[k], problem.dtype, op=problem.op) for k in keys])))
     best: dict[str, float] = {}
     for i in range(rounds):
-        order = keys if i % 2 == 0 else keys[::-1]
+        order = turn_order(keys, i)
         for k, r in zip(order, runner.run([Candidate.from_build(problem, builds[k], tag=k) for k in order])):
             if r.ok and r.gflops:
                 best[k] = max(best.get(k, 0.0), r.gflops)

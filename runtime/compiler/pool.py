@@ -4,8 +4,8 @@ Why our own pool and not OpenMP's.  A ``#pragma omp parallel for`` ends in a bar
 calling thread waits until every thread of the team has run its share.  In a program that also
 calls numpy (OpenBLAS keeps its own threads, which spin and yield between calls) or torch
 (libgomp's threads spin), a worker of ours that the scheduler has not yet run holds the caller
-for a whole time slice: on 2 cores we measured our 2-thread kernels at up to 100x their speed
-right after a numpy or torch call.  This pool never waits for a worker that has not started.
+for a whole time slice (BENCHMARKS.md, "Right after a numpy or torch call": 128³ at 0.5 GFLOPS
+on OpenMP).  This pool never waits for a worker that has not started.
 
 **How a parallel loop runs.**  The calling thread publishes the loop (a task function, its
 context, the iteration count) and takes iterations itself, one at a time, by a compare-and-swap
@@ -16,23 +16,22 @@ caller is thread number 0; each worker gets a distinct ``tid`` below ``nthreads`
 time it takes an iteration, which is what indexes the kernel's per-thread workspace copies.
 Iterations are the schedule's parallel blocks, so a slow worker delays the call by one block.
 
-**Backing off when a core is shared.**  A worker that shares its core with another runnable
-thread (the one OpenBLAS leaves spinning for 0.1 s after each of numpy's parallel calls,
-another process, or our own caller) runs at half speed or stops for a whole scheduler time
-slice, and the caller waits for the block it took: measured on 2 cores, our 2-thread 256³
-calls right after numpy's ran at 150 GFLOPS, below their one-thread 180.  So the pool watches:
-a worker compares the CPU time it got with the wall time of its blocks
-(``CLOCK_THREAD_CPUTIME_ID``; it lost its core if it lost a fifth of the time and over 50 µs),
-and the caller, how long it waits for workers' blocks against how long its own take (over two
-of them and 50 µs: a stall).  Either makes the pool back off: for 1 ms, doubled by each
-further sign up to 128 ms and halved by each clean call with workers, loops start on the
-caller alone, and one still running after 0.5 ms brings the workers in for the rest if more
-than two iterations are left (one or two the caller finishes sooner than a worker at half a
-core's speed would finish one).  A short call after numpy's then runs at one thread's speed
-instead of below it (256³: 260 GFLOPS against 150), a long one still gets the workers (on 64
-cores, 63 workers at half speed still beat the caller alone), and on cores of its own the pool
-never backs off.  The constants are ``lt_pool_set_backoff``'s (``pool.c``); ``lt_pool_stalls``
-and ``lt_pool_solo_calls`` count what happened.
+**Backing off when a core is shared.**  A worker that shares its core with another runnable thread
+(the one OpenBLAS leaves spinning for 0.1 s after each of numpy's parallel calls, another
+process, or our own caller) runs at half speed or stops for a whole scheduler time slice, and the
+caller waits for the block it took (right after numpy's call, 2-thread 256³ ran at 150 GFLOPS,
+below one thread's 180).  So the pool watches: a worker compares the CPU time it got with the wall
+time of its blocks (``CLOCK_THREAD_CPUTIME_ID``; it lost its core if it lost a fifth of the time
+and over 50 µs), and the caller, how long it waits for workers' blocks against how long its own
+take (over two of them and 50 µs: a stall).  Either makes the pool back off: for 1 ms, doubled by
+each further sign up to 128 ms and halved by each clean call with workers, loops start on the
+caller alone, and one still running after 0.5 ms brings the workers in for the rest if more than
+two iterations are left (one or two the caller finishes sooner than a worker at half a core's
+speed would finish one).  A short call after numpy's then runs at one thread's speed instead of
+below it (BENCHMARKS.md, "The pool backs off"), a long one still gets the workers (on 64 cores,
+63 workers at half speed still beat the caller alone), and on cores of its own the pool never
+backs off.  The constants are ``lt_pool_set_backoff``'s (``pool.c``); ``lt_pool_stalls`` and
+``lt_pool_solo_calls`` count what happened.
 
 **Waiting.**  Idle workers spin on the word for ``worker_spin_us`` (``pause`` between looks, so
 back-to-back calls do not pay a wake-up) and then sleep on a condition variable, so between

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from looptune.runtime.compiler.machine import CpuInfo
-from looptune.tuner.ship.baselines import (LocalSampler, baseline_core, blas_info, fitting_core, numpy_blas_entry,
-                                           time_interleaved, turn_order)
+from looptune.tuner.ship.baselines import baseline_core, blas_info, fitting_core, numpy_blas_entry
+from looptune.tuner.ship.timing import LocalSampler, time_interleaved, turn_order
 from looptune.tuner.ship.bench import BenchRow, baselines_line, table, to_json
 
 LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]

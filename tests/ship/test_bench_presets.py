@@ -12,8 +12,9 @@ import pytest
 from looptune.database import MachineKey, Record, save
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.workload import MatmulProblem, read_shapes
-from looptune.tuner.ship.bench import BenchRow, geomean, served_summary, table, time_interleaved
+from looptune.tuner.ship.bench import BenchRow, geomean, served_summary, table
 from looptune.tuner.ship.presets import PRESETS, preset_problems, preset_text
+from looptune.tuner.ship.timing import time_interleaved
 
 LOOPTUNE = [sys.executable, "-c", "from looptune.tuner.cli import main; main()"]
 SHAPES = Path(__file__).resolve().parents[2] / "tools" / "shapes"

@@ -1,6 +1,5 @@
 """Honest baselines: which BLAS core numpy runs, which core fits this CPU, and numpy timed with the
-fitting core; plus the alternating timer and thread pinning that ``looptune bench`` and ``tools/``
-share.
+fitting core (a sampler for the shared timer of ``timing.py``).
 
     info = blas_info()          # threadpoolctl's view of numpy's BLAS, judged against detect_cpu()
     info.core, info.fit, info.below   # "Haswell", "SkylakeX", True on an AVX-512 CPU
@@ -20,17 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np     # also loads its BLAS, so threadpoolctl (blas_info) sees it
 
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem, parse_shape_line
+from looptune.tuner.ship.timing import LocalSampler, pinned_threads, time_interleaved
 
 ISA_CLASSES = ("sse", "avx", "avx2", "avx512")      # the vector ISA of OpenBLAS's float kernels, narrowest first
 CORE_ISA = {                                          # OpenBLAS x86 core names (lower case) -> ISA_CLASSES
@@ -159,101 +157,6 @@ def baseline_core(info: BlasInfo, choice: Optional[str] = "auto") -> Optional[st
     if choice.lower() == "auto":
         return info.fit if info.below and info.fit else None
     return choice
-
-
-# ---- thread pinning and the alternating timer ---------------------------------------------------
-
-@contextlib.contextmanager
-def pinned_threads(threads: int, torch: Any = None) -> Iterator[None]:
-    """numpy's BLAS (and OpenMP) limited to ``threads`` for the duration, through threadpoolctl;
-    ``torch`` (the module, when the caller uses it) too, by ``torch.set_num_threads``."""
-    stack = contextlib.ExitStack()
-    try:
-        from threadpoolctl import threadpool_limits     # tolerated if missing (see the except below)
-
-        stack.enter_context(threadpool_limits(limits=threads))
-    except ImportError:     # without threadpoolctl, OPENBLAS_NUM_THREADS decides numpy's side
-        pass
-    if torch is not None:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        stack.callback(torch.set_num_threads, before)
-    with stack:
-        yield
-
-
-def turn_order(names: Sequence[str], round_: int) -> list[str]:
-    """Who goes first takes turns: ``names`` on even rounds, reversed on odd ones."""
-    return list(names) if round_ % 2 == 0 else list(names)[::-1]
-
-
-def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
-    number = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_sample_s or number >= 1 << 20:
-            return number
-        number = max(number * 2, int(number * min_sample_s / max(elapsed, 1e-9) * 1.2))
-
-
-class LocalSampler:
-    """A function timed in this process: two warm-up calls, then samples of ``number`` calls."""
-
-    def __init__(self, fn: Callable[[], object]):
-        self.fn, self.number = fn, 1
-
-    def prepare(self, min_sample_s: float) -> None:
-        self.fn()
-        self.fn()
-        self.number = _calibrate(self.fn, min_sample_s)
-
-    def sample(self) -> tuple[float, float]:
-        """(seconds per call, seconds spent) of one sample."""
-        fn, n = self.fn, self.number
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        dt = time.perf_counter() - t0
-        return dt / n, dt
-
-
-Timed = Union[Callable[[], object], "LocalSampler", "NumpyChild"]
-
-
-def time_interleaved(fns: dict[str, Timed], *, min_repeats: int = 7, max_repeats: int = 200, min_time_s: float = 0.1,
-                     min_sample_s: float = 1e-3, alternate: bool = False) -> dict[str, float]:
-    """Median seconds per call of each function (or sampler: ``NumpyChild``), sampled in turns until
-    each has ``min_repeats`` samples and ``min_time_s`` of them; every sample lasts at least
-    ``min_sample_s``; ``alternate`` reverses the order on odd rounds."""
-    samplers = {name: fn if hasattr(fn, "sample") else LocalSampler(fn) for name, fn in fns.items()}
-    for s in samplers.values():
-        s.prepare(min_sample_s)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    spent = dict.fromkeys(fns, 0.0)
-    for r in range(max_repeats):
-        for name in (turn_order(list(samplers), r) if alternate else samplers):
-            per_call, dt = samplers[name].sample()
-            samples[name].append(per_call)
-            spent[name] += dt
-        if all(len(s) >= min_repeats for s in samples.values()) and min(spent.values()) >= min_time_s:
-            break
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def time_phased(fns: dict[str, Timed], *, rounds: int = 3, idle_s: float = 0.05, **kwargs) -> dict[str, float]:
-    """Median seconds per call of each function, each timed in blocks of its own (after ``idle_s``
-    of quiet, so the previous library's spinning threads have gone to sleep); ``rounds`` blocks per
-    function in alternating order, the best block's median kept."""
-    best: dict[str, float] = {}
-    for r in range(rounds):
-        for name in turn_order(list(fns), r):
-            time.sleep(idle_s)
-            t = time_interleaved({name: fns[name]}, **kwargs)[name]
-            best[name] = min(best.get(name, float("inf")), t)
-    return best
 
 
 # ---- numpy with another OpenBLAS core, in a child process ---------------------------------------

@@ -8,8 +8,9 @@ calls; each *sample* is the mean of ``number`` back-to-back calls, ``number`` ch
 sample lasts at least ``min_sample_s``; the libraries take turns sample by sample (so a
 noisy moment hits all of them) until each has ``min_repeats`` samples and
 ``min_time_s`` of them; the median sample is the time.  Thread counts are pinned on every
-side: ``threads=`` for LoopTune, threadpoolctl for numpy's BLAS, ``torch.set_num_threads``.
-Each LoopTune result is checked against numpy before it is timed.
+side: ``threads=`` for LoopTune, threadpoolctl for numpy's BLAS, ``torch.set_num_threads``
+(timer and pinning: ``timing.py``, shared with ``tools/``).  Each LoopTune result is checked
+against numpy before it is timed.
 
 Served against stored: for a problem with an exact record, ``stored_gflops`` is what the tuner
 measured and stored for what the runtime serves (the record's kernel; numpy's figure from the
@@ -40,11 +41,11 @@ import numpy as np
 from looptune import runtime     # the package only: the runtime itself loads on first use (PEP 562)
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.measure.protocol import default_tolerance
-from looptune.tuner.ship import baselines
-from looptune.tuner.ship.baselines import BLAS_DTYPES, BlasInfo, NumpyChild, time_interleaved, time_phased
+from looptune.tuner.ship import timing
+from looptune.tuner.ship.baselines import BLAS_DTYPES, BlasInfo, NumpyChild
+from looptune.tuner.ship.timing import time_interleaved, time_phased
 
-__all__ = ["BenchRow", "geomean", "pinned_threads", "plot", "run_bench", "served_summary", "table", "time_interleaved",
-           "time_phased", "to_json"]
+__all__ = ["BenchRow", "geomean", "pinned_threads", "plot", "run_bench", "served_summary", "table", "to_json"]
 
 if TYPE_CHECKING:       # the runtime loads when a bench runs, not when this module is imported
     from looptune.runtime.resolve import Resolution
@@ -135,7 +136,7 @@ def pinned_threads(threads: int, with_torch: bool) -> Iterator[None]:
     torch = None
     if with_torch:
         import torch     # optional dependency (the [train] extra), heavy: only when torch is benched
-    with baselines.pinned_threads(threads, torch):
+    with timing.pinned_threads(threads, torch):
         yield
 
 
