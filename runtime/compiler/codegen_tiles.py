@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler import codegen_f16 as f16
+from looptune.runtime.compiler import codegen_quads as quads
 from looptune.runtime.compiler import epilogue as epi
 from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
@@ -215,40 +216,14 @@ static inline void {p}_t4(const {T} *restrict s, int64_t st, {T} *restrict d, in
         return L
 
     def _one_register_product(self) -> bool:
-        """An exact-size float32 4x4x4 product on AVX-512 (stacks of 4x4 matrices): C, A and a
-        row of B each fit one 512-bit register, so the whole product is four in-lane splats of A's
-        columns times four broadcast rows of B, instead of sixteen scalar broadcasts into 128-bit
-        tiles (a stack of 4096 ran about 1.7x faster: BENCHMARKS.md, 'Stacks of small matrices')."""
+        """An exact-size 4x4x4 product whose matrices fit whole vector registers (``codegen_quads``)."""
         sizes = self.sizes
-        return (sizes is not None and (sizes.m, sizes.n, sizes.k) == (4, 4, 4) and self.TC == "float"
-                and not (self.bf16 or self.half) and self.target.vector_bytes >= 64
-                and (self.U, self.V, self.W) == (4, 4, 4) and not self.packs and not self._prefetch_lines())
+        return (sizes is not None and (sizes.m, sizes.n, sizes.k) == (4, 4, 4) and not (self.bf16 or self.half)
+                and quads.form(self.TC, self.target.vector_bytes) is not None
+                and (self.U, self.V) == (4, 4) and not self.packs and not self._prefetch_lines())
 
     def _one_register_product_lines(self) -> list[str]:
-        """Lanes 4u+v hold C(u, v); in-lane splat k of A's rows times B's row k broadcast to every
-        lane group; the same FMA order as the tile loop below, so the same rounding.  Needs unit
-        strides along k of A and along n of B and C; otherwise the tile loop runs."""
-        rows = " ".join(f"a = _mm512_insertf32x4(a, _mm_loadu_ps(y + {u} * yu), {u});" for u in (1, 2, 3))
-        lines = [
-            "#if defined(__AVX512F__)",
-            "    if (kc == 4 && xv == 1 && yk == 1 && cv == 1) {      /* the whole product in one register */",
-            "        __m512 a;",
-            f"        if (yu == 4) a = _mm512_loadu_ps(y); else {{ a = _mm512_castps128_ps512(_mm_loadu_ps(y)); {rows} }}",
-            "        __m512 acc = _mm512_mul_ps(_mm512_permute_ps(a, 0x00), _mm512_broadcast_f32x4(_mm_loadu_ps(x)));",
-        ]
-        lines += [f"        acc = _mm512_fmadd_ps(_mm512_permute_ps(a, 0x{0x55 * k:02X}), "
-                  f"_mm512_broadcast_f32x4(_mm_loadu_ps(x + {k} * xk)), acc);" for k in (1, 2, 3)]
-        lines += [
-            "        if (cu == 4) {",
-            "            if (!overwrite) acc = _mm512_add_ps(acc, _mm512_loadu_ps(c));",
-            "            _mm512_storeu_ps(c, acc);",
-            "        } else {",
-        ]
-        for u in range(4):
-            lines.append(f"            {{ __m128 r = _mm512_extractf32x4_ps(acc, {u}); "
-                         f"if (!overwrite) r = _mm_add_ps(r, _mm_loadu_ps(c + {u} * cu)); _mm_storeu_ps(c + {u} * cu, r); }}")
-        lines += ["        }", "        return;", "    }", "#endif"]
-        return lines
+        return quads.product_lines(self.TC, self.target.vector_bytes)
 
     def _prefetch_lines(self) -> list[int]:
         """Byte offsets of the cache lines of one tile row of X to prefetch a k block ahead (the

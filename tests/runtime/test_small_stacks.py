@@ -12,6 +12,7 @@ from pathlib import Path
 
 from looptune import runtime
 from looptune.runtime.api import current_resolver
+from looptune.runtime.compiler import codegen_quads as quads
 from looptune.runtime.compiler.build import build
 from looptune.runtime.compiler.codegen import FixedSizes, Target, render
 from looptune.runtime.compiler.defaults import SMALL_MATRIX, default_schedule, small_stack_schedule
@@ -139,15 +140,18 @@ def test_stacks_share_one_kernel_and_skip_other_records(kernels_only):
     assert k1 is k2
 
 
-@pytest.fixture(scope="module")
-def kernel_4x4x4():
-    p = MatmulProblem(4, 4, 4, batch=2)
-    source = render(small_stack_schedule(p), "float32", sizes=FixedSizes.of_matrices(p))
-    if Target.detect().vector_bytes >= 64:      # AVX-512: the whole product in one register
-        assert "_mm512_permute_ps(a, 0xFF)" in source.text
+@pytest.fixture(scope="module", params=["float32", "float64"])
+def kernel_4x4x4(request):
+    dtype = request.param
+    p = MatmulProblem(4, 4, 4, batch=2, dtype=dtype)
+    source = render(small_stack_schedule(p), dtype, sizes=FixedSizes.of_matrices(p))
+    target = Target.detect()
+    ctype = "float" if dtype == "float32" else "double"
+    # a target whose registers hold whole rows computes the product in them (codegen_quads)
+    assert ("the whole product in registers" in source.text) == (quads.form(ctype, target.vector_bytes) is not None)
     result = build(source)
     assert result.ok, result.error
-    return Kernel(result.so_path, result.symbol, "float32")
+    return Kernel(result.so_path, result.symbol, dtype), dtype
 
 
 def _padded(x: np.ndarray, axis: int) -> np.ndarray:
@@ -165,17 +169,19 @@ def _padded(x: np.ndarray, axis: int) -> np.ndarray:
 @pytest.mark.parametrize("layout_b", ["C", "rows apart", "T", "bcast"])
 @pytest.mark.parametrize("layout_c", ["C", "rows apart"])
 def test_4x4x4_products_in_one_register_match_numpy(kernel_4x4x4, layout_a, layout_b, layout_c):
-    """The one-register form (unit strides along k of A and n of B and C; rows anywhere) and the
+    """The whole-register form (unit strides along k of A and n of B and C; rows anywhere) and the
     tile loop it falls back to, overwriting and accumulating."""
+    kernel, dtype = kernel_4x4x4
     rng = np.random.default_rng(len(layout_a) * 7 + len(layout_b) * 3 + len(layout_c))
     batch = 37
-    a = rng.standard_normal((batch, 4, 4), dtype=np.float32)
-    b = rng.standard_normal((4, 4) if layout_b == "bcast" else (batch, 4, 4), dtype=np.float32)
-    views = {"C": lambda x: x, "rows apart": lambda x: _padded(x, -2) if x.ndim == 3 else _padded(x, 0),
+    a = rng.standard_normal((batch, 4, 4)).astype(dtype)
+    b = rng.standard_normal((4, 4) if layout_b == "bcast" else (batch, 4, 4)).astype(dtype)
+    views = {"C": lambda x: x, "rows apart": lambda x: _padded(x, -2),
              "T": lambda x: np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2), "bcast": lambda x: x}
     a, b = views[layout_a](a), views[layout_b](b)
-    c = views[layout_c](np.full((batch, 4, 4), np.nan, np.float32))
-    assert kernel_4x4x4.invoke(a, b, c, 0, 1) == 0
-    np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
-    assert kernel_4x4x4.invoke(a, b, c, 1, 2) == 0
-    np.testing.assert_allclose(c, 2 * (a @ b), rtol=1e-5, atol=1e-5)
+    c = views[layout_c](np.full((batch, 4, 4), np.nan, dtype))
+    tol = 1e-5 if dtype == "float32" else 1e-13
+    assert kernel.invoke(a, b, c, 0, 1) == 0
+    np.testing.assert_allclose(c, a @ b, rtol=tol, atol=tol)
+    assert kernel.invoke(a, b, c, 1, 2) == 0
+    np.testing.assert_allclose(c, 2 * (a @ b), rtol=tol, atol=tol)
