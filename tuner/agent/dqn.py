@@ -19,13 +19,14 @@ the same recordings replays exactly.  Logs one JSON line per episode and per eva
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +109,19 @@ class PrioritizedReplay:
         self.prio[idx] = np.abs(td) + eps
 
 
+class TrainControl(Protocol):
+    """Steers ``train`` from outside (``finetune``: a wall-clock budget, its own evaluation)."""
+
+    def keep_going(self, step: int) -> bool:
+        """Called after every lockstep step; False ends training (after a last evaluation)."""
+
+    def evaluate_now(self, step: int) -> bool:
+        """Whether to evaluate after this step."""
+
+    def evaluate(self, qnet: torch.nn.Module, step: int) -> dict:
+        """Evaluate the network as it is now; the record is logged."""
+
+
 def masked_argmax(q: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.argmax(np.where(mask, q, -np.inf), axis=-1)
 
@@ -136,7 +150,12 @@ def greedy_eval(qnet, evaluator: Evaluator, problems: Sequence[MatmulProblem], m
 
 def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProblem],
           eval_problems: Sequence[MatmulProblem] = (), log: Optional[Callable[[dict], None]] = None,
-          export_path: Optional[str] = None) -> torch.nn.Module:
+          export_path: Optional[str] = None, start: Optional[torch.nn.Module] = None,
+          control: Optional[TrainControl] = None) -> torch.nn.Module:
+    """Train a Q-network (``start``: from these weights, else a fresh one of ``args.arch``) for
+    ``args.total_steps`` environment steps, or until ``control`` says stop.  Evaluates every
+    ``args.eval_every`` steps on ``eval_problems`` (``greedy_eval``), or when and as ``control``
+    says, and once more at the end; ``export_path``: written after each evaluation."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -145,8 +164,11 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
     t_start = time.perf_counter()
 
     kw = {"hidden": args.hidden, "layers": args.layers}
-    qnet, target = make_qnet(args.arch, **kw), make_qnet(args.arch, **kw)
-    target.load_state_dict(qnet.state_dict())
+    if start is None:
+        qnet, target = make_qnet(args.arch, **kw), make_qnet(args.arch, **kw)
+        target.load_state_dict(qnet.state_dict())
+    else:
+        qnet, target = start, copy.deepcopy(start)
     opt = torch.optim.Adam(qnet.parameters(), lr=args.lr, eps=1e-5)
     rb = PrioritizedReplay(args.buffer_size, args.per_alpha, args.seed)
     rng = random.Random(args.seed)
@@ -168,7 +190,8 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
             if not flush:
                 break
 
-    while step < args.total_steps:
+    finished = step >= args.total_steps
+    while not finished:
         eps = max(args.eps_end, args.eps_start - (args.eps_start - args.eps_end) * step / (args.eps_fraction * args.total_steps))
         with torch.no_grad():
             qs = qnet(*to_torch(stack(obs))).numpy()
@@ -219,9 +242,15 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
                 if grad_steps % args.target_update == 0:
                     target.load_state_dict(qnet.state_dict())
 
-        if eval_problems and (step % args.eval_every < len(envs.envs) or step >= args.total_steps):
+        finished = step >= args.total_steps or (control is not None and not control.keep_going(step))
+        if control is not None:
+            due = finished or control.evaluate_now(step)
+        else:
+            due = bool(eval_problems) and (step % args.eval_every < len(envs.envs) or finished)
+        if due:
             qnet.eval()
-            rec = greedy_eval(qnet, evaluator, eval_problems, args.max_steps)
+            rec = control.evaluate(qnet, step) if control is not None else \
+                greedy_eval(qnet, evaluator, eval_problems, args.max_steps)
             qnet.train()
             rec.update({"kind": "eval", "step": step, "episodes": episodes, "grad_steps": grad_steps,
                         "train_return_mean100": float(np.mean(recent)) if recent else None,

@@ -116,10 +116,28 @@ def make_qnet(arch: str = "gnn", **kw) -> nn.Module:
     return {"gnn": GraphQNet, "mlp": FlatQNet}[arch](**kw)
 
 
+def arrays_of(net: nn.Module) -> dict[str, np.ndarray]:
+    """The network's parameters as float32 numpy arrays, under the names ``policy.py`` reads."""
+    return {k: v.detach().cpu().numpy().astype(np.float32).copy() for k, v in net.state_dict().items()}
+
+
+def net_from_arrays(params: dict[str, np.ndarray], config: dict) -> nn.Module:
+    """A Q-network of ``config`` (a policy's ``meta["config"]``) holding ``params`` (a policy's
+    arrays): the way back from npz weights, to fine-tune them."""
+    net = make_qnet(config["arch"], hidden=int(config["hidden"]), layers=int(config["layers"]),
+                    dueling=bool(config.get("dueling", True)))
+    net.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params.items()})
+    return net
+
+
+def policy_meta(net: nn.Module, extra: dict | None = None) -> dict:
+    """The metadata a weights file of ``net`` carries (``weights.read_weights``)."""
+    return {"config": net.config(), "actions": list(ACTION_NAMES), "action_space": ACTION_SPACE_VERSION,
+            "observation": OBSERVATION_VERSION, **(extra or {})}
+
+
 def export_npz(net: nn.Module, path: str, extra: dict | None = None) -> None:
     """Write the network as plain numpy arrays plus a JSON metadata string (never pickle)."""
-    arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in net.state_dict().items()}
-    meta = {"config": net.config(), "actions": list(ACTION_NAMES), "action_space": ACTION_SPACE_VERSION,
-            "observation": OBSERVATION_VERSION, **(extra or {})}
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays = arrays_of(net)
+    arrays["__meta__"] = np.frombuffer(json.dumps(policy_meta(net, extra)).encode(), dtype=np.uint8)
     np.savez_compressed(path, **arrays)

@@ -1,51 +1,41 @@
 """Torch-free inference of a trained LoopTune policy: numpy weights (npz), numpy forward pass.
 
     from looptune.tuner.agent.policy import Policy
-    policy = Policy.load()                          # the weights shipped in looptune/tuner/agent/data/policy.npz
+    policy = Policy.load()                          # the policy in use: this machine's own, else the shipped one
+    policy = Policy.load(DEFAULT_WEIGHTS)           # the weights shipped in looptune/tuner/agent/data/policy.npz
     states = policy.beam(problem, width=4, depth=10)   # best-first final states, by Q-value
     state = policy.rollout(problem)[-1]             # greedy rollout until `stop`
 
 The forward pass mirrors ``nets.GraphQNet`` / ``nets.FlatQNet`` operation for operation, so
 numpy and torch pick the same actions (tests check it on random graphs).  Importing this
 module does not import torch.
+
+``tune()``, ``build-db`` and live tuning follow ``Policy.load()``: this machine's policy, which
+``looptune train`` fine-tunes on its measurements (``weights.machine_policy_path``), when its file
+is usable here, else the shipped weights (``Policy.in_use``; ``policy.describe()`` says which).
 """
 from __future__ import annotations
 
-from looptune.runtime.compiler.errors import LoopTuneError
-
-import json
 import os
-import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
+from looptune.database import MachineKey
+from looptune.runtime.compiler import environment
+from looptune.runtime.compiler.errors import LoopTuneError
+from looptune.runtime.compiler.schedule import Schedule, canonical_key
 from looptune.runtime.compiler.workload import MatmulProblem
-from looptune.runtime.compiler.schedule import Schedule
+from looptune.tuner.agent.actions import STOP, AgentState, apply, legal_mask
+from looptune.tuner.agent.observe import Graph, observe, stack
+from looptune.tuner.agent.weights import (SHIPPED_WEIGHTS, PolicyError, machine_policy_path, machine_policy_problem,
+                                          read_weights, version_problem)
 
-from looptune.tuner.agent.actions import (ACTION_NAMES, ACTION_SPACE_VERSION, STOP, AgentState, apply, legal_mask)
+__all__ = ["DEFAULT_WEIGHTS", "Node", "Policy", "PolicyError", "SHIPPED", "MACHINE"]
 
-from looptune.runtime.compiler.schedule import canonical_key
-from looptune.tuner.agent.observe import OBSERVATION_VERSION, Graph, observe, stack
-
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "data", "policy.npz")
-
-
-class PolicyError(LoopTuneError, RuntimeError):
-    """Weights missing, or trained for another action space or observation encoding."""
-
-
-def _load_error_text(e: Exception) -> str:
-    """Why weights could not be read, in words (numpy reads any bytes that are neither .npy nor
-    .npz as a pickle, and then refuses it)."""
-    if isinstance(e, ValueError) and "pickled" in str(e):
-        return "not an .npz archive of arrays; numpy would read it as a pickle, which is never loaded"
-    if isinstance(e, KeyError):
-        return f"missing {e.args[0] if e.args else e}"
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text
+DEFAULT_WEIGHTS = SHIPPED_WEIGHTS     # the weights shipped in the package
+SHIPPED, MACHINE = "shipped", "machine"     # ``Policy.source``: the package's weights, or this machine's own
 
 
 def _fresh_mask(state: AgentState, problem: MatmulProblem, visited) -> np.ndarray:
@@ -89,38 +79,68 @@ class Node:
 
 
 class Policy:
-    def __init__(self, params: dict[str, np.ndarray], meta: dict):
-        if meta.get("action_space") != ACTION_SPACE_VERSION or tuple(meta.get("actions", ())) != ACTION_NAMES:
-            raise PolicyError(f"policy was trained for action space {meta.get('action_space')!r}, "
-                              f"this build has {ACTION_SPACE_VERSION!r}")
-        if meta.get("observation") != OBSERVATION_VERSION:
-            raise PolicyError(f"policy was trained for observation {meta.get('observation')!r}, "
-                              f"this build has {OBSERVATION_VERSION!r}")
+    def __init__(self, params: dict[str, np.ndarray], meta: dict, path: Optional[str] = None, source: str = ""):
+        problem = version_problem(meta)
+        if problem is not None:
+            raise PolicyError(f"policy was {problem}")
         self.p = {k: v.astype(np.float32) for k, v in params.items()}
         self.meta = meta
         self.config = meta["config"]
         self.max_steps = int(meta.get("max_steps", 12))
         self.name = str(meta.get("name", "policy"))
+        self.path = path             # the file it was read from, if any
+        self.source = source         # SHIPPED, MACHINE or "" (other weights)
 
     @classmethod
     def load(cls, path: Optional[str] = None) -> "Policy":
-        path = path or DEFAULT_WEIGHTS
-        if not os.path.exists(path):
-            raise PolicyError(f"no policy weights at {path}; train with tools/train.py")
+        """The weights at ``path``; None: the policy in use on this machine (``in_use``)."""
+        if path is None:
+            return cls.in_use()
+        params, meta = read_weights(path)
+        return cls(params, meta, os.fspath(path), SHIPPED if os.fspath(path) == SHIPPED_WEIGHTS else "")
+
+    @classmethod
+    def in_use(cls) -> "Policy":
+        """This machine's own policy (``looptune train``) when its file serves here, else the
+        shipped one.  A machine policy file that cannot serve (corrupt, another machine's, trained
+        for another action space or observation) is named in one warning per process."""
         try:
-            z = np.load(path, allow_pickle=False)     # never unpickle: a policy file is arrays and JSON
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
-            with z:
-                params = {k: z[k] for k in z.files if k != "__meta__"}
-                if "__meta__" not in z.files:
-                    raise ValueError("no __meta__ entry")
-                meta = json.loads(z["__meta__"].tobytes().decode())
-            if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-                raise ValueError("its __meta__ is not a policy's metadata")
-            return cls(params, meta)
-        except (ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise PolicyError(f"{path}: not a LoopTune policy file ({_load_error_text(e)})") from None
+            machine = MachineKey.current()
+        except LoopTuneError:            # no C compiler to name: no machine policy either
+            machine = None
+        path = machine_policy_path(machine) if machine is not None else None
+        if path is not None and os.path.lexists(path):
+            try:
+                return cls._machine_policy(str(path), machine)
+            except PolicyError as e:
+                why = str(e).removeprefix(f"{path}: ")
+            except OSError as e:
+                why = e.strerror or str(e)
+            environment.warn_once(f"ignoring this machine's policy {path}: {why}; using the shipped policy")
+        params, meta = read_weights(SHIPPED_WEIGHTS)
+        return cls(params, meta, SHIPPED_WEIGHTS, SHIPPED)
+
+    @classmethod
+    def _machine_policy(cls, path: str, machine: MachineKey) -> "Policy":
+        params, meta = read_weights(path)
+        problem = machine_policy_problem(meta, machine)
+        if problem is not None:
+            raise PolicyError(problem)
+        policy = cls(params, meta, path, MACHINE)
+        try:                         # one forward pass: arrays missing or of the wrong shape fail here, not mid-tune
+            q = policy.q_values([observe(AgentState.initial(), MatmulProblem(64, 64, 64), 0.0)])
+        except (KeyError, ValueError, IndexError) as e:
+            raise PolicyError(f"its arrays do not fit its configuration ({type(e).__name__}: {e})") from None
+        if not np.all(np.isfinite(q)):
+            raise PolicyError("its Q-values are not finite")
+        return policy
+
+    def describe(self) -> str:
+        """Which policy this is, for ``looptune info`` and reports."""
+        if self.source == SHIPPED:
+            return f"shipped ({self.name})"
+        where = "this machine's" if self.source == MACHINE else "weights"
+        return f"{where} {self.path} ({self.name})" if self.path else self.name
 
     # ---- forward ---------------------------------------------------------------------------
     def q_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:

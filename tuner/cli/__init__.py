@@ -34,10 +34,11 @@ def main() -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def info(as_json: bool) -> None:
-    """Show the detected CPU, vector ISA, compiler and cache directory."""
+    """Show the detected CPU, vector ISA, compiler, cache directory and the policy in use."""
     # deferred: the code generator loads only for the commands that use it, not for --help or the others
     from looptune.runtime.compiler.build import BuildSettings, compiler_identity
     from looptune.runtime.compiler.codegen import CODEGEN_VERSION     # (as above)
+    from looptune.tuner.agent.policy import Policy, PolicyError       # (as above: the agent, for its policy line)
 
     cpu = detect_cpu()
     settings = BuildSettings.from_env()
@@ -47,6 +48,11 @@ def info(as_json: bool) -> None:
         "compiler": compiler_identity(settings.compiler), "codegen_version": CODEGEN_VERSION,
         "kernel_cache": str(settings.resolved_cache_dir()),
     }
+    try:
+        policy = Policy.in_use()       # this machine's (looptune train), else the shipped one
+        data.update(policy=policy.describe(), policy_source=policy.source, policy_path=policy.path)
+    except PolicyError as e:
+        data.update(policy=f"none ({e})", policy_source="none", policy_path=None)
     if as_json:
         click.echo(json.dumps(data))
     else:
@@ -85,8 +91,10 @@ def schedule(m, n, k, dtype, batch, layout, threads, epilogue, trace_file, show_
 def _attach_optional_commands() -> None:
     # here, not at the top: a package-level ``tune`` would shadow the submodule looptune.tuner.cli.tune
     from looptune.tuner.cli.tune import tune
+    from looptune.tuner.cli.train import train     # (as above: a package-level ``train`` would shadow its module)
 
     main.add_command(tune)
+    main.add_command(train)
     for command in (build_db, export, bench):
         main.add_command(command)
     try:

@@ -34,12 +34,18 @@ class PositiveSeconds(click.ParamType):
 
     def convert(self, value, param, ctx) -> float:
         try:
-            seconds = float(value)
+            number = float(value)
         except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number of seconds", param, ctx)
-        if not (math.isfinite(seconds) and seconds > 0):
-            self.fail(f"must be a finite positive number of seconds, got {value!r}", param, ctx)
-        return seconds
+            self.fail(f"{value!r} is not a number of {self.name}", param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"must be a finite positive number of {self.name}, got {value!r}", param, ctx)
+        return number
+
+
+class PositiveMinutes(PositiveSeconds):
+    """A finite, positive number of minutes (``train --minutes``), refused as ``PositiveSeconds`` are."""
+
+    name = "minutes"
 
 
 class DatabasePath(click.Path):
@@ -74,6 +80,7 @@ class EpilogueOption(click.ParamType):
 
 
 BUDGET_S = PositiveSeconds()
+MINUTES = PositiveMinutes()
 DATABASE = DatabasePath()
 EPILOGUE = EpilogueOption()
 

@@ -81,6 +81,8 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     from looptune.tuner.search.budget import MAX_BUDGET_S     # (as above)
     from looptune.tuner.ship.builddb import build_db as run_build, plan      # (as above)
     from looptune.tuner.ship.executors import SerialExecutor                # (as above)
+    from looptune.tuner.measure.evaluator import recording_live_measurements     # (as above)
+    from looptune.tuner.measure.recordings import MachineRecordings              # (as above)
 
     shown_budget_s, budget_s = budget_s, min(budget_s, MAX_BUDGET_S)   # any finite budget: "no limit" beyond
     problems = _problems(shapes, preset, threads)
@@ -115,7 +117,8 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     if not quiet and not as_json:
         click.echo(f"building {db_path} for {machine.short()}", err=True)
         click.echo(f"{len(set(problems))} problems, {shown_budget_s:g} s budget each, tuned in {where}", err=True)
-    with user_errors():
+    # what this process measures is kept for `looptune train` (workers in other processes keep nothing)
+    with user_errors(), recording_live_measurements(MachineRecordings.current(machine)):
         report = run_build(problems, db_path, budget_s=budget_s, executor=executor, tuner=tuner_spec, machine=machine,
                            progress=not quiet and not as_json, order_seed=0 if shuffle else None)
     if as_json:

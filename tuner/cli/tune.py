@@ -25,6 +25,8 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
     from looptune.tuner.agent.policy import Policy, PolicyError
     from looptune.tuner.search.tune import NO_POLICY, tune as run_tune     # (as above)
     from looptune.tuner.ship.records_from_results import store_result     # (as above)
+    from looptune.tuner.measure.evaluator import recording_live_measurements     # (as above)
+    from looptune.tuner.measure.recordings import MachineRecordings               # (as above)
 
     problem = make_problem(m, n, k, dtype, batch, layout, threads, epilogue)
     policy = NO_POLICY
@@ -36,7 +38,8 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
                 raise click.BadParameter(str(e) if isinstance(e, PolicyError) else os_error_text(e),
                                          param_hint="'--policy'") from None
             click.echo(f"warning: {e}; tuning without a policy (default, templates, hill-climb)", err=True)
-    res = run_tune(problem, budget_s=budget, policy=policy)
+    with recording_live_measurements(MachineRecordings.of_this_machine()):     # kept for `looptune train`
+        res = run_tune(problem, budget_s=budget, policy=policy)
     stored = None
     if db_path and res.ok:
         with user_errors():
@@ -47,8 +50,8 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
         click.echo(json.dumps({
             "problem": problem.key(), "ok": res.ok, "gflops": r.gflops, "numpy_gflops": r.numpy_gflops,
             "speedup_vs_numpy": r.speedup_vs_numpy, "seconds": res.seconds, "candidates": res.candidates,
-            "found_by": res.found_by, "policy": res.policy, "trace": json.loads(res.schedule.to_json()),
-            "status": r.status.value, "error": r.error, "stored": stored}))
+            "found_by": res.found_by, "policy": res.policy, "policy_set_aside": res.policy_set_aside,
+            "trace": json.loads(res.schedule.to_json()), "status": r.status.value, "error": r.error, "stored": stored}))
     else:
         click.echo(f"# {problem}")
         click.echo(f"# trace: {res.schedule.trace}")
@@ -57,6 +60,8 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
             ratio = f" ({r.speedup_vs_numpy:.2f}x numpy)" if r.speedup_vs_numpy else ""
             click.echo(f"{r.gflops:.1f} GFLOPS, numpy {r.numpy_gflops or float('nan'):.1f} GFLOPS{ratio}; "
                        f"{res.candidates} candidates in {res.seconds:.2f} s, found by {res.found_by}")
+            if res.policy_set_aside:
+                click.echo("# the policy's candidates kept losing: the rest of the budget went to the search")
             if res.searched_on is not None:
                 click.echo(f"# searched on {res.searched_on.m}x{res.searched_on.n}x{res.searched_on.k} "
                            f"(batch {res.searched_on.batch}), the best timed again on the real size")

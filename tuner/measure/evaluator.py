@@ -10,6 +10,11 @@ A nest reached by different action sequences has one canonical trace
 once per problem.  The memo is a ``replay.ResultStore``: with a record path every measurement
 is appended to a JSON-lines file, and ``Evaluator.replay`` answers from such a file through a
 ``ReplayRunner`` (same state, same number): the tuner's one record/replay mechanism.
+
+Inside ``recording_live_measurements(recordings)`` every live measurement of every evaluator in
+the process (first timings of kernels, not replays or synthetic runners) is also appended to
+this machine's recordings (``recordings.MachineRecordings``): ``build-db`` and ``tune`` keep what
+they timed for ``looptune train``, without the tuners they run knowing about it.
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
+from looptune.runtime.compiler import environment
 from looptune.runtime.compiler.build import build_many
 from looptune.runtime.compiler.codegen import FixedSizes, render
 from looptune.runtime.compiler.ir import LoopNest
@@ -38,6 +44,43 @@ SECOND_PLACEMENT_SHIFT_BYTES = 64 * 4096 + 3 * 64
 # 4x slower than numpy on its first timed call is timed once (it cannot win; see MeasureConfig).
 TUNE_MEASURE = MeasureConfig(warmup=1, min_repeats=5, max_repeats=100, min_total_seconds=0.02,
                              min_sample_seconds=5e-4, timeout_seconds=20.0, slow_cutoff=4.0)
+
+
+class ResultSink(Protocol):
+    """Where ``recording_live_measurements`` sends results (``recordings.MachineRecordings``)."""
+
+    def append(self, results: Sequence[RunResult]) -> None: ...
+
+
+_live_sinks: list[ResultSink] = []
+_live_sinks_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recording_live_measurements(sink: Optional[ResultSink]) -> Iterator[None]:
+    """While in this block, every live measurement an ``Evaluator`` of this process takes (a
+    kernel built and timed, not a replay) is appended to ``sink`` too (None: nowhere).  A sink
+    that cannot be written is named in one warning; tuning goes on."""
+    if sink is None:
+        yield
+        return
+    with _live_sinks_lock:
+        _live_sinks.append(sink)
+    try:
+        yield
+    finally:
+        with _live_sinks_lock:
+            _live_sinks.remove(sink)
+
+
+def _publish_live(results: Sequence[RunResult]) -> None:
+    with _live_sinks_lock:
+        sinks = list(_live_sinks)
+    for sink in sinks:
+        try:
+            sink.append(results)
+        except OSError as e:
+            environment.warn_once(f"cannot record measurements in {getattr(sink, 'path', sink)}: {e.strerror or e}")
 
 
 @dataclass
@@ -143,7 +186,10 @@ class Evaluator:
             if r is None:
                 todo.setdefault((p.key(), k), (p, k))
         if todo:
-            self.store.extend(self._measure(list(todo.values())))
+            fresh = self._measure(list(todo.values()))
+            self.store.extend(fresh)
+            if getattr(self.runner, "needs_build", True):
+                _publish_live(fresh)
             out = [self.store.get(p.key(), k) for p, k in keys]
         return out  # type: ignore[return-value]
 

@@ -66,6 +66,7 @@ class TuneResult:
     history: tuple[tuple[float, float], ...] = ()   # (seconds, best GFLOPS so far) after each batch
     best_schedules: tuple[tuple[float, Schedule], ...] = ()   # (seconds, best schedule) whenever it changed
     searched_on: Optional[MatmulProblem] = None   # the proxy the search measured on, if not the problem itself
+    policy_set_aside: bool = False          # the policy's candidates kept losing, the rest of the run went without it
 
     @property
     def ok(self) -> bool:
@@ -122,6 +123,7 @@ class Strategy(abc.ABC):
 
     name = "search"
     policy_name = ""           # the policy a strategy follows, if any (reported in the result)
+    policy_set_aside = False   # True once the strategy stopped following its policy (``contests``)
 
     def __init__(self, problem: MatmulProblem) -> None:
         self.problem = problem
@@ -322,7 +324,8 @@ class _Run:
         common = dict(policy=self.strategy.policy_name, candidates=len(self.measured) + len(self.real),
                       seconds=self.budget.elapsed_s(), history=tuple(self.history),
                       best_schedules=tuple(self.best_schedules),
-                      searched_on=self.target if self.proxied and not self.single else None)
+                      searched_on=self.target if self.proxied and not self.single else None,
+                      policy_set_aside=self.strategy.policy_set_aside)
         if self.best is not None:
             g, c, r = self.best
             found_by = "default" if self.default_only else self.strategy.found_by(c)

@@ -34,6 +34,12 @@ database stores, is that real-size timing.  The loop reserves the confirmation's
 (``proxy.confirm_cost_s``) from the start; when nothing is left for a proxy batch (2048^3 at
 2 threads in 2 s), the first candidate (the nearest record, else the default) is timed alone.
 
+A losing policy does not eat the budget: each measured batch holding both the policy's
+candidates (rollout, beam, Q-ranked neighbours) and the others (default, templates, seeds,
+mutations) is a contest won by the kind with the faster best candidate; once the policy has lost
+three and won under a third of them, the rest of the run goes on as ``policy="none"`` does
+(``contests``; ``TuneResult.policy_set_aside``).
+
 ``policy="none"`` (``NO_POLICY``) is the ablation baseline: the same tune() with the policy
 taken out.  Step 1 proposes nothing, step 2 measures the default and the templates, and the
 hill-climb of step 3 tries the one-edit neighbours in a random order (seeded by ``seed`` and
@@ -82,13 +88,15 @@ from looptune.tuner.agent.trainset import MAX_TRAIN_FLOPS
 from looptune.tuner.measure.evaluator import Evaluator, gflops_of
 from looptune.tuner.measure.protocol import RunResult
 from looptune.tuner.search.budget import Budget
+from looptune.tuner.search.contests import POLICY, SEARCH, PolicyContest
 from looptune.tuner.search.loop import Callback, Strategy, TuneResult, run
 from looptune.tuner.search.mutate import factor_mutations, interleave, parallel_mutations, prefetch_mutations
 from looptune.tuner.search.proxy import proxy_problem
 from looptune.tuner.search.seeds import DatabaseSeeds, Seed, seed_rates
 from looptune.tuner.search.spaces import blocking_candidates
 
-__all__ = ["NO_POLICY", "TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "resolve_policy", "tune"]
+__all__ = ["NO_POLICY", "TuneResult", "PolicyTune", "analytic_default", "refine_candidates", "refine_proposals",
+           "resolve_policy", "tune"]
 
 NO_POLICY = "none"     # tune(policy=NO_POLICY): the ablation baseline, tune() without the policy
 
@@ -107,6 +115,12 @@ def analytic_default(problem: MatmulProblem) -> Schedule:
 
 def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule: Schedule, count: int,
                       skip: frozenset[str] | set[str] = frozenset(), seed: int = 0) -> list[Schedule]:
+    """``refine_proposals``' schedules, without who chose them."""
+    return [cand for cand, _ in refine_proposals(policy, problem, schedule, count, skip, seed)]
+
+
+def refine_proposals(policy: Optional[Policy], problem: MatmulProblem, schedule: Schedule, count: int,
+                     skip: frozenset[str] | set[str] = frozenset(), seed: int = 0) -> list[tuple[Schedule, str]]:
     """``count`` schedules next to ``schedule``, none with a canonical key in ``skip``; nothing
     is measured.  Two kinds alternate (three with threads > 1):
 
@@ -118,6 +132,9 @@ def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule
       size up or down, a cache block halved or doubled, which no action can do once tiled;
     * with threads > 1, ``parallel`` moved, dropped or added (``mutate.parallel_mutations``);
     * the ``prefetch`` step added or dropped (``mutate.prefetch_mutations``).
+
+    Each comes with who chose it (``contests``): ``POLICY`` for a neighbour taken in the
+    policy's Q-value order, ``SEARCH`` for a mutation or a neighbour in random order.
 
     Before: the best measured nest, e.g. ``m.o(96) n.o(512) k(256) [m.i 8 x n.i 16]``.
     After: e.g. ``k`` split by 128, or the tile 8 x 32, or ``m.o`` 48 instead of 96.
@@ -134,13 +151,16 @@ def refine_candidates(policy: Optional[Policy], problem: MatmulProblem, schedule
         q = policy.q_values([observe(AgentState(state.schedule, c), problem, 0.5) for c in cursors])
         ranked = [n for _, _, n in sorted(nbrs, key=lambda x: -float(q[row[x[0]], x[1]]))]
         ranked = [canonical_schedule(n.nest) for n in ranked]
+    origin = POLICY if policy is not None else SEARCH
     out, seen = [], set(skip)
-    for cand in interleave([ranked, factor_mutations(schedule, problem), parallel_mutations(schedule, problem),
-                            prefetch_mutations(schedule)]):
+    for cand, who in interleave([[(s, origin) for s in ranked],
+                                 [(s, SEARCH) for s in factor_mutations(schedule, problem)],
+                                 [(s, SEARCH) for s in parallel_mutations(schedule, problem)],
+                                 [(s, SEARCH) for s in prefetch_mutations(schedule)]]):
         k = canonical_key(cand.nest)
         if k not in seen:
             seen.add(k)
-            out.append(cand)
+            out.append((cand, who))
             if len(out) >= count:
                 break
     return out
@@ -151,7 +171,10 @@ class PolicyTune(Strategy):
     a hill-climb from the best measured schedule and, when that finds nothing new, a wider beam.
 
     Without a policy (None) it proposes the analytic default and the templates, then hill-climbs
-    in a seeded random order through the whole neighbourhood of each best schedule.
+    in a seeded random order through the whole neighbourhood of each best schedule.  A policy
+    whose candidates keep losing to the others is set aside for the rest of the run, which then
+    goes on as without one (``contests.PolicyContest``: the rule, and ``proposed_by``: who
+    proposed each candidate).
     """
 
     name = "tune"
@@ -173,11 +196,23 @@ class PolicyTune(Strategy):
         self.beam_s = 0.0
         self.started = False
         self.climb: tuple[str, list[Schedule]] = ("", [])    # without a policy: best's key, its untried neighbours
+        self.proposed_by: dict[str, str] = {}    # canonical key -> contests.POLICY or contests.SEARCH
+        self.contest = PolicyContest()
 
-    def _add(self, sched: Schedule, how: str, out: list[Schedule]) -> None:
+    @property
+    def guide(self) -> Optional[Policy]:
+        """The policy while it is followed: None without one, or once it has been set aside."""
+        return None if self.contest.set_aside else self.policy
+
+    @property
+    def policy_set_aside(self) -> bool:
+        return self.contest.set_aside
+
+    def _add(self, sched: Schedule, how: str, out: list[Schedule], who: Optional[str] = None) -> None:
         k = canonical_key(sched.nest)
         if k not in self.sources:
             self.sources[k] = how
+            self.proposed_by[k] = who or (POLICY if how.startswith("policy") else SEARCH)
             out.append(canonical_schedule(sched.nest))
 
     def _beam(self) -> list[Schedule]:
@@ -258,18 +293,19 @@ class PolicyTune(Strategy):
             out.insert(out.index(lead) + 1, sched)
         return out
 
-    def _neighbours(self, schedule: Schedule) -> list[Schedule]:
-        """The next ``refine`` untried schedules next to ``schedule``.  Without a policy the whole
-        neighbourhood is ordered once per schedule (later rounds take the next ones from it)."""
-        if self.policy is not None:
-            return refine_candidates(self.policy, self.problem, schedule, self.refine, set(self.sources))
+    def _neighbours(self, schedule: Schedule) -> list[tuple[Schedule, str]]:
+        """The next ``refine`` untried schedules next to ``schedule``, each with who chose it.
+        Without a policy the whole neighbourhood is ordered once per schedule (later rounds take
+        the next ones from it)."""
+        if self.guide is not None:
+            return refine_proposals(self.guide, self.problem, schedule, self.refine, set(self.sources))
         key = canonical_key(schedule.nest)
         if self.climb[0] != key:
             self.climb = (key, refine_candidates(None, self.problem, schedule, MAX_NEIGHBOURS, set(self.sources),
                                                  self.seed))
         untried = [s for s in self.climb[1] if canonical_key(s.nest) not in self.sources]
         self.climb = (key, untried[self.refine:])
-        return untried[:self.refine]
+        return [(s, SEARCH) for s in untried[:self.refine]]
 
     def ask(self, budget: Optional[Budget] = None) -> list[Schedule]:
         if not self.started:
@@ -283,16 +319,16 @@ class PolicyTune(Strategy):
             if self.refine and best_key is not None:
                 if best_key not in self.refined:
                     self.refined.add(best_key)
-                    for s in self._neighbours(self.best[1]):
-                        self._add(s, "refine", out)
+                    for s, who in self._neighbours(self.best[1]):
+                        self._add(s, "refine", out, who)
                     continue
-                if self.policy is None:
+                if self.guide is None:
                     # no beam to widen: the hill-climb goes on through the rest of the neighbourhood
-                    for s in self._neighbours(self.best[1]):
-                        self._add(s, "refine", out)
+                    for s, who in self._neighbours(self.best[1]):
+                        self._add(s, "refine", out, who)
                     if out:
                         continue
-            if self.policy is None:
+            if self.guide is None:
                 return []
             # a beam twice as wide costs about twice the last one (numpy, no measuring)
             if self.width >= MAX_BEAM_WIDTH or (budget is not None and not budget.fits(2, 2.2 * self.beam_s)):
@@ -307,6 +343,9 @@ class PolicyTune(Strategy):
             g = gflops_of(r)
             if g is not None and (self.best is None or g > self.best[0]):
                 self.best = (g, s)
+        if self.policy is not None:
+            self.contest.score([self.proposed_by.get(canonical_key(s.nest), SEARCH) for s in candidates],
+                               [gflops_of(r) for r in results])
 
     def found_by(self, candidate: Schedule) -> str:
         return self.sources[canonical_key(candidate.nest)]
