@@ -63,13 +63,6 @@ def kernel_dtypes(da: np.dtype, db: np.dtype) -> Optional[tuple[np.dtype, np.dty
     return result, result, name
 
 
-def out_casts(out: object, shape: tuple, result: np.dtype) -> bool:
-    """Whether numpy would cast a bfloat16 kernel's ``result`` into ``out`` (a writeable plain
-    array of the result's shape and a dtype ``result`` casts to under 'same_kind')."""
-    return (type(out) is np.ndarray and out.shape == shape and out.flags.writeable
-            and np.can_cast(result, out.dtype, "same_kind"))
-
-
 def arithmetic_problem(problem: MatmulProblem, float32_via_bfloat16: bool) -> MatmulProblem:
     """The problem whose records and kernel serve ``problem``: with the opt-in
     (``RuntimeSettings.float32_via_bfloat16``) a float32 problem is served as its bfloat16 twin

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 
 from looptune import runtime  # noqa: E402
 from looptune.runtime.api import current_resolver  # noqa: E402
-from looptune.runtime.call_plan import plan_for, prepare  # noqa: E402
+from looptune.runtime.call_plan import NumpyPlan, plan_for  # noqa: E402
+from looptune.runtime.execute import prepare  # noqa: E402
 from looptune.tuner.ship.timing import LocalSampler, pinned_threads, time_interleaved  # noqa: E402
 
 STACK = 8     # batch size of the stacked paths
@@ -45,18 +46,18 @@ def kernel_call(operands: tuple):
     prepared as its plan says (cast, copied, viewed): its time is the part no call path can
     remove.  None when the call has no plan that folds into one kernel call."""
     a, b = operands
-    plan = plan_for(a, b)
-    if isinstance(plan, str) or plan.batch is not None:
+    settings = runtime.settings()
+    plan = plan_for(a, b, 1, settings.small_flops)
+    if isinstance(plan, NumpyPlan) or plan.looped_batch is not None:
         return None
     runtime.matmul(a, b)                 # resolves (and compiles) the problem first
-    p = runtime.explain(a, b).problem
-    kernel = current_resolver().dispatch[(p.dtype, p.m, p.n, p.k, p.batch, p.layout, p.threads)][0]
-    x = prepare(a, plan.prep_a, plan.dtype) if plan.prep_a else a
-    y = prepare(b, plan.prep_b, plan.dtype) if plan.prep_b else b
+    kernel = current_resolver().dispatch[plan.key][0]
+    x = prepare(a, plan.prep_a, plan.operands) if plan.prep_a else a
+    y = prepare(b, plan.prep_b, plan.operands) if plan.prep_b else b
     x = x.reshape(plan.view_a) if plan.view_a is not None else x
     y = y.reshape(plan.view_b) if plan.view_b is not None else y
     c = np.empty(plan.view_c or plan.shape, plan.dtype)
-    return lambda: kernel.invoke(x, y, c, 0, p.threads)
+    return lambda: kernel.invoke(x, y, c, 0, plan.threads)
 
 
 def call_paths(n: int, dtype: str):

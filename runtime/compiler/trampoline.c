@@ -116,7 +116,7 @@ static void core(PyArrayObject *x, int is_a, npy_intp d[3], npy_intp s[3])
 
 /* the byte stride of x's batch dimensions (those before its last core_nd) folded into one, into
    *stride: 0 when they are all 1 (broadcast) or the batch has one entry; -1 when they are not
-   `batch` (a partial broadcast: call_plan loops) or their strides do not fold */
+   `batch` (a partial broadcast: the plan loops, one call per index) or their strides do not fold */
 static int batch_stride(PyArrayObject *x, int core_nd, int nb, const npy_intp *batch, npy_intp count, npy_intp *stride)
 {
     int nbx = PyArray_NDIM(x) - core_nd, ones = 1;
@@ -131,8 +131,9 @@ static int batch_stride(PyArrayObject *x, int core_nd, int nb, const npy_intp *b
     return 0;
 }
 
-/* x as the kernel reads it (a new reference; NULL on error), as looptune.runtime.call_plan.prepare
-   makes it: cast to typenum in x's memory order, then copied to C order when no core stride is one element */
+/* x as the kernel reads it (a new reference; NULL on error), as looptune.runtime.call_plan plans it and
+   looptune.runtime.execute.prepare makes it: cast to typenum in x's memory order, then copied to C order
+   when no core stride is one element */
 static PyArrayObject *prepared(PyArrayObject *x, int typenum, int is_a, npy_intp item)
 {
     npy_intp d[3], s[3];
@@ -156,9 +157,9 @@ static PyArrayObject *prepared(PyArrayObject *x, int typenum, int is_a, npy_intp
 /* serve(A, B, out, dispatch, threads, small_flops) -> the result, or None for "take the Python path".
    runtime.matmul's whole call for the common cases: plain arrays of bool, integer or float dtypes
    that numpy promotes to float32 or float64, 1-D and up, each operand's batch either all broadcast
-   or all its own and folding into one stride, any strides (cast and copied as call_plan does), a
+   or all its own and folding into one stride, any strides (cast and copied as call_plan plans), a
    fresh output or a matching aligned out= that overlaps no input, a kernel already in the dispatch
-   table under the key runtime.matmul builds.  All else, and any non-zero kernel code, takes the
+   table under the key a plan holds (call_plan).  All else, and any non-zero kernel code, takes the
    Python path.  Two bfloat16 operands (the type set_bfloat16 named) are served too, into float32. */
 static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -209,7 +210,7 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             Py_RETURN_NONE;
         for (int i = 0; i < ndc; i++) if (PyArray_DIMS(o)[i] != cd[i]) Py_RETURN_NONE;
     }
-    /* the operands as the kernel reads them (casts and copies as call_plan makes them), then the output */
+    /* the operands as the kernel reads them (casts and copies as call_plan plans them), then the output */
     PyObject *result = Py_None, *key = NULL, *address = NULL;
     PyArrayObject *xa = prepared(a, typenum, 1, item), *xb = xa ? prepared(b, typenum, 0, item) : NULL, *c = NULL;
     if (xb == NULL) goto fail;

@@ -7,9 +7,9 @@ small CPython extension that reads the array fields directly and calls the kerne
 function pointer with the GIL released (``call``, behind ``Kernel.invoke``).  Its ``serve``
 runs a whole ``runtime.matmul`` call for the common cases (arrays numpy computes in float32 or
 float64, batch dimensions that fold into one stride, casts and copies as
-``looptune.runtime.call_plan`` makes them) when the kernel is already in the
-dispatch table, building the very dispatch key the Python paths build; anything else it
-answers None and the Python paths take the call.  When no Python headers or compiler are
+``looptune.runtime.call_plan`` plans them) when the kernel is already in the
+dispatch table, building the very dispatch key a plan holds; anything else it
+answers None and the planned Python path takes the call.  When no Python headers or compiler are
 available, or the module cannot be built, verified and loaded, ``load()`` returns None and
 callers keep the cffi path.
 

@@ -1,13 +1,16 @@
 """Every call path files a call under the key ``dispatch.dispatch_key`` gives (the one home of the
-key and of the thread rule): the compiled ``serve``, the 2-D fast path, planned and looped
-stacks, fused calls and ``explain``, on both sides of the small-problem threshold."""
+key and of the thread rule): the compiled ``serve``, the planned Python path (cold and warm,
+without ``serve``), casts and looped stacks, fused calls and ``explain``, on both sides of the
+small-problem threshold; and a plan holds the key its thread count and threshold make."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from looptune import runtime
+from looptune.runtime import api
 from looptune.runtime.api import current_resolver
+from looptune.runtime.call_plan import NumpyPlan, Plan, plan_for
 from looptune.runtime.compiler.dispatch import SMALL_FLOPS, dispatch_key, key_problem
 
 
@@ -30,16 +33,19 @@ SIZES = [(90, 90, 92), (90, 90, 93)]
 
 
 @pytest.mark.parametrize("m, n, k", SIZES)
-@pytest.mark.parametrize("path", ["serve", "fast", "planned", "looped", "fused", "explain"])
-def test_every_path_files_the_key_dispatch_key_gives(fresh, m, n, k, path):
+@pytest.mark.parametrize("path", ["serve", "threads=", "python", "planned", "looped", "fused", "explain"])
+def test_every_path_files_the_key_dispatch_key_gives(fresh, monkeypatch, m, n, k, path):
     assert fresh.settings.small_flops == SMALL_FLOPS
     a = np.ones((m, k), np.float32)
     b = np.ones((k, n), np.float32)
     count, layout = 1, "nn"
     if path == "serve":
         call = lambda: runtime.matmul(a, b)                         # noqa: E731 - plain arrays: the C path
-    elif path == "fast":
+    elif path == "threads=":
         call = lambda: runtime.matmul(a, b, threads=3)              # noqa: E731
+    elif path == "python":
+        monkeypatch.setattr(api, "_serve", None)                    # no compiled path: the plan's
+        call = lambda: [runtime.matmul(a, b) for _ in range(2)]     # noqa: E731 - cold, then warm
     elif path == "planned":
         at = np.asfortranarray(a)
         layout = "tn"
@@ -73,3 +79,15 @@ def test_every_dispatch_entry_is_a_kernel_like():
     kernels = [hit[0] for hit in current_resolver().dispatch.values()]
     assert kernels and all(isinstance(k, KernelLike) for k in kernels)
     assert any(isinstance(k, (Kernel, Trial)) for k in kernels)
+
+
+def test_a_plan_holds_the_key_of_its_threads_and_threshold():
+    a = np.ones((90, 92), np.float32)
+    b = np.ones((92, 90), np.float32)
+    small = plan_for(a, b, 3, SMALL_FLOPS)          # 1.49 MFLOP: below the threshold, one thread
+    anyway = plan_for(a, b, 3, 0.0)                 # no threshold: the threads asked for
+    assert type(small) is Plan and type(anyway) is Plan
+    assert small.key == dispatch_key("float32", 90, 90, 92, 1, "nn", 3) and small.threads == 1
+    assert anyway.key == dispatch_key("float32", 90, 90, 92, 1, "nn", 3, 0.0) and anyway.threads == 3
+    assert plan_for(a, a.T, 3, SMALL_FLOPS).layout == "nt"
+    assert plan_for(a, np.ones((91, 90), np.float32), 3, SMALL_FLOPS) == NumpyPlan("core dimensions differ")
