@@ -256,8 +256,7 @@ def plan_fused(a, b, out, bias, activation, residual, threads: int, small_flops:
     changing numpy's result dtype, an ``out`` the kernel writes as it is).  Bad arguments raise
     ValueError naming the argument."""
     epilogue, op = checked_epilogue(bias, activation, residual)
-    pa = a if type(a) is np.ndarray else (None if isinstance(a, np.ndarray) else np.asarray(a))
-    pb = b if type(b) is np.ndarray else (None if isinstance(b, np.ndarray) else np.asarray(b))
+    pa, pb = plain_operand(a), plain_operand(b)
     product = plan_for(pa, pb, threads, small_flops) if pa is not None and pb is not None else None
     if type(product) is not Plan:       # numpy serves the product (or an array subclass does)
         return FusedPlan(epilogue, None, None, threads, a, b, bias, residual)

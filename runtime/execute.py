@@ -79,6 +79,12 @@ def execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, resolver):
         rc = hit[0].invoke(x, y, c3, 0, threads)
         if rc != 0:
             _refused(resolver, key, threads, hit[0], rc, x, y, c3)
+    elif out is not None and (np.may_share_memory(c3, x) or np.may_share_memory(c3, y)):
+        # one call per index checks only its own slices for overlap, and call i may overwrite what
+        # call i + 1 reads: the whole product into a fresh array first, as numpy does
+        fresh = _empty(c3.shape, c3.dtype)
+        _call_looped(resolver, plan, x, y, fresh)
+        c3[...] = fresh
     else:
         _call_looped(resolver, plan, x, y, c3)
     if out is None and not shape:

@@ -44,7 +44,8 @@ def operands(shape: list, rng):
 
 def measure(threads: int, shapes: list[list], with_fp32: bool) -> dict:
     """In this process: GFLOPS of each library on each shape at ``threads``."""
-    import numpy as np      # first, as in an application
+    # imported here, in the worker process (thread variables set first), in an application's order
+    import numpy as np
     import ml_dtypes
     import torch
 
@@ -79,9 +80,9 @@ def measure(threads: int, shapes: list[list], with_fp32: bool) -> dict:
 def measure_torch_alone(threads: int, shapes: list[list]) -> list[float]:
     """In this process, where only torch computes (LoopTune's runtime never loads, numpy's BLAS is
     never called): torch's bf16 GFLOPS on each shape at ``threads``, its best case."""
-    import torch
+    import torch        # here: this process must not load LoopTune's runtime or numpy's BLAS first
 
-    from looptune.tuner.ship.timing import pinned_threads, time_interleaved
+    from looptune.tuner.ship.timing import pinned_threads, time_interleaved    # (loads neither)
 
     rows = []
     with pinned_threads(threads, torch):

@@ -51,7 +51,7 @@ _FORMS = {
     ("float", 32): QuadForm(
         "defined(__AVX2__) && defined(__FMA__)", "__m256", "__m128", 2, "_mm256_loadu_ps", "_mm256_storeu_ps",
         "_mm_loadu_ps", "_mm_storeu_ps", "_mm256_castps128_ps256", "_mm256_insertf128_ps", "_mm256_extractf128_ps",
-        "_mm256_permute_ps({}, 0x{:02X})", "_mm256_broadcast_ps((const __m128 *)({}))",
+        "_mm256_permute_ps({}, 0x{:02X})", "_mm256_set_m128(_mm_loadu_ps({0}), _mm_loadu_ps({0}))",
         "_mm256_mul_ps", "_mm256_fmadd_ps", "_mm256_add_ps", "_mm_add_ps"),
 }
 

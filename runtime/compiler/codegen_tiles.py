@@ -51,10 +51,10 @@ class TileWriter:
             if self.bf16:
                 out += bf16.pack_function(self.prefix, operand, R, self.bf16, self.T, self.TP, self.widen)
                 continue
-            quads = "".join(f"\n                {self.prefix}_t4(s + {i} * st + k, st, d + k * {R} + {i}, {R});"
+            transposes = "".join(f"\n                {self.prefix}_t4(s + {i} * st + k, st, d + k * {R} + {i}, {R});"
                             for i in range(0, R // 4 * 4, 4))
             if R % 4:
-                quads += (f"\n                for (int64_t i = {R // 4 * 4}; i < {R}; i++)"
+                transposes += (f"\n                for (int64_t i = {R // 4 * 4}; i < {R}; i++)"
                           f"\n                    for (int64_t j = 0; j < 4; j++) d[(k + j) * {R} + i] = s[i * st + k + j];")
             out += f"""
 /* {operand} block (tlen x klen, element (t, k) at src[t*st + k*sk]) -> panels of {R}: dst[p*klen*{R} + k*{R} + r];
@@ -70,7 +70,7 @@ static void {self.prefix}_pack{operand}(const {T} *restrict src, int64_t st, int
                 for (int64_t i = 0; i < {R}; i++) d[k * {R} + i] = s[k * sk + i];
         }} else if (r == {R} && sk == 1) {{
             int64_t k = 0;
-            for (; k + 4 <= klen; k += 4) {{{quads}
+            for (; k + 4 <= klen; k += 4) {{{transposes}
             }}
             for (; k < klen; k++)
                 for (int64_t i = 0; i < {R}; i++) d[k * {R} + i] = s[i * st + k];

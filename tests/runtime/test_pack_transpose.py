@@ -17,7 +17,9 @@ KS = [1, 3, 4, 5, 8, 11, 37]
 def kernels():
     cases = [(mr, nr, dtype) for mr, nr in TILES for dtype in ("float32", "float64")]
     schedules = [BlockingParams(mr, nr, mc=2 * mr, kc=16, nc=2 * nr).schedule() for mr, nr, _ in cases]
-    built = build_many([render(s, dtype) for s, (_, _, dtype) in zip(schedules, cases)])
+    sources = [render(s, dtype) for s, (_, _, dtype) in zip(schedules, cases)]
+    assert all("_t4(s + 0 * st + k, st, d + k * " in src.text for src in sources)    # the transposing path
+    built = build_many(sources)
     assert all(b.ok for b in built), [b.error for b in built if not b.ok][:1]
     return {case: Kernel(b.so_path, b.symbol, case[2]) for case, b in zip(cases, built)}
 
