@@ -36,6 +36,7 @@ import tempfile
 
 from bench_tune import tune_once
 from looptune.runtime.compiler.workload import MatmulProblem, read_shapes
+from looptune.tuner.agent.policy import DEFAULT_WEIGHTS
 
 SHAPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes")
 
@@ -123,13 +124,16 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     shapes = shape_set(args.shape_set, args.count, args.seed)
+    # named explicitly: `looptune tune` without --policy follows the policy in use, which on a
+    # machine with a `looptune train` policy is not the shipped one
+    policy = args.policy or DEFAULT_WEIGHTS
     rows = []
     for budget in args.budgets:
         for i, p in enumerate(shapes):
             runs = {}
             for method in (("policy", "none") if i % 2 == 0 else ("none", "policy")):
                 runs[method] = tune_once(f"{p.m} {p.n} {p.k}", args.threads, budget, dtype=p.dtype, batch=p.batch,
-                                         layout=p.layout, policy="none" if method == "none" else args.policy)
+                                         layout=p.layout, policy="none" if method == "none" else policy)
             for name in args.searches:
                 runs[name] = search_once(name, p, args.threads, budget)
             rows.append({"budget_s": budget, "shape": label(p), "dtype": p.dtype, **runs})

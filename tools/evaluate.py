@@ -275,7 +275,8 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=0, help="fixed random sample of this many problems")
     ap.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (another seed: another sample)")
     ap.add_argument("--pick", default="", help="comma-separated line indices (after comments) of the shape file")
-    ap.add_argument("--policy", default=None, help="policy weights (default: shipped)")
+    ap.add_argument("--policy", default=None, help="policy weights (default: the shipped ones, "
+                    "not this machine's `looptune train` policy)")
     ap.add_argument("--tune-nopolicy", type=float, default=2.0,
                     help="budget (s) of tune() without the policy (the ablation, method tune-nopolicy); 0 skips")
     ap.add_argument("--random", type=float, default=60.0, help="budget (s) for random search; 0 skips")
@@ -321,7 +322,7 @@ def main() -> None:
         reuse = {r["problem"]: r for r in (json.loads(l) for l in open(args.reuse) if l.strip())}
         if not (args.pick or args.sample or args.test_split):
             problems = [p for p in problems if p.key() in reuse]
-    policy = Policy.load(args.policy)
+    policy = Policy.load(args.policy)          # None: the shipped weights, as --policy's help says
     budgets = {"random": args.random, "greedy": args.greedy, "beam": args.beam, "policy-beam": args.policy_beam}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     rows = []

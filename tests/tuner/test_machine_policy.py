@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 
+import numpy as np
 import pytest
 from agent_fakes import SyntheticRunner
 from click.testing import CliRunner
@@ -16,49 +16,17 @@ from click.testing import CliRunner
 pytest.importorskip("torch")
 
 from looptune.database import MachineKey
-from looptune.runtime.compiler.defaults import default_schedule
-from looptune.runtime.compiler.ir import LoopNest
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.tuner.agent import finetune, weights
-from looptune.tuner.agent.policy import DEFAULT_WEIGHTS, MACHINE, SHIPPED, Policy
+from looptune.tuner.agent.policy import DEFAULT_WEIGHTS, MACHINE, SHIPPED, Policy, PolicyError
 from looptune.tuner.agent.weights import machine_policy_path, policy_identity, read_weights, write_weights
 from looptune.tuner.cli import main
-from looptune.tuner.measure.evaluator import Evaluator, recording_live_measurements
-from looptune.tuner.measure.recordings import MachineRecordings
+from looptune.tuner.measure.evaluator import Evaluator
 from looptune.tuner.search import tune as tune_module
 from looptune.tuner.search.tune import NO_POLICY, resolve_policy, tune
+from looptune.tuner.ship.tuners import close_tuner, make_tuner
 
-RECORDED = [MatmulProblem(m, n, k) for m, n, k in [(64, 64, 64), (48, 80, 96), (96, 32, 64), (128, 64, 32),
-                                                   (40, 56, 72), (64, 128, 96)]]
 MINUTES = "0.05"          # 3 s: torch's optimizer import takes most of the first second
-
-
-@pytest.fixture
-def user_dir(tmp_path, monkeypatch):
-    """A user data directory of this test's own (where the database, recordings and policy live)."""
-    monkeypatch.setenv("LOOPTUNE_DB", str(tmp_path / "schedules.h5"))
-    return tmp_path
-
-
-@pytest.fixture
-def synthetic(monkeypatch, user_dir):
-    """Training measures through the synthetic runner; some problems already recorded here."""
-    monkeypatch.setattr(finetune, "live_evaluator", lambda store: Evaluator(SyntheticRunner(), store))
-    pairs = [(p, nest) for p in RECORDED for nest in (LoopNest.initial(), default_schedule(p).nest)]
-    MachineRecordings.current().append(Evaluator(SyntheticRunner()).evaluate(pairs))
-    return user_dir
-
-
-def scripted_scores(monkeypatch, *values):
-    """Held-out scores in this order (the starting policy's first); an exception class is raised."""
-    calls = iter(values)
-
-    def score(policy, problems, evaluator):
-        value = next(calls, values[-1])
-        if isinstance(value, type) and issubclass(value, BaseException):
-            raise value()
-        return value
-    monkeypatch.setattr(finetune, "heldout_score", score)
 
 
 def train(*args, code=0):
@@ -72,7 +40,7 @@ def install_machine_policy() -> bytes:
     params, meta = read_weights(DEFAULT_WEIGHTS)
     write_weights(machine_policy_path(), params, {**meta, "machine": policy_identity(MachineKey.current()),
                                                    "name": "installed"})
-    assert Policy.load().source == MACHINE
+    assert Policy.in_use().source == MACHINE
     return machine_policy_path().read_bytes()
 
 
@@ -82,20 +50,21 @@ def test_train_end_to_end_on_recorded_measurements(synthetic):
     assert report["problems"] + report["held_out"] == finetune.MIN_PROBLEMS and report["held_out"] >= 2
     assert report["recorded_problems"] >= 1 and report["steps"] > 0 and report["evaluations"] >= 2
     assert report["start"] == f"shipped ({Policy.load(DEFAULT_WEIGHTS).name})"
-    assert report["saved"] == os.path.exists(report["path"]) == (report["best_score"] > report["start_score"] * 1.01)
+    confirmed = report["confirmed_score"] is not None and report["confirmed_score"] > report["confirmed_start_score"] * 1.01
+    assert report["saved"] == os.path.exists(report["path"]) == confirmed
     assert "train" in out.stderr                              # the progress bar
     assert report["path"] == str(machine_policy_path()) and report["path"].startswith(str(synthetic))
 
 
-def test_a_better_policy_is_saved_and_used_by_tune_build_db_and_info(synthetic, monkeypatch):
-    scripted_scores(monkeypatch, 1.0, 2.0)
+def test_a_better_policy_is_saved_and_used_by_tune_build_db_and_info(synthetic, scripted):
+    scripted(1.0, 2.0)
     out = train()
     path = machine_policy_path()
     assert "saved this machine's policy to" in out.stdout and str(path) in out.stdout
     params, meta = read_weights(path)
     assert meta["heldout_score"] == 2.0 and meta["start_score"] == 1.0
     assert meta["machine"] == policy_identity(MachineKey.current()) and "codegen_version" not in meta["machine"]
-    policy = Policy.load()                                     # tune() and build-db's agent tuner load this
+    policy = Policy.in_use()                                   # tune() and build-db's agent tuner load this
     assert policy.source == MACHINE and policy.path == str(path) and policy.name == meta["name"]
     assert resolve_policy(None).source == MACHINE
     res = tune(MatmulProblem(80, 64, 48), budget_s=2.0, evaluator=Evaluator(SyntheticRunner()), databases=False)
@@ -124,31 +93,31 @@ def test_policy_option_still_overrides_and_none_still_disables(synthetic, monkey
 
 
 @pytest.mark.parametrize("scores", [(1.0,), (1.0, 1.005)], ids=["no-gain", "gain-under-MIN_GAIN"])
-def test_nothing_better_leaves_the_previous_policy_as_it_was(synthetic, monkeypatch, scores):
+def test_nothing_better_leaves_the_previous_policy_as_it_was(synthetic, scripted, scores):
     before = install_machine_policy()
-    scripted_scores(monkeypatch, *scores)
+    scripted(*scores)
     out = train()
     assert "kept this machine's" in out.stdout
     assert machine_policy_path().read_bytes() == before
 
 
-def test_ctrl_c_keeps_the_best_policy_so_far(synthetic, monkeypatch):
-    scripted_scores(monkeypatch, 1.0, 2.0, KeyboardInterrupt)
+def test_ctrl_c_keeps_the_best_policy_so_far(synthetic, scripted):
+    scripted(1.0, 2.0, KeyboardInterrupt)
     out = train(code=130)
     assert "interrupted" in out.stdout
     assert read_weights(machine_policy_path())[1]["heldout_score"] == 2.0
 
 
-def test_ctrl_c_before_anything_beat_the_start_writes_nothing(synthetic, monkeypatch):
-    scripted_scores(monkeypatch, 1.0, KeyboardInterrupt)
+def test_ctrl_c_before_anything_beat_the_start_writes_nothing(synthetic, scripted):
+    scripted(1.0, KeyboardInterrupt)
     out = train(code=130)
     assert "kept shipped" in out.stdout and not machine_policy_path().exists()
 
 
 @pytest.mark.parametrize("fault", ["disk full while writing", "killed before the rename"])
-def test_a_save_that_fails_leaves_the_previous_policy_intact(synthetic, monkeypatch, fault):
+def test_a_save_that_fails_leaves_the_previous_policy_intact(synthetic, monkeypatch, scripted, fault):
     before = install_machine_policy()
-    scripted_scores(monkeypatch, 1.0, 3.0)
+    scripted(1.0, 3.0)
     if fault == "disk full while writing":
         def savez(f, **arrays):
             f.write(b"PK\x03\x04 half an archive")
@@ -202,12 +171,85 @@ def test_a_machine_policy_that_cannot_serve_is_one_warning_and_the_shipped_polic
     path.parent.mkdir(parents=True, exist_ok=True)
     damage(path, read_weights(DEFAULT_WEIGHTS))
     with caplog.at_level(logging.WARNING, logger="looptune.runtime"):
-        first, second = Policy.load(), resolve_policy(None)
+        first, second = Policy.in_use(), resolve_policy(None)
         info = json.loads(CliRunner().invoke(main, ["info", "--json"]).stdout)
     assert first.source == second.source == SHIPPED == info["policy_source"] and first.path == DEFAULT_WEIGHTS
     warnings = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert why in warnings[0] and "using the shipped policy" in warnings[0]
+
+
+def raw_policy(path, params, meta):
+    """A policy file as anything but ``write_weights`` might leave one: arrays of any dtype, any metadata."""
+    arrays = {**params, "__meta__": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def bad_meta(**changes):
+    def damage(path, shipped):
+        params, meta = shipped
+        raw_policy(path, params, {**meta, "machine": policy_identity(MachineKey.current()), **changes})
+    return damage
+
+
+def bad_config(**changes):
+    def damage(path, shipped):
+        params, meta = shipped
+        bad_meta(config={**meta["config"], **changes})(path, shipped)
+    return damage
+
+
+def bad_array(name, make):
+    def damage(path, shipped):
+        params, meta = shipped
+        raw_policy(path, {**params, name: make(params[name])}, {**meta, "machine": policy_identity(MachineKey.current())})
+    return damage
+
+
+BAD_FILES = {
+    "max_steps-None": bad_meta(max_steps=None), "max_steps-twelve": bad_meta(max_steps="twelve"),
+    "max_steps-0": bad_meta(max_steps=0), "max_steps-list": bad_meta(max_steps=[12]),
+    "gamma-high": bad_meta(gamma="high"), "gamma-None": bad_meta(gamma=None), "gamma-7": bad_meta(gamma=7),
+    "actions-int": bad_meta(actions=5), "layers-three": bad_config(layers="three"), "layers-None": bad_config(layers=None),
+    "arch-unknown": bad_config(arch="transformer"), "hidden-wide": bad_config(hidden="wide"),
+    "strings": bad_array("head.weight", lambda a: np.full(a.shape, "abc")),
+    "number-strings": bad_array("head.weight", lambda a: a.astype(str)),
+    "dates": bad_array("adv.bias", lambda a: np.zeros(a.shape, dtype="datetime64[D]")),
+    "complex": bad_array("adv.bias", lambda a: a.astype(np.complex64)),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_FILES.values()), ids=list(BAD_FILES))
+def test_bad_metadata_or_array_dtypes_are_one_warning_and_the_shipped_policy_everywhere(user_dir, caplog, damage):
+    path = machine_policy_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    damage(path, read_weights(DEFAULT_WEIGHTS))
+    with caplog.at_level(logging.WARNING, logger="looptune.runtime"):
+        first, second = Policy.in_use(), resolve_policy(None)
+        info = CliRunner().invoke(main, ["info", "--json"])
+        tuner = make_tuner("agent")
+        close_tuner(tuner)
+    assert info.exit_code == 0, (info.output, info.exception)
+    assert first.source == second.source == tuner.policy.source == SHIPPED == json.loads(info.stdout)["policy_source"]
+    warnings = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert len(warnings) == 1 and "using the shipped policy" in warnings[0], warnings
+    with pytest.raises(PolicyError, match="policy"):          # named explicitly, the same file is refused in one line
+        Policy.load(path)
+    out = CliRunner().invoke(main, ["tune", "8", "8", "8", "--policy", str(path)])
+    assert out.exit_code == 2 and "--policy" in out.output and str(path) in out.output, (out.output, out.exception)
+
+
+def test_policy_load_is_the_shipped_policy_and_in_use_this_machines(user_dir):
+    """``Policy.load()`` keeps meaning the shipped weights (tools/evaluate.py, bench_policy.py and
+    wheel_smoke.py rely on it); tune(), build-db's agent tuner, live tuning and info ask ``in_use``."""
+    install_machine_policy()
+    shipped = Policy.load()
+    assert shipped.source == SHIPPED and shipped.path == DEFAULT_WEIGHTS and shipped.name != "installed"
+    assert Policy.in_use().name == resolve_policy(None).name == "installed"
+    tuner = make_tuner("auto")
+    close_tuner(tuner)
+    assert tuner.policy.source == MACHINE and tuner.policy.name == "installed"
 
 
 def test_info_says_the_shipped_policy_without_a_machine_policy(user_dir):
@@ -232,34 +274,3 @@ def test_without_torch_train_names_the_extra_to_install(user_dir, monkeypatch):
     out = CliRunner().invoke(main, ["train", "--minutes", "1"])
     assert out.exit_code == 1 and out.output.count("Error:") == 1
     assert "needs torch" in out.output and "looptune[train]" in out.output
-
-
-def test_recordings_stay_bounded_and_skip_a_torn_line(tmp_path):
-    recordings = MachineRecordings(tmp_path / "r.jsonl", max_bytes=20_000)
-    problems = [MatmulProblem(16 + i, 16, 16) for i in range(60)]
-    for p in problems:
-        recordings.append(Evaluator(SyntheticRunner()).evaluate([(p, default_schedule(p).nest)]))
-    assert os.path.getsize(recordings.path) <= 20_000
-    with open(recordings.path, "a") as f:
-        f.write('{"v": 1, "status": "ok", "problem_ke')             # a write cut short by a kill
-    kept = {r.problem_key for r in recordings.results()}
-    assert problems[-1].key() in kept and problems[0].key() not in kept and len(kept) < len(problems)
-
-
-def test_replays_and_synthetic_runners_are_not_recorded_as_live_measurements(tmp_path):
-    recordings = MachineRecordings(tmp_path / "r.jsonl")
-    with recording_live_measurements(recordings):
-        Evaluator(SyntheticRunner()).evaluate([(MatmulProblem(32, 32, 32), LoopNest.initial())])
-    assert recordings.results() == []
-
-
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="needs a C compiler")
-def test_build_db_records_what_it_measures_for_train(user_dir, tmp_path):
-    shapes = tmp_path / "one.txt"
-    shapes.write_text("24 16 8\n")
-    out = CliRunner().invoke(main, ["build-db", "--shapes", str(shapes), "--budget", "1", "--no-bench", "--quiet"])
-    assert out.exit_code == 0, out.output
-    recorded = MachineRecordings.current().results()
-    assert {r.problem_key for r in recorded if r.ok} == {MatmulProblem(24, 16, 8).key()} and len(recorded) >= 2
-    problems, count = finetune.choose_problems(recorded)
-    assert count == 1 and problems[0] == MatmulProblem(24, 16, 8)

@@ -113,7 +113,8 @@ class TrainControl(Protocol):
     """Steers ``train`` from outside (``finetune``: a wall-clock budget, its own evaluation)."""
 
     def keep_going(self, step: int) -> bool:
-        """Called after every lockstep step; False ends training (after a last evaluation)."""
+        """Called after every lockstep step; False ends training (after a last evaluation), and
+        nothing else does: ``Args.total_steps`` then only paces exploration."""
 
     def evaluate_now(self, step: int) -> bool:
         """Whether to evaluate after this step."""
@@ -153,7 +154,8 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
           export_path: Optional[str] = None, start: Optional[torch.nn.Module] = None,
           control: Optional[TrainControl] = None) -> torch.nn.Module:
     """Train a Q-network (``start``: from these weights, else a fresh one of ``args.arch``) for
-    ``args.total_steps`` environment steps, or until ``control`` says stop.  Evaluates every
+    ``args.total_steps`` environment steps or, with a ``control``, until it says stop (the steps
+    then only pace epsilon's decay and the replay's importance weights).  Evaluates every
     ``args.eval_every`` steps on ``eval_problems`` (``greedy_eval``), or when and as ``control``
     says, and once more at the end; ``export_path``: written after each evaluation."""
     random.seed(args.seed)
@@ -190,7 +192,7 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
             if not flush:
                 break
 
-    finished = step >= args.total_steps
+    finished = control is None and step >= args.total_steps
     while not finished:
         eps = max(args.eps_end, args.eps_start - (args.eps_start - args.eps_end) * step / (args.eps_fraction * args.total_steps))
         with torch.no_grad():
@@ -242,7 +244,7 @@ def train(args: Args, evaluator: Evaluator, train_problems: Sequence[MatmulProbl
                 if grad_steps % args.target_update == 0:
                     target.load_state_dict(qnet.state_dict())
 
-        finished = step >= args.total_steps or (control is not None and not control.keep_going(step))
+        finished = not control.keep_going(step) if control is not None else step >= args.total_steps
         if control is not None:
             due = finished or control.evaluate_now(step)
         else:

@@ -13,13 +13,22 @@ through the same isolated runner ``tune()`` uses (``live_evaluator``), and recor
 **Held out.**  A fixed quarter of the problems (the first by the sha256 of their keys, 2 to
 ``MAX_HELD_OUT``) is never trained on.  A policy's score there (``heldout_score``) is the geometric
 mean of its greedy rollout's end state's GFLOPS, the candidate ``tune()`` measures first (no
-intermediate state is measured), over the analytic default's.
+intermediate state is measured), over the analytic default's.  Scores compare like with like: every
+end state and default is measured live in this session, never answered from the recordings (other
+sessions, other loads), through one memo, so a schedule two policies both end in counts alike.
 
 **Training.**  From the policy in use (this machine's, else the shipped one), scored first: DQN
 (``dqn.train``) with little exploration, scored again every ``1 / EVALUATIONS`` of the budget and at
-the end; the best-scoring weights are kept.  If they beat the starting policy by ``MIN_GAIN``, they
-are written atomically as this machine's policy (``weights.write_weights``); otherwise nothing is
-written and the policy in use stays.  Ctrl-C stops training and keeps the best so far the same way.
+the end; the best-scoring weights are kept.  The best of several noisy scorings flatters, so if it
+beats the start by ``MIN_GAIN`` both are measured once more, afresh and side by side
+(``confirmed_scores``), and the weights are written atomically as this machine's policy
+(``weights.write_weights``) only if that confirmation still beats the start by ``MIN_GAIN``;
+otherwise nothing is written and the policy in use stays.  Ctrl-C stops training and keeps the best
+so far the same way (a second Ctrl-C, during the confirmation, keeps nothing).
+
+**Budget.**  The start's scoring is timed, and its cost is reserved from the first step on for the
+last scoring and for the confirmation (each as dear as the start's, until scorings are seen to cost
+more), so training stops in time for both; a scoring or confirmation that no longer fits is skipped.
 """
 from __future__ import annotations
 
@@ -34,6 +43,8 @@ from typing import Callable, Optional, Sequence
 from looptune.database import MachineKey
 from looptune.runtime.compiler.defaults import default_schedule
 from looptune.runtime.compiler.epilogue import PLAIN
+from looptune.runtime.compiler.ir import LoopNest
+from looptune.runtime.compiler.schedule import canonical_key
 from looptune.runtime.compiler.workload import MatmulProblem, ProblemError
 from looptune.tuner.agent import dqn
 from looptune.tuner.agent.nets import arrays_of, net_from_arrays
@@ -49,8 +60,11 @@ MIN_PROBLEMS = 12         # recorded problems topped up from the generated mix t
 MAX_PROBLEMS = 64
 MAX_HELD_OUT = 8
 EVALUATIONS = 5           # held-out scorings spread over the budget (plus one before and one at the end)
-MIN_GAIN = 0.01           # a fine-tuned policy replaces the starting one only if it scores 1 % higher
+MIN_GAIN = 0.01           # a fine-tuned policy replaces the starting one only if it scores 1 % higher, confirmed
 FAILED_RATIO = 0.1        # the score of an end state that fails to build, verify or run, against the default
+# Training stops with room for a last scoring and the confirmation this much dearer than seen so
+# far: a last scoring a little slower than the ones before still leaves time to confirm.
+RESERVE_SLACK = 1.25
 
 Progress = Callable[[float, str], None]     # (fraction of the budget spent, a short note)
 
@@ -61,6 +75,8 @@ class TrainReport:
     start: str                # the policy training started from (``Policy.describe``)
     start_score: float        # held-out score of the starting policy
     best_score: float         # the best held-out score reached (the start's if nothing beat it)
+    confirmed_start_score: Optional[float]     # both measured again side by side (None: not confirmed)
+    confirmed_score: Optional[float]
     saved: bool
     interrupted: bool
     seconds: float
@@ -72,9 +88,16 @@ class TrainReport:
     measured: int             # live measurements taken
 
     def summary(self) -> str:
-        gain = self.best_score / self.start_score - 1 if self.start_score > 0 else 0.0
-        what = f"saved this machine's policy to {self.path} ({gain:+.1%} on the held-out problems)" if self.saved \
-            else f"kept {self.start}: nothing beat it on the held-out problems"
+        best = self.best_score / self.start_score - 1 if self.start_score > 0 else 0.0
+        confirmed = self.confirmed_score / self.confirmed_start_score - 1 if self.confirmed_start_score else None
+        if self.saved:
+            what = f"saved this machine's policy to {self.path} ({confirmed:+.1%} on the held-out problems)"
+        elif confirmed is not None:
+            what = f"kept {self.start}: its best ({best:+.1%}) did not hold up measured again ({confirmed:+.1%})"
+        elif self.best_score > self.start_score * (1 + MIN_GAIN):
+            what = f"kept {self.start}: no time was left to confirm its best ({best:+.1%})"
+        else:
+            what = f"kept {self.start}: nothing beat it on the held-out problems"
         return (f"{what}; {self.steps} steps on {self.problems} problems ({self.recorded_problems} recorded here, "
                 f"{self.held_out} held out), {self.measured} new measurements in {self.seconds:.0f} s"
                 + ("; interrupted" if self.interrupted else ""))
@@ -113,13 +136,17 @@ def split_held_out(problems: Sequence[MatmulProblem]) -> tuple[list[MatmulProble
     return [p for p in problems if p not in held], held
 
 
-def heldout_score(policy: Policy, problems: Sequence[MatmulProblem], evaluator: Evaluator) -> float:
-    """Geometric mean over ``problems`` of the GFLOPS of ``policy``'s greedy rollout's end state over
-    the analytic default's (a failed end state: ``FAILED_RATIO``), measured in one batch."""
+def heldout_pairs(policy: Policy, problems: Sequence[MatmulProblem]) -> list[tuple[MatmulProblem, LoopNest]]:
+    """Each problem with ``policy``'s greedy rollout's end state, then with the analytic default."""
     pairs = []
     for p in problems:
         pairs += [(p, policy.rollout(p)[-1].nest), (p, default_schedule(p).nest)]
-    results = evaluator.evaluate(pairs)
+    return pairs
+
+
+def score_of(results: Sequence) -> float:
+    """The geometric mean of end state over default for results in ``heldout_pairs``' order (a
+    failed end state: ``FAILED_RATIO``; a problem whose default failed does not count)."""
     logs = []
     for i in range(0, len(results), 2):
         end, default = gflops_of(results[i]), gflops_of(results[i + 1])
@@ -129,9 +156,32 @@ def heldout_score(policy: Policy, problems: Sequence[MatmulProblem], evaluator: 
     return math.exp(sum(logs) / len(logs)) if logs else 0.0
 
 
+def heldout_score(policy: Policy, problems: Sequence[MatmulProblem], evaluator: Evaluator) -> float:
+    """Geometric mean over ``problems`` of the GFLOPS of ``policy``'s greedy rollout's end state over
+    the analytic default's (``score_of``), measured in one batch through ``evaluator``'s memo."""
+    return score_of(evaluator.evaluate(heldout_pairs(policy, problems)))
+
+
+def confirmed_scores(start: Policy, winner: Policy, problems: Sequence[MatmulProblem],
+                     evaluator: Evaluator) -> tuple[float, float]:
+    """(start's, winner's) held-out scores measured once more, now and in one batch, past the memo
+    (``Evaluator.remeasure``): every end state and default timed afresh, a schedule both policies
+    end in timed once, so the problems where they agree count alike and only their differences,
+    measured side by side, decide."""
+    ends = {"start": heldout_pairs(start, problems), "winner": heldout_pairs(winner, problems)}
+    unique: dict[tuple[str, str], tuple[MatmulProblem, LoopNest]] = {}
+    for p, nest in ends["start"] + ends["winner"]:
+        unique.setdefault((p.key(), canonical_key(nest)), (p, nest))
+    measured = dict(zip(unique, evaluator.remeasure(list(unique.values()))))
+    start_score, winner_score = (score_of([measured[(p.key(), canonical_key(nest))] for p, nest in ends[who]])
+                                 for who in ("start", "winner"))
+    return start_score, winner_score
+
+
 def fine_tune_args(policy: Policy, budget_s: float, seed: int) -> dqn.Args:
     """DQN settings for fine-tuning ``policy``: its network and horizon, small exploration, a
-    small replay buffer; ``total_steps`` only paces exploration (the budget ends training)."""
+    small replay buffer; ``total_steps`` only paces exploration (``dqn.train`` with a control, here
+    ``BudgetControl``, trains until the control stops it, past ``total_steps`` if need be)."""
     config = policy.config
     return replace(dqn.Args(), seed=seed, total_steps=max(256, int(budget_s * 400)), max_steps=policy.max_steps,
                    arch=config["arch"], hidden=int(config["hidden"]), layers=int(config["layers"]),
@@ -141,18 +191,22 @@ def fine_tune_args(policy: Policy, budget_s: float, seed: int) -> dqn.Args:
 
 class BudgetControl:
     """``dqn.TrainControl`` for a wall-clock budget: stops when what is left would not pay for
-    another step and a last evaluation (each at the longest seen so far), scores the network
-    every ``1 / EVALUATIONS`` of the budget, keeps the best."""
+    another step, a last evaluation and the confirmation (a step at the longest seen so far, an
+    evaluation at the longest seen or the start's scoring ``start_cost_s``, the confirmation at the
+    start's; those two with ``RESERVE_SLACK``), scores the network every ``1 / EVALUATIONS`` of the
+    budget, keeps the best."""
 
     def __init__(self, start: Policy, start_score: float, held_out: Sequence[MatmulProblem], evaluator: Evaluator,
-                 deadline: float, budget_s: float, progress: Progress, clock: Callable[[], float]) -> None:
+                 deadline: float, budget_s: float, progress: Progress, clock: Callable[[], float],
+                 start_cost_s: float = 0.0) -> None:
         self.start, self.held_out, self.evaluator = start, held_out, evaluator
         self.deadline, self.budget_s, self.progress, self.clock = deadline, budget_s, progress, clock
         self.start_score = start_score
         self.best_score, self.best_params = start_score, None
         self.interval_s = budget_s / EVALUATIONS
         self.next_eval = deadline - budget_s + self.interval_s
-        self.eval_cost_s = 0.0
+        self.eval_cost_s = start_cost_s          # a scoring costs what the start's did, until one is seen to cost more
+        self.confirm_cost_s = start_cost_s       # as many timings, of kernels already built
         self.step_cost_s = 0.0
         self.evaluations = 0
         self.steps = 0
@@ -164,9 +218,15 @@ class BudgetControl:
         if self.last_step_end is not None:
             self.step_cost_s = max(self.step_cost_s, now - self.last_step_end - self.evaluated_s)
         self.last_step_end, self.evaluated_s, self.steps = now, 0.0, step
-        left = self.deadline - now
-        self.progress(1 - left / self.budget_s, f"best {self.best_score:.3f}")
-        return left > self.step_cost_s + self.eval_cost_s
+        self.progress(1 - (self.deadline - now) / self.budget_s, f"best {self.best_score:.3f}")
+        return self.can_train()
+
+    def can_train(self) -> bool:
+        """Whether what is left pays for another step, a last scoring and the confirmation."""
+        return self.fits(self.step_cost_s + RESERVE_SLACK * (self.eval_cost_s + self.confirm_cost_s))
+
+    def fits(self, seconds: float) -> bool:
+        return self.clock() + seconds < self.deadline
 
     def evaluate_now(self, step: int) -> bool:
         if self.clock() < self.next_eval:
@@ -175,6 +235,8 @@ class BudgetControl:
         return True
 
     def evaluate(self, qnet, step: int) -> dict:
+        if not self.fits(self.eval_cost_s + self.confirm_cost_s):     # the start's scoring ate the budget
+            return {"kind": "eval", "skipped": "no time left", "best": self.best_score}
         t0 = self.clock()
         params = arrays_of(qnet)
         score = heldout_score(Policy(params, self.start.meta), self.held_out, self.evaluator)
@@ -184,6 +246,15 @@ class BudgetControl:
         if score > self.best_score:
             self.best_score, self.best_params = score, params
         return {"kind": "eval", "heldout_score": score, "best": self.best_score}
+
+    def confirm(self) -> Optional[tuple[float, float]]:
+        """The start's and the best's scores measured again (``confirmed_scores``), if the best beat
+        the start by ``MIN_GAIN`` and the confirmation fits in the budget; else None."""
+        if self.best_params is None or self.best_score <= self.start_score * (1 + MIN_GAIN) \
+                or not self.fits(self.confirm_cost_s):
+            return None
+        self.progress(1 - (self.deadline - self.clock()) / self.budget_s, "measuring the best again")
+        return confirmed_scores(self.start, Policy(self.best_params, self.start.meta), self.held_out, self.evaluator)
 
 
 def finetune(budget_s: float, *, progress: Optional[Progress] = None, seed: int = 0,
@@ -202,36 +273,49 @@ def finetune(budget_s: float, *, progress: Optional[Progress] = None, seed: int 
     train_set, held_out = split_held_out(problems)
     recorded_keys = {p.key() for p in problems[:recorded_count]}
     recorded_in_training = sum(p.key() in recorded_keys for p in train_set)
-    evaluator = live_evaluator(ResultStore(recorded))
+    evaluator = live_evaluator(ResultStore(recorded))      # training: the recordings answer, the rest is measured
+    scoring = Evaluator(evaluator.runner, ResultStore())   # held out: measured here and now, never the recordings
     control: Optional[BudgetControl] = None
+    confirmed: Optional[tuple[float, float]] = None
     interrupted = False
     try:
         with recording_live_measurements(recordings):
-            progress(0.0, f"scoring {start.describe()}")
-            start_score = heldout_score(start, held_out, evaluator)
-            control = BudgetControl(start, start_score, held_out, evaluator, deadline, budget_s, progress, clock)
-            net = net_from_arrays(start.p, start.config)
-            dqn.train(fine_tune_args(start, budget_s, seed), evaluator, train_set, start=net, control=control)
-    except KeyboardInterrupt:
+            try:
+                progress(0.0, f"scoring {start.describe()}")
+                scored_at = clock()
+                start_score = heldout_score(start, held_out, scoring)
+                control = BudgetControl(start, start_score, held_out, scoring, deadline, budget_s, progress, clock,
+                                        start_cost_s=clock() - scored_at)
+                if control.can_train():        # else scoring the start left too little to train and score again
+                    net = net_from_arrays(start.p, start.config)
+                    dqn.train(fine_tune_args(start, budget_s, seed), evaluator, train_set, start=net, control=control)
+            except KeyboardInterrupt:
+                interrupted = True
+            if control is not None:
+                confirmed = control.confirm()
+    except KeyboardInterrupt:          # a second Ctrl-C, during the confirmation: nothing is saved
         interrupted = True
     finally:
         evaluator.close()
+    measured = evaluator.stats.measured + scoring.stats.measured
     if control is None:            # interrupted before the starting policy was scored: nothing to keep
-        return TrainReport(str(path), start.describe(), 0.0, 0.0, False, interrupted, clock() - t0, 0, 0,
-                           len(train_set), recorded_in_training, len(held_out), evaluator.stats.measured)
-    saved = control.best_params is not None and control.best_score > control.start_score * (1 + MIN_GAIN)
+        return TrainReport(str(path), start.describe(), 0.0, 0.0, None, None, False, interrupted, clock() - t0, 0, 0,
+                           len(train_set), recorded_in_training, len(held_out), measured)
+    saved = confirmed is not None and confirmed[1] > confirmed[0] * (1 + MIN_GAIN)
     if saved:
-        write_weights(path, control.best_params, machine_meta(start, machine, control, clock() - t0))
-    return TrainReport(str(path), start.describe(), control.start_score, control.best_score, saved, interrupted,
-                       clock() - t0, control.steps, control.evaluations, len(train_set), recorded_in_training,
-                       len(held_out), evaluator.stats.measured)
+        write_weights(path, control.best_params, machine_meta(start, machine, control, confirmed, clock() - t0))
+    return TrainReport(str(path), start.describe(), control.start_score, control.best_score,
+                       *(confirmed or (None, None)), saved, interrupted, clock() - t0, control.steps,
+                       control.evaluations, len(train_set), recorded_in_training, len(held_out), measured)
 
 
-def machine_meta(start: Policy, machine: MachineKey, control: BudgetControl, seconds: float) -> dict:
-    """The saved policy's metadata: the start's (network, versions), the machine, how it was trained."""
+def machine_meta(start: Policy, machine: MachineKey, control: BudgetControl, confirmed: tuple[float, float],
+                 seconds: float) -> dict:
+    """The saved policy's metadata: the start's (network, versions), the machine, how it was trained
+    (``heldout_score`` and ``start_score``: the confirmation's, measured side by side)."""
     base = str(start.meta.get("base", start.name))      # a machine policy trained again keeps its base's name
     return {**start.meta, "name": f"{base}+{machine.isa}-{datetime.date.today():%Y%m%d}",
             "machine": policy_identity(machine), "base": base,
             "trained": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "heldout_score": control.best_score, "start_score": control.start_score,
+            "heldout_score": confirmed[1], "start_score": confirmed[0], "best_scored": control.best_score,
             "finetune": {"seconds": round(seconds, 1), "steps": control.steps, "evaluations": control.evaluations}}

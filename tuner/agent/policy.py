@@ -1,8 +1,9 @@
 """Torch-free inference of a trained LoopTune policy: numpy weights (npz), numpy forward pass.
 
     from looptune.tuner.agent.policy import Policy
-    policy = Policy.load()                          # the policy in use: this machine's own, else the shipped one
-    policy = Policy.load(DEFAULT_WEIGHTS)           # the weights shipped in looptune/tuner/agent/data/policy.npz
+    policy = Policy.in_use()                        # the policy in use: this machine's own, else the shipped one
+    policy = Policy.load()                          # the weights shipped in looptune/tuner/agent/data/policy.npz
+    policy = Policy.load("other.npz")               # other weights (PolicyError if they cannot drive the agent)
     states = policy.beam(problem, width=4, depth=10)   # best-first final states, by Q-value
     state = policy.rollout(problem)[-1]             # greedy rollout until `stop`
 
@@ -10,9 +11,12 @@ The forward pass mirrors ``nets.GraphQNet`` / ``nets.FlatQNet`` operation for op
 numpy and torch pick the same actions (tests check it on random graphs).  Importing this
 module does not import torch.
 
-``tune()``, ``build-db`` and live tuning follow ``Policy.load()``: this machine's policy, which
-``looptune train`` fine-tunes on its measurements (``weights.machine_policy_path``), when its file
-is usable here, else the shipped weights (``Policy.in_use``; ``policy.describe()`` says which).
+``tune()``, ``build-db``, live tuning and ``looptune info`` follow ``Policy.in_use()``: this
+machine's policy, which ``looptune train`` fine-tunes on its measurements
+(``weights.machine_policy_path``), when its file is usable here, else the shipped weights
+(``policy.describe()`` says which).  A weights file whose metadata or arrays cannot make a policy
+(a ``max_steps`` that is no count, arrays of strings, shapes that do not fit) is a ``PolicyError``
+naming it, never a ``TypeError`` from deep inside.
 """
 from __future__ import annotations
 
@@ -36,6 +40,9 @@ __all__ = ["DEFAULT_WEIGHTS", "Node", "Policy", "PolicyError", "SHIPPED", "MACHI
 
 DEFAULT_WEIGHTS = SHIPPED_WEIGHTS     # the weights shipped in the package
 SHIPPED, MACHINE = "shipped", "machine"     # ``Policy.source``: the package's weights, or this machine's own
+# How metadata or arrays that do not make a policy fail when used (a count that is None or a
+# string, a string array, a missing array, shapes that do not multiply): all mean "bad weights".
+BAD_WEIGHTS = (KeyError, ValueError, IndexError, TypeError, AttributeError)
 
 
 def _fresh_mask(state: AgentState, problem: MatmulProblem, visited) -> np.ndarray:
@@ -78,62 +85,96 @@ class Node:
     visited: frozenset = frozenset()
 
 
+def _count(value, what: str, least: int = 1) -> int:
+    """A whole number of at least ``least`` from metadata (a JSON int; not a bool, float or string)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{what} is {value!r}, not a whole number from {least}")
+    return value
+
+
+def _numbers(name: str, array) -> np.ndarray:
+    """A weights array as float32; arrays of strings, dates or complex numbers are refused rather
+    than converted (numpy would turn "1.5" into 1.5 and drop imaginary parts)."""
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise TypeError(f"array {name} holds {getattr(array, 'dtype', type(array).__name__)}, not real numbers")
+    return array.astype(np.float32)
+
+
 class Policy:
     def __init__(self, params: dict[str, np.ndarray], meta: dict, path: Optional[str] = None, source: str = ""):
-        problem = version_problem(meta)
-        if problem is not None:
-            raise PolicyError(f"policy was {problem}")
-        self.p = {k: v.astype(np.float32) for k, v in params.items()}
+        """``PolicyError`` (naming ``path``) if ``meta`` and ``params`` cannot make a policy of this build."""
+        where = f"{path}: " if path else ""
+        try:
+            problem = version_problem(meta)
+            if problem is not None:
+                raise PolicyError(f"{where}policy was {problem}")
+            self.p = {k: _numbers(k, v) for k, v in params.items()}
+            self.config = meta["config"]
+            self.arch = self.config["arch"]
+            self.layers = _count(self.config["layers"], "its layer count", 0) if self.arch in ("gnn", "mlp") else None
+            if "hidden" in self.config:     # not read here, but fine-tuning builds the network from it
+                _count(self.config["hidden"], "its width")
+            self.max_steps = _count(meta.get("max_steps", 12), "max_steps")
+            self.gamma = float(meta.get("gamma", 0.9))
+            self.name = str(meta.get("name", "policy"))
+        except BAD_WEIGHTS as e:
+            raise PolicyError(f"{where}its metadata or arrays are not a policy's ({type(e).__name__}: {e})") from None
+        if self.layers is None:
+            raise PolicyError(f"{where}its network ({self.arch!r}, {self.config.get('layers')!r} layers) is not one "
+                              "this build can run")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise PolicyError(f"{where}its gamma {self.gamma!r} is not a discount in [0, 1]")
         self.meta = meta
-        self.config = meta["config"]
-        self.max_steps = int(meta.get("max_steps", 12))
-        self.name = str(meta.get("name", "policy"))
         self.path = path             # the file it was read from, if any
         self.source = source         # SHIPPED, MACHINE or "" (other weights)
 
     @classmethod
-    def load(cls, path: Optional[str] = None) -> "Policy":
-        """The weights at ``path``; None: the policy in use on this machine (``in_use``)."""
-        if path is None:
-            return cls.in_use()
+    def load(cls, path: Optional[str | os.PathLike] = None) -> "Policy":
+        """The weights at ``path`` (None: the shipped weights, ``DEFAULT_WEIGHTS``), checked by one
+        forward pass; ``PolicyError`` naming the file if they cannot drive this build's agent.
+        The policy ``tune()`` follows by default is ``in_use()``, not this."""
+        path = SHIPPED_WEIGHTS if path is None else os.fspath(path)
         params, meta = read_weights(path)
-        return cls(params, meta, os.fspath(path), SHIPPED if os.fspath(path) == SHIPPED_WEIGHTS else "")
+        return cls(params, meta, path, SHIPPED if path == SHIPPED_WEIGHTS else "").checked()
 
     @classmethod
     def in_use(cls) -> "Policy":
         """This machine's own policy (``looptune train``) when its file serves here, else the
         shipped one.  A machine policy file that cannot serve (corrupt, another machine's, trained
-        for another action space or observation) is named in one warning per process."""
+        for another action space or observation, metadata or arrays that make no policy) is named
+        in one warning per process, and the shipped policy serves."""
         try:
             machine = MachineKey.current()
         except LoopTuneError:            # no C compiler to name: no machine policy either
             machine = None
         path = machine_policy_path(machine) if machine is not None else None
         if path is not None and os.path.lexists(path):
-            try:
-                return cls._machine_policy(str(path), machine)
+            try:                         # the whole policy is built here: whatever is wrong with the file lands below
+                params, meta = read_weights(path)
+                problem = machine_policy_problem(meta, machine)
+                if problem is not None:
+                    raise PolicyError(problem)
+                return cls(params, meta, str(path), MACHINE).checked()
             except PolicyError as e:
                 why = str(e).removeprefix(f"{path}: ")
             except OSError as e:
                 why = e.strerror or str(e)
+            except BAD_WEIGHTS as e:     # metadata odd enough to trip a check itself
+                why = f"its metadata is not a policy's ({type(e).__name__}: {e})"
             environment.warn_once(f"ignoring this machine's policy {path}: {why}; using the shipped policy")
-        params, meta = read_weights(SHIPPED_WEIGHTS)
-        return cls(params, meta, SHIPPED_WEIGHTS, SHIPPED)
+        return cls.load()
 
-    @classmethod
-    def _machine_policy(cls, path: str, machine: MachineKey) -> "Policy":
-        params, meta = read_weights(path)
-        problem = machine_policy_problem(meta, machine)
-        if problem is not None:
-            raise PolicyError(problem)
-        policy = cls(params, meta, path, MACHINE)
-        try:                         # one forward pass: arrays missing or of the wrong shape fail here, not mid-tune
-            q = policy.q_values([observe(AgentState.initial(), MatmulProblem(64, 64, 64), 0.0)])
-        except (KeyError, ValueError, IndexError) as e:
-            raise PolicyError(f"its arrays do not fit its configuration ({type(e).__name__}: {e})") from None
+    def checked(self) -> "Policy":
+        """This policy after one forward pass: arrays missing or of the wrong shape, or Q-values
+        that are not finite, fail here (``PolicyError``), not mid-tune."""
+        where = f"{self.path}: " if self.path else ""
+        try:
+            q = self.q_values([observe(AgentState.initial(), MatmulProblem(64, 64, 64), 0.0)])
+        except BAD_WEIGHTS as e:
+            raise PolicyError(f"{where}its arrays do not fit its configuration ({type(e).__name__}: {e})") from None
         if not np.all(np.isfinite(q)):
-            raise PolicyError("its Q-values are not finite")
-        return policy
+            raise PolicyError(f"{where}its Q-values are not finite")
+        return self
 
     def describe(self) -> str:
         """Which policy this is, for ``looptune info`` and reports."""
@@ -145,13 +186,13 @@ class Policy:
     # ---- forward ---------------------------------------------------------------------------
     def q_batch(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         """Q-values [B, actions] for a stacked batch (``observe.stack``)."""
-        if self.config["arch"] == "mlp":
+        if self.arch == "mlp":
             return self._q_mlp(batch)
         p = self.p
         nodes, adj, eagg, mask = batch["nodes"], batch["adj"], batch["eagg"], batch["node_mask"][..., None]
         h = _relu(_lin(p, "inp", nodes)) * mask
         e = np.swapaxes(eagg, 1, 2)
-        for i in range(self.config["layers"]):
+        for i in range(self.layers):
             msgs = np.concatenate([adj[:, r] @ h for r in range(adj.shape[1])], axis=-1)
             h = (h + _relu(_lin(p, f"self_w.{i}", h) + _lin(p, f"rel_w.{i}", msgs) + _lin(p, f"edge_w.{i}", e))) * mask
         cur = h[np.arange(h.shape[0]), batch["cursor"]]
@@ -162,7 +203,7 @@ class Policy:
 
     def _q_mlp(self, batch: dict[str, np.ndarray]) -> np.ndarray:
         z = np.concatenate([batch["nodes"].reshape(batch["nodes"].shape[0], -1), batch["glob"]], axis=-1)
-        for i in range(self.config["layers"]):
+        for i in range(self.layers):
             z = _relu(_lin(self.p, f"body.{i}", z))
         return self._duel(z)
 
@@ -207,7 +248,7 @@ class Policy:
         then measures.
         """
         depth = depth or self.max_steps
-        gamma = float(self.meta.get("gamma", 0.9))
+        gamma = self.gamma
         root = AgentState.initial(start)
         beam = [Node(root, (), 0.0, visited=frozenset([_key(root)]))]
         finished: dict[str, Node] = {}

@@ -103,7 +103,9 @@ def machine_policy_path(machine: Optional[MachineKey] = None) -> Path:
 
 def version_problem(meta: Mapping) -> Optional[str]:
     """Why weights with this metadata cannot drive this build's agent (None: they can)."""
-    if meta.get("action_space") != ACTION_SPACE_VERSION or tuple(meta.get("actions", ())) != ACTION_NAMES:
+    actions = meta.get("actions", ())
+    if meta.get("action_space") != ACTION_SPACE_VERSION or not isinstance(actions, (list, tuple)) \
+            or tuple(actions) != ACTION_NAMES:
         return f"trained for action space {meta.get('action_space')!r}, this build has {ACTION_SPACE_VERSION!r}"
     if meta.get("observation") != OBSERVATION_VERSION:
         return f"trained for observation {meta.get('observation')!r}, this build has {OBSERVATION_VERSION!r}"

@@ -61,7 +61,8 @@ _db_option = click.option("--db", "db_path", type=DATABASE, default=None,
 @click.option("--scheduler", default=None, metavar="ADDRESS",
               help="Dask scheduler (tcp://HOST:PORT) whose workers tune, or 'local' for a LocalCluster of --workers")
 @click.option("--tuner", "tuner_spec", default="auto", show_default=True,
-              help="auto, agent (the shipped policy), search (random blocking search) or module:callable")
+              help="auto, agent (the policy in use, as `looptune info` names it), search (random blocking search) "
+                   "or module:callable")
 @click.option("--limit", type=COUNT, default=None, help="tune at most this many of the remaining problems")
 @click.option("--shuffle", is_flag=True, help="tune in a random (seeded) order: a partial build covers the family evenly")
 @click.option("--bench/--no-bench", "do_bench", default=None,
@@ -117,10 +118,12 @@ def build_db(shapes, preset, db_path, threads, budget_s, workers, scheduler, tun
     if not quiet and not as_json:
         click.echo(f"building {db_path} for {machine.short()}", err=True)
         click.echo(f"{len(set(problems))} problems, {shown_budget_s:g} s budget each, tuned in {where}", err=True)
-    # what this process measures is kept for `looptune train` (workers in other processes keep nothing)
-    with user_errors(), recording_live_measurements(MachineRecordings.current(machine)):
+    # what is measured is kept for `looptune train`: here as it is timed, from workers with their replies
+    recordings = MachineRecordings.current(machine)
+    with user_errors(), recording_live_measurements(recordings):
         report = run_build(problems, db_path, budget_s=budget_s, executor=executor, tuner=tuner_spec, machine=machine,
-                           progress=not quiet and not as_json, order_seed=0 if shuffle else None)
+                           progress=not quiet and not as_json, order_seed=0 if shuffle else None,
+                           on_reply=lambda problem, reply: recordings.append_json(reply.get("measurements") or ()))
     if as_json:
         click.echo(json.dumps({
             "db": db_path, "machine": machine.to_dict(), "total": report.total, "skipped": report.skipped,

@@ -25,8 +25,8 @@ def train(minutes: float, seed: int, as_json: bool) -> None:
     Trains on what build-db and tune recorded here (measuring the rest live) for MINUTES of wall
     time, keeps the best policy by a held-out evaluation, and writes it atomically next to your
     schedule database, where tune, build-db and live tuning use it (`looptune info` says which
-    policy is in use).  Nothing is written unless it beats the policy it started from.  Ctrl-C
-    keeps the best so far.
+    policy is in use).  Nothing is written unless it beats the policy it started from, still,
+    when both are measured again side by side.  Ctrl-C keeps the best so far.
     """
     try:
         # deferred: torch loads only for this command, never for the runtime or the other commands

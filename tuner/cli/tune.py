@@ -1,4 +1,4 @@
-"""``looptune tune M N K``: tune one problem with the shipped policy (or other weights, or none) and
+"""``looptune tune M N K``: tune one problem with the policy in use (or other weights, or none) and
 store the result.  ``--policy none`` runs the ablation baseline: tune() without the policy.
 ``--epilogue bias,gelu_tanh`` tunes the fused problem (its op is in the record's key)."""
 from __future__ import annotations
@@ -17,7 +17,8 @@ from looptune.tuner.cli.common import BUDGET_S, DATABASE, make_problem, os_error
               help="schedule database (HDF5) to store the result in")
 @click.option("--policy", "policy_path", metavar="PATH|none", default=None,
               help="policy weights (npz); 'none': no policy (analytic default, templates and a "
-                   "random-order hill-climb: the ablation baseline); default: the shipped policy")
+                   "random-order hill-climb: the ablation baseline); default: the policy in use "
+                   "(this machine's from `looptune train`, else the shipped one; `looptune info` names it)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, policy_path, as_json) -> None:
     """Tune one matmul problem: policy rollout plus a few measurements, keeping the best."""
@@ -32,7 +33,7 @@ def tune(m, n, k, dtype, batch, layout, threads, epilogue, budget, db_path, poli
     policy = NO_POLICY
     if policy_path != NO_POLICY:
         try:
-            policy = Policy.load(policy_path)
+            policy = Policy.load(policy_path) if policy_path else Policy.in_use()
         except (PolicyError, OSError) as e:       # OSError: a directory or an unreadable file
             if policy_path:                       # one line naming the file and the cause, exit 2
                 raise click.BadParameter(str(e) if isinstance(e, PolicyError) else os_error_text(e),

@@ -1,16 +1,19 @@
 """This machine's recorded measurements: what ``build-db`` and ``tune`` timed, for ``looptune train``.
 
-    recordings = MachineRecordings.current()           # <data dir>/recordings-<machine>.jsonl
+    recordings = MachineRecordings.current()           # <data dir>/recordings-<machine>-<codegen>.jsonl
     recordings.append(results)                          # RunResults, one JSON line each
     recordings.results()                                # what is there (a damaged line is skipped)
 
 The file sits next to the user's schedule database (``data_dir``: the folder of ``$LOOPTUNE_DB``,
-else the platform user data directory), one per machine (``MachineKey``, code-generator version
-included: timings of other kernels are not this machine's), in the line format of
+else the platform user data directory), one per machine (``MachineKey``) and code-generator
+version (timings of other kernels are not this machine's), in the line format of
 ``replay.ResultStore`` (no pickle).  It is bounded: once it grows past ``max_bytes`` it is cut to
 its newest half, rewritten through a temporary file and ``os.replace``, so a crash never leaves a
-half-written file.  It is a cache of measurements, not a database: two processes appending at
-once may lose a few lines to a concurrent cut, and nothing depends on any one line.
+half-written file.  The first write of a process removes this machine's files of other
+code-generator versions (``recordings-<machine>-*.jsonl``; never another machine's, which a shared
+data directory may hold), so a version bump leaves no stale file behind.  It is a cache of
+measurements, not a database: two processes appending at once may lose a few lines to a
+concurrent cut, and nothing depends on any one line.
 """
 from __future__ import annotations
 
@@ -46,16 +49,24 @@ def identity_slug(identity: Mapping) -> str:
 class MachineRecordings:
     """One machine's bounded JSON-lines file of ``RunResult``s."""
 
-    def __init__(self, path: str | os.PathLike, max_bytes: int = MAX_RECORDING_BYTES) -> None:
+    def __init__(self, path: str | os.PathLike, max_bytes: int = MAX_RECORDING_BYTES,
+                 stale: str | None = None) -> None:
+        """``stale``: a glob, in ``path``'s folder, of files this one supersedes (removed on the
+        first write; ``path`` itself never)."""
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.lock = threading.Lock()
+        self.stale = stale
 
     @classmethod
     def current(cls, machine: Optional[MachineKey] = None) -> "MachineRecordings":
         """This machine's file (``machine``: its key, if already known) in ``data_dir()``."""
         machine = machine or MachineKey.current()
-        return cls(data_dir() / f"recordings-{identity_slug(machine.to_dict())}.jsonl")
+        identity = machine.to_dict()
+        codegen = identity.pop("codegen_version", None)
+        prefix = f"recordings-{identity_slug(identity)}-"
+        return cls(data_dir() / f"{prefix}{identity_slug({'codegen_version': codegen})[:8]}.jsonl",
+                   stale=f"{prefix}*.jsonl")
 
     @classmethod
     def of_this_machine(cls) -> Optional["MachineRecordings"]:
@@ -76,6 +87,34 @@ class MachineRecordings:
                 size = f.tell()
             if size > self.max_bytes:
                 self._cut()
+            if self.stale is not None:
+                self._remove_stale()
+
+    def append_json(self, rows: Iterable) -> None:
+        """``append`` for results sent as JSON (``ResultList.rows`` of a worker process); a row that
+        is not a result is skipped, and a file that cannot be written is named in one warning."""
+        results = []
+        for row in rows:
+            try:
+                results.append(RunResult.from_json(row))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                continue
+        try:
+            self.append(results)
+        except OSError as e:
+            environment.warn_once(f"cannot record measurements in {self.path}: {e.strerror or e}")
+
+    def _remove_stale(self) -> None:
+        """Remove the files ``stale`` names other than this one (once: errors are ignored, a file
+        another process still appends to simply comes back and goes at a later first write)."""
+        pattern, self.stale = self.stale, None
+        for other in self.path.parent.glob(pattern):
+            if other.name == self.path.name or not other.is_file() or other.is_symlink():
+                continue
+            try:
+                other.unlink()
+            except OSError:
+                pass
 
     def _cut(self) -> None:
         """Keep the newest lines that fit half of ``max_bytes``, written atomically."""
@@ -109,3 +148,14 @@ class MachineRecordings:
         except FileNotFoundError:
             return []
         return list(by_key.values())
+
+
+class ResultList:
+    """A sink for ``evaluator.recording_live_measurements`` that keeps the results as JSON rows: what
+    a build-db worker process timed, sent back to the driver with its reply (``append_json``)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def append(self, results: Iterable[RunResult]) -> None:
+        self.rows.extend(r.to_json() for r in results)

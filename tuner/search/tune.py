@@ -353,11 +353,12 @@ class PolicyTune(Strategy):
 
 def resolve_policy(policy: Union[Policy, str, os.PathLike, None]) -> Optional[Policy]:
     """``tune()``'s ``policy`` argument as the policy to follow, or None for none: a ``Policy`` as
-    it is; None: the shipped weights (None if they cannot be loaded); ``NO_POLICY`` ("none"):
-    None; any other string or path: a weights file (``PolicyError`` if there is none)."""
+    it is; None: the policy in use (``Policy.in_use``: this machine's own, else the shipped one;
+    None if neither can be loaded); ``NO_POLICY`` ("none"): None; any other string or path: a
+    weights file (``PolicyError`` if there is none)."""
     if policy is None:
         try:
-            return Policy.load()
+            return Policy.in_use()
         except PolicyError:
             return None
     if isinstance(policy, (str, os.PathLike)):
@@ -371,8 +372,9 @@ def tune(problem: MatmulProblem, *, budget_s: float = 2.0, policy: Union[Policy,
          databases: bool = True, proxy: Optional[MatmulProblem] = None) -> TuneResult:
     """Tune ``problem`` within ``budget_s`` seconds (wall clock, compiles and measurements included).
 
-    ``policy``: a ``policy.Policy``; None to load the shipped weights (if none can be loaded,
-    the tuner goes on without a policy); ``NO_POLICY`` ("none") for the ablation baseline
+    ``policy``: a ``policy.Policy``; None for the policy in use (this machine's own from
+    ``looptune train``, else the shipped weights; if none can be loaded, the tuner goes on
+    without a policy); ``NO_POLICY`` ("none") for the ablation baseline
     without one; or the path of other weights (see ``resolve_policy``).  ``seed``: the order
     of the hill-climb's neighbours without a policy.  ``evaluator``: where measurements go
     (default: a fresh isolated ``LocalRunner``, closed on return).  ``callbacks``: called after

@@ -16,7 +16,9 @@ Every worker process runs ``tune_task``, which
    inherit the pinning, so two measurements never share a core, however many workers a
    host runs; a worker that finds no free core refuses too;
 3. tunes with one tuner (and so one measurement runner) kept for the process's life, and
-   returns the record as JSON.  The driver alone writes the database.
+   returns the record as JSON, with every kernel it timed (``measurements``, ``RunResult`` JSON:
+   the driver appends them to its machine's recordings for ``looptune train``).  The driver
+   alone writes the database and the recordings.
 
 Dask is optional (``pip install "looptune[dask]"``) and imported only by ``DaskExecutor``.
 Start remote workers with one thread each, as many per host as it has cores per problem::
@@ -40,6 +42,8 @@ from typing import Iterable, Iterator, Optional
 
 from looptune.database import MachineKey
 from looptune.runtime.compiler.workload import MatmulProblem
+from looptune.tuner.measure.evaluator import recording_live_measurements
+from looptune.tuner.measure.recordings import ResultList
 from looptune.tuner.ship.executors import run_one
 from looptune.tuner.ship.tuners import make_tuner
 
@@ -137,8 +141,10 @@ def tune_task(problem_key: str, budget_s: float, target: dict, tuner_spec: Optio
         if tuner is None:
             tuner = state.tuners[key] = make_tuner(tuner_spec)
         problem = MatmulProblem.from_key(problem_key)
-        reply = run_one(problem, budget_s, tuner, state.machine)
-    return {**reply, **base, "cores": state.cores or []}
+        measured = ResultList()
+        with recording_live_measurements(measured):
+            reply = run_one(problem, budget_s, tuner, state.machine)
+    return {**reply, **base, "cores": state.cores or [], "measurements": measured.rows}
 
 
 def _pool_init() -> None:

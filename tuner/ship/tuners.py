@@ -23,8 +23,9 @@ class Tuner(Protocol):
 
 
 class AgentTuner:
-    """``tune()`` with the shipped policy, through one measurement runner shared by every problem
-    of the build (a fresh runner per problem costs a process start)."""
+    """``tune()`` with ``policy`` (``make_tuner`` gives it the policy in use), through one
+    measurement runner shared by every problem of the build (a fresh runner per problem costs a
+    process start)."""
 
     name = "agent"
 
@@ -61,14 +62,15 @@ class SearchTuner:
 
 
 def make_tuner(spec: str | None = None) -> Tuner:
-    """``"agent"``: ``tune()`` with the shipped policy; ``"search"``: random blocking search;
-    ``None``/``"auto"``: the agent if the shipped policy loads, else the search; or
+    """``"agent"``: ``tune()`` with the policy in use (``Policy.in_use``: this machine's own, else
+    the shipped one); ``"search"``: random blocking search; ``None``/``"auto"``: the agent if a
+    policy loads, else the search; or
     ``"package.module:name"``: a callable ``f(problem, budget_s) -> TuneResult`` (a class is
     instantiated first, so it can keep state such as a runner)."""
     spec = spec or "auto"
     if spec in ("auto", "agent"):
         try:
-            return AgentTuner(Policy.load())
+            return AgentTuner(Policy.in_use())
         except PolicyError:
             if spec == "agent":
                 raise
