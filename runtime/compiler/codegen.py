@@ -10,12 +10,10 @@ shape and layout of its family.
 Exact-size kernels (``sizes=``: the sizes become compile-time constants, the ABI stays) are
 described in ``looptune.runtime.compiler.codegen_sizes``; the generic kernels never return -2.
 
-The micro-kernel is written with GCC/Clang vector extensions, so the same text
-becomes AVX-512, AVX2+FMA, NEON or SSE code depending on ``-march``; the vector width
-is chosen for the detected ISA.  Only the register tile is explicit SIMD; packing and
-edges are plain loops the compiler vectorizes.
-How kernels use threads (the parallel loop, the per-thread packing workspace) is
-``looptune.runtime.compiler.codegen_threads``.
+The micro-kernel is written with GCC/Clang vector extensions (AVX-512, AVX2+FMA, NEON or SSE
+code by ``-march``, the vector width chosen for the detected ISA); the transposing pack uses vector
+shuffles, and only whole-register 4x4x4 products (``codegen_quads``) and bfloat16/float16 forms
+use intrinsics.  Threads (the parallel loop, the packing workspace): ``codegen_threads``.
 """
 from __future__ import annotations
 
@@ -36,7 +34,6 @@ from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
 from looptune.runtime.compiler.schedule import Schedule
 
 CODEGEN_VERSION = "4"      # 4: parallel loops on our thread pool, shared packs by every thread, exact-size kernels
-# (bfloat16 kernels came with version 3; float32 and float64 text did not change)
 
 
 @dataclass(frozen=True)
