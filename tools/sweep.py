@@ -20,7 +20,7 @@ import time
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mnk", nargs="*", type=int, help="M N K of one problem")
-    ap.add_argument("--shapes", help="shape file (../shared/shapes format)")
+    ap.add_argument("--shapes", help="shape file (tools/shapes/README.md format)")
     ap.add_argument("--sample", type=int, default=0, help="fixed random sample of this many problems (seed 0)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1)
