@@ -72,13 +72,7 @@ def execute(plan: Plan, a: np.ndarray, b: np.ndarray, out, resolver):
             np.copyto(out, execute(plan, a, b, None, resolver))
             return out
     if looped_batch is None:
-        # one kernel call (``_call_kernel``, inlined: this is every planned call's path)
-        hit = resolver.dispatch.get(key)
-        if hit is None:
-            hit = resolver.lookup(key, lambda: key_problem(key))
-        rc = hit[0].invoke(x, y, c3, 0, threads)
-        if rc != 0:
-            _refused(resolver, key, threads, hit[0], rc, x, y, c3)
+        _call_kernel(resolver, key, threads, x, y, c3)
     elif out is not None and (np.may_share_memory(c3, x) or np.may_share_memory(c3, y)):
         # one call per index checks only its own slices for overlap, and call i may overwrite what
         # call i + 1 reads: the whole product into a fresh array first, as numpy does
