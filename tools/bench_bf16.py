@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import tempfile
 
 SAMPLE_S = 0.02     # seconds per sample at least
 SAMPLES = 9         # samples per library at least (the median is kept)
@@ -133,16 +132,11 @@ def main() -> None:
         print(json.dumps(measure_torch_alone(args.worker, shapes) if args.torch_only
                          else measure(args.worker, shapes, args.fp32)))
         return
-    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+    from looptune.tuner.ship.baselines import per_thread_count, per_thread_count_as_user     # the driver side only
 
     shape_args = ["--shapes", *(f"{m} {n} {k} batch={b} layout={layout}" for b, m, n, k, layout in shapes)]
-    env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
-    if args.db:
-        env["LOOPTUNE_DB"] = os.path.abspath(args.db)
-    with tempfile.TemporaryDirectory() as cache:
-        if not args.warm_cache:
-            env["LOOPTUNE_CACHE_DIR"] = cache
-        [result] = per_thread_count(__file__, [args.threads], [*shape_args, *(["--fp32"] if args.fp32 else [])], env)
+    [result] = per_thread_count_as_user(__file__, [args.threads], [*shape_args, *(["--fp32"] if args.fp32 else [])],
+                                        db=args.db, warm_cache=args.warm_cache)
     alone = None
     if args.torch_alone:
         [alone] = per_thread_count(__file__, [args.threads], [*shape_args, "--torch-only"], dict(os.environ))

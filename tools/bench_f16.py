@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 
 import numpy as np      # first, as in an application
 
@@ -99,34 +97,18 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, shapes, args.repeats, args.min_time)))
         return
-    env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
-    if args.db:
-        env["LOOPTUNE_DB"] = os.path.abspath(args.db)
-    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+    from looptune.tuner.ship.baselines import per_thread_count_as_user, ratio_table     # the driver side only
 
-    with tempfile.TemporaryDirectory() as cache:
-        if not args.warm_cache:
-            env["LOOPTUNE_CACHE_DIR"] = cache
-        results = per_thread_count(__file__, args.threads, ["--repeats", str(args.repeats), "--min-time",
-                                                            str(args.min_time), "--shapes",
-                                                            *(" ".join(map(str, s)) for s in shapes)], env)
+    results = per_thread_count_as_user(__file__, args.threads, ["--repeats", str(args.repeats), "--min-time",
+                                                                str(args.min_time), "--shapes",
+                                                                *(" ".join(map(str, s)) for s in shapes)],
+                                       db=args.db, warm_cache=args.warm_cache)
     if args.json:
         print(json.dumps(results))
         return
-    with_torch = any(r["torch"] for r in results)
     print(f"# {results[0]['cpu']}; float16 (numpy's own loop, no BLAS); medians, ratios within each run")
-    head = "| shape | threads | ours GFLOPS | np.matmul | ours/numpy |"
-    head += " torch f16 | ours/torch |" if with_torch else ""
-    print(head + " source |")
-    print("|" + "---|" * head.count("|"))       # head's columns and source
-    for result in results:
-        for row in result["rows"]:
-            m, n, k = row["shape"]
-            line = (f"| {m}x{n}x{k} | {result['threads']} | {row['ours']:.1f} | {row['numpy']:.2f} | "
-                    f"{row['ours'] / row['numpy']:.1f}x |")
-            if with_torch:
-                line += f" {row['torch']:.1f} | {row['ours'] / row['torch']:.2f}x |"
-            print(line + f" {row['source']} |")
+    print("\n".join(ratio_table(results, ("shape", "ours GFLOPS", "np.matmul", "torch f16"),
+                                 lambda row: "x".join(map(str, row["shape"])), numpy_format=".2f", ratio_format=".1f")))
 
 
 if __name__ == "__main__":

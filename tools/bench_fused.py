@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 
 import numpy as np      # first, as in an application
 
@@ -146,32 +144,18 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args.repeats, args.min_time)))
         return
-    env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
-    if args.db:
-        env["LOOPTUNE_DB"] = os.path.abspath(args.db)
-    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+    from looptune.tuner.ship.baselines import per_thread_count_as_user, ratio_table     # the driver side only
 
-    with tempfile.TemporaryDirectory() as cache:
-        if not args.warm_cache:
-            env["LOOPTUNE_CACHE_DIR"] = cache
-        results = per_thread_count(__file__, args.threads,
-                                   ["--repeats", str(args.repeats), "--min-time", str(args.min_time)], env)
+    results = per_thread_count_as_user(__file__, args.threads, ["--repeats", str(args.repeats), "--min-time",
+                                                                str(args.min_time)], db=args.db,
+                                       warm_cache=args.warm_cache)
     if args.json:
         print(json.dumps(results))
         return
     torch = next((r["torch"] for r in results if r["torch"]), None)
     print(f"# {results[0]['cpu']}; float32; {results[0]['blas']}" + (f"; torch {torch}" if torch else ""))
     print("# GFLOPS (2MNK per product), medians from the third call on; ratios within each run")
-    head = "| case | threads | ours | numpy unfused | ours/numpy |" + (" torch | ours/torch |" if torch else "")
-    print(head + " source |")
-    print("|" + "---|" * head.count("|"))       # head's columns and source
-    for result in results:
-        for row in result["rows"]:
-            line = (f"| {row['case']} | {result['threads']} | {row['ours']:.1f} | {row['numpy']:.1f} | "
-                    f"{row['ours'] / row['numpy']:.2f}x |")
-            if torch:
-                line += f" {row['torch']:.1f} | {row['ours'] / row['torch']:.2f}x |"
-            print(line + f" {row['source']} |")
+    print("\n".join(ratio_table(results, ("case", "ours", "numpy unfused", "torch"), lambda row: row["case"])))
 
 
 if __name__ == "__main__":

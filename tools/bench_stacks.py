@@ -66,7 +66,7 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(measure(args.worker, args.stacks, args.repeats, args.min_time)))
         return
-    from looptune.tuner.ship.baselines import per_thread_count     # the driver side only
+    from looptune.tuner.ship.baselines import per_thread_count, ratio_table     # the driver side only
 
     with tempfile.TemporaryDirectory() as scratch:      # a new user: cold kernel cache, no database
         env = dict(os.environ, LOOPTUNE_CACHE_DIR=scratch, LOOPTUNE_DB=os.path.join(scratch, "user.h5"))
@@ -75,18 +75,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(results))
         return
-    with_torch = any(r["torch"] for r in results)
     print(f"# {results[0]['cpu']}; float32 stacks, out of the box; medians, ratios within each run")
-    head = "| stack (B M N K) | threads | ours GFLOPS | numpy | ours/numpy |" + (" torch | ours/torch |" if with_torch else "")
-    print(head + " source |")
-    print("|" + "---|" * head.count("|"))
-    for result in results:
-        for row in result["rows"]:
-            line = (f"| {row['stack']} | {result['threads']} | {row['ours']:.1f} | {row['numpy']:.1f} | "
-                    f"{row['ours'] / row['numpy']:.2f}x |")
-            if with_torch:
-                line += f" {row['torch']:.1f} | {row['ours'] / row['torch']:.2f}x |"
-            print(line + f" {row['source']} |")
+    print("\n".join(ratio_table(results, ("stack (B M N K)", "ours GFLOPS", "numpy", "torch"), lambda row: row["stack"])))
 
 
 if __name__ == "__main__":

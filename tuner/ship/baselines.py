@@ -21,8 +21,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np     # also loads its BLAS, so threadpoolctl (blas_info) sees it
 
@@ -296,3 +297,36 @@ def per_thread_count(script: str, threads: Sequence[int], args: Sequence[str], e
             sys.exit(done.stderr[-3000:])
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return results
+
+
+def per_thread_count_as_user(script: str, threads: Sequence[int], args: Sequence[str], *, db: Optional[str] = None,
+                             warm_cache: bool = False) -> list[dict]:
+    """``per_thread_count`` with the runtime's defaults (nearest-record fallback), ``db`` as the user
+    database if given, and a cold kernel cache unless ``warm_cache``."""
+    env = dict(os.environ, LOOPTUNE_FALLBACK="nearest")
+    if db:
+        env["LOOPTUNE_DB"] = os.path.abspath(db)
+    with tempfile.TemporaryDirectory() as cache:
+        if not warm_cache:
+            env["LOOPTUNE_CACHE_DIR"] = cache
+        return per_thread_count(script, threads, args, env)
+
+
+def ratio_table(results: Sequence[dict], titles: Sequence[str], label: Callable[[dict], str],
+                numpy_format: str = ".1f", ratio_format: str = ".2f") -> list[str]:
+    """The markdown rows of ``per_thread_count`` results whose rows hold ``ours``, ``numpy``, ``torch``
+    (GFLOPS, torch None without it) and ``source``: ``titles`` names the label, ours, numpy and
+    torch columns; ratios are within each run."""
+    with_torch = any(r["torch"] for r in results)
+    name, ours, numpy_title, torch_title = titles
+    head = f"| {name} | threads | {ours} | {numpy_title} | ours/numpy |" + (f" {torch_title} | ours/torch |"
+                                                                             if with_torch else "")
+    lines = [head + " source |", "|" + "---|" * head.count("|")]       # head's columns and source
+    for result in results:
+        for row in result["rows"]:
+            line = (f"| {label(row)} | {result['threads']} | {row['ours']:.1f} | {row['numpy']:{numpy_format}} | "
+                    f"{row['ours'] / row['numpy']:{ratio_format}}x |")
+            if with_torch:
+                line += f" {row['torch']:.1f} | {row['ours'] / row['torch']:.2f}x |"
+            lines.append(line + f" {row['source']} |")
+    return lines
