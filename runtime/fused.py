@@ -85,7 +85,8 @@ def _composed(matmul, a, b, out, threads, bias, epilogue: Epilogue, residual):
         y = np.asarray(y)
         if y.dtype.kind != "f":
             raise TypeError(f"activation {epilogue.activation!r} needs a floating-point product, not {y.dtype}")
-        y = activate(np.array(y, copy=True), epilogue.activation)
+        owned = type(y) is np.ndarray and y.base is None and y.flags.writeable   # a fresh result of ours
+        y = activate(y if owned else np.array(y, copy=True), epilogue.activation)
     if residual is not None:
         y = y + residual
     return y if out is None else _store(out, y)
