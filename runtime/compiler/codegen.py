@@ -22,12 +22,13 @@ from dataclasses import dataclass, replace
 
 from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler import codegen_f16 as f16
+from looptune.runtime.compiler import codegen_quads as quads
 from looptune.runtime.compiler import epilogue as epi
 from looptune.runtime.compiler.abi import C_TYPE, EPILOGUE_ARGS, OUTPUT_DTYPE, abi_args
 from looptune.runtime.compiler.codegen_tiles import TileWriter
 from looptune.runtime.compiler.codegen_sizes import FixedSizes, block_length, fixed_length
-from looptune.runtime.compiler.codegen_threads import (POOL_DECLARATION_C, WORKSPACE_C, abi_variables, outline_parallel,
-                                                      shared_pack, shared_pack_call)
+from looptune.runtime.compiler.codegen_threads import (PARALLEL_CHUNKS, POOL_DECLARATION_C, WORKSPACE_C, abi_variables,
+                                                      outline_parallel, shared_pack, shared_pack_call)
 from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
@@ -198,6 +199,8 @@ class _KernelWriter(TileWriter):
             out += POOL_DECLARATION_C
         if self.nest.tile:
             out += self._vector_types() + self._pack_functions() + self._micro_kernel()
+        if self._dense_stack():
+            out += quads.stack_scope(self.prefix, self.TC, self.nest.parallel is not None)
         out += [line for operand in sorted(self.shared_packs) for line in self.shared_packs[operand]]
         out += self.outlined
         out.append(f"static int {f16.inner_symbol(self.symbol)}({self.abi})" if self.half
@@ -224,6 +227,9 @@ class _KernelWriter(TileWriter):
         else:
             e("if (batch <= 0 || M <= 0 || N <= 0) return 0;")
         e("if (nthreads < 1) nthreads = 1;")
+        if self._dense_stack():
+            for line in quads.stack_call(self.prefix, self.nest.parallel is not None, PARALLEL_CHUNKS):
+                e(line)
         if not (self.sizes and self.nest.tile):
             e(f"if ({K} <= 0 || !(" + ("1" if self.nest.tile else "0") + ")) {")
             e("    if (!accumulate)")

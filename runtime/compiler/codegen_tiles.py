@@ -224,6 +224,10 @@ static inline void {p}_t4(const {T} *restrict s, int64_t st, {T} *restrict d, in
                 and quads.form(self.TC, self.target.vector_bytes) is not None
                 and (self.U, self.V) == (4, 4) and not self.packs and not self._prefetch_lines())
 
+    def _dense_stack(self) -> bool:
+        """A 4x4x4 product without an epilogue: dense stacks of it run ``codegen_quads``' own loop."""
+        return bool(self.nest.tile) and self._one_register_product() and not self.epilogue
+
     def _one_register_product_lines(self) -> list[str]:
         return quads.product_lines(self.TC, self.target.vector_bytes)
 

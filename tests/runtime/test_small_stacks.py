@@ -140,10 +140,10 @@ def test_stacks_share_one_kernel_and_skip_other_records(kernels_only):
     assert k1 is k2
 
 
-@pytest.fixture(scope="module", params=["float32", "float64"])
+@pytest.fixture(scope="module", params=[("float32", 1), ("float64", 1), ("float32", 3), ("float64", 2)])
 def kernel_4x4x4(request):
-    dtype = request.param
-    p = MatmulProblem(4, 4, 4, batch=2, dtype=dtype)
+    dtype, threads = request.param          # threads > 1: the schedule's batch loop is parallel
+    p = MatmulProblem(4, 4, 4, batch=2, dtype=dtype, threads=threads)
     source = render(small_stack_schedule(p), dtype, sizes=FixedSizes.of_matrices(p))
     target = Target.detect()
     ctype = "float" if dtype == "float32" else "double"
@@ -151,7 +151,7 @@ def kernel_4x4x4(request):
     assert ("the whole product in registers" in source.text) == (quads.form(ctype, target.vector_bytes) is not None)
     result = build(source)
     assert result.ok, result.error
-    return Kernel(result.so_path, result.symbol, dtype), dtype
+    return Kernel(result.so_path, result.symbol, dtype), dtype, threads
 
 
 def _padded(x: np.ndarray, axis: int) -> np.ndarray:
@@ -165,23 +165,28 @@ def _padded(x: np.ndarray, axis: int) -> np.ndarray:
     return wide[tuple(index)]
 
 
-@pytest.mark.parametrize("layout_a", ["C", "rows apart", "T"])
-@pytest.mark.parametrize("layout_b", ["C", "rows apart", "T", "bcast"])
-@pytest.mark.parametrize("layout_c", ["C", "rows apart"])
+_LAYOUTS = ["C", "rows apart", "T", "every other", "bcast"]
+
+
+@pytest.mark.parametrize("layout_a,layout_b", [(x, y) for x in _LAYOUTS for y in _LAYOUTS if (x, y) != ("bcast", "bcast")])
+@pytest.mark.parametrize("layout_c", ["C", "rows apart", "every other"])
 def test_4x4x4_products_in_one_register_match_numpy(kernel_4x4x4, layout_a, layout_b, layout_c):
-    """The whole-register form (unit strides along k of A and n of B and C; rows anywhere) and the
-    tile loop it falls back to, overwriting and accumulating."""
-    kernel, dtype = kernel_4x4x4
+    """The whole-register form (unit strides along k of A and n of B and C; rows anywhere), the
+    dense stack's own loop (rows 4 apart, any batch stride, over chunks of the batch on threads)
+    and the tile loop they fall back to, overwriting and accumulating, on more threads than cores."""
+    kernel, dtype, threads = kernel_4x4x4
     rng = np.random.default_rng(len(layout_a) * 7 + len(layout_b) * 3 + len(layout_c))
     batch = 37
-    a = rng.standard_normal((batch, 4, 4)).astype(dtype)
+    a = rng.standard_normal((4, 4) if layout_a == "bcast" else (batch, 4, 4)).astype(dtype)
     b = rng.standard_normal((4, 4) if layout_b == "bcast" else (batch, 4, 4)).astype(dtype)
-    views = {"C": lambda x: x, "rows apart": lambda x: _padded(x, -2),
+    views = {"C": lambda x: x, "rows apart": lambda x: _padded(x, -2), "every other": lambda x: _padded(x, 0),
              "T": lambda x: np.ascontiguousarray(np.swapaxes(x, -1, -2)).swapaxes(-1, -2), "bcast": lambda x: x}
     a, b = views[layout_a](a), views[layout_b](b)
     c = views[layout_c](np.full((batch, 4, 4), np.nan, dtype))
     tol = 1e-5 if dtype == "float32" else 1e-13
     assert kernel.invoke(a, b, c, 0, 1) == 0
     np.testing.assert_allclose(c, a @ b, rtol=tol, atol=tol)
-    assert kernel.invoke(a, b, c, 1, 2) == 0
+    assert kernel.invoke(a, b, c, 1, threads + 1) == 0
     np.testing.assert_allclose(c, 2 * (a @ b), rtol=tol, atol=tol)
+    assert kernel.invoke(a, b, c, 0, threads) == 0
+    np.testing.assert_allclose(c, a @ b, rtol=tol, atol=tol)
