@@ -28,7 +28,7 @@ from looptune.runtime.compiler.abi import C_TYPE, EPILOGUE_ARGS, OUTPUT_DTYPE, a
 from looptune.runtime.compiler.codegen_tiles import TileWriter
 from looptune.runtime.compiler.codegen_sizes import FixedSizes, block_length, fixed_length
 from looptune.runtime.compiler.codegen_threads import (PARALLEL_CHUNKS, POOL_DECLARATION_C, WORKSPACE_C, abi_variables,
-                                                      outline_parallel, shared_pack, shared_pack_call)
+                                                      outline_parallel)
 from looptune.runtime.compiler.machine import CpuInfo, amx_permitted, detect_cpu
 
 from looptune.runtime.compiler.ir import LoopNest, TILE_DIM_FOR_OPERAND
@@ -388,31 +388,3 @@ class _KernelWriter(TileWriter):
 
     def _inside_parallel(self, index: int) -> bool:
         return self.nest.parallel is not None and index >= self.nest.index(self.nest.parallel)
-
-    def _emit_pack(self, operand: str, rng: dict[str, tuple[str, str]], inside_parallel: bool) -> None:
-        e = self.emit
-        tdim = TILE_DIM_FOR_OPERAND[operand]
-        (t_lo, t_len), (k_lo, k_len), (b_lo, _) = rng[tdim], rng["k"], rng["b"]
-        base = f"ws{operand}_base"
-        if inside_parallel:
-            base += f" + ws{operand} * (int64_t)tid"
-        if operand == "A":
-            src, st, sk = f"A + {b_lo} * sAb + {t_lo} * sAm + {k_lo} * sAk", "sAm", "sAk"
-        else:
-            src, st, sk = f"B + {b_lo} * sBb + {t_lo} * sBn + {k_lo} * sBk", "sBn", "sBk"
-        e(f"{self.TP} *const p{operand} = {base};")
-        if self.nest.parallel and not inside_parallel and not self.bf16:
-            # one block every thread reads: every thread packs a share of it (codegen_threads.shared_pack)
-            R = self.mr if tdim == "m" else self.nr
-            if operand not in self.shared_packs:
-                self.shared_packs[operand] = shared_pack(self.prefix, operand, R, self.T)
-            for line in shared_pack_call(self.prefix, operand, R, (src, st, sk, t_len, k_len, f"p{operand}")):
-                e(line)
-        else:
-            e(f"{self.prefix}_pack{operand}({src}, {st}, {sk}, {t_len}, {k_len}, p{operand});")
-        klen = k_len
-        if self.bf16:       # panels hold k padded to whole groups
-            P = bf16.k_group(self.bf16, operand)[1]
-            klen = f"({k_len} + {P - 1}) / {P} * {P}" if P > 1 else k_len
-        e(f"const int64_t p{operand}_t0 = {t_lo}, p{operand}_k0 = {k_lo}, p{operand}_klen = {klen};")
-        self.visible += [(f"{self.TP} *", f"p{operand}")] + [("int64_t", f"p{operand}_{x}") for x in ("t0", "k0", "klen")]

@@ -12,6 +12,7 @@ from looptune.runtime.compiler import codegen_bf16 as bf16
 from looptune.runtime.compiler import codegen_f16 as f16
 from looptune.runtime.compiler import codegen_quads as quads
 from looptune.runtime.compiler import epilogue as epi
+from looptune.runtime.compiler.codegen_threads import shared_pack, shared_pack_call
 from looptune.runtime.compiler.ir import TILE_DIM_FOR_OPERAND
 
 # at most this many accumulator updates (rows x vectors x unroll) in one unrolled body of a tile's k loop
@@ -328,3 +329,31 @@ static inline void {p}_t4(const {T} *restrict s, int64_t st, {T} *restrict d, in
             finish = (f16.store_call("tc", m_len, n_len, b_lo, m_lo, n_lo) if self.half
                       else epi.c_call(self.prefix, "tc", m_len, n_len, m_lo, n_lo, b_lo))
             self.emit(f"if ({k_lo} + {k_len} == {self.extent['k']}) " + finish)
+
+    def _emit_pack(self, operand: str, rng: dict[str, tuple[str, str]], inside_parallel: bool) -> None:
+        e = self.emit
+        tdim = TILE_DIM_FOR_OPERAND[operand]
+        (t_lo, t_len), (k_lo, k_len), (b_lo, _) = rng[tdim], rng["k"], rng["b"]
+        base = f"ws{operand}_base"
+        if inside_parallel:
+            base += f" + ws{operand} * (int64_t)tid"
+        if operand == "A":
+            src, st, sk = f"A + {b_lo} * sAb + {t_lo} * sAm + {k_lo} * sAk", "sAm", "sAk"
+        else:
+            src, st, sk = f"B + {b_lo} * sBb + {t_lo} * sBn + {k_lo} * sBk", "sBn", "sBk"
+        e(f"{self.TP} *const p{operand} = {base};")
+        if self.nest.parallel and not inside_parallel and not self.bf16:
+            # one block every thread reads: every thread packs a share of it (codegen_threads.shared_pack)
+            R = self.mr if tdim == "m" else self.nr
+            if operand not in self.shared_packs:
+                self.shared_packs[operand] = shared_pack(self.prefix, operand, R, self.T)
+            for line in shared_pack_call(self.prefix, operand, R, (src, st, sk, t_len, k_len, f"p{operand}")):
+                e(line)
+        else:
+            e(f"{self.prefix}_pack{operand}({src}, {st}, {sk}, {t_len}, {k_len}, p{operand});")
+        klen = k_len
+        if self.bf16:       # panels hold k padded to whole groups
+            P = bf16.k_group(self.bf16, operand)[1]
+            klen = f"({k_len} + {P - 1}) / {P} * {P}" if P > 1 else k_len
+        e(f"const int64_t p{operand}_t0 = {t_lo}, p{operand}_k0 = {k_lo}, p{operand}_klen = {klen};")
+        self.visible += [(f"{self.TP} *", f"p{operand}")] + [("int64_t", f"p{operand}_{x}") for x in ("t0", "k0", "klen")]
