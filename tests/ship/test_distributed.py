@@ -174,3 +174,25 @@ def test_cli_scheduler_runs_real_tuning_on_dask_workers(cluster, tmp_path):
     report = json.loads(done.stdout)
     assert (report["done"], report["failed"]) == (2, 0)
     assert all(r.verified and r.gflops_median > 0 and r.machine == MachineKey.current() for r in load(db))
+
+
+@needs_dask
+def test_a_server_that_is_not_a_dask_scheduler_gets_a_clear_error_in_time():
+    """Something accepts the connection and never answers in Dask's protocol (a web server on the
+    port, a typo): the executor gives up within its timeout with an OSError naming the address,
+    where ``Client`` alone hung."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    start = time.monotonic()
+    with pytest.raises(OSError, match="did not answer as a Dask scheduler"):
+        DaskExecutor(address, budget_s=0.1, machine=MachineKey.current(), connect_timeout_s=1.0)
+    assert time.monotonic() - start < 20
+    listener.close()

@@ -235,6 +235,28 @@ class PoolExecutor:
             self._pool = None
 
 
+def _connect(client_class, address: str, timeout_s: float):
+    """A Dask client of ``address``, or OSError within about ``timeout_s``: a server that accepts
+    the connection but does not speak Dask's protocol (an HTTP server, a typo'd port) would
+    otherwise hold ``Client`` past its own timeout."""
+    outcome: list = []
+
+    def connect() -> None:
+        try:
+            outcome.append(client_class(address, timeout=timeout_s))
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread)
+            outcome.append(e)
+
+    thread = threading.Thread(target=connect, name="looptune-dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 5.0)
+    if not outcome:
+        raise TimeoutError(f"{address} did not answer as a Dask scheduler within {timeout_s:g} s")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 class DaskExecutor:
     """Problems go to the workers of a Dask scheduler (``tcp://HOST:PORT``), or of a
     ``LocalCluster`` of ``workers`` single-threaded processes on loopback (``"local"``)."""
@@ -257,7 +279,7 @@ class DaskExecutor:
                                         host="127.0.0.1", dashboard_address=None, silence_logs=40)
             address = self.cluster.scheduler_address
         self.address = address
-        self.client = Client(address, timeout=connect_timeout_s)
+        self.client = _connect(Client, address, connect_timeout_s)
         self.excluded: dict[str, str] = {}     # worker address -> why it refused
         self.slots = max(1, len(self.client.scheduler_info()["workers"]))
         self._futures: dict = {}
