@@ -4,12 +4,15 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from looptune.runtime.compiler.ir import ScheduleError
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
-from looptune.tuner.agent.actions import (ACTION_INDEX, ACTION_NAMES, ACTIONS, NUM_ACTIONS, STOP, AgentState, apply, legal_mask, neighbors)
+from looptune.runtime.compiler.machine import CpuInfo
+from looptune.tuner.agent.actions import (ACTION_INDEX, ACTION_NAMES, ACTIONS, NUM_ACTIONS, STOP, TILE_SHAPES, AgentState,
+                                          apply, legal_mask, neighbors, tile_size)
 from looptune.runtime.compiler.schedule import canonical_key, canonical_schedule
 from looptune.tuner.agent.observe import N_NODES, observe
 
@@ -71,16 +74,35 @@ def test_observation_shapes_and_neighbors(problem, seed, steps):
     assert canonical_key(s.nest) not in keys             # every legal edit changes the nest
 
 
+def _cpu(*features: str) -> CpuInfo:
+    return CpuInfo("x86_64", "test CPU", tuple(sorted(features)), 2, 48 << 10, 2 << 20, 32 << 20)
+
+
+def test_tiles_are_in_the_cpus_own_vector_units(monkeypatch):
+    """One action is the same share of the register file on AVX2 and AVX-512: 12 rows of 2 vectors
+    is 12x32 float32 on AVX-512 and 12x16 on AVX2 (where it would not fit: 24 accumulators + 3 >
+    16 registers); float64 counts its own lanes; a tile that does not fit is an error."""
+    monkeypatch.delenv("LOOPTUNE_ISA", raising=False)      # the CI's AVX2 rerun caps every CpuInfo
+    avx512, avx2 = _cpu("avx", "avx2", "avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"), _cpu("avx", "avx2", "fma")
+    f32, f64 = MatmulProblem(64, 64, 64), MatmulProblem(64, 64, 64, dtype="float64")
+    assert tile_size(12, 2, f32, avx512) == (12, 32) and tile_size(12, 2, f64, avx512) == (12, 16)
+    assert tile_size(6, 2, f32, avx2) == (6, 16) and tile_size(14, 1, f32, avx2) == (14, 8)
+    for rows, vectors in [(12, 2), (8, 2)]:
+        with pytest.raises(ScheduleError, match="vector registers"):
+            tile_size(rows, vectors, f32, avx2)
+    assert all(tile_size(r, v, f32, avx512) for r, v in TILE_SHAPES)     # every tile fits AVX-512
+
+
 def test_tile_macro_and_cursor_semantics():
     p = MatmulProblem(128, 128, 128)
     s = AgentState.initial()
     assert s.nest.names[s.cursor] == "m"
-    s = apply(s, ACTION_INDEX["tile_8x16"], p)
+    s = apply(s, ACTION_INDEX["tile_8x1v"], p)
     assert s.nest.tile == ("m.i", "n.i") and s.nest.names[-2:] == ("m.i", "n.i")
     assert s.nest.names[s.cursor] == "m.o"                  # the cursor follows its loop
     s = apply(s, ACTION_INDEX["swap_down"], p)
     assert s.nest.names[:3] == ("b", "n.o", "m.o") and s.nest.names[s.cursor] == "m.o"
-    assert not legal_mask(s, p)[ACTION_INDEX["tile_8x16"]]   # one register tile per nest
+    assert not legal_mask(s, p)[ACTION_INDEX["tile_8x1v"]]   # one register tile per nest
     assert not legal_mask(s, p)[ACTION_INDEX["parallel"]]    # single-threaded problem
     # split factors at least the trip count are masked (one outer iteration)
     assert not legal_mask(AgentState.initial(), MatmulProblem(16, 16, 16))[ACTION_INDEX["split_16"]]

@@ -76,7 +76,7 @@ def test_each_distinct_schedule_is_measured_once():
     p = PROBLEMS[0]
     env = LoopTuneEnv(ev, max_steps=20)
     env.reset(p)
-    for name in ["tile_8x16", "up", "down", "swap_down", "swap_up", "swap_down"]:
+    for name in ["tile_8x1v", "up", "down", "swap_down", "swap_up", "swap_down"]:
         env.step(ACTION_INDEX[name])
     # naive, tiled, swapped: three distinct nests (cursor moves and swapping back are free)
     assert runner.calls == 3 and ev.stats.hits >= 2
@@ -92,7 +92,7 @@ def test_env_rewards_telescope_to_log_speedup():
     env = LoopTuneEnv(Evaluator(SyntheticRunner()), max_steps=10)
     env.reset(PROBLEMS[1])
     total = 0.0
-    for name in ["tile_8x16", "swap_down", "pack_B", "stop"]:
+    for name in ["tile_8x1v", "swap_down", "pack_B", "stop"]:
         _, r, term, _, info = env.step(ACTION_INDEX[name])
         total += r
     assert term and np.isclose(total, np.log(info["gflops"] / info["initial_gflops"]))

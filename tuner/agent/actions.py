@@ -13,11 +13,15 @@ Actions (``ACTION_SPACE_VERSION`` names this exact list; a trained policy is onl
 * the paper's ``up``, ``down`` (move the cursor), ``swap_up``, ``swap_down`` (interchange the
   cursor loop with its neighbour; the cursor follows the loop) and ``split_<f>`` (split the
   cursor loop by ``f``; the cursor stays on the outer part), with 14 factors instead of 4, 8, 16;
-* ``tile_<MR>x<NR>``: the register tile.  A macro: split the innermost m and n loops by MR and
-  NR, move the two inner parts innermost and make them the register-tiled micro-kernel.  As
-  single cursor steps this takes 6-10 moves before anything gets faster, which an episode
-  (and a 2-second tuning budget) cannot afford, and the code generator needs exactly this
-  shape anyway;
+* ``tile_<R>x<V>v``: the register tile, ``R`` rows of ``V`` vector registers, in this CPU's units
+  (``tile_size``: NR is V vectors of the accumulator type, 16 float32 lanes on AVX-512 and 8 on
+  AVX2), so an action asks for the same share of the register file on every CPU; a tile whose
+  accumulators, one row of vectors and a broadcast do not fit the register file is illegal.  A
+  macro: split the innermost m and n loops by MR and NR, move the two inner parts innermost and
+  make them the register-tiled micro-kernel.  As single cursor steps this takes 6-10 moves
+  before anything gets faster, which an episode (and a 2-second tuning budget) cannot afford,
+  and the code generator needs exactly this shape anyway.  (v1's tiles were in float32 elements
+  of AVX-512, ``tile_12x32``: on AVX2 the same action spilled its accumulators);
 * ``vec_m``, ``vec_n``: which register-tile loop maps to SIMD lanes;
 * ``pack_A``, ``pack_B``: pack that operand into panels at the cursor loop;
 * ``unroll_<u>``: unroll the cursor loop (for a k loop inside the micro-kernel: the k unroll);
@@ -41,13 +45,16 @@ import numpy as np
 from looptune.runtime.compiler.trace import Step
 from looptune.runtime.compiler import ir
 from looptune.runtime.compiler.ir import LoopNest, ScheduleError
+from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
 from looptune.runtime.compiler.schedule import Schedule
+from looptune.tuner.search.spaces import accumulator_lanes
 
-ACTION_SPACE_VERSION = "looptune-actions-v1"
+ACTION_SPACE_VERSION = "looptune-actions-v2"
 
 SPLIT_FACTORS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
-TILES = ((4, 16), (6, 16), (7, 16), (8, 16), (10, 16), (12, 16), (14, 16), (4, 32), (6, 32), (8, 32), (12, 32))
+# (rows, vectors per row): on AVX-512 float32 the v1 tiles 4x16 ... 14x16, 4x32 ... 12x32
+TILE_SHAPES = ((4, 1), (6, 1), (7, 1), (8, 1), (10, 1), (12, 1), (14, 1), (4, 2), (6, 2), (8, 2), (12, 2))
 UNROLLS = (2, 4, 8)
 
 
@@ -65,7 +72,7 @@ class Action:
 def _build_actions() -> tuple[Action, ...]:
     acts = [Action("up", "up"), Action("down", "down"), Action("swap_up", "swap_up"), Action("swap_down", "swap_down")]
     acts += [Action(f"split_{f}", "split", f) for f in SPLIT_FACTORS]
-    acts += [Action(f"tile_{m}x{n}", "tile", (m, n)) for m, n in TILES]
+    acts += [Action(f"tile_{r}x{v}v", "tile", (r, v)) for r, v in TILE_SHAPES]
     acts += [Action("vec_m", "vec", "m"), Action("vec_n", "vec", "n")]
     acts += [Action(f"pack_{operand}", "pack", operand) for operand in ir.OPERANDS]
     acts += [Action(f"unroll_{u}", "unroll", u) for u in UNROLLS]
@@ -96,6 +103,17 @@ class AgentState:
     def initial(cls, start: Optional[Schedule] = None) -> "AgentState":
         """The paper's start: the natural nest ``b, m, n, k`` without splits, cursor on ``m``."""
         return cls(start or Schedule.initial(), 1)
+
+
+def tile_size(rows: int, vectors: int, problem: MatmulProblem, cpu: Optional[CpuInfo] = None) -> tuple[int, int]:
+    """(MR, NR) of a ``rows`` x ``vectors`` register tile on ``cpu`` (default: this one), or
+    ScheduleError when its accumulators, a row of B's vectors and A's broadcast exceed the
+    register file (the search space's rule, ``spaces.tile_options``)."""
+    cpu = cpu or detect_cpu()
+    need = rows * vectors + vectors + 1
+    ir.require(need <= cpu.vector_registers,
+               f"a {rows}x{vectors}-vector tile needs {need} vector registers; this CPU has {cpu.vector_registers}")
+    return rows, vectors * accumulator_lanes(cpu, problem.dtype)
 
 
 def sizes_of(problem: MatmulProblem) -> dict[str, int]:
@@ -143,8 +161,8 @@ def apply(state: AgentState, action: int, problem: MatmulProblem) -> AgentState:
         ir.require(_trip(nest, c, problem) > a.arg, f"split by {a.arg} leaves one outer iteration")
         return AgentState(s.step("split", loop=loops[c].name, factor=a.arg), c)
     if a.kind == "tile":
-        mr, nr = a.arg
         ir.require(nest.tile is None, "the register tile is already chosen")
+        mr, nr = tile_size(*a.arg, problem)
         # A tile larger than the problem is legal (the edge micro-kernels cover it): for M = 1
         # (decode-style problems) a 4 x 16 tile with one live row is still the fastest choice.
         mi, ni = nest.index(_leaf(nest, "m")), nest.index(_leaf(nest, "n"))

@@ -2,7 +2,7 @@
 
     env = LoopTuneEnv(Evaluator.local(record_path="tools/out/recordings.jsonl"))
     obs, info = env.reset(MatmulProblem(128, 128, 128))
-    obs, reward, terminated, truncated, info = env.step(ACTION_INDEX["tile_8x16"])
+    obs, reward, terminated, truncated, info = env.step(ACTION_INDEX["tile_8x1v"])
     info["mask"], info["gflops"], info["best_schedule"]
 
 Reward (``REWARD_VERSION``): ``log(gflops_after / gflops_before)``, 0 for cursor moves and
