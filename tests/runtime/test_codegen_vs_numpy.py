@@ -19,6 +19,9 @@ def kernels():
     """Random legal schedules (plus the analytic defaults), built once for both dtypes in one batch."""
     schedules = random_schedules(N_SCHEDULES, seed=7)
     schedules += [default_schedule(MatmulProblem(200, 200, 200)), default_schedule(MatmulProblem(97, 300, 50, threads=2))]
+    # narrow products' forms (``defaults.narrow_params``: nothing packed, long k blocks, tall tiles)
+    schedules += [default_schedule(MatmulProblem(3000, 16, 40)), default_schedule(MatmulProblem(16, 16, 5000)),
+                  default_schedule(MatmulProblem(600, 24, 20, threads=2)), default_schedule(MatmulProblem(9, 32, 70, layout="nt"))]
     sources = [(s, dt, render(s, dt)) for s in schedules for dt in DTYPES]
     built = build_many([src for _, _, src in sources])
     failed = [(s.to_json(), r.error) for (s, _, _), r in zip(sources, built) if not r.ok]

@@ -73,6 +73,20 @@ def test_exact_nearest_and_far_records(user_db):
     assert served(7, 900, 3).source == "nearest"    # nearest at any distance
 
 
+def test_a_narrow_product_takes_its_own_form_not_a_wide_records(user_db):
+    """N within two vector registers (``defaults.narrow_params``): the nearest record of a wide
+    product is not served (its tile would be mostly empty columns), a narrow one is."""
+    save(user_db, [record(MatmulProblem(64, 64, 64)), record(MatmulProblem(2048, 8, 8))])
+    runtime.configure(user_db=user_db)
+    narrow = served(3000, 16, 16)
+    assert narrow.source == "nearest" and narrow.record_problem == MatmulProblem(2048, 8, 8).key()
+    save(user_db, [record(MatmulProblem(64, 64, 64))])
+    runtime.configure(user_db=user_db)
+    own = served(16, 16, 3000)
+    assert own.source == "default" and own.schedule == default_schedule(MatmulProblem(16, 16, 3000))
+    assert served(64, 80, 64).source == "nearest"          # a wide one still takes the wide record
+
+
 def test_unverified_foreign_and_non_replayable_records(user_db, caplog):
     p = MatmulProblem(96, 96, 96)
     save(user_db, [record(p, verified=False), record(MatmulProblem(96, 96, 48), trace=NOT_REPLAYABLE),
