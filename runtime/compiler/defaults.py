@@ -174,19 +174,21 @@ def is_narrow(problem: MatmulProblem, cpu: CpuInfo | None = None) -> bool:
 
 
 def narrow_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams | None:
-    """A narrow product's form: one row of N's vectors per tile row, as many rows as the register
-    file holds beside them (at most 16), A and B read in place (B packed only when its n stride is
-    not 1), long k blocks.  None for other problems.  At 1 thread on a Sapphire Rapids core:
-    20000x16x16 107 GFLOPS and 16x16x20000 129 against numpy's 59 and 63 (the blocked default:
-    24 and 9.5; BENCHMARKS.md)."""
+    """A narrow product's form: tiles exactly N wide (a tile rounded up to whole vectors sends its
+    edge through the scratch tile), all of M in one tile row-block when M <= 16 (B is then read
+    once) and else 8 rows (more rows of A in flight ran slower), within the register file; A and
+    B read in place (B packed only when its n stride is not 1); long k blocks.  None for other
+    problems.  At 1 thread on a Sapphire Rapids core against numpy: 20000x16x16 107 GFLOPS (59),
+    16x16x20000 129 (63), 12544x24x144 91 (89), 4096x8x512 59 (42); the blocked default gave 24,
+    9.5, 41 and 22."""
     cpu = cpu or detect_cpu()
     if not is_narrow(problem, cpu):
         return None
-    lanes = cpu.vector_bytes // problem.itemsize
-    vectors = -(-problem.n // lanes)
-    mr = max(2, min(16, (cpu.vector_registers - vectors - 1) // vectors, problem.m))
+    vectors = -(-problem.n // (cpu.vector_bytes // problem.itemsize))
+    rows = problem.m if problem.m <= 16 else 8
+    mr = max(2, min(rows, (cpu.vector_registers - vectors - 1) // vectors))
     kc = min(NARROW_KC, _round_up(problem.k, 16))
-    return BlockingParams(mr, vectors * lanes, _round_up(min(problem.m, 4096), mr), kc, vectors * lanes,
+    return BlockingParams(mr, problem.n, _round_up(min(problem.m, 4096), mr), kc, problem.n,
                           unroll_k=4, pack_a=False, pack_b=problem.layout[1] == "t")
 
 

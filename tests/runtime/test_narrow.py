@@ -22,10 +22,12 @@ def test_the_form_comes_from_the_registers(monkeypatch):
     avx512, avx2 = _cpu(*AVX512), _cpu("avx", "avx2", "fma")
     tall = MatmulProblem(20000, 16, 16)
     wide = narrow_params(tall, avx512)
-    assert (wide.mr, wide.nr, wide.pack_a, wide.pack_b) == (16, 16, False, False)
+    assert (wide.mr, wide.nr, wide.pack_a, wide.pack_b) == (8, 16, False, False)
     two = narrow_params(tall, avx2)                        # 16 columns are two AVX2 vectors
     assert (two.mr, two.nr) == (6, 16) and two.mr * 2 + 2 + 1 <= 16
-    assert narrow_params(MatmulProblem(16, 16, 20000), avx512).kc == 4096
+    assert narrow_params(MatmulProblem(12544, 24, 144), avx512).nr == 24     # exactly N wide
+    long_k = narrow_params(MatmulProblem(16, 16, 20000), avx512)
+    assert (long_k.mr, long_k.kc) == (16, 4096)            # all of M in one tile: B read once
     assert narrow_params(MatmulProblem(300, 16, 64, layout="nt"), avx512).pack_b     # n strided: packed
     assert narrow_params(MatmulProblem(3, 16, 64), avx512).mr == 3
     for p in (MatmulProblem(64, 64, 64), MatmulProblem(1, 16, 4096), MatmulProblem(64, 16, 64, dtype="bfloat16")):
