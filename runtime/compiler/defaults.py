@@ -167,10 +167,11 @@ NARROW_KC = 4096
 
 def is_narrow(problem: MatmulProblem, cpu: CpuInfo | None = None) -> bool:
     """A float product whose N fits one or two vector registers (20000x16x16, 16x16x20000): each
-    element of A feeds at most two vector FMAs, so packing A costs more than it saves."""
+    element of A feeds at most two vector FMAs, so packing A costs more than it saves.  N = 1 is
+    a matrix-vector product (numpy's, ``handoff.dot_products``)."""
     cpu = cpu or detect_cpu()
     return (problem.dtype in ("float32", "float64") and problem.m >= 2
-            and problem.n <= 2 * (cpu.vector_bytes // problem.itemsize))
+            and 2 <= problem.n <= 2 * (cpu.vector_bytes // problem.itemsize))
 
 
 def narrow_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams | None:
