@@ -56,7 +56,7 @@ from looptune.database.records import MachineKey
 from looptune.runtime.bf16 import arithmetic_problem
 from looptune.runtime.compiler.build import BuildError, BuildSettings, build
 from looptune.runtime.compiler.codegen import FixedSizes, render
-from looptune.runtime.compiler.defaults import default_schedule, is_narrow, small_stack_schedule
+from looptune.runtime.compiler.defaults import default_schedule, form, small_stack_schedule
 from looptune.runtime.compiler.dispatch import key_problem
 from looptune.runtime.compiler.epilogue import PLAIN
 from looptune.runtime.compiler.errors import LoopTuneError
@@ -362,8 +362,8 @@ class Resolver:
                     best = cand
                 break
         if best is not None and not best[3].exact and (small_stack_schedule(problem) is not None
-                                                       or is_narrow(problem) != is_narrow(best[3].record.problem)):
-            best = None     # a stack of small matrices, or a narrow product (or not): its own kernel form
+                                                       or form(problem) != form(best[3].record.problem)):
+            best = None     # a stack of small matrices, or a record of another form: the default's own form
         mode = self.settings.fallback
         if best is not None:
             distance, _, path, match, sched = best

@@ -118,12 +118,15 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     mc = min(mc, _round_up(problem.m, mr))
     nc = min(nc, _round_up(problem.n, nr))
     params = BlockingParams(mr, nr, mc, kc, nc, inner=amx_inner)
-    if problem.m <= 16:
+    if problem.m <= GEMV_M:
         # GEMV-like: A has nothing to reuse, so stream B in place, a few rows at a time outside
         # wide n tiles (every B row is read contiguously), and pack nothing.
+        # k blocks of 8 rows of B, which the next tiles of m find in L1; a K of at most 64 is one
+        # block (C is then stored once: 16x20000x16 79 -> 104 GFLOPS, 16x4096x64 76 -> 92)
         lanes = cpu.vector_bytes // size
         mr, nr = 2 if problem.m <= 2 else 4, min(64, 4 * lanes)
-        params = BlockingParams(mr, nr, 2 * mr, 8, _round_up(problem.n, nr), unroll_k=8, pack_a=False,
+        kc = problem.k if 2 <= problem.k <= SHORT_GEMV_K else 8
+        params = BlockingParams(mr, nr, 2 * mr, kc, _round_up(problem.n, nr), unroll_k=8, pack_a=False,
                                 pack_b=problem.layout[1] == "t")    # vector loads need unit stride along n
         if problem.dtype == "bfloat16" and cpu.bf16_isa == "amx":
             # bf16 packs both operands anyway, so AMX wins here too: one 16-row tile (M padded),
@@ -160,6 +163,11 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     return params
 
 
+# GEMV-like products: M up to this (A has nothing to reuse); with K up to SHORT_GEMV_K, all of K in
+# one block
+GEMV_M = 16
+SHORT_GEMV_K = 64
+
 # k blocks of a narrow product: its accumulators stay in registers this long (measured at 16x16x20000
 # on a Sapphire Rapids core: 4096 129 GFLOPS, the whole 20000 114)
 NARROW_KC = 4096
@@ -172,6 +180,14 @@ def is_narrow(problem: MatmulProblem, cpu: CpuInfo | None = None) -> bool:
     cpu = cpu or detect_cpu()
     return (problem.dtype in ("float32", "float64") and problem.m >= 2
             and 2 <= problem.n <= 2 * (cpu.vector_bytes // problem.itemsize))
+
+
+def form(problem: MatmulProblem, cpu: CpuInfo | None = None) -> str:
+    """Which of ``default_params``' forms a problem takes: ``narrow``, ``gemv`` (M <= 16) or
+    ``blocked``.  A record tuned for one form is not the nearest record of a problem of another."""
+    if is_narrow(problem, cpu):
+        return "narrow"
+    return "gemv" if problem.m <= GEMV_M else "blocked"
 
 
 def narrow_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> BlockingParams | None:

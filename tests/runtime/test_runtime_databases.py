@@ -67,10 +67,11 @@ def test_exact_nearest_and_far_records(user_db):
     near = served(80, 64, 64)                       # log2(80/64) = 0.32 <= max_distance
     assert near.source == "nearest" and near.record_problem == MatmulProblem(64, 64, 64).key()
     runtime.configure(fallback="off")
-    far = served(7, 900, 3)                         # far from both records
+    far = served(900, 900, 3)                       # far from both records
     assert far.source == "default"
     runtime.configure(fallback="nearest")
-    assert served(7, 900, 3).source == "nearest"    # nearest at any distance
+    assert served(900, 900, 3).source == "nearest"  # nearest at any distance
+    assert served(7, 900, 3).source == "default"    # a GEMV-like product: not a blocked record's form
 
 
 def test_a_narrow_product_takes_its_own_form_not_a_wide_records(user_db):
