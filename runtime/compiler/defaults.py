@@ -177,6 +177,12 @@ SHORT_GEMV_K = 64
 NARROW_KC = 4096
 
 
+def max_tile_rows(cpu: CpuInfo, vectors: int) -> int:
+    """The most rows a register tile of ``vectors`` vector registers per row may have on ``cpu``:
+    its accumulators, one row of B's vectors and A's broadcast fit the register file."""
+    return (cpu.vector_registers - vectors - 1) // vectors
+
+
 def is_narrow(problem: MatmulProblem, cpu: CpuInfo | None = None) -> bool:
     """A float product whose N fits one or two vector registers (20000x16x16, 16x16x20000): each
     element of A feeds at most two vector FMAs, so packing A costs more than it saves.  N = 1 is
@@ -206,8 +212,8 @@ def narrow_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blockin
     if not is_narrow(problem, cpu):
         return None
     vectors = -(-problem.n // (cpu.vector_bytes // problem.itemsize))
-    rows = problem.m if problem.m <= 16 else 8
-    mr = max(2, min(rows, (cpu.vector_registers - vectors - 1) // vectors))
+    rows = problem.m if problem.m <= GEMV_M else 8
+    mr = max(2, min(rows, max_tile_rows(cpu, vectors)))
     kc = min(NARROW_KC, _round_up(problem.k, 16))
     return BlockingParams(mr, problem.n, _round_up(min(problem.m, 4096), mr), kc, problem.n,
                           unroll_k=4, pack_a=False, pack_b=problem.layout[1] == "t")

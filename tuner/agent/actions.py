@@ -44,6 +44,7 @@ import numpy as np
 
 from looptune.runtime.compiler.trace import Step
 from looptune.runtime.compiler import ir
+from looptune.runtime.compiler.defaults import max_tile_rows
 from looptune.runtime.compiler.ir import LoopNest, ScheduleError
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
 from looptune.runtime.compiler.workload import MatmulProblem
@@ -108,11 +109,11 @@ class AgentState:
 def tile_size(rows: int, vectors: int, problem: MatmulProblem, cpu: Optional[CpuInfo] = None) -> tuple[int, int]:
     """(MR, NR) of a ``rows`` x ``vectors`` register tile on ``cpu`` (default: this one), or
     ScheduleError when its accumulators, a row of B's vectors and A's broadcast exceed the
-    register file (the search space's rule, ``spaces.tile_options``)."""
+    register file (``defaults.max_tile_rows``)."""
     cpu = cpu or detect_cpu()
-    need = rows * vectors + vectors + 1
-    ir.require(need <= cpu.vector_registers,
-               f"a {rows}x{vectors}-vector tile needs {need} vector registers; this CPU has {cpu.vector_registers}")
+    ir.require(rows <= max_tile_rows(cpu, vectors),
+               f"a {rows}x{vectors}-vector tile needs {rows * vectors + vectors + 1} vector registers; "
+               f"this CPU has {cpu.vector_registers}")
     return rows, vectors * accumulator_lanes(cpu, problem.dtype)
 
 

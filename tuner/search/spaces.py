@@ -18,7 +18,8 @@ from dataclasses import replace
 from looptune.runtime.compiler.abi import OUTPUT_DTYPE
 from looptune.runtime.compiler.codegen_bf16 import AMX_TILE_ROWS, amx_tile_fits
 from looptune.runtime.compiler.machine import CpuInfo, detect_cpu
-from looptune.runtime.compiler.defaults import PREFETCH_KC, BlockingParams, default_params, prefetched_n_block
+from looptune.runtime.compiler.defaults import (PREFETCH_KC, BlockingParams, default_params, max_tile_rows,
+                                                prefetched_n_block)
 from looptune.runtime.compiler.workload import ITEMSIZE, MatmulProblem
 
 
@@ -38,11 +39,10 @@ def tile_options(cpu: CpuInfo, dtype: str) -> list[tuple[int, int]]:
     """Register tiles whose accumulators fit the register file with room for operands; for
     bfloat16 on an AMX machine also the tiles made of whole AMX tiles (16 x 16 .. 32 x 32)."""
     lanes = accumulator_lanes(cpu, dtype)
-    regs = cpu.vector_registers
     out = []
     for nvec in (1, 2, 3, 4):
         for mr in range(2, 17):
-            if mr * nvec + nvec + 1 <= regs:
+            if mr <= max_tile_rows(cpu, nvec):
                 out.append((mr, nvec * lanes))
     if dtype == "bfloat16" and cpu.bf16_isa == "amx":
         sides = range(AMX_TILE_ROWS, 4 * AMX_TILE_ROWS + 1, AMX_TILE_ROWS)
@@ -182,7 +182,7 @@ def _register_resident(problem: MatmulProblem, base: BlockingParams, cpu: CpuInf
     shapes = [(mr, 2), (min(max(problem.m, 2), 16), 1) if problem.m > 8 else (mr, 4)]
     out = []
     for m_r, nvec in shapes:
-        if m_r * nvec + nvec + 1 <= cpu.vector_registers:
+        if m_r <= max_tile_rows(cpu, nvec):
             out.append(replace(base, mr=m_r, nr=nvec * lanes, mc=2 * m_r, kc=kc, nc=1 << 14, unroll_k=4,
                                pack_a=True, pack_b=problem.layout[1] == "t", parallel=base.parallel))
     return out
