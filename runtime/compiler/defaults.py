@@ -122,7 +122,11 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
     # 512^3 147 -> 149; as AVX2: 128^3 92 -> 100; 1024^3, packed, 140 -> 144)
     pack_a = problem.dtype not in ("float32", "float64") or problem.m * problem.k * size > cpu.l2_bytes // 2
     params = BlockingParams(mr, nr, mc, kc, nc, inner=amx_inner, pack_a=pack_a)
-    if problem.m <= GEMV_M:
+    shape = form(problem, cpu)      # the one decision the resolver's nearest-record rule also reads
+    if shape == "narrow":
+        params = narrow_params(problem, cpu)
+        mr, nr, mc, nc = params.mr, params.nr, params.mc, params.nc
+    elif shape == "gemv":
         # GEMV-like: A has nothing to reuse, so stream B in place, a few rows at a time outside
         # wide n tiles (every B row is read contiguously), and pack nothing.
         # k blocks of 8 rows of B, which the next tiles of m find in L1; a K of at most 64 is one
@@ -150,9 +154,6 @@ def default_params(problem: MatmulProblem, cpu: CpuInfo | None = None) -> Blocki
             params = replace(params, kc=PREFETCH_KC, unroll_k=PREFETCH_KC, prefetch=True,
                              nc=min(params.nc, prefetched_n_block(cpu, nr, size)))
         mc, nc = params.mc, params.nc
-    narrow = narrow_params(problem, cpu)
-    if narrow is not None:
-        params, mr, nr, mc, nc = narrow, narrow.mr, narrow.nr, narrow.mc, narrow.nc
     if problem.threads > 1:
         # Prefer splitting N across threads: each thread then packs its own B panel in parallel
         # (with m.o parallel, B is packed by one thread while the others wait).  Block counts are
